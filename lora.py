@@ -1,0 +1,163 @@
+"""Hand-written LoRA (Hu et al., arXiv 2106.09685) for the LLM of model.py, with adapters in peft's format.
+
+    wrapped = apply_lora(llm, rank=16, alpha=32, dropout=0.05, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    ...train...
+    save_adapter(llm, "export/adapter")   # PeftModel.from_pretrained(hf_model, "export/adapter") loads it as is
+    merge_lora(llm)                       # fold B @ A into the base weights for inference
+
+A wrapped `q_proj` keeps peft's names: `q_proj.base_layer.weight`, `q_proj.lora_A.weight`, `q_proj.lora_B.weight`,
+so an adapter's keys are ours with the prefix `base_model.model.`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(dropout(x))), with A kaiming-uniform, B zero (so y = base(x) at init).
+
+    A and B are kept in fp32 even when the frozen base weight is bf16: the update B @ A is small next to W and
+    would lose most of its bits in bf16."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base_layer = base_layer
+        dev = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=dev, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (update * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in), fp32
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+               targets: str | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
+    """Freeze every parameter of `model`, then wrap the nn.Linear layers named in `targets` with LoRA.
+
+    `targets` are module names matched on the last part of the path (`q_proj`), or "all-linear" for every
+    linear layer of the decoder blocks (`lm_head` excluded, as in peft). Returns the wrapped module paths."""
+    model.requires_grad_(False)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
+    if targets == "all-linear" or targets == ["all-linear"]:
+        chosen = sorted(linears)
+    else:
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        chosen = sorted(n for n in linears if n.rsplit(".", 1)[-1] in targets)
+        unmatched = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in chosen)]
+        if unmatched:
+            names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ValueError(f"LoRA targets {unmatched} match no linear layer of the model; its linear layers are "
+                             f"{names} (or use 'all-linear')")
+    for name in chosen:
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    return chosen
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Add (alpha/r) B @ A into every wrapped base weight; the forward then skips the adapter."""
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of `model` under our names (`...q_proj.lora_A.weight`)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None) -> None:
+    """Write `adapter_model.safetensors` and `adapter_config.json` in peft's format (LoRA, CAUSAL_LM)."""
+    from safetensors.torch import save_file
+
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRA layers to save; call apply_lora first")
+    any_mod = next(iter(mods.values()))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": any_mod.rank, "lora_alpha": any_mod.alpha,
+        "lora_dropout": getattr(any_mod.lora_dropout, "p", 0.0),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}), "bias": "none", "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "base_model_name_or_path": base_model,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load a peft-format LoRA adapter into a model already wrapped by `apply_lora` with the same rank and targets."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found; an adapter folder holds adapter_config.json and "
+                                    "adapter_model.safetensors")
+    cfg = json.loads(cfg_path.read_text())
+    mods = lora_modules(model)
+    ranks = {m.rank for m in mods.values()}
+    if ranks != {cfg["r"]}:
+        raise ValueError(f"{cfg_path}: adapter rank r={cfg['r']} but the model's LoRA layers have rank {sorted(ranks)}")
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
+    state = {k.replace(".default.", "."): v for k, v in state.items()}  # peft files saved with the adapter's name
+    expected = lora_state_dict(model)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    if missing or extra or wrong:
+        raise ValueError(f"{weights}: adapter does not fit the model; missing: {missing[:5]}, unexpected: {extra[:5]}, "
+                         f"wrong shape: {wrong[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v)
+    for m in mods.values():  # the adapter's alpha defines its scale
+        m.alpha, m.scaling = cfg["lora_alpha"], cfg["lora_alpha"] / cfg["r"]

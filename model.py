@@ -1,0 +1,970 @@
+"""Models of mmlora: the decoder LLM, its tokenizer and chat formats, the frozen aligner, projectors, MultimodalLM.
+
+    llm = load_llm("path/to/Qwen2.5-0.5B", device="cuda", dtype=torch.bfloat16)   # HF folder, no transformers
+    tok = load_tokenizer("path/to/Qwen2.5-0.5B")                                 # tokenizer.json + chat format
+    ids, is_reply = tok.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    out = llm.generate([tok.render(msgs, add_generation_prompt=True)[0]], max_new_tokens=32)
+
+The LLM keeps Hugging Face module names (`model.layers.0.self_attn.q_proj`, ...) so that a checkpoint loads by
+plain copy and a LoRA adapter exports to peft's format without renaming. Sections, top to bottom:
+LLM config and blocks -> loading -> tokenizer and chat formats -> aligner -> projectors -> MultimodalLM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLM config
+
+
+@dataclass
+class LLMConfig:
+    architecture: str = "LlamaForCausalLM"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, {"rope_type": "linear", "factor"}, {"rope_type": "llama3", ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: bias on q, k, v
+    o_bias: bool = False  # Llama's attention_bias also puts a bias on o_proj
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    sliding_window: int | None = None  # Mistral; attention here is full, see `LLM.forward`
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> "LLMConfig":
+        """Read a Hugging Face `config.json` dict; unsupported architectures are a clear error."""
+        arch = (cfg.get("architectures") or [None])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{source}: architecture {arch!r} is not supported; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        heads = cfg["num_attention_heads"]
+        # transformers >= 5 keeps rope settings in `rope_parameters`; older files use rope_theta + rope_scaling
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported: default, linear, llama3")
+        attention_bias = bool(cfg.get("attention_bias", False))
+        qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qwen2 or attention_bias, o_bias=attention_bias and not qwen2,
+            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLM blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: LLMConfig) -> torch.Tensor:
+    """RoPE frequencies (RoFormer, arXiv 2104.09864), with linear or llama3 scaling (Llama 3.1 report, sec. 3.1)."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # (d/2,)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated smoothly
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, nh, T, hd), cos/sin (B, 1, T, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values of one layer for generation."""
+
+    def __init__(self, batch: int, n_kv: int, length: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, n_kv, length, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        return self.k[:, :, :start + T], self.v[:, :, :start + T]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Causal attention: `mask` None (plain causal), a bool (B, 1, T, S) tensor, or a FlexAttention BlockMask."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        H, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, H, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, n_kv, T, hd)
+        if cache is not None:
+            k, v = cache.update(k, v, cache_start)  # (B, n_kv, S, hd)
+        y = attend(q, k, v, mask)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    """`model.*` of a Hugging Face causal LM: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LLM(nn.Module):
+    """Decoder-only LLM of the Llama / Qwen2 / Qwen3 / Mistral families. `LLM(input_ids) -> logits (B, T, V)`."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None,
+                      caches: list[KVCache] | None = None, cache_start: int = 0) -> torch.Tensor:
+        """Run the layers and the final norm. inputs_embeds (B, T, H) -> (B, T, H).
+
+        `position_ids` (B, T) default to 0..T-1; `mask` as in `attend` (None = causal, which is exact for
+        right-padded batches since no real token sees a later pad)."""
+        B, T, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = torch.arange(cache_start, cache_start + T, device=inputs_embeds.device).expand(B, T)
+        cos, sin = self.rope(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.model.layers):
+            cache = caches[i] if caches is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, cache_start)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # (B, T, H)
+        return self.lm_head(self.hidden_states(x, position_ids, mask))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
+                 prompt_embeds: list[torch.Tensor] | None = None,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Generate continuations of a batch of prompts of different lengths, with a KV cache.
+
+        Prompts are left-padded; each row's positions start at 0 on its first real token. `temperature=0` is greedy;
+        otherwise sampling with optional top-k and top-p (nucleus). A row stops at any of `stop_ids`.
+        `prompt_embeds` (one (T_i, H) tensor per prompt) replaces the embedding of the prompt ids, for
+        multimodal prompts. Returns the new tokens of each row, without the stop token."""
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        total = P + max_new_tokens
+        valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
+        ids = torch.zeros(B, P, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[b, P - len(p):P] = True
+        x = self.model.embed_tokens(ids)  # (B, P, H)
+        if prompt_embeds is not None:
+            for b, e in enumerate(prompt_embeds):
+                x[b, P - e.shape[0]:] = e.to(x.dtype)
+        c = self.config
+        caches = [KVCache(B, c.num_key_value_heads, total, c.head_dim, device, x.dtype) for _ in range(c.num_hidden_layers)]
+        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        start, T = 0, P
+        for _ in range(max_new_tokens):
+            pos = (valid[:, :start + T].long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+            mask = (causal[start:start + T, :start + T][None] & valid[:, None, :start + T])[:, None]  # (B,1,T,S)
+            h = self.hidden_states(x, pos, mask, caches, start)
+            logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            for b in range(B):
+                if not done[b]:
+                    if nxt[b].item() in stop_ids:
+                        done[b] = True
+                    else:
+                        out[b].append(nxt[b].item())
+            if done.all():
+                break
+            start += T
+            T = 1
+            valid[:, start] = True
+            x = self.model.embed_tokens(nxt[:, None])  # (B, 1, H)
+        return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+    """Pick the next token from logits (B, V): argmax at temperature 0, else top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a Hugging Face folder
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a HF folder: `model.safetensors` or the shards named by `model.safetensors.index.json`."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index, "")["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index}: names shards that are not in the folder: {missing}")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{folder}: holds neither model.safetensors nor model.safetensors.index.json")
+    return [single]
+
+
+def load_state_streaming(module: nn.Module, files: list[Path], device, dtype: torch.dtype | None,
+                         skip: tuple[str, ...] = ()) -> None:
+    """Copy tensors file by file into a module built on the meta device, checking every key and shape.
+
+    One tensor at a time is materialised on `device`, so peak host memory stays near one copy of the weights.
+    Names in `skip` may be absent from the files (tied weights)."""
+    from safetensors import safe_open
+
+    params = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers())
+    expected = {k for k in module.state_dict()}
+    seen, wrong = set(), []
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key not in expected:
+                    if key in skip:
+                        continue
+                    raise KeyError(f"{f}: unexpected tensor {key!r}; this {type(module).__name__} has no such weight "
+                                   f"(is the folder for another model family?)")
+                t = sf.get_tensor(key)
+                if tuple(t.shape) != tuple(params[key].shape):
+                    wrong.append(f"{key}: file {tuple(t.shape)} vs model {tuple(params[key].shape)}")
+                    continue
+                t = t.to(device=device, dtype=dtype or t.dtype)
+                set_tensor(module, key, t)
+                seen.add(key)
+    missing = sorted(expected - seen - set(skip))
+    if wrong or missing:
+        raise ValueError(f"{files[0].parent}: checkpoint does not fit the model config; "
+                         + (f"wrong shapes: {wrong}; " if wrong else "") + (f"missing tensors: {missing}" if missing else ""))
+
+
+def set_tensor(module: nn.Module, key: str, t: torch.Tensor) -> None:
+    """Replace the parameter or buffer `key` (dotted) of `module` with tensor `t`, keeping requires_grad."""
+    *path, name = key.split(".")
+    owner = module.get_submodule(".".join(path))
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(t, requires_grad=owner._parameters[name].requires_grad)
+    else:
+        owner._buffers[name] = t
+
+
+def load_llm(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> LLM:
+    """Build an LLM from a Hugging Face folder (config.json + safetensors), on the meta device, then stream weights."""
+    folder = Path(path)
+    cfg = LLMConfig.from_hf(read_json(folder / "config.json", "a Hugging Face model folder needs config.json"),
+                            str(folder / "config.json"))
+    files = safetensors_files(folder)
+    with torch.device("meta"):
+        llm = LLM(cfg)
+    skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    load_state_streaming(llm, files, device, dtype, skip)
+    if cfg.tie_word_embeddings:
+        llm.lm_head.weight = llm.model.embed_tokens.weight
+    llm.inv_freq = rope_inv_freq(cfg).to(device)
+    return llm.eval()
+
+
+def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = None) -> None:
+    """Write an LLM as a Hugging Face folder (config.json + model.safetensors), e.g. a merged LoRA model."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = llm.config
+    family = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+              "MistralForCausalLM": "mistral"}[c.architecture]
+    dtype = llm.lm_head.weight.dtype
+    cfg = {"architectures": [c.architecture], "model_type": family, "vocab_size": c.vocab_size,
+           "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+           "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+           "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+           "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
+           "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
+           "attention_bias": c.o_bias or (c.qkv_bias and family != "qwen2"), "mlp_bias": c.mlp_bias,
+           "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."), **(extra_config or {})}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in llm.state_dict().items()}
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and chat formats (written in code; each equals its family's official Jinja template)
+
+QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+IMAGE_TOKENS = ("<image>", "<|image_pad|>", "<|reserved_special_token_0|>")
+AUDIO_TOKENS = ("<audio>", "<|audio_pad|>", "<|reserved_special_token_1|>")
+
+
+@dataclass
+class ChatFormat:
+    """How a conversation becomes text. Each message renders as `prefix + content + suffix`; for assistant
+    messages `content + suffix` is the reply (labelled in training), so the end-of-turn token is learned."""
+    name: str
+    bos: str = ""
+    default_system: str | None = None
+    generation_prompt: str = ""
+    end_of_turn: str = ""
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """Return the text and the (start, end) character spans of assistant replies."""
+        msgs = list(messages)
+        for m in msgs:
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown role {m.get('role')!r}; roles are system, user, assistant")
+        if self.default_system is not None and (not msgs or msgs[0]["role"] != "system"):
+            msgs.insert(0, {"role": "system", "content": self.default_system})
+        if self.name == "mistral":
+            return self._render_mistral(msgs, add_generation_prompt)
+        text, spans = self.bos, []
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+        for i, m in enumerate(msgs):
+            content = m["content"]
+            if self.name == "llama3":
+                text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                content = content.strip()
+            elif self.name in ("chatml", "qwen3"):
+                text += f"<|im_start|>{m['role']}\n"
+                if self.name == "qwen3" and m["role"] == "assistant" and i > last_user and i == len(msgs) - 1:
+                    text += "<think>\n\n</think>\n\n"  # Qwen3 marks the final reply as given without reasoning
+                    content = content.lstrip("\n")
+            else:  # plain
+                text += f"{m['role'].capitalize()}: "
+            start = len(text)
+            text += content + self.end_of_turn
+            if m["role"] == "assistant":
+                spans.append((start, len(text)))
+            text += "\n" if self.name in ("chatml", "qwen3", "plain") else ""
+        if add_generation_prompt:
+            text += self.generation_prompt
+        return text, spans
+
+    def _render_mistral(self, msgs, add_generation_prompt):
+        # Mistral-7B-Instruct-v0.3: `[INST] user[/INST] reply</s>`, the system message before the last user turn
+        system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
+        for i, m in enumerate(msgs):
+            if (m["role"] == "user") != (i % 2 == 0):
+                raise ValueError("mistral chat format: roles must alternate user/assistant/user/...")
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+        text, spans = self.bos, []
+        for i, m in enumerate(msgs):
+            if m["role"] == "user":
+                body = f"{system}\n\n{m['content']}" if system is not None and i == last_user else m["content"]
+                text += f"[INST] {body}[/INST]"
+            else:
+                start = len(text)
+                text += " " + m["content"] + self.end_of_turn
+                spans.append((start, len(text)))
+        return text, spans
+
+
+CHAT_FORMATS = {
+    "chatml": ChatFormat("chatml", generation_prompt="<|im_start|>assistant\n", end_of_turn="<|im_end|>"),
+    "qwen2.5": ChatFormat("chatml", default_system=QWEN25_SYSTEM, generation_prompt="<|im_start|>assistant\n",
+                          end_of_turn="<|im_end|>"),
+    "qwen2": ChatFormat("chatml", default_system="You are a helpful assistant.",
+                        generation_prompt="<|im_start|>assistant\n", end_of_turn="<|im_end|>"),
+    "qwen3": ChatFormat("qwen3", generation_prompt="<|im_start|>assistant\n", end_of_turn="<|im_end|>"),
+    "llama3": ChatFormat("llama3", bos="<|begin_of_text|>", end_of_turn="<|eot_id|>",
+                         generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "mistral": ChatFormat("mistral", bos="<s>", end_of_turn="</s>"),
+    "plain": ChatFormat("plain", generation_prompt="Assistant: ", end_of_turn="</s>"),
+}
+
+
+def detect_chat_format(template: str, model_type: str) -> str:
+    """Pick a chat format from the official Jinja template's text, else from the model family."""
+    if "<think>" in template:
+        return "qwen3"
+    if "<|im_start|>" in template:
+        return "qwen2.5" if QWEN25_SYSTEM in template else "qwen2" if "You are a helpful assistant" in template \
+            else "chatml"
+    if "<|start_header_id|>" in template:
+        return "llama3"
+    if "[INST]" in template:
+        return "mistral"
+    return {"qwen2": "qwen2.5", "qwen3": "qwen3", "llama": "llama3", "mistral": "mistral"}.get(model_type, "plain")
+
+
+class Tokenizer:
+    """`tokenizer.json` through the `tokenizers` library, with the model family's chat format."""
+
+    def __init__(self, tokenizer, chat_format: str, special: dict[str, str | None], eos_ids: list[int]):
+        self.tk = tokenizer
+        fmt = CHAT_FORMATS[chat_format]
+        if fmt.bos and tokenizer.token_to_id(fmt.bos) is None:
+            fmt = replace(fmt, bos=special.get("bos") or "")
+        if fmt.name in ("mistral", "plain"):
+            fmt = replace(fmt, end_of_turn=special.get("eos") or fmt.end_of_turn)
+        self.chat_format = fmt
+        self.eos_id = self.token_id(special.get("eos") or fmt.end_of_turn)
+        self.end_of_turn_id = self.token_id(fmt.end_of_turn)
+        self.pad_id = self.token_id(special["pad"]) if special.get("pad") else self.eos_id
+        self.stop_ids = tuple(sorted({self.eos_id, self.end_of_turn_id, *eos_ids}))
+        self.image_token = next((t for t in IMAGE_TOKENS if self.tk.token_to_id(t) is not None), None)
+        self.audio_token = next((t for t in AUDIO_TOKENS if self.tk.token_to_id(t) is not None), None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def token_id(self, token: str) -> int:
+        i = self.tk.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no token {token!r}, which its chat format {self.chat_format.name!r} needs")
+        return i
+
+    def media_token_id(self, modality: str) -> int:
+        token = self.image_token if modality == "image" else self.audio_token
+        if token is None:
+            names = IMAGE_TOKENS if modality == "image" else AUDIO_TOKENS
+            raise ValueError(f"tokenizer has no {modality} placeholder token; add one of {names} as a special token")
+        return self.tk.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids, skip_special_tokens=True)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation and, per token, whether it belongs to an assistant reply."""
+        text, spans = self.chat_format.render(messages, add_generation_prompt)
+        enc = self.tk.encode(text, add_special_tokens=False)
+        starts = torch.tensor([s for s, _ in enc.offsets])
+        is_reply = torch.zeros(len(enc.ids), dtype=torch.bool)
+        for s, e in spans:
+            is_reply |= (starts >= s) & (starts < e)
+        return enc.ids, is_reply.tolist()
+
+
+def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> Tokenizer:
+    """Read `tokenizer.json` and the special tokens of `tokenizer_config.json` / `generation_config.json`."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder / 'tokenizer.json'}: not found; the tokenizer is read from tokenizer.json")
+    tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tcfg = read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").is_file() else {}
+    gcfg = read_json(folder / "generation_config.json", "") if (folder / "generation_config.json").is_file() else {}
+    mcfg = read_json(folder / "config.json", "") if (folder / "config.json").is_file() else {}
+
+    def token(name):
+        t = tcfg.get(f"{name}_token")
+        return t.get("content") if isinstance(t, dict) else t
+
+    eos = gcfg.get("eos_token_id", [])
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    template = tcfg.get("chat_template") or ""
+    template = template if isinstance(template, str) else json.dumps(template)
+    fmt = chat_format or detect_chat_format(template, mcfg.get("model_type", ""))
+    if fmt not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {fmt!r}; known: {', '.join(CHAT_FORMATS)}")
+    return Tokenizer(tk, fmt, {"bos": token("bos"), "eos": token("eos"), "pad": token("pad")}, eos_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phase-1 aligner: image and audio encoders whose heads share one aligned space of dimension D
+
+
+@dataclass
+class EncoderConfig:
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class AlignerConfig:
+    """The architecture of `aligner.json` (DESIGN 5)."""
+    dim: int = 128  # D, the aligned dimension
+    image: EncoderConfig = field(default_factory=EncoderConfig)
+    audio: EncoderConfig = field(default_factory=EncoderConfig)
+    image_size: int = 32
+    patch_size: int = 8
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    sample_rate: int = 16000
+    clip_seconds: float = 1.0  # audio is cut or zero-padded to this length
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 40
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AlignerConfig":
+        d = dict(d)
+        for m in ("image", "audio"):
+            d[m] = EncoderConfig(**d.get(m, {}))
+        for k in ("image_mean", "image_std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_audio_tokens(self) -> int:
+        frames = int(self.sample_rate * self.clip_seconds) // self.hop_length + 1
+        return (frames + 1) // 2  # the stem's stride-2 convolution
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer block (bidirectional attention) shared by both encoders."""
+
+    def __init__(self, c: EncoderConfig):
+        super().__init__()
+        self.heads = c.heads
+        self.norm1 = nn.LayerNorm(c.width)
+        self.qkv = nn.Linear(c.width, 3 * c.width)
+        self.proj = nn.Linear(c.width, c.width)
+        self.norm2 = nn.LayerNorm(c.width)
+        hidden = int(c.width * c.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(c.width, hidden), nn.GELU(), nn.Linear(hidden, c.width))
+
+    def forward(self, x):
+        B, N, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, W/heads)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, N, W))
+        return x + self.mlp(self.norm2(x))
+
+
+class ImageEncoder(nn.Module):
+    """ViT: patch convolution, class token, learned positions, pre-LN blocks, final LayerNorm."""
+
+    def __init__(self, cfg: AlignerConfig):
+        super().__init__()
+        c = cfg.image
+        self.patch_embed = nn.Conv2d(3, c.width, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, c.width) * 0.02)
+        self.blocks = nn.ModuleList(EncoderBlock(c) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.width)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, N, W)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed  # (B, 1+N, W)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x[:, 1:], x[:, 0]  # tokens (B, N, W), pooled (B, W)
+
+
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """Triangular HTK-mel filters (n_freqs, n_mels) over the one-sided STFT bins."""
+    def hz_to_mel(f):
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    mels = torch.linspace(0, float(hz_to_mel(torch.tensor(sample_rate / 2.0))), n_mels + 2)
+    hz = 700.0 * (10 ** (mels / 2595.0) - 1.0)
+    lower, center, upper = hz[:-2], hz[1:-1], hz[2:]
+    up = (freqs[:, None] - lower) / (center - lower)
+    down = (upper - freqs[:, None]) / (upper - center)
+    return torch.clamp(torch.minimum(up, down), min=0.0)
+
+
+class AudioEncoder(nn.Module):
+    """Log-mel features (computed in torch), a strided convolution stem, sinusoidal positions, pre-LN blocks."""
+
+    def __init__(self, cfg: AlignerConfig):
+        super().__init__()
+        c = cfg.audio
+        self.n_fft, self.hop_length = cfg.n_fft, cfg.hop_length
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        self.register_buffer("mel_filters", mel_filterbank(cfg.n_fft, cfg.n_mels, cfg.sample_rate), persistent=False)
+        self.conv1 = nn.Conv1d(cfg.n_mels, c.width, 3, padding=1)
+        self.conv2 = nn.Conv1d(c.width, c.width, 3, stride=2, padding=1)
+        self.register_buffer("positions", sinusoids(cfg.num_audio_tokens, c.width), persistent=False)
+        self.blocks = nn.ModuleList(EncoderBlock(c) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.width)
+
+    def log_mel(self, wave: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(wave.float(), self.n_fft, self.hop_length, window=self.window, return_complex=True)
+        power = spec.abs() ** 2  # (B, n_freqs, frames)
+        mel = self.mel_filters.T @ power  # (B, n_mels, frames)
+        return torch.log10(mel.clamp(min=1e-10))
+
+    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.log_mel(wave).to(self.conv1.weight.dtype)  # (B, n_mels, frames)
+        x = F.gelu(self.conv2(F.gelu(self.conv1(x)))).transpose(1, 2)  # (B, N, W)
+        x = x + self.positions[: x.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, x.mean(1)  # tokens (B, N, W), pooled (B, W)
+
+
+def sinusoids(length: int, channels: int) -> torch.Tensor:
+    """Fixed sinusoidal positions (Vaswani et al., arXiv 1706.03762). (length, channels)."""
+    inv = torch.exp(-math.log(10000.0) * torch.arange(channels // 2) / max(channels // 2 - 1, 1))
+    t = torch.arange(length)[:, None] * inv[None]
+    return torch.cat([t.sin(), t.cos()], dim=1)
+
+
+class ModalityTower(nn.Module):
+    """One modality's encoder and its head into the aligned space."""
+
+    def __init__(self, encoder: nn.Module, width: int, dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(width, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, pooled = self.encoder(x)
+        return self.head(tokens), F.normalize(self.head(pooled), dim=-1)  # (B, N, D), (B, D)
+
+
+class Aligner(nn.Module):
+    """The frozen Phase-1 aligner: `aligner.image(pixels)` / `aligner.audio(wave)` -> (tokens (B,N,D), pooled (B,D))."""
+
+    def __init__(self, cfg: AlignerConfig):
+        super().__init__()
+        self.config = cfg
+        self.image = ModalityTower(ImageEncoder(cfg), cfg.image.width, cfg.dim)
+        self.audio = ModalityTower(AudioEncoder(cfg), cfg.audio.width, cfg.dim)
+
+    def preprocess_image(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) -> float (3, S, S): resized to `image_size`, normalised with the checkpoint's mean/std."""
+        c = self.config
+        x = image[None].float() / 255.0
+        x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", align_corners=False, antialias=True)
+        mean, std = torch.tensor(c.image_mean).view(1, 3, 1, 1), torch.tensor(c.image_std).view(1, 3, 1, 1)
+        return ((x - mean) / std)[0]
+
+    def preprocess_audio(self, wave: torch.Tensor) -> torch.Tensor:
+        """(num_samples,) at the aligner's rate -> (clip_seconds * sample_rate,), cut or zero-padded."""
+        n = int(self.config.sample_rate * self.config.clip_seconds)
+        return F.pad(wave[:n], (0, max(0, n - wave.shape[0])))
+
+    def train(self, mode: bool = True) -> "Aligner":
+        return super().train(False)  # frozen: always in eval mode
+
+
+def load_aligner(path: str | os.PathLike, device="cpu") -> Aligner:
+    """Read a Phase-1 checkpoint folder (aligner.json + aligner.safetensors); returned frozen and in eval mode."""
+    folder = Path(path)
+    cfg = AlignerConfig.from_dict(read_json(folder / "aligner.json", "a Phase-1 aligner folder needs aligner.json"))
+    weights = folder / "aligner.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: not found; a Phase-1 aligner folder needs aligner.safetensors")
+    with torch.device("meta"):
+        aligner = Aligner(cfg)
+    load_state_streaming(aligner, [weights], device, torch.float32)
+    for name, buf in Aligner(cfg).named_buffers():  # buffers are derived from the config, not stored
+        set_tensor(aligner, name, buf.to(device))
+    aligner.requires_grad_(False)
+    return aligner.eval()
+
+
+def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> None:
+    from dataclasses import asdict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "aligner.json").write_text(json.dumps(asdict(aligner.config), indent=2))
+    save_file({k: v.contiguous() for k, v in aligner.state_dict().items()}, str(folder / "aligner.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Projectors: aligned features (B, N, D) -> K tokens of the LLM's input space (B, K, H)
+
+
+class Projector(nn.Module):
+    """Linear-GELU-Linear per token (LLaVA-1.5). `tokens="pool"` pools the N encoder tokens to K (adaptive average);
+    `tokens="pooled"` projects the pooled embedding once and repeats it K times."""
+
+    def __init__(self, dim: int, hidden: int, out: int, num_tokens: int, mode: str = "pool"):
+        super().__init__()
+        if mode not in ("pool", "pooled"):
+            raise ValueError(f"projector mode {mode!r}: use 'pool' or 'pooled'")
+        self.num_tokens, self.mode = num_tokens, mode
+        self.linear_1 = nn.Linear(dim, hidden)
+        self.linear_2 = nn.Linear(hidden, out)
+
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        if self.mode == "pool":
+            x = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_tokens).transpose(1, 2)  # (B, K, D)
+        else:
+            x = pooled[:, None].expand(-1, self.num_tokens, -1)  # (B, K, D)
+        return self.linear_2(F.gelu(self.linear_1(x)))  # (B, K, H)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MultimodalLM: frozen aligner -> projectors -> LLM with LoRA, loss only at labelled positions
+
+MODALITIES = ("image", "audio")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `hidden @ weight.T` without a (M, V) logits tensor.
+
+    The forward walks M in chunks, and for each chunk computes the loss and the gradient with respect to the
+    hidden states, (softmax - onehot) @ weight, so the backward is one multiply. Peak memory is one chunk's
+    logits instead of all of them. The weight (the frozen lm_head) gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        losses = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)  # (M,)
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden, dtype=torch.float32) if need_grad else None  # (M, H)
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            logits = (h.to(weight.dtype) @ weight.T).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[s:s + chunk] = lse - logits.gather(1, t[:, None])[:, 0]
+            if need_grad:
+                p = torch.exp(logits - lse[:, None])  # softmax, in place of the logits' memory
+                p[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad[s:s + chunk] = p.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None
+
+
+class MultimodalLM(nn.Module):
+    """Frozen aligner + trainable projectors + LLM (frozen base, LoRA adapters).
+
+    `forward(batch)` takes a collated batch from `data.py` and returns summed losses (see `forward`); the
+    caller divides by the labelled-token count of the whole step, so that accumulation and DDP stay exact."""
+
+    def __init__(self, llm: LLM, aligner: Aligner, projectors: nn.ModuleDict, media_token_ids: dict[str, int],
+                 loss_chunk: int = 4096):
+        super().__init__()
+        self.llm, self.aligner, self.projectors = llm, aligner, projectors
+        self.media_token_ids = media_token_ids
+        self.loss_chunk = loss_chunk
+
+    def media_embeds(self, batch: dict, modality: str) -> torch.Tensor | None:
+        """Projected features (M, K, H) of the batch's media of one modality, from cached features or raw media."""
+        if f"{modality}_tokens" in batch:  # the feature cache: the aligner already ran
+            tokens, pooled = batch[f"{modality}_tokens"], batch[f"{modality}_pooled"]
+        elif modality in batch:
+            with torch.no_grad():
+                tokens, pooled = getattr(self.aligner, modality)(batch[modality])
+        else:
+            return None
+        return self.projectors[modality](tokens, pooled)
+
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with projected media written into the placeholder positions. -> (B, T, H), and a
+        scalar zero that ties unused projectors into the graph (DDP needs every trainable parameter used)."""
+        ids = batch["input_ids"]
+        x = self.llm.model.embed_tokens(ids)  # (B, T, H)
+        unused = x.new_zeros(())
+        for m in MODALITIES:
+            if m not in self.projectors:
+                continue
+            feats = self.media_embeds(batch, m)
+            slots = ids == self.media_token_ids[m]  # (B, T)
+            if feats is None:
+                p = self.projectors[m]
+                unused = unused + 0.0 * sum(q.sum() for q in p.parameters())
+                if slots.any():
+                    raise ValueError(f"batch has {m} placeholders but no {m} inputs")
+                continue
+            if slots.sum().item() != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"batch has {slots.sum().item()} {m} placeholder tokens for {feats.shape[0]} {m} "
+                                 f"inputs of {feats.shape[1]} tokens each")
+            x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
+        return x, unused
+
+    def forward(self, batch: dict) -> dict:
+        """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens`, `sample_loss` (S,) and
+        `sample_tokens` (S,) per sample of the batch, in the order of `batch["modality"]`."""
+        x, unused = self.embed(batch)
+        h = self.llm.hidden_states(x, batch.get("position_ids"), batch.get("attn_mask"))  # (B, T, H)
+        # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t
+        labels = batch["labels"]
+        where = labels != -100  # (B, T)
+        losses = LinearCrossEntropy.apply(h[where], self.llm.lm_head.weight, labels[where], self.loss_chunk)  # (M,)
+        sample_of = batch["sample_index"][where]  # (M,)
+        S = batch["modality"].shape[0]
+        sample_loss = torch.zeros(S, device=h.device).index_add(0, sample_of, losses.detach())
+        sample_tokens = torch.zeros(S, device=h.device).index_add(0, sample_of, torch.ones_like(losses))
+        return {"loss_sum": losses.sum() + unused, "n_tokens": where.sum(), "sample_loss": sample_loss,
+                "sample_tokens": sample_tokens}
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 32, **kw) -> list[list[int]]:
+        """Answer a collated batch of prompts (right-padded, `lengths` given) with their media."""
+        x, _ = self.embed(batch)
+        lengths = batch["lengths"].tolist()
+        prompts = [batch["input_ids"][b, :n].tolist() for b, n in enumerate(lengths)]
+        embeds = [x[b, :n] for b, n in enumerate(lengths)]
+        return self.llm.generate(prompts, max_new_tokens, prompt_embeds=embeds, **kw)
+
+
+def parameter_report(groups: dict[str, list[nn.Parameter]]) -> str:
+    """Total / trainable / frozen parameters by part, as a table (a tensor shared by two parts counted once)."""
+    rows, seen, tot = [], set(), [0, 0]
+    for name, params in groups.items():
+        t = f = 0
+        for p in params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            t, f = (t + p.numel(), f) if p.requires_grad else (t, f + p.numel())
+        rows.append((name, t + f, t, f))
+        tot = [tot[0] + t, tot[1] + f]
+    rows.append(("total", tot[0] + tot[1], tot[0], tot[1]))
+    lines = [f"{'part':<12}{'total':>15}{'trainable':>15}{'frozen':>15}"]
+    lines += [f"{n:<12}{a:>15,}{b:>15,}{c:>15,}" for n, a, b, c in rows]
+    pct = 100.0 * tot[0] / max(tot[0] + tot[1], 1)
+    return "\n".join(lines) + f"\ntrainable: {pct:.2f}% of all parameters"

@@ -1,0 +1,72 @@
+"""Tiny Hugging Face checkpoints of each supported family, built inside the tests (transformers as the oracle)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import data  # noqa: E402
+
+CORPUS = [
+    "The red circle is on the left. A blue square sits at the top right.",
+    "Hello, how are you? I am fine, thank you. What is shown in the picture?",
+    "Count the beeps: three short beeps. The tone is high. The tone is low.",
+    "You are a helpful assistant. Answer briefly and exactly.",
+] * 20
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256)
+
+# family -> (config class name, extra config, save options)
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING), {}),
+    "llama_linear_bf16": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), {"bf16": True}),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1000000.0), {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=False), {}),
+    "mistral": ("MistralConfig", dict(sliding_window=None), {"shard": True}),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    data.train_tokenizer(CORPUS, d, vocab_size=400)
+    return d
+
+
+def build_hf(family: str, folder: Path, tokenizer_dir: Path, seed: int = 0):
+    """Write a random transformers model of `family` to `folder`; return the (fp32) transformers model."""
+    import shutil
+
+    import transformers
+
+    cls_name, extra, opts = FAMILIES[family]
+    from tokenizers import Tokenizer
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    cfg = getattr(transformers, cls_name)(vocab_size=vocab, **COMMON, **extra)
+    torch.manual_seed(seed)
+    arch = cls_name.replace("Config", "ForCausalLM")
+    hf = getattr(transformers, arch)(cfg).eval()
+    with torch.no_grad():  # random biases and norms, so that parity tests see them
+        for n, p in hf.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    saved = hf.to(torch.bfloat16) if opts.get("bf16") else hf
+    saved.save_pretrained(folder, max_shard_size="40KB" if opts.get("shard") else "5GB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, folder / f)
+    return hf.float()
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory, tokenizer_dir):
+    """family -> (folder, transformers model in fp32 with the weights as stored)."""
+    out = {}
+    for fam in FAMILIES:
+        d = tmp_path_factory.mktemp(fam)
+        out[fam] = (d, build_hf(fam, d, tokenizer_dir))
+    return out

@@ -1,0 +1,110 @@
+"""LoRA: identity at init, merge, what trains, peft-format export checked by peft itself, the parameter count."""
+import copy
+import json
+
+import pytest
+import torch
+
+import model
+from lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
+from model import load_llm
+
+QWEN25_05B_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+}
+
+
+def randomize_lora(llm, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(llm).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def test_lora_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        llm = model.LLM(model.LLMConfig.from_hf(QWEN25_05B_CONFIG))
+    apply_lora(llm, rank=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert sum(p.numel() for p in llm.parameters() if p.requires_grad) == 2_162_688
+    assert sum(p.numel() for p in llm.parameters()) == 494_032_768 + 2_162_688  # Qwen2.5-0.5B's published size
+
+
+def test_init_is_identity_and_merge_equals_unmerged(hf_models):
+    folder, _ = hf_models["llama"]
+    llm = load_llm(folder)
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        before = llm(ids)
+        wrapped = apply_lora(llm, rank=4, alpha=8, targets="all-linear")
+        assert len(wrapped) == 2 * 7
+        torch.testing.assert_close(llm(ids), before, atol=0, rtol=0)
+        randomize_lora(llm)
+        unmerged = llm(ids)
+        assert not torch.allclose(unmerged, before)
+        merge_lora(llm)
+        torch.testing.assert_close(llm(ids), unmerged, atol=1e-5, rtol=1e-5)
+        unmerge_lora(llm)
+        torch.testing.assert_close(llm(ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_only_lora_tensors_change_after_a_step(hf_models):
+    folder, _ = hf_models["qwen2"]
+    llm = load_llm(folder)
+    apply_lora(llm, rank=4, alpha=8, dropout=0.1)
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    trainable = [p for p in llm.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    llm.train()
+    logits = llm(torch.randint(0, 300, (2, 12)))
+    logits.logsumexp(-1).mean().backward()
+    opt.step()
+    changed = {k for k, v in llm.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert any(".lora_B." in k for k in changed) and any(".lora_A." in k for k in changed)
+
+
+def test_unknown_target_is_a_clear_error(hf_models):
+    llm = load_llm(hf_models["qwen2"][0])
+    with pytest.raises(ValueError, match=r"\['qkv'\] match no linear layer.*q_proj"):
+        apply_lora(llm, rank=4, alpha=8, targets=["q_proj", "qkv"])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_exported_adapter_loads_in_peft_with_same_logits(tmp_path, hf_models, family):
+    from peft import PeftModel
+
+    folder, hf = hf_models[family]
+    llm = load_llm(folder)
+    apply_lora(llm, rank=4, alpha=16, targets=["q_proj", "v_proj", "down_proj"])
+    randomize_lora(llm)
+    save_adapter(llm, tmp_path / "adapter", base_model=str(folder))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == 4
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "adapter").eval()
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(llm(ids), peft_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+    # and back: a fresh model with the same LoRA layout loads the adapter and gives the same logits
+    again = load_llm(folder)
+    apply_lora(again, rank=4, alpha=16, targets=["q_proj", "v_proj", "down_proj"])
+    load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), llm(ids), atol=0, rtol=0)
+    wrong = load_llm(folder)
+    apply_lora(wrong, rank=8, alpha=16, targets=["q_proj", "v_proj", "down_proj"])
+    with pytest.raises(ValueError, match="rank r=4"):
+        load_adapter(wrong, tmp_path / "adapter")
+
+
+def test_parameter_report_counts_parts():
+    with torch.device("meta"):
+        llm = model.LLM(model.LLMConfig.from_hf(QWEN25_05B_CONFIG))
+    apply_lora(llm, rank=16, alpha=32)
+    lora = [p for n, p in llm.named_parameters() if ".lora_" in n]
+    base = [p for n, p in llm.named_parameters() if ".lora_" not in n]
+    report = model.parameter_report({"llm": base, "lora": lora})
+    assert "2,162,688" in report and "494,032,768" in report
