@@ -148,8 +148,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-    from torch.nn.attention.flex_attention import flex_attention
-    return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+_flex = None
+
+
+def compiled_flex_attention():
+    """FlexAttention is only fast compiled; compile it once, on first use (GPU packed batches)."""
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _flex = torch.compile(flex_attention, dynamic=False)
+    return _flex
 
 
 class Attention(nn.Module):
@@ -439,7 +450,8 @@ def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = No
 
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 IMAGE_TOKENS = ("<image>", "<|image_pad|>", "<|reserved_special_token_0|>")
-AUDIO_TOKENS = ("<audio>", "<|audio_pad|>", "<|reserved_special_token_1|>")
+# Qwen2.5 has no audio placeholder of its own; its unused <|video_pad|> serves (the model overwrites these positions)
+AUDIO_TOKENS = ("<audio>", "<|audio_pad|>", "<|reserved_special_token_1|>", "<|video_pad|>")
 
 
 @dataclass
@@ -577,10 +589,10 @@ class Tokenizer:
         """Token ids of a conversation and, per token, whether it belongs to an assistant reply."""
         text, spans = self.chat_format.render(messages, add_generation_prompt)
         enc = self.tk.encode(text, add_special_tokens=False)
-        starts = torch.tensor([s for s, _ in enc.offsets])
+        offsets = torch.tensor(enc.offsets).view(-1, 2)  # (T, 2) character span of each token
         is_reply = torch.zeros(len(enc.ids), dtype=torch.bool)
-        for s, e in spans:
-            is_reply |= (starts >= s) & (starts < e)
+        for s, e in spans:  # a token that overlaps a reply is part of it (" A" when the reply is "A")
+            is_reply |= (offsets[:, 0] < e) & (offsets[:, 1] > s)
         return enc.ids, is_reply.tolist()
 
 
@@ -702,11 +714,8 @@ class ImageEncoder(nn.Module):
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
     """Triangular HTK-mel filters (n_freqs, n_mels) over the one-sided STFT bins."""
-    def hz_to_mel(f):
-        return 2595.0 * torch.log10(1.0 + f / 700.0)
-
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    mels = torch.linspace(0, float(hz_to_mel(torch.tensor(sample_rate / 2.0))), n_mels + 2)
+    mels = torch.linspace(0, 2595.0 * math.log10(1.0 + sample_rate / 2 / 700.0), n_mels + 2)
     hz = 700.0 * (10 ** (mels / 2595.0) - 1.0)
     lower, center, upper = hz[:-2], hz[1:-1], hz[2:]
     up = (freqs[:, None] - lower) / (center - lower)
@@ -774,19 +783,6 @@ class Aligner(nn.Module):
         self.image = ModalityTower(ImageEncoder(cfg), cfg.image.width, cfg.dim)
         self.audio = ModalityTower(AudioEncoder(cfg), cfg.audio.width, cfg.dim)
 
-    def preprocess_image(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) -> float (3, S, S): resized to `image_size`, normalised with the checkpoint's mean/std."""
-        c = self.config
-        x = image[None].float() / 255.0
-        x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", align_corners=False, antialias=True)
-        mean, std = torch.tensor(c.image_mean).view(1, 3, 1, 1), torch.tensor(c.image_std).view(1, 3, 1, 1)
-        return ((x - mean) / std)[0]
-
-    def preprocess_audio(self, wave: torch.Tensor) -> torch.Tensor:
-        """(num_samples,) at the aligner's rate -> (clip_seconds * sample_rate,), cut or zero-padded."""
-        n = int(self.config.sample_rate * self.config.clip_seconds)
-        return F.pad(wave[:n], (0, max(0, n - wave.shape[0])))
-
     def train(self, mode: bool = True) -> "Aligner":
         return super().train(False)  # frozen: always in eval mode
 
@@ -798,11 +794,8 @@ def load_aligner(path: str | os.PathLike, device="cpu") -> Aligner:
     weights = folder / "aligner.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found; a Phase-1 aligner folder needs aligner.safetensors")
-    with torch.device("meta"):
-        aligner = Aligner(cfg)
+    aligner = Aligner(cfg).to(device)  # small next to the LLM: built in place, then overwritten
     load_state_streaming(aligner, [weights], device, torch.float32)
-    for name, buf in Aligner(cfg).named_buffers():  # buffers are derived from the config, not stored
-        set_tensor(aligner, name, buf.to(device))
     aligner.requires_grad_(False)
     return aligner.eval()
 
@@ -925,11 +918,26 @@ class MultimodalLM(nn.Module):
             x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
         return x, unused
 
+    def attention_mask(self, batch: dict):
+        """None (causal) for padded batches; for packed ones a document mask: no attention across samples."""
+        if "doc_ids" not in batch:
+            return None
+        doc = batch["doc_ids"]  # (B, T)
+        B, T = doc.shape
+        if doc.is_cuda:  # FlexAttention skips the blocks the mask leaves empty
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def mask_mod(b, h, q, k):
+                return (doc[b, q] == doc[b, k]) & (q >= k)
+            return create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+        return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+
     def forward(self, batch: dict) -> dict:
         """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens`, `sample_loss` (S,) and
         `sample_tokens` (S,) per sample of the batch, in the order of `batch["modality"]`."""
         x, unused = self.embed(batch)
-        h = self.llm.hidden_states(x, batch.get("position_ids"), batch.get("attn_mask"))  # (B, T, H)
+        h = self.llm.hidden_states(x, batch.get("position_ids"), self.attention_mask(batch))  # (B, T, H)
         # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t
         labels = batch["labels"]
         where = labels != -100  # (B, T)

@@ -70,3 +70,27 @@ def hf_models(tmp_path_factory, tokenizer_dir):
         d = tmp_path_factory.mktemp(fam)
         out[fam] = (d, build_hf(fam, d, tokenizer_dir))
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """A small demo (same generator as the README's, fewer samples) shared by the data and training tests."""
+    return data.make_demo(tmp_path_factory.mktemp("demo"), n_train=48, n_val=12, pretrain_steps=2)
+
+
+def demo_config(demo_dir, out_dir, **sections):
+    """A train.Config on the small demo; `sections` override keys: demo_config(d, o, train={"max_steps": 4})."""
+    import train
+    cfg = train.Config()
+    cfg.model.llm, cfg.model.aligner, cfg.model.chat_format = str(demo_dir / "llm"), str(demo_dir / "aligner"), "chatml"
+    cfg.data.train, cfg.data.val = str(demo_dir / "data/train.jsonl"), str(demo_dir / "data/val.jsonl")
+    cfg.data.max_len = 128
+    cfg.lora.rank, cfg.lora.dropout = 4, 0.1
+    cfg.train.batch_size, cfg.train.max_steps, cfg.train.warmup_steps = 4, 4, 2
+    cfg.train.eval_every, cfg.train.save_every, cfg.train.gen_samples = 0, 0, 4
+    cfg.run.out_dir, cfg.run.log_every = str(out_dir), 1
+    for section, values in sections.items():
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
+    train.check_config(cfg)
+    return cfg

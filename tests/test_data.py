@@ -1,0 +1,231 @@
+"""The data pipeline: media decoding, labels, placeholders, splicing, packing, the feature cache, bad input."""
+import hashlib
+import json
+import shutil
+import wave
+
+import numpy as np
+import pytest
+import torch
+from conftest import demo_config
+
+import data
+import train
+from model import MODALITIES, load_tokenizer
+
+
+def write_wav(path, samples: np.ndarray, rate: int, width: int, channels: int = 1):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_wav_decoding_across_depths_and_channels(tmp_path, width, channels):
+    rng = np.random.default_rng(width * 10 + channels)
+    x = rng.uniform(-0.9, 0.9, (800, channels))  # the signal in [-1, 1]
+    bits = 8 * width
+    q = np.round(x * (2 ** (bits - 1) - 1)).astype(np.int64)
+    if width == 1:
+        raw = (q + 128).astype(np.uint8)
+    elif width == 3:
+        u = q & 0xFFFFFF
+        raw = np.stack([(u >> (8 * i)) & 0xFF for i in range(3)], -1).astype(np.uint8)
+    else:
+        raw = q.astype({2: "<i2", 4: "<i4"}[width])
+    write_wav(tmp_path / "a.wav", raw, 16000, width, channels)
+    out = data.load_audio(tmp_path / "a.wav", 16000)
+    assert out.dtype == torch.float32 and out.shape == (800,)
+    np.testing.assert_allclose(out.numpy(), x.mean(1), atol=2.0 / 2 ** (bits - 1) + 1e-6)
+
+
+def test_wav_is_resampled_to_the_aligner_rate(tmp_path):
+    t = np.arange(8000) / 8000
+    write_wav(tmp_path / "a.wav", (np.sin(2 * np.pi * 200 * t) * 20000).astype(np.int16), 8000, 2)
+    out = data.load_audio(tmp_path / "a.wav", 16000)
+    assert out.shape == (16000,)
+    ref = np.sin(2 * np.pi * 200 * np.arange(16000) / 16000) * 20000 / 32768
+    assert np.abs(out.numpy()[100:-100] - ref[100:-100]).max() < 0.02
+
+
+def test_images_from_npy_and_png(tmp_path):
+    from PIL import Image
+    img = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", img)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    for f in ("a.npy", "a.png"):
+        out = data.load_image(tmp_path / f)
+        assert out.dtype == torch.uint8 and out.shape == (3, 20, 30)
+        assert torch.equal(out, torch.from_numpy(img).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "qwen2.5", "qwen3", "llama3", "mistral", "plain"])
+def test_labels_cover_exactly_the_replies(tokenizer_dir, fmt):
+    tok = load_tokenizer(tokenizer_dir, chat_format=fmt)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nWhat is shown?"},
+            {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Count the beeps."},
+            {"role": "assistant", "content": "Three."}]
+    ids, labels, counts = data.encode_conversation(msgs, tok, {"image": 3, "audio": 2}, 512, False)
+    assert counts == {"image": 1}
+    assert ids.count(tok.media_token_id("image")) == 3
+    targets = [x for x in labels if x != -100]
+    eot = tok.end_of_turn_id
+    assert targets.count(eot) == 2 and targets[-1] == eot
+    replies = tok.decode([x for x in targets if x != eot])
+    assert replies.replace(" ", "") == "Aredcircle.Three."
+    # labels are shifted: labels[t] is the token at t+1
+    assert all(labels[t] in (-100, ids[t + 1]) for t in range(len(ids) - 1))
+
+
+def test_truncation_never_cuts_a_media_block(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir, chat_format="chatml")
+    msgs = [{"role": "user", "content": "Look: <image> and <image>"}, {"role": "assistant", "content": "Two images."}]
+    full, _, _ = data.encode_conversation(msgs, tok, {"image": 8}, 512, False)
+    img = tok.media_token_id("image")
+    second = [i for i, x in enumerate(full) if x == img][8]  # first token of the second block
+    ids, labels, counts = data.encode_conversation(msgs, tok, {"image": 8}, second + 3, True)
+    assert counts == {"image": 1} and len(ids) == second and ids.count(img) == 8
+    with pytest.raises(ValueError, match="longer than data.max_len"):
+        data.encode_conversation(msgs, tok, {"image": 8}, second + 3, False)
+
+
+def write_dataset(folder, samples, demo_dir, name="d.jsonl"):
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(demo_dir / "data" / "media", folder / "media", dirs_exist_ok=True)
+    path = folder / name
+    path.write_text("".join(s if isinstance(s, str) else json.dumps(s) + "\n" for s in samples))
+    return path
+
+
+BAD = {
+    "missing media": ({"id": "m", "image": "media/nope.npy", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "not found"),
+    "undecodable media": ({"id": "u", "audio": "media/broken.wav", "conversations": [
+        {"from": "human", "value": "<audio>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "cannot decode audio"),
+    "placeholder count": ({"id": "p", "image": ["media/train-00001.npy"], "conversations": [
+        {"from": "human", "value": "<image><image>\nWhat?"}, {"from": "gpt", "value": "x"}]},
+        "2 <image> placeholders but 1 image"),
+    "no supervision": ({"id": "z", "conversations": [{"from": "human", "value": "Hello?"}]}, "no supervised tokens"),
+    "broken json": ('{"id": "j", "conversations": [\n', "not valid JSON"),
+    "unknown role": ({"id": "r", "messages": [{"role": "robot", "content": "beep"}]}, "unknown role 'robot'"),
+    "too long": ({"id": "l", "conversations": [{"from": "human", "value": "word " * 400},
+                                               {"from": "gpt", "value": "x"}]}, "longer than data.max_len"),
+    "escaping path": ({"id": "e", "image": "../outside.npy", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "leaves the data folder"),
+}
+GOOD = {"id": "g", "conversations": [{"from": "human", "value": "What is one plus one?"}, {"from": "gpt", "value": "two"}]}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_samples_raise_or_are_skipped(tmp_path, demo_dir, case):
+    sample, reason = BAD[case]
+    (tmp_path / "ds" / "media").mkdir(parents=True)
+    path = write_dataset(tmp_path / "ds", [GOOD, sample], demo_dir)
+    (tmp_path / "ds" / "media" / "broken.wav").write_bytes(b"RIFF\x00\x00garbage")
+    np.save(tmp_path / "outside.npy", np.zeros((4, 4, 3), np.uint8))
+    tok = load_tokenizer(demo_dir / "llm", chat_format="chatml")
+    from model import load_aligner
+    acfg = load_aligner(demo_dir / "aligner").config
+    kw = dict(tokens_per_media={"image": 16, "audio": 8}, max_len=128)
+    with pytest.raises(data.SampleError, match=reason) as e:
+        data.ConversationDataset(path, tok, acfg, on_error="raise", **kw)
+    assert str(path) in str(e.value) and ":2:" in str(e.value)  # file and line
+    ds = data.ConversationDataset(path, tok, acfg, on_error="skip", **kw)
+    assert len(ds) == 1 and ds.examples[0].id == "g"
+    assert len(ds.skipped) == 1 and reason in ds.skipped[0]["reason"] and ds.skipped[0]["line"] == 2
+
+
+def test_skipped_samples_are_written_and_counted(tmp_path, demo_dir):
+    path = write_dataset(tmp_path / "ds", [GOOD, BAD["unknown role"][0], GOOD], demo_dir)
+    cfg = demo_config(demo_dir, tmp_path / "run", data={"train": str(path), "val": "", "on_error": "skip"},
+                      train={"max_steps": 1, "batch_size": 2})
+    train.train(cfg)
+    skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in skipped] == ["r"] and "unknown role" in skipped[0]["reason"]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_samples"] == 1
+
+
+def model_and_data(demo_dir, tmp_path, **kw):
+    cfg = demo_config(demo_dir, tmp_path, **kw)
+    tok, mm = train.build_model(cfg, torch.device("cpu"))
+    ds = data.ConversationDataset(cfg.data.train, tok, mm.aligner.config, {"image": 16, "audio": 8}, 128,
+                                  feature_cache=train.cache_folder(cfg, cfg.data.train))
+    return cfg, tok, mm, ds
+
+
+def test_splicing_puts_each_feature_at_its_placeholder(demo_dir, tmp_path):
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    items = [ds[i] for i in range(8)]
+    batch = data.collate(items, tok.pad_id)
+    x, _ = mm.embed(batch)
+    for m in MODALITIES:
+        feats = mm.media_embeds(batch, m)  # (M, K, H)
+        slots = (batch["input_ids"] == mm.media_token_ids[m]).nonzero().tolist()
+        assert len(slots) == feats.shape[0] * feats.shape[1] > 0
+        for n, (b, t) in enumerate(slots):
+            assert torch.equal(x[b, t], feats.flatten(0, 1)[n])
+    text = batch["input_ids"] != mm.media_token_ids["image"]
+    text &= batch["input_ids"] != mm.media_token_ids["audio"]
+    assert torch.equal(x[text], mm.llm.model.embed_tokens(batch["input_ids"])[text])
+
+
+def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path):
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    mm.eval()
+    items = [ds[i] for i in range(10)]
+    with torch.no_grad():
+        plain = mm(data.collate(items, tok.pad_id))
+        packed_batch = data.collate(items, tok.pad_id, pack=True, max_len=128)
+        packed = mm(packed_batch)
+    assert packed_batch["input_ids"].shape[0] < 10  # several samples share a row
+    torch.testing.assert_close(packed["sample_loss"], plain["sample_loss"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(packed["sample_tokens"], plain["sample_tokens"])
+
+
+def test_feature_cache_gives_the_same_loss_as_raw_media(demo_dir, tmp_path):
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    cache = tmp_path / "cache"
+    cfg.data.feature_cache = str(cache)
+    train.build_cache(cfg)
+    cached = data.ConversationDataset(cfg.data.train, tok, mm.aligner.config, {"image": 16, "audio": 8}, 128,
+                                      feature_cache=train.cache_folder(cfg, cfg.data.train))
+    mm.eval()
+    idx = list(range(12))
+    with torch.no_grad():
+        a = mm(data.collate([ds[i] for i in idx], tok.pad_id))
+        b_batch = data.collate([cached[i] for i in idx], tok.pad_id)
+        b = mm(b_batch)
+    assert "image" not in b_batch and "image_tokens" in b_batch
+    torch.testing.assert_close(b["sample_loss"], a["sample_loss"], atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_changes_projectors_and_lora_only(demo_dir, tmp_path):
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    before = {k: v.clone() for k, v in mm.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-2)
+    mm.train()
+    batch = data.collate([ds[i] for i in range(8)], tok.pad_id)
+    assert batch["modality"][:, 0].any() and batch["modality"][:, 1].any()
+    out = mm(batch)
+    (out["loss_sum"] / out["n_tokens"]).backward()
+    opt.step()
+    changed = {k for k, v in mm.state_dict().items() if not torch.equal(v, before[k])}
+    assert not any(k.startswith("aligner.") for k in changed)
+    assert all(k.startswith("projectors.") or ".lora_" in k for k in changed)
+    assert any(k.startswith("projectors.image") for k in changed) and any(k.startswith("projectors.audio") for k in changed)
+    assert all(not p.requires_grad for p in mm.aligner.parameters())
+
+
+def test_demo_is_deterministic(tmp_path):
+    def digest(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+    a = digest(data.make_demo(tmp_path / "a", seed=3, n_train=10, n_val=4, pretrain_steps=2))
+    b = digest(data.make_demo(tmp_path / "b", seed=3, n_train=10, n_val=4, pretrain_steps=2))
+    assert a == b and "llm/model.safetensors" in a and "aligner/aligner.safetensors" in a
+    c = digest(data.make_demo(tmp_path / "c", seed=4, n_train=10, n_val=4, pretrain_steps=2))
+    assert c["data/train.jsonl"] != a["data/train.jsonl"]
