@@ -568,8 +568,8 @@ def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> di
     return sample
 
 
-def make_demo(folder: str | Path, seed: int = 0, n_train: int = 3000, n_val: int = 120,
-              pretrain_steps: int = 300) -> Path:
+def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int = 120,
+              pretrain_steps: int = 500) -> Path:
     """Make the demo's data, tokenizer, tiny LLM and aligner in `folder` (deterministic for a seed). The LLM is
     briefly pretrained on the demo's text so LoRA adapts a model that knows the language; the aligner is random
     (not Phase-1 trained): its frozen features still carry what the questions ask, and the projectors learn to read

@@ -138,7 +138,7 @@ def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
     if key not in fields:
         raise ValueError(f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(fields)}")
     typ = type(getattr(type(sub)(), key))
-    if isinstance(value, str) and typ is not str:  # from the command line
+    if source == "command line" and typ is not str:  # text to parse
         try:
             value = {"true": True, "false": False}[value.lower()] if typ is bool else typ(value)
         except (KeyError, ValueError):
@@ -297,7 +297,8 @@ def make_loader(ds: data.ConversationDataset, cfg: Config, d: Dist, tok: M.Token
     pack, max_len = cfg.data.pack, cfg.data.max_len
     return torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
-        collate_fn=lambda items: data.collate(items, tok.pad_id, pack, max_len), persistent_workers=False)
+        collate_fn=lambda items: data.collate(items, tok.pad_id, pack, max_len),
+        generator=torch.Generator())  # its own generator: creating the loader must not draw from the global RNG
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -1,0 +1,208 @@
+"""train.py: config errors, exact resume, DDP equivalence, signals, non-finite steps, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import demo_config
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(out_dir, split="train"):
+    return [r for r in map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+def final_weights(out_dir):
+    ckpt = Path(out_dir) / "checkpoints"
+    return load_file(str(ckpt / (ckpt / "latest").read_text().strip() / "trainable.safetensors"))
+
+
+def cli_args(cfg):
+    """The config as command-line overrides, for runs in a subprocess."""
+    import dataclasses
+    return [f"--{s}.{k}={v}" for s, sub in dataclasses.asdict(cfg).items() for k, v in sub.items()]
+
+
+def test_unknown_key_lists_the_known_ones(tmp_path):
+    (tmp_path / "c.toml").write_text("[train]\nbatch_sise = 4\n")
+    with pytest.raises(ValueError, match=r"unknown key train.batch_sise; known keys of \[train\]: batch_size, grad_accum"):
+        train.load_config(str(tmp_path / "c.toml"), [])
+    with pytest.raises(ValueError, match="unknown section"):
+        train.load_config(None, ["--optim.lr=1"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--train.max_steps=ten", "train.max_steps must be int"),
+    ("--lora.rank=0", "lora.rank = 0; it must be at least 1"),
+    ("--train.lr_lora=-1e-4", "train.lr_lora = -0.0001; it must be >= 0"),
+    ("--train.amp=fp8", "train.amp = 'fp8'; allowed: auto, bf16, fp16, fp32"),
+    ("--data.max_len=8", "data.max_len = 8 cannot hold one media block"),
+    ("--data.pack=maybe", "data.pack must be bool"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.load_config(None, [override])
+
+
+def test_toml_types_are_checked(tmp_path):
+    (tmp_path / "c.toml").write_text('[train]\nmax_steps = "100"\n')
+    with pytest.raises(ValueError, match="train.max_steps must be int, got str"):
+        train.load_config(str(tmp_path / "c.toml"), [])
+
+
+def test_lr_is_warmup_then_cosine():
+    cfg = train.TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    f = [train.lr_factor(s, cfg) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[100] == pytest.approx(0.1)
+
+
+def test_resume_is_bit_exact(demo_dir, tmp_path):
+    const = {"min_lr_ratio": 1.0, "warmup_steps": 0, "grad_accum": 2, "save_every": 3}
+    straight = demo_config(demo_dir, tmp_path / "a", train={**const, "max_steps": 6})
+    train.train(straight)
+    half = demo_config(demo_dir, tmp_path / "b", train={**const, "max_steps": 3})
+    train.train(half)
+    again = demo_config(demo_dir, tmp_path / "b", train={**const, "max_steps": 6})
+    train.train(again)
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_finished_run_continues_with_more_steps(demo_dir, tmp_path):
+    cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 2})
+    train.train(cfg)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    cfg.train.max_steps = 3
+    result = train.train(cfg)
+    assert result["step"] == 3 and [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
+
+
+def torchrun(args, nproc, env=None, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_two_ranks_equal_one_with_the_same_global_batch(demo_dir, tmp_path):
+    common = {"lora": {"dropout": 0.0}, "train": {"max_steps": 4, "grad_accum": 2}}
+    one = demo_config(demo_dir, tmp_path / "one", lora=common["lora"], train={**common["train"], "batch_size": 4})
+    two = demo_config(demo_dir, tmp_path / "two", lora=common["lora"], train={**common["train"], "batch_size": 2})
+    train.train(one)
+    r = torchrun(cli_args(two), 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and x["tokens"] == y["tokens"]
+    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+
+    # a 2-rank checkpoint resumed on 1 rank continues from the same global sample
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step_0000004" / "state.json").read_text())
+    assert state["consumed"] == 4 * 8 and state["world_size"] == 2
+    more = demo_config(demo_dir, tmp_path / "two", lora=common["lora"], train={**common["train"], "batch_size": 4,
+                                                                               "max_steps": 6})
+    train.train(more)
+    ref = demo_config(demo_dir, tmp_path / "one", lora=common["lora"], train={**common["train"], "batch_size": 4,
+                                                                              "max_steps": 6})
+    train.train(ref)
+    assert rows(tmp_path / "two")[-1]["loss"] == pytest.approx(rows(tmp_path / "one")[-1]["loss"], rel=1e-5)
+
+
+def run_until_signal(cfg, sig, nproc=1):
+    """Start a run in a subprocess, send `sig` once it has logged step 2, wait for it to stop."""
+    args = cli_args(cfg)
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train.py"), *args]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = Path(cfg.run.out_dir) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    if nproc == 1:
+        p.send_signal(sig)
+    else:  # a scheduler signals the workers; torchrun's own children
+        import psutil
+        for c in psutil.Process(p.pid).children(recursive=True):
+            c.send_signal(sig)
+    out, _ = p.communicate(timeout=120)
+    return p.returncode, out
+
+
+@pytest.mark.parametrize("sig,nproc", [(signal.SIGTERM, 1), (signal.SIGUSR1, 2)])
+def test_signal_saves_an_emergency_checkpoint_and_resume_matches(demo_dir, tmp_path, sig, nproc):
+    kw = dict(lora={"dropout": 0.0}, train={"max_steps": 40, "grad_accum": 2, "batch_size": 2})
+    straight = demo_config(demo_dir, tmp_path / "a", **kw)
+    if nproc == 1:
+        straight.train.batch_size = 4
+        train.train(straight)
+    else:
+        assert torchrun(cli_args(straight), nproc).returncode == 0
+    cut = demo_config(demo_dir, tmp_path / "b", **kw)
+    if nproc == 1:
+        cut.train.batch_size = 4
+    code, out = run_until_signal(cut, sig, nproc)
+    assert code != 0, out
+    state = json.loads((tmp_path / "b" / "checkpoints" / "emergency" / "state.json").read_text())
+    assert 2 <= state["step"] < 40, out
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "emergency"
+    if nproc == 1:
+        train.train(cut)
+    else:
+        r = torchrun(cli_args(cut), nproc)
+        assert r.returncode == 0, r.stderr[-2000:]
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(demo_dir, tmp_path, monkeypatch):
+    cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 10, "max_bad_steps": 3})
+    import model
+    real = model.MultimodalLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):  # the loss turns NaN from the third micro-step on
+        out = real(self, batch)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out["loss_sum"] = out["loss_sum"] * float("nan")
+        return out
+    monkeypatch.setattr(model.MultimodalLM, "forward", poisoned)
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        train.train(cfg)
+    state = json.loads((tmp_path / "checkpoints" / "emergency" / "state.json").read_text())
+    assert state["step"] == 2 and state["bad_steps"] == 3
+
+
+def test_incompatible_checkpoint_is_refused_before_training(demo_dir, tmp_path):
+    cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 2})
+    train.train(cfg)
+    before = (tmp_path / "checkpoints" / "step_0000002" / "trainable.safetensors").read_bytes()
+    cfg.lora.rank = 8
+    with pytest.raises(ValueError, match="does not fit this run"):
+        train.train(cfg)
+    cfg.lora.rank = 4
+    (tmp_path / "checkpoints" / "step_0000002" / "optimizer.pt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="cannot be read"):
+        train.train(cfg)
+    assert (tmp_path / "checkpoints" / "step_0000002" / "trainable.safetensors").read_bytes() == before
