@@ -1,0 +1,57 @@
+"""validate.py passes on a working setup and turns the right check red on a broken one."""
+import json
+
+import pytest
+from conftest import demo_config
+
+import model
+import validate
+
+
+def results(cfg, quick=True):
+    return {r["check"]: r for r in validate.validate(cfg, quick)}
+
+
+def test_all_checks_pass_on_the_demo(demo_dir, tmp_path, capsys):
+    cfg = demo_config(demo_dir, tmp_path)
+    res = results(cfg)
+    assert [n for n, _, _ in validate.CHECKS] == list(res)
+    assert all(r["passed"] for r in res.values()), {n: r["detail"] for n, r in res.items() if not r["passed"]}
+
+
+def test_cli_exit_code_and_json(demo_dir, tmp_path):
+    out = tmp_path / "r.json"
+    code = validate.main(["--config", "/nonexistent.toml", "--json", str(out)])
+    assert code == 1 and json.loads(out.read_text())[0]["check"] == "Configuration"
+
+
+def broken(demo_dir, tmp_path, what, monkeypatch):
+    cfg = demo_config(demo_dir, tmp_path / "run")
+    if what == "lora target":
+        cfg.lora.targets = "q_proj,qkv_proj"
+        return cfg, "Model initialization", "match no linear layer"
+    if what == "trainable aligner":
+        real = model.load_aligner
+        monkeypatch.setattr(model, "load_aligner", lambda *a, **k: real(*a, **k).requires_grad_(True))
+        return cfg, "Parameter freezing", "parameters of the aligner are trainable"
+    if what == "no supervision":
+        path = tmp_path / "d.jsonl"
+        path.write_text(json.dumps({"id": "q", "conversations": [{"from": "human", "value": "Hi"}]}) + "\n")
+        cfg.data.train = str(path)
+        return cfg, "Data pipeline", "no supervised tokens"
+    if what == "unwritable checkpoints":
+        (tmp_path / "file").write_text("not a folder")
+        cfg.run.out_dir = str(tmp_path / "file" / "run")
+        return cfg, "Checkpoint saving", "cannot write a checkpoint"
+
+
+@pytest.mark.parametrize("what", ["lora target", "trainable aligner", "no supervision", "unwritable checkpoints"])
+def test_broken_setup_turns_its_check_red(demo_dir, tmp_path, monkeypatch, what):
+    cfg, check, reason = broken(demo_dir, tmp_path, what, monkeypatch)
+    monkeypatch.setattr(validate.Validator, "distributed", lambda self: "skipped in this test")
+    monkeypatch.setattr(validate.Validator, "resume", lambda self: "skipped in this test")
+    res = results(cfg)
+    assert not res[check]["passed"] and reason in res[check]["detail"], res[check]
+    assert res[check]["fix"]
+    earlier = [n for n, _, _ in validate.CHECKS][: [n for n, _, _ in validate.CHECKS].index(check)]
+    assert all(res[n]["passed"] for n in earlier if n != "Metrics logging")

@@ -1,0 +1,312 @@
+"""Pre-flight checks of a training setup, on the same functions train.py uses; every check must pass.
+
+    python validate.py --config configs/demo.toml [--quick] [--json results.json]
+
+Prints a PASS/FAIL table with the time of each check, on a failure the reason and what to do, and exits non-zero
+if any check fails. `launch.sh` runs it (with --quick) before starting torchrun.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import data
+import lora
+import model as M
+import train
+
+
+class CheckFailed(Exception):
+    """A check's failure: what went wrong and what to do about it."""
+
+    def __init__(self, reason: str, fix: str):
+        super().__init__(reason)
+        self.reason, self.fix = reason, fix
+
+
+class Validator:
+    def __init__(self, cfg: train.Config, quick: bool):
+        self.cfg, self.quick = cfg, quick
+        self.cpu = torch.device("cpu")
+        self.scratch = Path(tempfile.mkdtemp(prefix="mmlora-validate-"))
+        self.results: list[dict] = []
+
+    def run(self, name: str, fn, needs: tuple[str, ...] = ()) -> None:
+        missing = [n for n in needs if not any(r["check"] == n and r["passed"] for r in self.results)]
+        t0 = time.perf_counter()
+        if missing:
+            result = {"passed": False, "detail": f"not run: needs {', '.join(missing)}",
+                      "fix": "fix the checks above first"}
+        else:
+            try:
+                result = {"passed": True, "detail": fn() or ""}
+            except CheckFailed as e:
+                result = {"passed": False, "detail": e.reason, "fix": e.fix}
+            except Exception as e:  # an unexpected error is a failure of this check, with its origin
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                result = {"passed": False, "detail": f"{type(e).__name__}: {e} ({Path(where.filename).name}:"
+                          f"{where.lineno})", "fix": "read the error above; it names the file or key at fault"}
+        self.results.append({"check": name, "seconds": round(time.perf_counter() - t0, 2), **result})
+
+    # -- the checks, in order --------------------------------------------------------------------------------
+
+    def configuration(self) -> str:
+        train.check_config(self.cfg)
+        for key, path in (("model.llm", self.cfg.model.llm), ("model.aligner", self.cfg.model.aligner),
+                          ("data.train", self.cfg.data.train)):
+            if not Path(path).exists() and not self.cfg.data.make_demo:
+                raise CheckFailed(f"{key} = {path!r} does not exist", f"set {key} to an existing path")
+        if self.cfg.data.make_demo:
+            data.ensure_demo(self.cfg.data.make_demo)
+        return f"{self.cfg.lora.targets} r={self.cfg.lora.rank}, batch {self.cfg.train.batch_size}"
+
+    def model_init(self) -> str:
+        self.tok, self.mm = train.build_model(self.cfg, self.cpu)
+        print(M.parameter_report(train.parameter_groups(self.mm)))
+        return f"{sum(p.numel() for p in self.mm.parameters()):,} parameters"
+
+    def freezing(self) -> str:
+        groups = train.parameter_groups(self.mm)
+        for part in ("aligner", "llm"):
+            trainable = [p for p in groups[part] if p.requires_grad]
+            if trainable:
+                raise CheckFailed(f"{sum(p.numel() for p in trainable):,} parameters of the {part} are trainable",
+                                  f"the {part} must be frozen: load it with model.load_aligner / apply_lora")
+        for part in ("lora", "projectors"):
+            if not groups[part] or not all(p.requires_grad for p in groups[part]):
+                raise CheckFailed(f"the {part} parameters are not all trainable", "check lora.targets and the model")
+        expected = sum(m.rank * (m.base_layer.in_features + m.base_layer.out_features)
+                       for m in lora.lora_modules(self.mm.llm).values())
+        got = sum(p.numel() for p in groups["lora"])
+        if got != expected:
+            raise CheckFailed(f"LoRA has {got:,} parameters, r*(in+out) gives {expected:,}", "check lora.py")
+        return f"LoRA {got:,}, projectors {sum(p.numel() for p in groups['projectors']):,}"
+
+    def data_pipeline(self) -> str:
+        c = self.cfg
+        K = {"image": c.model.image_tokens, "audio": c.model.audio_tokens}
+        try:
+            self.ds = data.ConversationDataset(c.data.train, self.tok, self.mm.aligner.config, K, c.data.max_len,
+                                               c.data.truncate, c.data.on_error, c.data.allow_outside_paths,
+                                               train.cache_folder(c, c.data.train))
+        except data.SampleError as e:
+            raise CheckFailed(str(e), "fix or remove that sample, or set data.on_error = \"skip\"") from None
+        n = min(len(self.ds), c.train.batch_size)
+        self.batch = data.collate([self.ds[i] for i in range(n)], self.tok.pad_id, c.data.pack, c.data.max_len)
+        b = self.batch
+        if b["input_ids"].shape != b["labels"].shape:
+            raise CheckFailed("input_ids and labels differ in shape", "check data.collate")
+        for i in range(n):  # labels must be exactly the assistant replies and their end-of-turn tokens
+            ex = self.ds.examples[i]
+            targets = [x for t, x in enumerate(ex.labels) if x != -100 and x == ex.input_ids[t + 1]]
+            replies = [m["content"] for m in ex.messages if m["role"] == "assistant"]
+            text = self.tok.decode([x for x in targets if x != self.tok.end_of_turn_id])
+            if len(targets) != sum(x != -100 for x in ex.labels) or "".join(text.split()) != "".join("".join(replies).split()) \
+                    or targets.count(self.tok.end_of_turn_id) < len(replies):
+                raise CheckFailed(f"sample {ex.id}: labels are not exactly its replies ({text!r} vs {replies!r})",
+                                  "check the chat format (model.chat_format) and data.encode_conversation")
+        for m in M.MODALITIES:
+            slots = int((b["input_ids"] == self.mm.media_token_ids[m]).sum())
+            count = sum(len(self.ds.examples[i].media[m]) for i in range(n))
+            if slots != count * K[m]:
+                raise CheckFailed(f"{slots} {m} placeholder tokens for {count} {m} inputs of {K[m]}",
+                                  "check the placeholders of the data")
+        return f"{len(self.ds)} samples, batch {tuple(b['input_ids'].shape)}, {int((b['labels'] != -100).sum())} labels"
+
+    def forward(self) -> str:
+        with torch.no_grad():
+            out = self.mm(self.batch)
+        loss = (out["loss_sum"] / out["n_tokens"]).item()
+        if not torch.isfinite(torch.tensor(loss)):
+            raise CheckFailed(f"loss is {loss}", "check the model's weights and the data")
+        per = train.modality_losses(out["sample_loss"], out["sample_tokens"], self.batch["modality"])
+        return f"loss {loss:.4f}; " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None)
+
+    def training_step(self) -> str:
+        mm = self.mm
+        before = {k: v.clone() for k, v in mm.state_dict().items()}
+        opt = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-3)
+        mm.train()
+        out = mm(self.batch)
+        (out["loss_sum"] / out["n_tokens"]).backward()
+        with_grad = {n for n, p in mm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        changed = {k for k, v in mm.state_dict().items() if not torch.equal(v, before[k])}
+        trainable = {n for n, p in mm.named_parameters() if p.requires_grad}
+        if changed - trainable:
+            raise CheckFailed(f"frozen tensors changed: {sorted(changed - trainable)[:3]}", "freeze them")
+        if with_grad - changed:
+            raise CheckFailed(f"tensors with gradient did not change: {sorted(with_grad - changed)[:3]}",
+                              "check the optimizer's parameter groups")
+        return f"{len(changed)} tensors changed, all trainable"
+
+    def checkpoint(self) -> str:
+        folder = Path(self.cfg.run.out_dir) / "validate-checkpoints"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            opt = torch.optim.AdamW([p for p in self.mm.parameters() if p.requires_grad], lr=1e-3)
+            scaler = torch.amp.GradScaler("cpu", enabled=False)
+            path = train.write_checkpoint(folder, "step_0000001", self.mm, opt, scaler,
+                                          {"step": 1, "consumed": 0, "best": 0.0, "bad_steps": 0}, [train.rng_state()])
+        except OSError as e:
+            raise CheckFailed(f"cannot write a checkpoint in {folder}: {e}",
+                              "make run.out_dir a writable folder with free space") from None
+        _, fresh = train.build_model(self.cfg, self.cpu)
+        opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
+        train.load_checkpoint(path, fresh, opt2, torch.amp.GradScaler("cpu", enabled=False), train.Dist())
+        a, b = train.trainable_state(self.mm), train.trainable_state(fresh)
+        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+            raise CheckFailed("reloaded tensors differ from the saved ones", "check train.write_checkpoint")
+        self.mm.eval(), fresh.eval()
+        with torch.no_grad():
+            la, lb = self.mm(self.batch)["loss_sum"], fresh(self.batch)["loss_sum"]
+        if not torch.equal(la, lb):
+            raise CheckFailed(f"next loss {la.item()} != {lb.item()} after reload", "check train.load_checkpoint")
+        return f"{path.name}: identical tensors and next loss"
+
+    def metrics(self) -> str:
+        folder = self.scratch / "metrics"
+        folder.mkdir()
+        m = train.Metrics(folder, True)
+        m.log({"step": 1, "split": "train", "loss": 1.5, "lr": 1e-4})
+        m.log({"step": 1, "split": "val", "loss": 1.4, "accuracy": 0.5})
+        rows = list(csv.DictReader(open(folder / "metrics.csv")))
+        jl = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        if len(rows) != 2 or float(rows[1]["loss"]) != 1.4 or jl[0]["lr"] != 1e-4:
+            raise CheckFailed("metrics rows are not read back as written", "check train.Metrics")
+        return "CSV and JSONL rows parse back"
+
+    def short_run(self) -> str:
+        steps = 20 if self.quick else 60
+        _, mm = train.build_model(self.cfg, self.cpu)
+        opt = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=3e-3)
+        mm.train()
+        losses = []
+        for _ in range(steps):
+            out = mm(self.batch)
+            loss = out["loss_sum"] / out["n_tokens"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        if not losses[-1] < 0.5 * losses[0]:
+            raise CheckFailed(f"loss went {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps on one batch, "
+                              "not below half", "check learning rates, frozen parameters and labels")
+        return f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps on one batch (< 0.5x)"
+
+    def run_train(self, name: str, nproc: int, **train_keys) -> list[dict]:
+        """train.py on the first samples of the data: in this process for one rank, under torchrun for more."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.run.out_dir, cfg.run.device, cfg.run.log_every = str(self.scratch / name), "cpu", 1
+        cfg.data.val, cfg.data.train, cfg.data.allow_outside_paths = "", str(self.subset()), True
+        cfg.lora.dropout, cfg.data.num_workers, cfg.data.make_demo = 0.0, 0, ""
+        for k, v in train_keys.items():
+            setattr(cfg.train, k, v)
+        if nproc == 1:
+            with contextlib.redirect_stdout(io.StringIO()):
+                train.train(cfg)
+        else:
+            args = [f"--{s}.{k}={v}" for s, sub in dataclasses.asdict(cfg).items() for k, v in sub.items()]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   str(Path(__file__).parent / "train.py"), *args]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if r.returncode != 0:
+                raise CheckFailed(f"{name}: train.py exited with {r.returncode}: {r.stderr.strip()[-400:]}",
+                                  "run the command by hand to see the whole error")
+        return [json.loads(x) for x in (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines()
+                if json.loads(x)["split"] == "train"]
+
+    def subset(self, n: int = 64) -> Path:
+        """The first n samples of the training data, with media paths made absolute."""
+        path = self.scratch / "subset.jsonl"
+        if not path.exists():
+            with open(path, "w") as f:
+                for ex in self.ds.examples[:n]:
+                    media = {m: [str(p) for p in ex.media[m]] for m in M.MODALITIES}
+                    f.write(json.dumps({"id": ex.id, "messages": ex.messages, **media}) + "\n")
+        return path
+
+    def distributed(self) -> str:
+        b = max(1, self.cfg.train.batch_size // 2)
+        one = self.run_train("one-rank", 1, batch_size=2 * b, max_steps=2, grad_accum=1, eval_every=0, save_every=0)
+        two = self.run_train("two-ranks", 2, batch_size=b, max_steps=2, grad_accum=1, eval_every=0, save_every=0)
+        for x, y in zip(one, two):
+            if abs(x["loss"] - y["loss"]) > 1e-5 * abs(x["loss"]):
+                raise CheckFailed(f"step {x['step']}: 2 ranks loss {y['loss']} vs 1 rank {x['loss']}",
+                                  "check the loss normalisation and the data shards of train.py")
+        return f"2 gloo ranks == 1 rank over {len(one)} steps (loss {one[-1]['loss']:.4f})"
+
+    def resume(self) -> str:
+        const = dict(min_lr_ratio=1.0, warmup_steps=0, eval_every=0, save_every=1)
+        straight = self.run_train("straight", 1, max_steps=3, **const)
+        self.run_train("resumed", 1, max_steps=2, **const)
+        resumed = self.run_train("resumed", 1, max_steps=3, **const)
+        if straight[-1]["loss"] != resumed[-1]["loss"]:
+            raise CheckFailed(f"loss after resume {resumed[-1]['loss']} != {straight[-1]['loss']} straight",
+                              "check what train.write_checkpoint stores (RNG, optimizer, data position)")
+        return f"stop at 2, resume: step 3 loss identical ({straight[-1]['loss']:.6f})"
+
+
+CHECKS = [("Configuration", "configuration", ()), ("Model initialization", "model_init", ("Configuration",)),
+          ("Parameter freezing", "freezing", ("Model initialization",)),
+          ("Data pipeline", "data_pipeline", ("Model initialization",)),
+          ("Forward pass", "forward", ("Data pipeline",)), ("Training step", "training_step", ("Forward pass",)),
+          ("Checkpoint saving", "checkpoint", ("Data pipeline",)), ("Metrics logging", "metrics", ()),
+          ("Short training run", "short_run", ("Data pipeline",)),
+          ("Distributed", "distributed", ("Data pipeline",)), ("Resume", "resume", ("Data pipeline",))]
+
+
+def validate(cfg: train.Config, quick: bool = False) -> list[dict]:
+    v = Validator(cfg, quick)
+    torch.manual_seed(cfg.train.seed)
+    try:
+        for name, method, needs in CHECKS:
+            v.run(name, getattr(v, method), needs)
+    finally:
+        shutil.rmtree(v.scratch, ignore_errors=True)
+    return v.results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--quick", action="store_true", help="shorter training checks (under a minute on the demo)")
+    ap.add_argument("--json", help="also write the results to this file")
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        cfg = train.load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        results = [{"check": "Configuration", "passed": False, "seconds": 0.0, "detail": str(e),
+                    "fix": "correct the config file or the override"}]
+    else:
+        results = validate(cfg, args.quick)
+    width = max(len(r["check"]) for r in results)
+    for r in results:
+        print(f"{'PASS' if r['passed'] else 'FAIL'}  {r['check']:<{width}}  {r['seconds']:7.2f}s  {r['detail']}")
+        if not r["passed"]:
+            print(f"      {'':<{width}}            what to do: {r['fix']}")
+    passed = sum(r["passed"] for r in results)
+    print(f"{passed}/{len(results)} checks passed")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
