@@ -45,7 +45,9 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))
         return y + (update * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:

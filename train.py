@@ -233,19 +233,23 @@ def build_model(cfg: Config, device: torch.device) -> tuple[M.Tokenizer, M.Multi
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
     llm = M.load_llm(cfg.model.llm, device, dtype)
     aligner = M.load_aligner(cfg.model.aligner, device)
+    return tok, assemble(cfg, llm, aligner, {m: tok.media_token_id(m) for m in M.MODALITIES})
+
+
+def assemble(cfg: Config, llm: M.LLM, aligner: M.Aligner, media_ids: dict[str, int]) -> M.MultimodalLM:
+    """Add projectors and LoRA to a loaded LLM and aligner; set activation checkpointing and compilation."""
     torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
     H, D = llm.config.hidden_size, aligner.config.dim
     K = {"image": cfg.model.image_tokens, "audio": cfg.model.audio_tokens}
     projectors = nn.ModuleDict({m: M.Projector(D, cfg.model.projector_hidden or H, H, K[m], cfg.model.projector_mode)
-                                for m in M.MODALITIES}).to(device)
+                                for m in M.MODALITIES}).to(llm.lm_head.weight.device)
     targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
     lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile:
         for layer in llm.model.layers:
             layer.compile()
-    media_ids = {m: tok.media_token_id(m) for m in M.MODALITIES}
-    return tok, M.MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
+    return M.MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
 
 
 def parameter_groups(mm: M.MultimodalLM) -> dict[str, list[nn.Parameter]]:
@@ -513,6 +517,53 @@ def evaluate(mm: M.MultimodalLM, ds: data.ConversationDataset, cfg: Config, d: D
 # The loop
 
 
+def make_optimizer(mm: M.MultimodalLM, cfg: TrainConfig, device: torch.device):
+    """AdamW (fused on GPU) over the trainable parameters: projectors and LoRA, each with its own learning rate."""
+    groups = [{"params": list(mm.projectors.parameters()), "lr": cfg.lr_projector, "peak": cfg.lr_projector},
+              {"params": [p for p in mm.llm.parameters() if p.requires_grad], "lr": cfg.lr_lora, "peak": cfg.lr_lora}]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda")
+    return opt, [p for g in groups for p in g["params"]]
+
+
+def mixed_precision(cfg: TrainConfig, device: torch.device):
+    """(amp mode, GradScaler, autocast context): bf16 autocast on GPU by default, fp16 with a scaler, fp32 on CPU."""
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "fp32")
+    return amp, scaler, autocast
+
+
+def forward_backward(ddp, micro: list[dict], opt, scaler, params: list[nn.Parameter], autocast, d: Dist,
+                     grad_clip: float, amp: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Gradients of one optimizer step over its micro-batches, clipped; the caller steps if `finite`.
+
+    Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks (times the
+    world size, since DDP averages gradients), with `no_sync` on every micro-batch but the last. `finite` is
+    False on every rank when the loss or the gradient norm is NaN/Inf on any (with fp16 the scaler handles
+    overflowing gradients itself). Returns stats (loss sum, then loss/tokens of text, image, audio samples),
+    the labelled-token count, the gradient norm and `finite`."""
+    n_tok = all_sum(sum((b["labels"] != -100).sum() for b in micro).float().to(d.device), d)
+    stats = torch.zeros(7, device=d.device)
+    for i, b in enumerate(micro):
+        sync = i == len(micro) - 1
+        with (contextlib.nullcontext() if sync or d.world == 1 else ddp.no_sync()), autocast:
+            out = ddp(b)
+            loss = out["loss_sum"] * d.world / n_tok
+        scaler.scale(loss).backward()
+        stats[0] += out["loss_sum"].detach().float()
+        mod = b["modality"]
+        for j, sel in enumerate((~mod.any(1), mod[:, 0], mod[:, 1])):
+            stats[1 + 2 * j] += out["sample_loss"][sel].sum()
+            stats[2 + 2 * j] += out["sample_tokens"][sel].sum()
+    scaler.unscale_(opt)
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    all_sum(stats, d)
+    finite = torch.isfinite(stats[0]) & (torch.isfinite(grad_norm) | (amp == "fp16"))
+    finite = all_sum(finite.float(), d).item() == d.world
+    return stats, n_tok, grad_norm, finite
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 set a flag; at the end of each step all ranks agree (any rank's flag stops all)."""
 
@@ -553,16 +604,8 @@ def train(cfg: Config) -> dict:
         data.write_skipped(out_dir / "skipped.jsonl", train_ds.skipped + (val_ds.skipped if val_ds else []))
         log(f"skipped {skipped} bad samples; reasons in {out_dir / 'skipped.jsonl'}")
 
-    groups = [{"params": list(mm.projectors.parameters()), "lr": cfg.train.lr_projector, "peak": cfg.train.lr_projector},
-              {"params": [p for n, p in mm.llm.named_parameters() if p.requires_grad], "lr": cfg.train.lr_lora,
-               "peak": cfg.train.lr_lora}]
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999),
-                            fused=d.device.type == "cuda")
-    amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
-    scaler = torch.amp.GradScaler(d.device.type, enabled=amp == "fp16")
-    autocast = torch.autocast(d.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                              enabled=amp != "fp32")
+    opt, params = make_optimizer(mm, cfg.train, d.device)
+    amp, scaler, autocast = mixed_precision(cfg.train, d.device)
 
     step, consumed, best, bad_in_row, bad_total = 0, 0, float("inf"), 0, 0
     resume = find_resume(cfg)
@@ -606,24 +649,8 @@ def train(cfg: Config) -> dict:
                 g["lr"] = g["peak"] * lr_factor(step, cfg.train)
             micro = [to_device(next(loader), d.device) for _ in range(cfg.train.grad_accum)]
             consumed += G
-            n_tok = all_sum(sum((b["labels"] != -100).sum() for b in micro).float().to(d.device), d)
-            stats = torch.zeros(8, device=d.device)  # loss, then loss/tokens of text, image, audio samples
-            for i, b in enumerate(micro):
-                sync = i == len(micro) - 1
-                with (contextlib.nullcontext() if sync or d.world == 1 else ddp.no_sync()), autocast:
-                    out = ddp(b)
-                    loss = out["loss_sum"] * d.world / n_tok  # DDP averages gradients over ranks
-                scaler.scale(loss).backward()
-                stats[0] += out["loss_sum"].detach().float()
-                mod = b["modality"]
-                for j, sel in enumerate((~mod.any(1), mod[:, 0], mod[:, 1])):
-                    stats[1 + 2 * j] += out["sample_loss"][sel].sum()
-                    stats[2 + 2 * j] += out["sample_tokens"][sel].sum()
-            scaler.unscale_(opt)
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
-            all_sum(stats, d)
-            finite = torch.isfinite(stats[0]) & (torch.isfinite(grad_norm) | torch.tensor(amp == "fp16", device=d.device))
-            finite = all_sum(finite.float(), d).item() == d.world
+            stats, n_tok, grad_norm, finite = forward_backward(ddp, micro, opt, scaler, params, autocast, d,
+                                                               cfg.train.grad_clip, amp)
             if finite:
                 scaler.step(opt)
                 scaler.update()

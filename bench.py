@@ -1,0 +1,202 @@
+"""Benchmark of mmlora's training step, beside the transformers + peft baseline, on the same GPU in the same run.
+
+    python bench.py --grid main --peer .bench/hf_peft_baseline.py     # the workloads of BENCHMARKS.md + the peer
+    python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours
+    torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under DDP
+
+The step is train.py's own (`train.forward_backward`, its optimizer and AMP setup, `data.collate` for packing) on
+a model of Qwen2.5-0.5B's shape with random weights (frozen base in bf16, LoRA r=16 on q,k,v,o and projectors
+in fp32) and synthetic batches where the second half of each row is labelled, as in the peer. MFU counts
+4*N_frozen_body + 4*N_lm_head*labelled + 6*N_trainable + 6*layers*seq*heads*head_dim FLOPs per token over a peak
+of 790 TFLOP/s (the bf16 matrix rate measured on an H200).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+import model as M
+import train
+
+PEAK_FLOPS = 790e12
+QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                  rope_theta=1e6, tie_word_embeddings=True, qkv_bias=True)
+# a seed-sized aligner (~86M parameters, like the seed's 588.5M total minus the LLM and projectors)
+SEED_ALIGNER = M.AlignerConfig(dim=1024, image=M.EncoderConfig(768, 6, 12), audio=M.EncoderConfig(768, 6, 12),
+                               image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
+
+
+def build(args, device) -> tuple[train.Config, M.MultimodalLM]:
+    cfg = train.Config()
+    cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, 0.05
+    cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
+    cfg.train.activation_checkpointing, cfg.train.compile = args.ckpt, args.compile
+    torch.manual_seed(0)
+    with torch.device(device):
+        llm = M.LLM(M.LLMConfig(**QWEN25_05B)).to(torch.bfloat16)
+        aligner = M.Aligner(SEED_ALIGNER).requires_grad_(False).eval()
+    media_ids = {"image": QWEN25_05B["vocab_size"] - 2, "audio": QWEN25_05B["vocab_size"] - 1}
+    return cfg, train.assemble(cfg, llm, aligner, media_ids)
+
+
+def make_batch(args, mm: M.MultimodalLM, device, g: torch.Generator) -> dict:
+    """Rows of `seq` tokens, the second half labelled; optionally 2 images + 1 clip per row, or packed documents."""
+    B, T, V = args.batch, args.seq, mm.llm.config.vocab_size - 16
+    if args.pack:  # documents of 1/8 to 1/2 of a row, packed by data.collate into rows of T
+        items = []
+        while sum(len(i["input_ids"]) for i in items) < B * T * 0.95:
+            n = int(torch.randint(T // 8, T // 2, (1,), generator=g))
+            ids = torch.randint(0, V, (n,), generator=g).tolist()
+            labels = [-100] * (n // 2) + ids[n // 2 + 1:] + [-100]
+            items.append({"id": str(len(items)), "input_ids": ids, "labels": labels, "has": [False, False]})
+        batch = data.collate(items, 0, pack=True, max_len=T)
+        return train.to_device(batch, device)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    if args.multimodal:  # two image blocks and one audio block in the prompt half
+        K = mm.projectors["image"].num_tokens
+        ids[:, 1:1 + K] = ids[:, 2 + K:2 + 2 * K] = mm.media_token_ids["image"]
+        ids[:, 3 + 2 * K:3 + 3 * K] = mm.media_token_ids["audio"]
+    labels = torch.full((B, T), -100)
+    labels[:, T // 2:T - 1] = ids[:, T // 2 + 1:]
+    batch = {"input_ids": ids, "labels": labels, "sample_index": torch.arange(B)[:, None].expand(B, T),
+             "lengths": torch.full((B,), T), "modality": torch.tensor([[args.multimodal] * 2] * B)}
+    if args.multimodal:
+        c = mm.aligner.config
+        if args.cache:  # features as the feature cache stores them
+            n_img, n_aud = c.num_patches, c.num_audio_tokens
+            batch |= {"image_tokens": torch.randn(2 * B, n_img, c.dim), "image_pooled": torch.randn(2 * B, c.dim),
+                      "audio_tokens": torch.randn(B, n_aud, c.dim), "audio_pooled": torch.randn(B, c.dim)}
+        else:
+            batch |= {"image": torch.randn(2 * B, 3, c.image_size, c.image_size),
+                      "audio": torch.randn(B, int(c.sample_rate * c.clip_seconds)) * 0.1}
+    return train.to_device(batch, device)
+
+
+def flops_per_token(mm: M.MultimodalLM, seq: int, labelled: float) -> float:
+    c = mm.llm.config
+    lm_head = c.vocab_size * c.hidden_size
+    body = sum(p.numel() for p in mm.llm.model.layers.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in mm.parameters() if p.requires_grad)
+    return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * c.num_hidden_layers * seq * c.num_attention_heads \
+        * c.head_dim
+
+
+def time_ours(args, d: train.Dist) -> dict:
+    cfg, mm = build(args, d.device)
+    ddp = torch.nn.parallel.DistributedDataParallel(mm, device_ids=[d.local_rank]) if d.world > 1 else mm
+    opt, params = train.make_optimizer(mm, cfg.train, d.device)
+    amp, scaler, autocast = train.mixed_precision(cfg.train, d.device)
+    g = torch.Generator().manual_seed(0)
+    batches = [make_batch(args, mm, d.device, g) for _ in range(3)]
+    mm.train()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        stats, n_tok, _, finite = train.forward_backward(ddp, [batches[i % 3]], opt, scaler, params, autocast, d,
+                                                         1.0, amp)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    med = sorted(times)[len(times) // 2]
+    b = batches[0]
+    tokens = int(b["lengths"].sum())
+    labelled = float((b["labels"] != -100).sum()) / tokens
+    fpt = flops_per_token(mm, args.seq, labelled)
+    return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
+            "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
+            "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
+            "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round((stats[0] / n_tok).item(), 4)}
+
+
+def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool) -> dict:
+    spec = importlib.util.spec_from_file_location("hf_peft_baseline", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    return {"impl": "transformers+peft", **peer.run(torch.bfloat16, batch, seq, ckpt, compile_)}
+
+
+# (batch, seq, ckpt, compile, pack, multimodal, cache) of ours; the peer rows to compare with: (ckpt, compile)
+GRIDS = {
+    "main": [((8, 512, False, False, False, False, False), [(False, False)]),
+             ((8, 512, False, True, False, False, False), [(False, True)]),
+             ((8, 2048, False, False, False, False, False), [(False, False)]),
+             ((8, 2048, False, True, False, False, False), [(False, True)]),
+             ((8, 2048, True, True, False, False, False), [(True, False), (True, True)])],
+    "extra": [((8, 512, False, True, False, True, False), []), ((8, 512, False, True, False, True, True), []),
+              ((8, 2048, False, True, True, False, False), []), ((8, 2048, True, False, False, False, False), [])],
+    "ddp": [((8, 512, False, True, False, False, False), [(False, False)]),
+            ((8, 2048, False, True, False, False, False), [(False, True)])],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grid", choices=list(GRIDS), help="a set of workloads (else the one given by the flags)")
+    ap.add_argument("--peer", help="path of hf_peft_baseline.py, to run the peer on the same shapes")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    ap.add_argument("--pack", action="store_true", help="packed documents with a FlexAttention document mask")
+    ap.add_argument("--multimodal", action="store_true", help="2 images + 1 audio clip per row (seed-sized aligner)")
+    ap.add_argument("--cache", action="store_true", help="with --multimodal: features from the cache, no encoders")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
+    args = ap.parse_args()
+    d = train.Dist()
+    if "WORLD_SIZE" in os.environ:
+        d = train.setup_distributed(train.Config())
+    else:
+        d.device = torch.device("cuda")
+    if d.master:
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {d.world}", flush=True)
+    work = GRIDS[args.grid] if args.grid else [((args.batch, args.seq, args.ckpt, args.compile, args.pack,
+                                                  args.multimodal, args.cache), [])]
+    rows = []
+    for shape, peers in work:
+        for k, v in zip(("batch", "seq", "ckpt", "compile", "pack", "multimodal", "cache"), shape):
+            setattr(args, k, v)
+        ours = time_ours(args, d)
+        torch.cuda.empty_cache()
+        if d.master:
+            print(json.dumps(ours), flush=True)
+        rows.append(ours)
+        for ckpt, compile_ in peers if args.peer else []:
+            try:
+                r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_)
+            except Exception as e:  # report and go on, as the peer's own script does
+                r = {"impl": "transformers+peft", "grad_ckpt": ckpt, "compile": compile_, "error": repr(e)[:300]}
+            torch.cuda.empty_cache()
+            if d.master:
+                print(json.dumps(r), flush=True)
+                if "tokens_per_s" in r:
+                    print(f"  ratio vs peer (ckpt={ckpt}, compile={compile_}): tokens/s x"
+                          f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}, memory x"
+                          f"{ours['peak_mem_gib'] / r['peak_mem_gib']:.2f}", flush=True)
+            rows.append(r)
+    if d.master:
+        name = f"bench_{args.grid or 'one'}" + (f"_ws{d.world}" if d.world > 1 else "") + ".json"
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump(rows, f, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
