@@ -840,6 +840,31 @@ class Projector(nn.Module):
 MODALITIES = ("image", "audio")
 
 
+def cross_entropy_chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool):
+    """Loss (c,) of one chunk of hidden states (c, H) against targets (c,), and its gradient (c, H) if asked."""
+    logits = (h.to(weight.dtype) @ weight.T).float()  # (c, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = lse - logits.gather(1, t[:, None])[:, 0]
+    if not need_grad:
+        return loss, None
+    p = torch.exp(logits - lse[:, None])  # softmax
+    p = p - F.one_hot(t, logits.shape[1]).to(p.dtype)
+    return loss, (p.to(weight.dtype) @ weight).float()
+
+
+_compiled_chunk = None
+
+
+def chunk_fn(device: torch.device):
+    """On GPU the chunk is compiled, so that the softmax and its gradient are a few fused passes over the logits."""
+    global _compiled_chunk
+    if device.type != "cuda":
+        return cross_entropy_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(cross_entropy_chunk, dynamic=True)
+    return _compiled_chunk
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of `hidden @ weight.T` without a (M, V) logits tensor.
 
@@ -849,21 +874,16 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        losses = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)  # (M,)
         need_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(hidden, dtype=torch.float32) if need_grad else None  # (M, H)
+        fn = chunk_fn(hidden.device)
+        losses, grads = [], []
         for s in range(0, hidden.shape[0], chunk):
-            h, t = hidden[s:s + chunk], targets[s:s + chunk]
-            logits = (h.to(weight.dtype) @ weight.T).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            losses[s:s + chunk] = lse - logits.gather(1, t[:, None])[:, 0]
-            if need_grad:
-                p = torch.exp(logits - lse[:, None])  # softmax, in place of the logits' memory
-                p[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad[s:s + chunk] = p.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad)
+            loss, grad = fn(hidden[s:s + chunk], weight, targets[s:s + chunk], need_grad)
+            losses.append(loss)
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads) if need_grad and grads else None)
         ctx.hidden_dtype = hidden.dtype
-        return losses
+        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)  # (M,)
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):

@@ -89,7 +89,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
-    compile: bool = False  # torch.compile each decoder layer
+    compile: str = "none"  # torch.compile each decoder layer: none, default, reduce-overhead (CUDA graphs), max-autotune
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_samples: int = 0  # validation samples for the loss (0 = all)
     gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
@@ -119,6 +119,7 @@ class Config:
 
 CHOICES = {("model", "dtype"): ("auto", "float32", "bfloat16"), ("model", "projector_mode"): ("pool", "pooled"),
            ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
+           ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune"),
            ("run", "device"): ("auto", "cpu", "cuda")}
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
             ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
@@ -246,9 +247,9 @@ def assemble(cfg: Config, llm: M.LLM, aligner: M.Aligner, media_ids: dict[str, i
     targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
     lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.compile:
+    if cfg.train.compile != "none":  # one graph per layer, shared by all layers (same code, same shapes)
         for layer in llm.model.layers:
-            layer.compile()
+            layer.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile)
     return M.MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
 
 

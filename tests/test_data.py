@@ -229,3 +229,21 @@ def test_demo_is_deterministic(tmp_path):
     assert a == b and "llm/model.safetensors" in a and "aligner/aligner.safetensors" in a
     c = digest(data.make_demo(tmp_path / "c", seed=4, n_train=10, n_val=4, pretrain_steps=2))
     assert c["data/train.jsonl"] != a["data/train.jsonl"]
+
+
+def test_chunked_loss_equals_full_logits_cross_entropy():
+    """The chunked loss and its gradient equal cross-entropy over full logits (the unoptimised path)."""
+    from model import LinearCrossEntropy
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g)
+    t = torch.randint(0, 50, (37,), generator=g)
+    scale = torch.rand(37, generator=g)
+    ours = LinearCrossEntropy.apply(h, w, t, 8)
+    (ours * scale).sum().backward()
+    g_ours = h.grad.clone()
+    h.grad = None
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="none")
+    (ref * scale).sum().backward()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_ours, h.grad, atol=1e-5, rtol=1e-5)
