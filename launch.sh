@@ -13,7 +13,8 @@ usage: bash launch.sh CONFIG [NNODES NODE_RANK MASTER_ADDR MASTER_PORT] [--secti
   MASTER_PORT  port on node 0 (default 29500)
   --a.b=c      config overrides, passed to validate.py and train.py
 
-One process per GPU of this node (nvidia-smi); without GPUs, NPROC_PER_NODE CPU processes (default 1, gloo).
+One process per GPU of this node (nvidia-smi, or NPROC_PER_NODE with CUDA_VISIBLE_DEVICES); without GPUs,
+NPROC_PER_NODE CPU processes (default 1, gloo).
 Node 0 runs `validate.py --quick` first unless SKIP_PREFLIGHT=1. torchrun restarts crashed workers up to
 MAX_RESTARTS times (default 3); each restart resumes from the latest checkpoint. Logs go to <out_dir>/logs/.
 
@@ -40,7 +41,9 @@ MASTER_PORT=${positional[4]:-29500}
 [ -f "$CONFIG" ] || { echo "launch.sh: config $CONFIG not found" >&2; exit 2; }
 cd "$(dirname "$0")"
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+if [ -n "${NPROC_PER_NODE:-}" ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  NPROC=$NPROC_PER_NODE
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   NPROC=$(nvidia-smi -L | grep -c '^GPU')
 else
   NPROC=${NPROC_PER_NODE:-1}

@@ -212,7 +212,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0, checkpointed: bool = False):
+        if checkpointed:  # inside forward, so that a compiled layer compiles the recomputation too
+            return checkpoint(self.block, x, cos, sin, mask, use_reentrant=False)
+        return self.block(x, cos, sin, mask, cache, cache_start)
+
+    def block(self, x, cos, sin, mask=None, cache=None, cache_start=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -256,12 +261,9 @@ class LLM(nn.Module):
             position_ids = torch.arange(cache_start, cache_start + T, device=inputs_embeds.device).expand(B, T)
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            cache = caches[i] if caches is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, cache_start)
+            x = layer(x, cos, sin, mask, caches[i] if caches is not None else None, cache_start, checkpointed)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None) -> torch.Tensor:
