@@ -43,33 +43,44 @@ class SampleError(ValueError):
 
 def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
     """Decode a WAV (8/16/24/32-bit PCM, any channels, any rate) or `.npy` waveform to float32 mono in [-1, 1],
-    resampled to `sample_rate`. Returns (num_samples,)."""
+    resampled to `sample_rate`. Returns (num_samples,). Any undecodable file is a ValueError naming it."""
     path = Path(path)
-    if path.suffix.lower() == ".npy":
-        x, rate = np.load(path, allow_pickle=False).astype(np.float32), sample_rate
-        if x.ndim == 2:
-            x = x.mean(axis=0 if x.shape[0] < x.shape[1] else 1)
-        if x.ndim != 1:
-            raise ValueError(f"{path}: an audio .npy holds (num_samples,) or (channels, num_samples), got {x.shape}")
+    try:
+        x, rate = read_npy_audio(path, sample_rate) if path.suffix.lower() == ".npy" else read_wav(path)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from None
+    return resample(torch.from_numpy(np.ascontiguousarray(x)), rate, sample_rate)
+
+
+def read_npy_audio(path: Path, rate: int) -> tuple[np.ndarray, int]:
+    x = np.load(path, allow_pickle=False).astype(np.float32)
+    if x.ndim == 2:
+        x = x.mean(axis=0 if x.shape[0] < x.shape[1] else 1)
+    if x.ndim != 1:
+        raise ValueError(f"an audio .npy holds (num_samples,) or (channels, num_samples), got {x.shape}")
+    return x, rate
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """PCM samples as float32 mono in [-1, 1], and the file's rate."""
+    with wave.open(str(path), "rb") as w:
+        width, channels, rate, n = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
+        raw = w.readframes(n)
+    if width == 1:  # 8-bit WAV is unsigned
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 3:  # 24-bit: sign-extend three little-endian bytes into int32
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
+    elif width == 4:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
     else:
-        with wave.open(str(path), "rb") as w:
-            width, channels, rate, n = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
-        if width == 1:  # 8-bit WAV is unsigned
-            x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-        elif width == 2:
-            x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-        elif width == 3:  # 24-bit: sign-extend three little-endian bytes into int32
-            b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-            v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-            x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-        elif width == 4:
-            x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
-        else:
-            raise ValueError(f"{path}: {8 * width}-bit WAV is not supported (8, 16, 24 or 32-bit PCM)")
-        x = x.reshape(-1, channels).mean(axis=1)
-    wav = torch.from_numpy(np.ascontiguousarray(x))
-    return resample(wav, rate, sample_rate)
+        raise ValueError(f"{8 * width}-bit WAV is not supported (8, 16, 24 or 32-bit PCM)")
+    if rate <= 0 or channels <= 0 or x.size % channels:
+        raise ValueError(f"malformed WAV header (rate {rate}, {channels} channels)")
+    return x.reshape(-1, channels).mean(axis=1), rate
 
 
 def resample(wav: torch.Tensor, rate: int, target: int, zero_crossings: int = 6, rolloff: float = 0.99) -> torch.Tensor:
@@ -93,23 +104,28 @@ def resample(wav: torch.Tensor, rate: int, target: int, zero_crossings: int = 6,
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """Decode `.npy` (H, W, 3) or (3, H, W) uint8, or PNG/JPEG through Pillow, to a uint8 tensor (3, H, W)."""
+    """Decode `.npy` (H, W, 3) or (3, H, W) uint8, or PNG/JPEG through Pillow, to a uint8 tensor (3, H, W).
+    Any undecodable file is a ValueError naming it; PNG/JPEG without Pillow is an ImportError saying what to do."""
     path = Path(path)
-    if path.suffix.lower() == ".npy":
-        x = np.load(path, allow_pickle=False)
-        if x.ndim == 3 and x.shape[-1] == 3 and x.shape[0] != 3:
-            x = x.transpose(2, 0, 1)
-        if x.ndim != 3 or x.shape[0] != 3 or x.dtype != np.uint8:
-            raise ValueError(f"{path}: an image .npy holds uint8 (H, W, 3) or (3, H, W), got {x.dtype} {x.shape}")
-        return torch.from_numpy(np.ascontiguousarray(x))
+    if path.suffix.lower() != ".npy":
+        try:
+            from PIL import Image
+        except ImportError:
+            raise ImportError(f"{path}: decoding PNG/JPEG needs Pillow: `pip install pillow`, or store images as "
+                              ".npy uint8 arrays") from None
     try:
-        from PIL import Image
-    except ImportError:
-        raise ImportError(f"{path}: decoding PNG/JPEG needs Pillow: `pip install pillow`, or store images as "
-                          ".npy uint8 arrays") from None
-    with Image.open(path) as im:
-        x = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(x.copy()).permute(2, 0, 1)
+        if path.suffix.lower() == ".npy":
+            x = np.load(path, allow_pickle=False)
+            if x.ndim == 3 and x.shape[-1] == 3 and x.shape[0] != 3:
+                x = x.transpose(2, 0, 1)
+            if x.ndim != 3 or x.shape[0] != 3 or x.dtype != np.uint8:
+                raise ValueError(f"an image .npy holds uint8 (H, W, 3) or (3, H, W), got {x.dtype} {x.shape}")
+            return torch.from_numpy(np.ascontiguousarray(x))
+        with Image.open(path) as im:
+            x = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(x.copy()).permute(2, 0, 1)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def preprocess_image(image: torch.Tensor, cfg: AlignerConfig) -> torch.Tensor:
@@ -178,7 +194,7 @@ def to_messages(sample: dict) -> list[dict]:
     for t in turns:
         if not isinstance(t, dict) or not isinstance(t.get(text_key), str):
             raise ValueError(f"each turn needs a string {text_key!r}")
-        role = ROLES.get(t.get(role_key))
+        role = ROLES.get(t.get(role_key)) if isinstance(t.get(role_key), str) else None
         if role is None:
             raise ValueError(f"unknown role {t.get(role_key)!r}; known: {sorted(ROLES)}")
         out.append({"role": role, "content": t[text_key]})

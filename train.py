@@ -349,30 +349,43 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (read-only or full folder); the previous one is untouched."""
+
+
 def write_checkpoint(ckpt_dir: Path, name: str, mm: M.MultimodalLM, opt, scaler, state: dict, rngs: list) -> Path:
-    """Write checkpoint `name` atomically: a crash at any moment leaves either the old or the new one whole."""
+    """Write checkpoint `name` atomically: a crash at any moment leaves either the old or the new one whole.
+
+    Files go to a temporary folder, are fsynced, and the folder is renamed into place; then `latest` is
+    replaced (os.replace is atomic) to name it, except for `best`, which is a copy kept aside."""
     from safetensors.torch import save_file
 
     tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous().cpu() for k, v in trainable_state(mm).items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
-    torch.save(rngs, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fsync_dir(tmp)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous().cpu() for k, v in trainable_state(mm).items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(rngs, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write checkpoint {name} in {ckpt_dir}: {e}. The previous checkpoint is "
+                                   "intact; free space or make run.out_dir writable, then resume") from None
     final = ckpt_dir / name
     old = ckpt_dir / f".old-{name}-{os.getpid()}"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    latest_tmp = ckpt_dir / f".latest-{os.getpid()}"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, ckpt_dir / "latest")
+    if name != "best":
+        latest_tmp = ckpt_dir / f".latest-{os.getpid()}"
+        latest_tmp.write_text(name + "\n")
+        os.replace(latest_tmp, ckpt_dir / "latest")
     fsync_dir(ckpt_dir)
     return final
 
@@ -391,13 +404,15 @@ def find_resume(cfg: Config) -> Path | None:
         if not (p / "state.json").is_file():
             raise FileNotFoundError(f"{p}: not a checkpoint folder (no state.json); give a checkpoints/step_* folder")
         return p
-    latest = Path(cfg.run.out_dir) / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    p = latest.parent / latest.read_text().strip()
-    if not (p / "state.json").is_file():
-        raise FileNotFoundError(f"{latest} names {p.name}, which is incomplete; use --train.resume=PATH or none")
-    return p
+    ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
+    latest = ckpt_dir / "latest"
+    if latest.is_file():
+        p = ckpt_dir / latest.read_text().strip()
+        if (p / "state.json").is_file():
+            return p
+    # `latest` missing or naming a folder a crash took away: the newest complete checkpoint
+    complete = [p for p in ckpt_dir.glob("[!.]*") if (p / "state.json").is_file()] if ckpt_dir.is_dir() else []
+    return max(complete, key=lambda p: json.loads((p / "state.json").read_text())["step"], default=None)
 
 
 def load_checkpoint(path: Path, mm: M.MultimodalLM, opt, scaler, d: Dist) -> dict:
@@ -412,6 +427,11 @@ def load_checkpoint(path: Path, mm: M.MultimodalLM, opt, scaler, d: Dist) -> dic
     except Exception as e:
         raise ValueError(f"{path}: checkpoint cannot be read ({type(e).__name__}: {e}); it may be truncated. "
                          "Resume from an older one with --train.resume=PATH, or start fresh with --train.resume=none") from None
+    saved_llm = state.get("llm_config")
+    if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(mm.llm.config))):
+        diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(mm.llm.config, k, None))
+        raise ValueError(f"{path}: checkpoint was trained on a different base model (config differs in {diff}); "
+                         "use the model.llm it was trained with, or --train.resume=none")
     expected = trainable_state(mm)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
@@ -425,7 +445,7 @@ def load_checkpoint(path: Path, mm: M.MultimodalLM, opt, scaler, d: Dist) -> dic
             v.copy_(tensors[k])
     opt.load_state_dict(other["optimizer"])
     scaler.load_state_dict(other["scaler"])
-    if d.rank < len(rngs):  # a rank that did not exist in the saved run keeps its fresh seed
+    if d.rank < len(rngs) and rngs[d.rank] is not None:  # else (a new rank, a rank-0-only save) a fresh seed
         set_rng_state(rngs[d.rank])
     return state
 
@@ -623,21 +643,21 @@ def train(cfg: Config) -> dict:
     metrics = Metrics(out_dir, d.master)
     G = cfg.train.batch_size * cfg.train.grad_accum * d.world
 
-    def save(name: str) -> None:
-        rngs = [None] * d.world
-        if d.world > 1:
+    def save(name: str, collective: bool = True) -> None:
+        """Checkpoint `name`; `collective=False` (after an exception) lets rank 0 save alone, without the other
+        ranks' RNG states, since a collective could hang on a failed peer."""
+        rngs = [rng_state()] + [None] * (d.world - 1)
+        if d.world > 1 and collective:
             dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
         if d.master:
             state = {"step": step, "consumed": consumed, "epoch": consumed // len(train_ds), "best": best,
                      "bad_steps": bad_total, "world_size": d.world, "lr_factor": lr_factor(step, cfg.train),
-                     "config": dataclasses.asdict(cfg)}
+                     "llm_config": dataclasses.asdict(mm.llm.config), "config": dataclasses.asdict(cfg)}
             write_checkpoint(ckpt_dir, name, mm, opt, scaler, state, rngs)
             if name.startswith("step_"):
                 for old in sorted(ckpt_dir.glob("step_*"))[:-cfg.train.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
-        if d.world > 1:
+        if d.world > 1 and collective:
             dist.barrier()
 
     loader = iter(make_loader(train_ds, cfg, d, tok, consumed))
@@ -649,9 +669,9 @@ def train(cfg: Config) -> dict:
             for g in opt.param_groups:
                 g["lr"] = g["peak"] * lr_factor(step, cfg.train)
             micro = [to_device(next(loader), d.device) for _ in range(cfg.train.grad_accum)]
-            consumed += G
             stats, n_tok, grad_norm, finite = forward_backward(ddp, micro, opt, scaler, params, autocast, d,
                                                                cfg.train.grad_clip, amp)
+            consumed += G  # after the step: a crash inside it re-reads its samples on resume
             if finite:
                 scaler.step(opt)
                 scaler.update()
@@ -703,10 +723,10 @@ def train(cfg: Config) -> dict:
                 return {"stopped": True, "step": step, **last_row}
             if finite and ((cfg.train.save_every and step % cfg.train.save_every == 0) or last):
                 save(f"step_{step:07d}")
-    except Exception:
-        if d.world == 1 and step > 0:  # with one rank no collective can hang: save what there is
+    except Exception as e:
+        if step > 0 and not isinstance(e, CheckpointWriteError):  # weights and optimizer are whole between steps
             with contextlib.suppress(Exception):
-                save("emergency")
+                save("emergency", collective=False)
         raise
     return {"stopped": False, "step": step, **last_row}
 
