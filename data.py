@@ -160,23 +160,24 @@ def check_media(path: Path) -> None:
 
 
 def read_records(path: Path) -> list[tuple[int, object]]:
-    """(line, record) pairs of a JSONL file or a JSON list; a broken line is kept as a SampleError."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+    """(line, record) pairs of a `.json` file (one JSON list; if it does not parse, no sample can be told apart
+    and the file is the error) or of JSON Lines (any other name; a broken line is kept as that line's error)."""
+    raw = path.read_bytes()
+    if path.suffix.lower() == ".json":
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SampleError(path, e.lineno, None, f"not valid JSON ({e.msg})") from None
+            records = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SampleError(path, getattr(e, "lineno", None), None, f"not valid UTF-8 JSON ({e})") from None
         if not isinstance(records, list):
             raise SampleError(path, 1, None, "a .json dataset must hold a list of samples")
-        return [(i, r) for i, r in enumerate(records)]
+        return list(enumerate(records))
     out = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
             try:
-                out.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                out.append((i, SampleError(path, i, None, f"not valid JSON ({e.msg})")))
+                out.append((i, json.loads(line.decode("utf-8"))))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                out.append((i, SampleError(path, i, None, f"not valid UTF-8 JSON ({e})")))
     return out
 
 
