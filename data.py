@@ -520,11 +520,11 @@ def train_tokenizer(texts: list[str], folder: str | Path, vocab_size: int = 512,
 
 def draw_shape(rng: np.random.Generator, shape: str, colour: str, place: str, size: int = 32) -> np.ndarray:
     """A (size, size, 3) uint8 image: one filled shape in one quadrant, on a dark noisy background."""
-    img = rng.integers(0, 40, (size, size, 3)).astype(np.uint8)
+    img = rng.integers(0, 25, (size, size, 3)).astype(np.uint8)
     h = size // 2
     cy = (h // 2 if place.startswith("top") else h + h // 2) + int(rng.integers(-2, 3))
     cx = (h // 2 if place.endswith("left") else h + h // 2) + int(rng.integers(-2, 3))
-    r = int(rng.integers(4, 7))
+    r = int(rng.integers(6, 8))
     yy, xx = np.mgrid[:size, :size]
     if shape == "circle":
         mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
@@ -576,7 +576,7 @@ def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> di
         name = f"media/{split}-{i:05d}.wav"
         write_wav(media.parent / name, make_tones(rng, count, pitch, rhythm), 16000)
         sample["audio"] = [name]
-        q = rng.choice(list(AUDIO_QUESTIONS))
+        q = rng.choice(list(AUDIO_QUESTIONS) if count > 1 else ["count", "pitch"])  # one beep has no rhythm
         turns.append(("<audio>\n" + AUDIO_QUESTIONS[q], {"count": NUMBERS[count], "pitch": pitch, "rhythm": rhythm}[q]))
     if kind == "text":
         a, b = int(rng.integers(0, 5)), int(rng.integers(0, 5))
@@ -586,7 +586,7 @@ def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> di
 
 
 def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int = 120,
-              pretrain_steps: int = 500) -> Path:
+              pretrain_steps: int = 800) -> Path:
     """Make the demo's data, tokenizer, tiny LLM and aligner in `folder` (deterministic for a seed). The LLM is
     briefly pretrained on the demo's text so LoRA adapts a model that knows the language; the aligner is random
     (not Phase-1 trained): its frozen features still carry what the questions ask, and the projectors learn to read
