@@ -728,7 +728,20 @@ def train(cfg: Config) -> dict:
             with contextlib.suppress(Exception):
                 save("emergency", collective=False)
         raise
+    if d.master:
+        export(mm, out_dir / "export", cfg.model.llm)
+        log(f"exported the adapter (peft format) and projectors to {out_dir / 'export'}")
     return {"stopped": False, "step": step, **last_row}
+
+
+def export(mm: M.MultimodalLM, folder: Path, base_model: str) -> None:
+    """`adapter/` in peft's format (PeftModel.from_pretrained loads it as is) and `projectors.safetensors`.
+    A merged LLM folder: `lora.merge_lora(mm.llm)` then `model.save_llm(mm.llm, folder)`."""
+    from safetensors.torch import save_file
+
+    lora.save_adapter(mm.llm, folder / "adapter", base_model)
+    save_file({k: v.detach().contiguous().cpu() for k, v in mm.projectors.state_dict().items()},
+              str(folder / "projectors.safetensors"))
 
 
 def main(argv: list[str] | None = None) -> None:

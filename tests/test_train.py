@@ -89,6 +89,17 @@ def test_a_finished_run_continues_with_more_steps(demo_dir, tmp_path):
     result = train.train(cfg)
     assert result["step"] == 3 and [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
 
+    # the export: a peft-format adapter and the projectors, equal to the final checkpoint's tensors
+    import lora
+    from safetensors.torch import load_file
+    final = final_weights(tmp_path)
+    _, mm = train.build_model(cfg, torch.device("cpu"))
+    lora.load_adapter(mm.llm, tmp_path / "export" / "adapter")
+    for k, v in lora.lora_state_dict(mm.llm).items():
+        assert torch.equal(v, final["llm." + k])
+    projectors = load_file(str(tmp_path / "export" / "projectors.safetensors"))
+    assert projectors.keys() and all(torch.equal(v, final["projectors." + k]) for k, v in projectors.items())
+
 
 def torchrun(args, nproc, env=None, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -206,3 +217,23 @@ def test_incompatible_checkpoint_is_refused_before_training(demo_dir, tmp_path):
     with pytest.raises(ValueError, match="cannot be read"):
         train.train(cfg)
     assert (tmp_path / "checkpoints" / "step_0000002" / "trainable.safetensors").read_bytes() == before
+
+
+def test_seed_setup_parameter_report():
+    """configs/qwen2.5-0.5b.toml on Qwen2.5-0.5B's shape with a seed-sized aligner, on the meta device."""
+    import bench
+    import model
+    from test_lora import QWEN25_05B_CONFIG
+    cfg = train.load_config(str(ROOT / "configs" / "qwen2.5-0.5b.toml"), [])
+    with torch.device("meta"):
+        llm = model.LLM(model.LLMConfig.from_hf(QWEN25_05B_CONFIG))
+        aligner = model.Aligner(bench.SEED_ALIGNER).requires_grad_(False)
+        mm = train.assemble(cfg, llm, aligner, {"image": 151655, "audio": 151656})
+    groups = train.parameter_groups(mm)
+    count = {k: sum(p.numel() for p in v) for k, v in groups.items()}
+    assert count["lora"] == 2_162_688 and count["llm"] == 494_032_768
+    assert count["projectors"] == 7_870_208  # the seed had 8,397,824: Linear-GELU-Linear, D=1024 -> 2048 -> 896
+    total = sum(count.values())
+    assert abs(total - 588_503_584) / 588_503_584 < 0.02  # the seed's total, within 2%
+    report = model.parameter_report(groups)
+    assert "2,162,688" in report and f"{total:,}" in report
