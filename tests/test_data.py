@@ -109,7 +109,7 @@ BAD = {
         {"from": "human", "value": "<image><image>\nWhat?"}, {"from": "gpt", "value": "x"}]},
         "2 <image> placeholders but 1 image"),
     "no supervision": ({"id": "z", "conversations": [{"from": "human", "value": "Hello?"}]}, "no supervised tokens"),
-    X
+    "broken json": ('{"id": "j", "conversations": [\n', "not valid UTF-8 JSON"),
     "unknown role": ({"id": "r", "messages": [{"role": "robot", "content": "beep"}]}, "unknown role 'robot'"),
     "too long": ({"id": "l", "conversations": [{"from": "human", "value": "word " * 400},
                                                {"from": "gpt", "value": "x"}]}, "longer than data.max_len"),
