@@ -134,7 +134,8 @@ def time_ours(args, d: train.Dist) -> dict:
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
             "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round((stats[0] / n_tok).item(), 4)}
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "loss": round((stats[0] / n_tok).item(), 4)}
 
 
 def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool) -> dict:

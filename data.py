@@ -484,7 +484,8 @@ class FeatureCache:
         if shard not in self.handles:
             self.handles[shard] = safe_open(str(self.folder / shard), framework="pt")
         h = self.handles[shard]
-        return h.get_tensor(f"{sample_id}/{modality}/tokens")[:count], h.get_tensor(f"{sample_id}/{modality}/pooled")[:count]
+        key = f"{sample_id}/{modality}"
+        return h.get_tensor(f"{key}/tokens")[:count], h.get_tensor(f"{key}/pooled")[:count]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -581,7 +582,8 @@ def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> di
     if kind == "text":
         a, b = int(rng.integers(0, 5)), int(rng.integers(0, 5))
         turns.append((f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]))
-    sample["conversations"] = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+    sample["conversations"] = [t for q, a in turns
+                               for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
     return sample
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -195,10 +194,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        H, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
+        H, inner = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(H, inner, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(H, inner, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inner, H, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -294,7 +293,8 @@ class LLM(nn.Module):
             for b, e in enumerate(prompt_embeds):
                 x[b, P - e.shape[0]:] = e.to(x.dtype)
         c = self.config
-        caches = [KVCache(B, c.num_key_value_heads, total, c.head_dim, device, x.dtype) for _ in range(c.num_hidden_layers)]
+        caches = [KVCache(B, c.num_key_value_heads, total, c.head_dim, device, x.dtype)
+                  for _ in range(c.num_hidden_layers)]
         causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
         out = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -393,7 +393,8 @@ def load_state_streaming(module: nn.Module, files: list[Path], device, dtype: to
     missing = sorted(expected - seen - set(skip))
     if wrong or missing:
         raise ValueError(f"{files[0].parent}: checkpoint does not fit the model config; "
-                         + (f"wrong shapes: {wrong}; " if wrong else "") + (f"missing tensors: {missing}" if missing else ""))
+                         + (f"wrong shapes: {wrong}; " if wrong else "")
+                         + (f"missing tensors: {missing}" if missing else ""))
 
 
 def set_tensor(module: nn.Module, key: str, t: torch.Tensor) -> None:

@@ -89,7 +89,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
-    compile: str = "none"  # torch.compile each decoder layer: none, default, reduce-overhead (CUDA graphs), max-autotune
+    compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs), max-autotune
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_samples: int = 0  # validation samples for the loss (0 = all)
     gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
@@ -426,7 +426,8 @@ def load_checkpoint(path: Path, mm: M.MultimodalLM, opt, scaler, d: Dist) -> dic
         state = json.loads((path / "state.json").read_text())
     except Exception as e:
         raise ValueError(f"{path}: checkpoint cannot be read ({type(e).__name__}: {e}); it may be truncated. "
-                         "Resume from an older one with --train.resume=PATH, or start fresh with --train.resume=none") from None
+                         "Resume from an older one with --train.resume=PATH, or start fresh with --train.resume=none"
+                         ) from None
     saved_llm = state.get("llm_config")
     if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(mm.llm.config))):
         diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(mm.llm.config, k, None))
@@ -618,8 +619,8 @@ def train(cfg: Config) -> dict:
                  on_error=cfg.data.on_error, allow_outside_paths=cfg.data.allow_outside_paths)
     train_ds = data.ConversationDataset(cfg.data.train, tok, mm.aligner.config,
                                         feature_cache=cache_folder(cfg, cfg.data.train), **ds_kw)
-    val_ds = data.ConversationDataset(cfg.data.val, tok, mm.aligner.config, feature_cache=cache_folder(cfg, cfg.data.val),
-                                      **ds_kw) if cfg.data.val else None
+    val_ds = data.ConversationDataset(cfg.data.val, tok, mm.aligner.config,
+                                      feature_cache=cache_folder(cfg, cfg.data.val), **ds_kw) if cfg.data.val else None
     skipped = len(train_ds.skipped) + (len(val_ds.skipped) if val_ds else 0)
     if d.master and skipped:
         data.write_skipped(out_dir / "skipped.jsonl", train_ds.skipped + (val_ds.skipped if val_ds else []))
@@ -684,9 +685,10 @@ def train(cfg: Config) -> dict:
             tokens_since += sum(int(b["lengths"].sum()) for b in micro) * d.world  # all tokens processed
             if bad_in_row >= cfg.train.max_bad_steps:
                 save("emergency")
-                raise RuntimeError(f"{bad_in_row} non-finite steps in a row (max_bad_steps = {cfg.train.max_bad_steps}): "
-                                   f"the loss or the gradients overflow. Emergency checkpoint in {ckpt_dir / 'emergency'}; "
-                                   "lower the learning rates, use amp = bf16 or fp32, or check the data")
+                raise RuntimeError(f"{bad_in_row} non-finite steps in a row (max_bad_steps = "
+                                   f"{cfg.train.max_bad_steps}): the loss or the gradients overflow. Emergency "
+                                   f"checkpoint in {ckpt_dir / 'emergency'}; lower the learning rates, use amp = bf16 "
+                                   "or fp32, or check the data")
 
             if finite and (step % cfg.run.log_every == 0 or step == cfg.train.max_steps):
                 if d.device.type == "cuda":

@@ -116,7 +116,8 @@ class Validator:
             targets = [x for t, x in enumerate(ex.labels) if x != -100 and x == ex.input_ids[t + 1]]
             replies = [m["content"] for m in ex.messages if m["role"] == "assistant"]
             text = self.tok.decode([x for x in targets if x != self.tok.end_of_turn_id])
-            if len(targets) != sum(x != -100 for x in ex.labels) or "".join(text.split()) != "".join("".join(replies).split()) \
+            same_text = "".join(text.split()) == "".join("".join(replies).split())
+            if len(targets) != sum(x != -100 for x in ex.labels) or not same_text \
                     or targets.count(self.tok.end_of_turn_id) < len(replies):
                 raise CheckFailed(f"sample {ex.id}: labels are not exactly its replies ({text!r} vs {replies!r})",
                                   "check the chat format (model.chat_format) and data.encode_conversation")
@@ -225,7 +226,8 @@ class Validator:
             args = [f"--{s}.{k}={v}" for s, sub in dataclasses.asdict(cfg).items() for k, v in sub.items()]
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    str(Path(__file__).parent / "train.py"), *args]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
             if r.returncode != 0:
                 raise CheckFailed(f"{name}: train.py exited with {r.returncode}: {r.stderr.strip()[-400:]}",
                                   "run the command by hand to see the whole error")

@@ -116,7 +116,8 @@ BAD = {
     "escaping path": ({"id": "e", "image": "../outside.npy", "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "leaves the data folder"),
 }
-GOOD = {"id": "g", "conversations": [{"from": "human", "value": "What is one plus one?"}, {"from": "gpt", "value": "two"}]}
+GOOD = {"id": "g", "conversations": [{"from": "human", "value": "What is one plus one?"},
+                                     {"from": "gpt", "value": "two"}]}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -216,7 +217,8 @@ def test_training_step_changes_projectors_and_lora_only(demo_dir, tmp_path):
     changed = {k for k, v in mm.state_dict().items() if not torch.equal(v, before[k])}
     assert not any(k.startswith("aligner.") for k in changed)
     assert all(k.startswith("projectors.") or ".lora_" in k for k in changed)
-    assert any(k.startswith("projectors.image") for k in changed) and any(k.startswith("projectors.audio") for k in changed)
+    assert any(k.startswith("projectors.image") for k in changed)
+    assert any(k.startswith("projectors.audio") for k in changed)
     assert all(not p.requires_grad for p in mm.aligner.parameters())
 
 

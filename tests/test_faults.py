@@ -40,7 +40,8 @@ def test_kill_9_during_saves_never_corrupts_the_last_checkpoint(demo_dir, tmp_pa
     steps = []
     for trial in range(3):
         p = subprocess.Popen([sys.executable, DRIVER, *cli_args(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env={**os.environ, "FAULT": "slow_fsync", "OMP_NUM_THREADS": "1"})
+                             stderr=subprocess.DEVNULL,
+                             env={**os.environ, "FAULT": "slow_fsync", "OMP_NUM_THREADS": "1"})
         deadline = time.time() + 120
         start = steps[-1] if steps else 0
         while time.time() < deadline and not (ckpt / "latest").exists() or \
@@ -178,16 +179,15 @@ TURN = st.fixed_dictionaries({}, optional={"from": st.sampled_from(["human", "gp
                                            "value": st.sampled_from(["<image>\nWhat?", "<audio>", "two", ""]) | JSON,
                                            "role": st.sampled_from(["user", "assistant"]) | JSON,
                                            "content": st.text(max_size=20) | JSON})
+MEDIA = {"image": st.sampled_from(["media/train-00001.npy", "../x.npy", "/etc/passwd"]) | JSON,
+         "audio": st.sampled_from([["media/train-00000.wav"], "nope.wav"]) | JSON}
 SAMPLE = st.fixed_dictionaries({}, optional={"id": JSON, "conversations": st.lists(TURN, max_size=4) | JSON,
-                                             "messages": st.lists(TURN, max_size=4) | JSON,
-                                             "image": st.sampled_from(["media/train-00001.npy", "../x.npy", "/etc/passwd"])
-                                             | JSON, "audio": st.sampled_from([["media/train-00000.wav"], "nope.wav"])
-                                             | JSON})
+                                             "messages": st.lists(TURN, max_size=4) | JSON, **MEDIA})
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(SAMPLE.map(json.dumps) | JSON.map(json.dumps) | st.text(max_size=30).map(lambda t: t.replace("\n", " ")),
-                max_size=5))
+@given(st.lists(SAMPLE.map(json.dumps) | JSON.map(json.dumps)
+                | st.text(max_size=30).map(lambda t: t.replace("\n", " ")), max_size=5))
 def test_fuzz_conversation_reader(demo_dir, tmp_path_factory, lines):
     folder = demo_dir / "data"
     path = folder / f"fuzz-{tmp_path_factory.mktemp('f').name}.jsonl"

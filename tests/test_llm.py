@@ -59,10 +59,12 @@ def test_errors_name_the_file_and_key(tmp_path, hf_models):
     from safetensors.torch import load_file, save_file
     state = load_file(str(folder / "model.safetensors"))
     (bad / "config.json").write_text(json.dumps(cfg))
-    save_file({k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}, str(bad / "model.safetensors"))
+    missing = "model.layers.1.mlp.up_proj.weight"
+    save_file({k: v for k, v in state.items() if k != missing}, str(bad / "model.safetensors"))
     with pytest.raises(ValueError, match="missing tensors.*model.layers.1.mlp.up_proj.weight"):
         load_llm(bad)
-    state["model.layers.0.self_attn.q_proj.weight"] = state["model.layers.0.self_attn.q_proj.weight"][:, :10].contiguous()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    state[q] = state[q][:, :10].contiguous()
     save_file(state, str(bad / "model.safetensors"))
     with pytest.raises(ValueError, match="wrong shapes.*model.layers.0.self_attn.q_proj.weight"):
         load_llm(bad)
@@ -145,9 +147,9 @@ CONVERSATION = [
 ]
 
 
-@pytest.mark.parametrize("template,bos,eos", [(QWEN25_TEMPLATE, None, "<|im_end|>"), (LLAMA3_TEMPLATE, "<|begin_of_text|>",
-                                               "<|eot_id|>"), (MISTRAL_TEMPLATE, "<s>", "</s>"),
-                                              (QWEN3_TEMPLATE, None, "<|im_end|>")])
+@pytest.mark.parametrize("template,bos,eos", [(QWEN25_TEMPLATE, None, "<|im_end|>"),
+                                              (LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>"),
+                                              (MISTRAL_TEMPLATE, "<s>", "</s>"), (QWEN3_TEMPLATE, None, "<|im_end|>")])
 @pytest.mark.parametrize("system", [True, False])
 def test_chat_format_equals_official_template(tmp_path, tokenizer_dir, template, bos, eos, system):
     import shutil

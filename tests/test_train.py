@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rows(out_dir, split="train"):
-    return [r for r in map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def final_weights(out_dir):
@@ -34,7 +35,8 @@ def cli_args(cfg):
 
 def test_unknown_key_lists_the_known_ones(tmp_path):
     (tmp_path / "c.toml").write_text("[train]\nbatch_sise = 4\n")
-    with pytest.raises(ValueError, match=r"unknown key train.batch_sise; known keys of \[train\]: batch_size, grad_accum"):
+    known = r"unknown key train.batch_sise; known keys of \[train\]: batch_size, grad_accum"
+    with pytest.raises(ValueError, match=known):
         train.load_config(str(tmp_path / "c.toml"), [])
     with pytest.raises(ValueError, match="unknown section"):
         train.load_config(None, ["--optim.lr=1"])
