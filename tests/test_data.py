@@ -249,3 +249,21 @@ def test_chunked_loss_equals_full_logits_cross_entropy():
     (ref * scale).sum().backward()
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_ours, h.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("speedup", ["activation_checkpointing", "compile"])
+def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup):
+    """Activation checkpointing and compiled layers compute what the plain path computes."""
+    def loss_and_grads(**train_keys):
+        cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.0}, train=train_keys)
+        mm.train()
+        out = mm(data.collate([ds[i] for i in range(6)], tok.pad_id))
+        (out["loss_sum"] / out["n_tokens"]).backward()
+        return out["loss_sum"].detach(), {n: p.grad for n, p in mm.named_parameters() if p.grad is not None}
+    ref_loss, ref_grads = loss_and_grads()
+    loss, grads = loss_and_grads(**({"activation_checkpointing": True} if speedup == "activation_checkpointing"
+                                    else {"compile": "default"}))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-3)
