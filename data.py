@@ -369,13 +369,15 @@ def write_skipped(path: str | Path, skipped: list[dict]) -> None:
 # Collate: pad, or pack several samples into one row
 
 
-def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | None = None) -> dict:
+def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | None = None,
+            pad_multiple: int = 1) -> dict:
     """Stack samples into a batch.
 
     Padded (default): one row per sample, padded on the right; plain causal attention is then exact.
     Packed: samples fill rows of `max_len` tokens (first fit), each with its own positions from 0 and a
     `doc_ids` row, from which the model builds a mask with no attention across samples.
-    Media are concatenated in the order their placeholders appear in the flattened batch."""
+    Media are concatenated in the order their placeholders appear in the flattened batch. Rows are padded to a
+    multiple of `pad_multiple` tokens, so that compiled layers see few distinct shapes."""
     if pack:
         if max_len is None:
             raise ValueError("packing needs max_len")
@@ -393,6 +395,7 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
     else:
         rows = [[i] for i in range(len(items))]
     T = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+    T = -(-T // pad_multiple) * pad_multiple
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)

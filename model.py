@@ -262,7 +262,10 @@ class LLM(nn.Module):
         x = inputs_embeds
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, caches[i] if caches is not None else None, cache_start, checkpointed)
+            if caches is not None:  # generation: shapes change every token, so the layer runs eager, uncompiled
+                x = layer.forward(x, cos, sin, mask, caches[i], cache_start)
+            else:
+                x = layer(x, cos, sin, mask, None, 0, checkpointed)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None) -> torch.Tensor:

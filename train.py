@@ -74,6 +74,7 @@ class DataConfig:
     allow_outside_paths: bool = False  # allow media paths outside the data file's folder
     feature_cache: str = ""  # folder of cached aligner features (train.py --build_feature_cache makes it)
     num_workers: int = 0  # DataLoader worker processes per rank
+    pad_multiple: int = 8  # pad rows to a multiple of this many tokens (64 keeps compiled shapes few)
 
 
 @dataclass
@@ -123,7 +124,7 @@ CHOICES = {("model", "dtype"): ("auto", "float32", "bfloat16"), ("model", "proje
            ("run", "device"): ("auto", "cpu", "cuda")}
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
             ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
-            ("run", "log_every"), ("train", "keep_last"), ("train", "max_bad_steps")}
+            ("run", "log_every"), ("data", "pad_multiple"), ("train", "keep_last"), ("train", "max_bad_steps")}
 NON_NEGATIVE = {("train", "lr_projector"), ("train", "lr_lora"), ("train", "weight_decay"), ("train", "warmup_steps"),
                 ("train", "grad_clip"), ("lora", "dropout"), ("train", "eval_every"), ("train", "save_every"),
                 ("train", "eval_samples"), ("train", "gen_samples"), ("data", "num_workers")}
@@ -299,10 +300,10 @@ class StreamSampler(torch.utils.data.Sampler):
 
 def make_loader(ds: data.ConversationDataset, cfg: Config, d: Dist, tok: M.Tokenizer, start: int):
     sampler = StreamSampler(len(ds), cfg.train.batch_size, cfg.train.grad_accum, d, cfg.train.seed, start)
-    pack, max_len = cfg.data.pack, cfg.data.max_len
+    pack, max_len, multiple = cfg.data.pack, cfg.data.max_len, cfg.data.pad_multiple
     return torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
-        collate_fn=lambda items: data.collate(items, tok.pad_id, pack, max_len),
+        collate_fn=lambda items: data.collate(items, tok.pad_id, pack, max_len, multiple),
         generator=torch.Generator())  # its own generator: creating the loader must not draw from the global RNG
 
 
@@ -506,7 +507,8 @@ def evaluate(mm: M.MultimodalLM, ds: data.ConversationDataset, cfg: Config, d: D
     sums = torch.zeros(6, device=d.device)  # loss and tokens of: text, image, audio samples... gathered below
     loss_sum = torch.zeros(2, device=d.device)
     for s in range(0, len(mine), cfg.train.batch_size):
-        batch = to_device(data.collate([ds[i] for i in mine[s:s + cfg.train.batch_size]], tok.pad_id), d.device)
+        items = [ds[i] for i in mine[s:s + cfg.train.batch_size]]
+        batch = to_device(data.collate(items, tok.pad_id, pad_multiple=cfg.data.pad_multiple), d.device)
         with autocast:
             out = mm(batch)
         mod = batch["modality"]

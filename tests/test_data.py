@@ -267,3 +267,13 @@ def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup):
     assert grads.keys() == ref_grads.keys()
     for k in grads:
         torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-3)
+
+
+def test_rows_are_padded_to_a_multiple(demo_dir, tmp_path):
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    items = [ds[i] for i in range(5)]
+    a, b = data.collate(items, tok.pad_id), data.collate(items, tok.pad_id, pad_multiple=64)
+    assert b["input_ids"].shape[1] % 64 == 0 and b["input_ids"].shape[1] >= a["input_ids"].shape[1]
+    mm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mm(b)["sample_loss"], mm(a)["sample_loss"], atol=1e-5, rtol=1e-5)
