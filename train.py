@@ -478,14 +478,19 @@ class Metrics:
             self.jsonl.flush()
 
 
-def modality_losses(sample_loss: torch.Tensor, sample_tokens: torch.Tensor, modality: torch.Tensor) -> dict:
-    """Mean loss over the tokens of samples that are text-only, contain an image, contain audio."""
-    kinds = {"text": ~modality.any(1), "image": modality[:, 0], "audio": modality[:, 1]}
-    out = {}
-    for k, sel in kinds.items():
-        n = sample_tokens[sel].sum()
-        out[f"loss_{k}"] = (sample_loss[sel].sum() / n).item() if n > 0 else None
-    return out
+KINDS = ("text", "image", "audio")
+
+
+def modality_sums(out: dict, modality: torch.Tensor) -> torch.Tensor:
+    """(6,): summed loss and labelled tokens of the batch's samples that are text-only, hold an image, hold audio."""
+    kinds = (~modality.any(1), modality[:, 0], modality[:, 1])
+    return torch.stack([t for sel in kinds for t in (out["sample_loss"][sel].sum(), out["sample_tokens"][sel].sum())])
+
+
+def modality_losses(sums: torch.Tensor) -> dict:
+    """Mean loss per kind of sample from `modality_sums` (None where the batch had none of that kind)."""
+    return {f"loss_{k}": (sums[2 * j] / sums[2 * j + 1]).item() if sums[2 * j + 1] > 0 else None
+            for j, k in enumerate(KINDS)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,23 +509,18 @@ def evaluate(mm: M.MultimodalLM, ds: data.ConversationDataset, cfg: Config, d: D
     mm.eval()
     n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
     mine = list(range(d.rank, n, d.world))
-    sums = torch.zeros(6, device=d.device)  # loss and tokens of: text, image, audio samples... gathered below
+    sums = torch.zeros(6, device=d.device)  # loss and tokens of text-only, image, audio samples
     loss_sum = torch.zeros(2, device=d.device)
     for s in range(0, len(mine), cfg.train.batch_size):
         items = [ds[i] for i in mine[s:s + cfg.train.batch_size]]
         batch = to_device(data.collate(items, tok.pad_id, pad_multiple=cfg.data.pad_multiple), d.device)
         with autocast:
             out = mm(batch)
-        mod = batch["modality"]
-        for j, sel in enumerate((~mod.any(1), mod[:, 0], mod[:, 1])):
-            sums[2 * j] += out["sample_loss"][sel].sum()
-            sums[2 * j + 1] += out["sample_tokens"][sel].sum()
+        sums += modality_sums(out, batch["modality"])
         loss_sum += torch.stack([out["sample_loss"].sum(), out["sample_tokens"].sum()])
     all_sum(sums, d)
     all_sum(loss_sum, d)
-    row = {"loss": (loss_sum[0] / loss_sum[1]).item()}
-    for j, k in enumerate(("text", "image", "audio")):
-        row[f"loss_{k}"] = (sums[2 * j] / sums[2 * j + 1]).item() if sums[2 * j + 1] > 0 else None
+    row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **modality_losses(sums)}
     correct = torch.zeros(2, device=d.device)
     gen = list(range(d.rank, min(len(ds), cfg.train.gen_samples), d.world))
     for s in range(0, len(gen), cfg.train.batch_size):
@@ -576,10 +576,7 @@ def forward_backward(ddp, micro: list[dict], opt, scaler, params: list[nn.Parame
             loss = out["loss_sum"] * d.world / n_tok
         scaler.scale(loss).backward()
         stats[0] += out["loss_sum"].detach().float()
-        mod = b["modality"]
-        for j, sel in enumerate((~mod.any(1), mod[:, 0], mod[:, 1])):
-            stats[1 + 2 * j] += out["sample_loss"][sel].sum()
-            stats[2 + 2 * j] += out["sample_tokens"][sel].sum()
+        stats[1:] += modality_sums(out, b["modality"])
     scaler.unscale_(opt)
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     all_sum(stats, d)
@@ -701,9 +698,8 @@ def train(cfg: Config) -> dict:
                        "loss": (stats[0] / n_tok).item(), "lr": opt.param_groups[1]["lr"],
                        "grad_norm": grad_norm.item(), "tokens": int(n_tok.item()),
                        "tokens_per_s": tokens_since / dt, "step_time": dt / cfg.run.log_every,
-                       "peak_mem_gib": round(mem, 3), "bad_steps": bad_total, "skipped_samples": skipped}
-                for j, k in enumerate(("text", "image", "audio")):
-                    row[f"loss_{k}"] = (stats[1 + 2 * j] / stats[2 + 2 * j]).item() if stats[2 + 2 * j] > 0 else None
+                       "peak_mem_gib": round(mem, 3), "bad_steps": bad_total, "skipped_samples": skipped,
+                       **modality_losses(stats[1:])}
                 metrics.log(row)
                 eta = (cfg.train.max_steps - step) * row["step_time"]
                 log(f"step {step:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"

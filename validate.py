@@ -135,7 +135,7 @@ class Validator:
         loss = (out["loss_sum"] / out["n_tokens"]).item()
         if not torch.isfinite(torch.tensor(loss)):
             raise CheckFailed(f"loss is {loss}", "check the model's weights and the data")
-        per = train.modality_losses(out["sample_loss"], out["sample_tokens"], self.batch["modality"])
+        per = train.modality_losses(train.modality_sums(out, self.batch["modality"]))
         return f"loss {loss:.4f}; " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None)
 
     def training_step(self) -> str:
