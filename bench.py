@@ -3,6 +3,7 @@
     python bench.py --grid main --peer .bench/hf_peft_baseline.py     # the workloads of BENCHMARKS.md + the peer
     python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under DDP
+    python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
 
 The step is train.py's own (`train.forward_backward`, its optimizer and AMP setup, `data.collate` for packing) on
 a model of Qwen2.5-0.5B's shape with random weights (frozen base in bf16, LoRA r=16 on q,k,v,o and projectors
@@ -160,6 +161,8 @@ GRIDS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", choices=list(GRIDS), help="a set of workloads (else the one given by the flags)")
+    ap.add_argument("--make_assets", metavar="DIR", help="write the demo data with a random Qwen2.5-0.5B-shaped LLM "
+                    "and a seed-sized aligner to DIR (for train.py runs on GPU), then exit")
     ap.add_argument("--peer", help="path of hf_peft_baseline.py, to run the peer on the same shapes")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
@@ -174,6 +177,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
     args = ap.parse_args()
+    if args.make_assets:
+        data.make_demo(args.make_assets, pretrain_steps=0, llm_config=M.LLMConfig(**QWEN25_05B),
+                       aligner_config=SEED_ALIGNER)
+        print(f"python train.py --config configs/qwen2.5-0.5b.toml --model.llm={args.make_assets}/llm "
+              f"--model.aligner={args.make_assets}/aligner --model.chat_format=chatml "
+              f"--data.train={args.make_assets}/data/train.jsonl --data.val={args.make_assets}/data/val.jsonl")
+        return
     d = train.Dist()
     if "WORLD_SIZE" in os.environ:
         d = train.setup_distributed(train.Config())

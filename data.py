@@ -591,11 +591,14 @@ def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> di
 
 
 def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int = 120,
-              pretrain_steps: int = 800) -> Path:
+              pretrain_steps: int = 800, llm_config=None, aligner_config=None) -> Path:
     """Make the demo's data, tokenizer, tiny LLM and aligner in `folder` (deterministic for a seed). The LLM is
     briefly pretrained on the demo's text so LoRA adapts a model that knows the language; the aligner is random
     (not Phase-1 trained): its frozen features still carry what the questions ask, and the projectors learn to read
-    them. Returns `folder`."""
+    them. `llm_config` / `aligner_config` give other shapes (bench.py: Qwen2.5-0.5B's, stored in bf16, random
+    weights for GPU runs of train.py). Returns `folder`."""
+    from dataclasses import replace as with_fields
+
     from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, save_aligner, save_llm
 
     folder = Path(folder)
@@ -617,13 +620,17 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
                     intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=32, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True,
                     qkv_bias=True)
+    if llm_config is not None:  # a model vocabulary may be larger than the tokenizer's, as Qwen's is
+        cfg = with_fields(llm_config, vocab_size=max(llm_config.vocab_size, tok.vocab_size))
     llm = LLM(cfg)
-    pretrain(llm, [tok.render([{"role": "user", "content": s["conversations"][0]["value"]},
-                               {"role": "assistant", "content": s["conversations"][1]["value"]}])[0]
-                   for s in splits["train"]], pretrain_steps, seed)
-    save_llm(llm, llm_dir)
-    acfg = AlignerConfig(dim=64, image=EncoderConfig(64, 2, 4), audio=EncoderConfig(64, 2, 4), image_size=32,
-                         patch_size=8, sample_rate=16000, clip_seconds=1.0, n_fft=400, hop_length=160, n_mels=40)
+    if pretrain_steps:
+        pretrain(llm, [tok.render([{"role": "user", "content": s["conversations"][0]["value"]},
+                                   {"role": "assistant", "content": s["conversations"][1]["value"]}])[0]
+                       for s in splits["train"]], pretrain_steps, seed)
+    save_llm(llm if llm_config is None else llm.to(torch.bfloat16), llm_dir)
+    acfg = aligner_config or AlignerConfig(dim=64, image=EncoderConfig(64, 2, 4), audio=EncoderConfig(64, 2, 4),
+                                           image_size=32, patch_size=8, sample_rate=16000, clip_seconds=1.0,
+                                           n_fft=400, hop_length=160, n_mels=40)
     save_aligner(Aligner(acfg), folder / "aligner")
     (folder / "READY").write_text("demo assets complete\n")
     return folder

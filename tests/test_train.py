@@ -240,3 +240,17 @@ def test_seed_setup_parameter_report():
     assert abs(total - 588_503_584) / 588_503_584 < 0.02  # the seed's total, within 2%
     report = model.parameter_report(groups)
     assert "2,162,688" in report and f"{total:,}" in report
+
+
+def test_demo_assets_with_another_llm_shape_train(tmp_path):
+    """make_demo with a given LLM shape (bench.py --make_assets uses Qwen2.5-0.5B's) gives a trainable setup."""
+    import data
+    import model
+    shape = model.LLMConfig(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    folder = data.make_demo(tmp_path / "assets", n_train=16, n_val=4, pretrain_steps=0, llm_config=shape)
+    llm = model.load_llm(folder / "llm")
+    assert llm.config.vocab_size == 1000 and llm.lm_head.weight.dtype == torch.bfloat16
+    from conftest import demo_config
+    cfg = demo_config(folder, tmp_path / "run", train={"max_steps": 2}, model={"dtype": "float32"})
+    assert train.train(cfg)["step"] == 2
