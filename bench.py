@@ -43,12 +43,8 @@ def build(args, device) -> tuple[train.Config, M.MultimodalLM]:
     cfg.train.compile = (args.compile_mode or "reduce-overhead") if args.compile else "none"
     torch.manual_seed(0)
     with torch.device(device):
-        llm = M.LLM(M.LLMConfig(**QWEN25_05B))
+        llm = M.LLM(M.LLMConfig(**QWEN25_05B)).init_weights().to(torch.bfloat16)
         aligner = M.Aligner(SEED_ALIGNER).requires_grad_(False).eval()
-    with torch.no_grad():  # the initialisation of Hugging Face models: N(0, 0.02), norms at one, biases zero
-        for n, p in llm.named_parameters():
-            p.fill_(1.0) if "norm" in n else p.zero_() if n.endswith("bias") else p.normal_(0.0, 0.02)
-    llm.to(torch.bfloat16)
     media_ids = {"image": QWEN25_05B["vocab_size"] - 2, "audio": QWEN25_05B["vocab_size"] - 1}
     return cfg, train.assemble(cfg, llm, aligner, media_ids)
 

@@ -622,7 +622,9 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
                     qkv_bias=True)
     if llm_config is not None:  # a model vocabulary may be larger than the tokenizer's, as Qwen's is
         cfg = with_fields(llm_config, vocab_size=max(llm_config.vocab_size, tok.vocab_size))
-    llm = LLM(cfg)
+    # the demo's recipe pretrains from PyTorch's default initialisation; a model of a given shape stays untrained,
+    # so it gets Hugging Face's, whose loss starts near ln(vocab)
+    llm = LLM(cfg) if llm_config is None else LLM(cfg).init_weights()
     if pretrain_steps:
         pretrain(llm, [tok.render([{"role": "user", "content": s["conversations"][0]["value"]},
                                    {"role": "assistant", "content": s["conversations"][1]["value"]}])[0]

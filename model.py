@@ -244,6 +244,13 @@ class LLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> "LLM":
+        """Hugging Face's initialisation of a new model: N(0, std) weights, norms at one, biases at zero."""
+        for n, p in self.named_parameters():
+            p.fill_(1.0) if "norm" in n else p.zero_() if n.endswith("bias") else p.normal_(0.0, std)
+        return self
+
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[:, :, None].float() * self.inv_freq.float()  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
