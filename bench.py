@@ -35,7 +35,8 @@ SEED_ALIGNER = M.AlignerConfig(dim=1024, image=M.EncoderConfig(768, 6, 12), audi
                                image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
 
 
-def build(args, device) -> tuple[train.Config, M.MultimodalLM]:
+def build(args, device, shape: dict = QWEN25_05B, aligner_config: M.AlignerConfig = SEED_ALIGNER
+          ) -> tuple[train.Config, M.MultimodalLM]:
     cfg = train.Config()
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, 0.05
     cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
@@ -43,9 +44,9 @@ def build(args, device) -> tuple[train.Config, M.MultimodalLM]:
     cfg.train.compile = (args.compile_mode or "reduce-overhead") if args.compile else "none"
     torch.manual_seed(0)
     with torch.device(device):
-        llm = M.LLM(M.LLMConfig(**QWEN25_05B)).init_weights().to(torch.bfloat16)
-        aligner = M.Aligner(SEED_ALIGNER).requires_grad_(False).eval()
-    media_ids = {"image": QWEN25_05B["vocab_size"] - 2, "audio": QWEN25_05B["vocab_size"] - 1}
+        llm = M.LLM(M.LLMConfig(**shape)).init_weights().to(torch.bfloat16)
+        aligner = M.Aligner(aligner_config).requires_grad_(False).eval()
+    media_ids = {"image": shape["vocab_size"] - 2, "audio": shape["vocab_size"] - 1}
     return cfg, train.assemble(cfg, llm, aligner, media_ids)
 
 

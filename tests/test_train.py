@@ -254,3 +254,27 @@ def test_demo_assets_with_another_llm_shape_train(tmp_path):
     from conftest import demo_config
     cfg = demo_config(folder, tmp_path / "run", train={"max_steps": 2}, model={"dtype": "float32"})
     assert train.train(cfg)["step"] == 2
+
+
+@pytest.mark.parametrize("variant", ["text", "multimodal", "cache", "pack"])
+def test_bench_batches_run_through_the_training_step(variant):
+    """bench.py's synthetic batches (GPU-only timing) fit the model, on a small shape on the CPU."""
+    import argparse
+
+    import bench
+    import model
+    args = argparse.Namespace(batch=2, seq=128, ckpt=False, compile=False, compile_mode="", pack=variant == "pack",
+                              multimodal=variant in ("multimodal", "cache"), cache=variant == "cache")
+    shape = dict(bench.QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    small = model.AlignerConfig(dim=32, image=model.EncoderConfig(32, 1, 2), audio=model.EncoderConfig(32, 1, 2),
+                                image_size=32, patch_size=8)
+    cfg, mm = bench.build(args, "cpu", shape, small)
+    mm.llm.float()
+    batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
+    opt, params = train.make_optimizer(mm, cfg.train, torch.device("cpu"))
+    _, scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
+    stats, n_tok, _, finite = train.forward_backward(mm, [batch], opt, scaler, params, autocast, train.Dist(), 1.0,
+                                                     "fp32")
+    assert finite and n_tok > 0 and 0.3 < float((batch["labels"] != -100).sum()) / float(batch["lengths"].sum()) < 0.6
+    assert bench.flops_per_token(mm, 128, 0.5) > 0
