@@ -599,7 +599,7 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
     weights for GPU runs of train.py). Returns `folder`."""
     from dataclasses import replace as with_fields
 
-    from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, save_aligner, save_llm
+    from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, load_tokenizer, save_aligner, save_llm
 
     folder = Path(folder)
     media = folder / "data" / "media"
@@ -613,7 +613,7 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
              for s in splits["train"] for t in s["conversations"]]
     llm_dir = folder / "llm"
     train_tokenizer(texts, llm_dir, vocab_size=400)
-    tok = load_demo_tokenizer(llm_dir)
+    tok = load_tokenizer(llm_dir, chat_format="chatml")
 
     torch.manual_seed(seed)
     cfg = LLMConfig(architecture="Qwen2ForCausalLM", vocab_size=tok.vocab_size, hidden_size=128,
@@ -636,11 +636,6 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
     save_aligner(Aligner(acfg), folder / "aligner")
     (folder / "READY").write_text("demo assets complete\n")
     return folder
-
-
-def load_demo_tokenizer(folder: Path) -> Tokenizer:
-    from model import load_tokenizer
-    return load_tokenizer(folder, chat_format="chatml")
 
 
 def pretrain(llm, sequences: list[list[int]], steps: int, seed: int, batch: int = 32, lr: float = 3e-3) -> None:

@@ -307,6 +307,20 @@ def make_loader(ds: data.ConversationDataset, cfg: Config, d: Dist, tok: M.Token
         generator=torch.Generator())  # its own generator: creating the loader must not draw from the global RNG
 
 
+def cache_folder(cfg: Config, split: str) -> Path | None:
+    """Where the feature cache of a data file lives: one subfolder per file, named after it."""
+    return Path(cfg.data.feature_cache) / Path(split).stem if cfg.data.feature_cache else None
+
+
+def make_dataset(cfg: Config, path: str, tok: M.Tokenizer, aligner_config: M.AlignerConfig,
+                 use_cache: bool = True) -> data.ConversationDataset:
+    """A data file as the config says: K tokens per media, max_len, truncation, on_error, paths, feature cache."""
+    K = {"image": cfg.model.image_tokens, "audio": cfg.model.audio_tokens}
+    return data.ConversationDataset(path, tok, aligner_config, K, cfg.data.max_len, cfg.data.truncate,
+                                    cfg.data.on_error, cfg.data.allow_outside_paths,
+                                    cache_folder(cfg, path) if use_cache else None)
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -613,13 +627,8 @@ def train(cfg: Config) -> dict:
 
     tok, mm = build_model(cfg, d.device)
     log(M.parameter_report(parameter_groups(mm)))
-    K = {"image": cfg.model.image_tokens, "audio": cfg.model.audio_tokens}
-    ds_kw = dict(tokens_per_media=K, max_len=cfg.data.max_len, truncate=cfg.data.truncate,
-                 on_error=cfg.data.on_error, allow_outside_paths=cfg.data.allow_outside_paths)
-    train_ds = data.ConversationDataset(cfg.data.train, tok, mm.aligner.config,
-                                        feature_cache=cache_folder(cfg, cfg.data.train), **ds_kw)
-    val_ds = data.ConversationDataset(cfg.data.val, tok, mm.aligner.config,
-                                      feature_cache=cache_folder(cfg, cfg.data.val), **ds_kw) if cfg.data.val else None
+    train_ds = make_dataset(cfg, cfg.data.train, tok, mm.aligner.config)
+    val_ds = make_dataset(cfg, cfg.data.val, tok, mm.aligner.config) if cfg.data.val else None
     skipped = len(train_ds.skipped) + (len(val_ds.skipped) if val_ds else 0)
     if d.master and skipped:
         data.write_skipped(out_dir / "skipped.jsonl", train_ds.skipped + (val_ds.skipped if val_ds else []))
@@ -765,11 +774,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def cache_folder(cfg: Config, split: str) -> Path | None:
-    """Where the feature cache of a data file lives: one subfolder per file, named after it."""
-    return Path(cfg.data.feature_cache) / Path(split).stem if cfg.data.feature_cache else None
-
-
 def build_cache(cfg: Config) -> None:
     if not cfg.data.feature_cache:
         sys.exit("config error: set data.feature_cache to the folder for the cache")
@@ -778,11 +782,9 @@ def build_cache(cfg: Config) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     tok = M.load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
     aligner = M.load_aligner(cfg.model.aligner, device)
-    K = {"image": cfg.model.image_tokens, "audio": cfg.model.audio_tokens}
     for split in (cfg.data.train, cfg.data.val):
         if split:
-            ds = data.ConversationDataset(split, tok, aligner.config, K, cfg.data.max_len, cfg.data.truncate,
-                                          cfg.data.on_error, cfg.data.allow_outside_paths)
+            ds = make_dataset(cfg, split, tok, aligner.config, use_cache=False)
             folder = cache_folder(cfg, split)
             n = data.build_feature_cache(ds, aligner, folder, device)
             print(f"cached aligner features of {n} samples of {split} in {folder}")

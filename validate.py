@@ -103,9 +103,7 @@ class Validator:
         c = self.cfg
         K = {"image": c.model.image_tokens, "audio": c.model.audio_tokens}
         try:
-            self.ds = data.ConversationDataset(c.data.train, self.tok, self.mm.aligner.config, K, c.data.max_len,
-                                               c.data.truncate, c.data.on_error, c.data.allow_outside_paths,
-                                               train.cache_folder(c, c.data.train))
+            self.ds = train.make_dataset(c, c.data.train, self.tok, self.mm.aligner.config)
         except data.SampleError as e:
             raise CheckFailed(str(e), "fix or remove that sample, or set data.on_error = \"skip\"") from None
         n = min(len(self.ds), c.train.batch_size)
