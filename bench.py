@@ -122,7 +122,7 @@ def time_ours(args, d: train.Dist) -> dict:
                 scaler.step(opt)
                 opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
     med = sorted(times)[len(times) // 2]
     b = batches[0]
     tokens = int(b["lengths"].sum())

@@ -141,25 +141,12 @@ class KVCache:
         return self.k[:, :, :start + T], self.v[:, :, :start + T]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """Causal attention: `mask` None (plain causal), a bool (B, 1, T, S) tensor, or a FlexAttention BlockMask."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention: `mask` None (plain causal: SDPA's flash kernels) or a bool (B, 1, T, S) tensor."""
+    gqa = q.shape[1] != k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-    return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-
-
-_flex = None
-
-
-def compiled_flex_attention():
-    """FlexAttention is only fast compiled; compile it once, on first use (GPU packed batches)."""
-    global _flex
-    if _flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        _flex = torch.compile(flex_attention, dynamic=False)
-    return _flex
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -230,6 +217,13 @@ class DecoderBody(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def forward(self, x, cos, sin, mask=None, caches: list[KVCache] | None = None, cache_start: int = 0,
+                checkpointed: bool = False) -> torch.Tensor:
+        """The layers and the final norm: (B, T, H) -> (B, T, H). This is what `train.compile` compiles."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, caches[i] if caches else None, cache_start, checkpointed)
+        return self.norm(x)
+
 
 class LLM(nn.Module):
     """Decoder-only LLM of the Llama / Qwen2 / Qwen3 / Mistral families. `LLM(input_ids) -> logits (B, T, V)`."""
@@ -266,14 +260,10 @@ class LLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(cache_start, cache_start + T, device=inputs_embeds.device).expand(B, T)
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
-        x = inputs_embeds
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.model.layers):
-            if caches is not None:  # generation: shapes change every token, so the layer runs eager, uncompiled
-                x = layer.forward(x, cos, sin, mask, caches[i], cache_start)
-            else:
-                x = layer(x, cos, sin, mask, None, 0, checkpointed)
-        return self.model.norm(x)
+        if caches is None and torch.is_grad_enabled():  # a training step: the compiled body, if compiled
+            return self.model(inputs_embeds, cos, sin, mask, checkpointed=self.gradient_checkpointing and self.training)
+        # evaluation and generation run eager: their shapes change from call to call
+        return self.model.forward(inputs_embeds, cos, sin, mask, caches, cache_start)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
@@ -951,35 +941,32 @@ class MultimodalLM(nn.Module):
             x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
         return x, unused
 
-    def attention_mask(self, batch: dict):
+    def attention_mask(self, batch: dict) -> torch.Tensor | None:
         """None (causal) for padded batches; for packed ones a document mask: no attention across samples."""
         if "doc_ids" not in batch:
             return None
         doc = batch["doc_ids"]  # (B, T)
-        B, T = doc.shape
-        if doc.is_cuda:  # FlexAttention skips the blocks the mask leaves empty
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            def mask_mod(b, h, q, k):
-                return (doc[b, q] == doc[b, k]) & (q >= k)
-            return create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+        T = doc.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
         return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
     def forward(self, batch: dict) -> dict:
         """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens`, `sample_loss` (S,) and
         `sample_tokens` (S,) per sample of the batch, in the order of `batch["modality"]`."""
+        # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t.
+        # The labelled positions are found first, so that the host waits here and not between the layers and the loss.
+        labels = batch["labels"].flatten()  # (B*T,)
+        labelled = labels != -100
+        where = labelled.nonzero().squeeze(1)  # (M,)
         x, unused = self.embed(batch)
         h = self.llm.hidden_states(x, batch.get("position_ids"), self.attention_mask(batch))  # (B, T, H)
-        # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t
-        labels = batch["labels"]
-        where = labels != -100  # (B, T)
-        losses = LinearCrossEntropy.apply(h[where], self.llm.lm_head.weight, labels[where], self.loss_chunk)  # (M,)
-        sample_of = batch["sample_index"][where]  # (M,)
+        h = h.flatten(0, 1).index_select(0, where)  # (M, H)
+        losses = LinearCrossEntropy.apply(h, self.llm.lm_head.weight, labels[where], self.loss_chunk)  # (M,)
+        sample_of = batch["sample_index"].flatten()[where]  # (M,)
         S = batch["modality"].shape[0]
         sample_loss = torch.zeros(S, device=h.device).index_add(0, sample_of, losses.detach())
         sample_tokens = torch.zeros(S, device=h.device).index_add(0, sample_of, torch.ones_like(losses))
-        return {"loss_sum": losses.sum() + unused, "n_tokens": where.sum(), "sample_loss": sample_loss,
+        return {"loss_sum": losses.sum() + unused, "n_tokens": labelled.sum(), "sample_loss": sample_loss,
                 "sample_tokens": sample_tokens}
 
     @torch.no_grad()
