@@ -122,7 +122,8 @@ def time_ours(args, d: train.Dist) -> dict:
                 scaler.step(opt)
                 opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
+        for key in ("cuda_time_total", "self_cpu_time_total"):  # where the GPU's time goes, and the host's
+            print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
     med = sorted(times)[len(times) // 2]
     b = batches[0]
     tokens = int(b["lengths"].sum())

@@ -217,13 +217,6 @@ class DecoderBody(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, caches: list[KVCache] | None = None, cache_start: int = 0,
-                checkpointed: bool = False) -> torch.Tensor:
-        """The layers and the final norm: (B, T, H) -> (B, T, H). This is what `train.compile` compiles."""
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, caches[i] if caches else None, cache_start, checkpointed)
-        return self.norm(x)
-
 
 class LLM(nn.Module):
     """Decoder-only LLM of the Llama / Qwen2 / Qwen3 / Mistral families. `LLM(input_ids) -> logits (B, T, V)`."""
@@ -260,10 +253,15 @@ class LLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(cache_start, cache_start + T, device=inputs_embeds.device).expand(B, T)
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
-        if caches is None and torch.is_grad_enabled():  # a training step: the compiled body, if compiled
-            return self.model(inputs_embeds, cos, sin, mask, checkpointed=self.gradient_checkpointing and self.training)
-        # evaluation and generation run eager: their shapes change from call to call
-        return self.model.forward(inputs_embeds, cos, sin, mask, caches, cache_start)
+        x = inputs_embeds
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        train_step = caches is None and torch.is_grad_enabled()
+        for i, layer in enumerate(self.model.layers):
+            # a training step calls the layer (compiled, if train.compile says so); evaluation and generation
+            # call its forward, eager: their shapes change from call to call
+            run = layer if train_step else layer.forward
+            x = run(x, cos, sin, mask, caches[i] if caches else None, cache_start, checkpointed)
+        return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
@@ -928,17 +926,19 @@ class MultimodalLM(nn.Module):
             if m not in self.projectors:
                 continue
             feats = self.media_embeds(batch, m)
-            slots = ids == self.media_token_ids[m]  # (B, T)
+            slots = (ids == self.media_token_ids[m]).nonzero(as_tuple=True)  # (row, position) of each placeholder
+            n_slots = slots[0].numel()
             if feats is None:
                 p = self.projectors[m]
                 unused = unused + 0.0 * sum(q.sum() for q in p.parameters())
-                if slots.any():
+                if n_slots:
                     raise ValueError(f"batch has {m} placeholders but no {m} inputs")
                 continue
-            if slots.sum().item() != feats.shape[0] * feats.shape[1]:
-                raise ValueError(f"batch has {slots.sum().item()} {m} placeholder tokens for {feats.shape[0]} {m} "
+            if n_slots != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"batch has {n_slots} {m} placeholder tokens for {feats.shape[0]} {m} "
                                  f"inputs of {feats.shape[1]} tokens each")
-            x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
+            # index_put, not masked_scatter: its backward is a gather, with no wait for the host in the backward
+            x = x.index_put(slots, feats.flatten(0, 1).to(x.dtype))
         return x, unused
 
     def attention_mask(self, batch: dict) -> torch.Tensor | None:

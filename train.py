@@ -90,7 +90,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
-    compile: str = "none"  # torch.compile of the decoder layers: none, default, reduce-overhead (CUDA graphs), max-autotune
+    compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs), max-autotune
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_samples: int = 0  # validation samples for the loss (0 = all)
     gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
@@ -248,8 +248,9 @@ def assemble(cfg: Config, llm: M.LLM, aligner: M.Aligner, media_ids: dict[str, i
     targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
     lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.compile != "none":  # the layers as one graph: with CUDA graphs, one replay per step and direction
-        llm.model.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile)
+    if cfg.train.compile != "none":  # one graph per layer, shared by all layers (same code, same shapes)
+        for layer in llm.model.layers:  # evaluation and generation run the layers eager (LLM.hidden_states)
+            layer.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile)
     return M.MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
 
 
@@ -785,7 +786,7 @@ def build_cache(cfg: Config) -> None:
         if split:
             ds = make_dataset(cfg, split, tok, aligner.config, use_cache=False)
             folder = cache_folder(cfg, split)
-            n = data.build_feature_cache(ds, aligner, folder, device)
+            n = data.build_feature_cache(ds, aligner, folder, device, num_workers=cfg.data.num_workers)
             print(f"cached aligner features of {n} samples of {split} in {folder}")
 
 

@@ -189,8 +189,7 @@ def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path)
 
 def test_feature_cache_gives_the_same_loss_as_raw_media(demo_dir, tmp_path):
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
-    cache = tmp_path / "cache"
-    cfg.data.feature_cache = str(cache)
+    cfg.data.feature_cache, cfg.data.num_workers = str(tmp_path / "cache"), 2  # media decoded by 2 workers
     train.build_cache(cfg)
     cached = data.ConversationDataset(cfg.data.train, tok, mm.aligner.config, {"image": 16, "audio": 8}, 128,
                                       feature_cache=train.cache_folder(cfg, cfg.data.train))

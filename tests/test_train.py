@@ -103,6 +103,21 @@ def test_a_finished_run_continues_with_more_steps(demo_dir, tmp_path):
     assert projectors.keys() and all(torch.equal(v, final["projectors." + k]) for k, v in projectors.items())
 
 
+def test_compiled_layers_train_evaluate_and_generate(demo_dir, tmp_path):
+    """With train.compile the training steps run compiled layers and evaluation runs them eager: a run goes
+    through its evaluation and generation, with the losses of the uncompiled run."""
+    runs = {}
+    for mode in ("none", "default"):
+        cfg = demo_config(demo_dir, tmp_path / mode, lora={"dropout": 0.0},
+                          train={"max_steps": 2, "eval_every": 2, "eval_samples": 16, "compile": mode})
+        train.train(cfg)
+        runs[mode] = rows(tmp_path / mode), rows(tmp_path / mode, "val")
+    (train_plain, val_plain), (train_compiled, val_compiled) = runs["none"], runs["default"]
+    assert len(val_compiled) == 1 and val_compiled[0]["accuracy"] is not None
+    for a, b in zip(train_plain + val_plain, train_compiled + val_compiled):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
 def torchrun(args, nproc, env=None, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *args]
