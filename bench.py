@@ -53,14 +53,17 @@ def build(args, device, shape: dict = QWEN25_05B, aligner_config: M.AlignerConfi
 def make_batch(args, mm: M.MultimodalLM, device, g: torch.Generator) -> dict:
     """Rows of `seq` tokens, the second half labelled; optionally 2 images + 1 clip per row, or packed documents."""
     B, T, V = args.batch, args.seq, mm.llm.config.vocab_size - 16
-    if args.pack:  # documents of 1/8 to 1/2 of a row, packed by data.collate into rows of T
+    if args.pack:  # B rows of T tokens, each filled with documents of T/8 to T/2 tokens (the last takes the rest)
         items = []
-        while sum(len(i["input_ids"]) for i in items) < B * T * 0.95:
-            n = int(torch.randint(T // 8, T // 2, (1,), generator=g))
-            ids = torch.randint(0, V, (n,), generator=g).tolist()
-            labels = [-100] * (n // 2) + ids[n // 2 + 1:] + [-100]
-            items.append({"id": str(len(items)), "input_ids": ids, "labels": labels, "has": [False, False]})
-        batch = data.collate(items, 0, pack=True, max_len=T)
+        for _ in range(B):
+            left = T
+            while left:
+                n = min(left, int(torch.randint(T // 8, T // 2, (1,), generator=g)))
+                ids = torch.randint(0, V, (n,), generator=g).tolist()
+                labels = [-100] * (n // 2) + ids[n // 2 + 1:] + [-100]
+                items.append({"id": str(len(items)), "input_ids": ids, "labels": labels, "has": [False, False]})
+                left -= n
+        batch = data.collate(items, 0, pack=True, max_len=T)  # the same (B, T) every step, as compiled layers like
         return train.to_device(batch, device)
     ids = torch.randint(0, V, (B, T), generator=g)
     if args.multimodal:  # two image blocks and one audio block in the prompt half
@@ -166,7 +169,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    ap.add_argument("--pack", action="store_true", help="packed documents with a FlexAttention document mask")
+    ap.add_argument("--pack", action="store_true", help="packed documents with a document mask (B rows of seq tokens)")
     ap.add_argument("--multimodal", action="store_true", help="2 images + 1 audio clip per row (seed-sized aligner)")
     ap.add_argument("--cache", action="store_true", help="with --multimodal: features from the cache, no encoders")
     ap.add_argument("--compile_mode", default="", help="with --compile: the mode (default reduce-overhead)")

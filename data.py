@@ -432,7 +432,6 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
 # Feature cache: the frozen aligner's outputs, computed once, in safetensors shards keyed by sample id
 
 
-@torch.no_grad()
 class MediaOfSamples(torch.utils.data.Dataset):
     """(sample id, {modality: (n, ...) decoded media}) of each sample, so that DataLoader workers decode them."""
 

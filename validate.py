@@ -41,7 +41,10 @@ class CheckFailed(Exception):
 
 class Validator:
     def __init__(self, cfg: train.Config, quick: bool):
-        self.cfg, self.quick = cfg, quick
+        # the checks run the layers eager: what they check is the model, the data and the loop, and compiling
+        # (train.compile, for speed) would cost each model they build its compilation
+        self.cfg, self.quick, self.compile = copy.deepcopy(cfg), quick, cfg.train.compile
+        self.cfg.train.compile = "none"
         gpu = cfg.run.device != "cpu" and torch.cuda.is_available()
         self.device = torch.device("cuda" if gpu else "cpu")  # a GPU node checks on its GPU
         self.rtol = 1e-3 if gpu else 1e-5  # bf16 autocast on GPU; fp32 on CPU
@@ -75,7 +78,8 @@ class Validator:
                 raise CheckFailed(f"{key} = {path!r} does not exist", f"set {key} to an existing path")
         if self.cfg.data.make_demo:
             data.ensure_demo(self.cfg.data.make_demo)
-        return f"{self.cfg.lora.targets} r={self.cfg.lora.rank}, batch {self.cfg.train.batch_size}"
+        return (f"{self.cfg.lora.targets} r={self.cfg.lora.rank}, batch {self.cfg.train.batch_size}, checked eager "
+                f"(train.compile = {self.compile!r} when training)")
 
     def model_init(self) -> str:
         self.tok, self.mm = train.build_model(self.cfg, self.device)

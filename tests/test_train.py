@@ -287,6 +287,7 @@ def test_bench_batches_run_through_the_training_step(variant):
     cfg, mm = bench.build(args, "cpu", shape, small)
     mm.llm.float()
     batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape == (2, 128)  # one static shape, packed or not, for the compiled layers
     opt, params = train.make_optimizer(mm, cfg.train, torch.device("cpu"))
     _, scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
     stats, n_tok, _, finite = train.forward_backward(mm, [batch], opt, scaler, params, autocast, train.Dist(), 1.0,
