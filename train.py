@@ -593,9 +593,9 @@ def forward_backward(ddp, micro: list[dict], opt, scaler, params: list[nn.Parame
         stats[1:] += modality_sums(out, b["modality"])
     scaler.unscale_(opt)
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    all_sum(stats, d)
-    finite = torch.isfinite(stats[0]) & (torch.isfinite(grad_norm) | (amp == "fp16"))
-    finite = all_sum(finite.float(), d).item() == d.world
+    all_sum(stats, d)  # a non-finite loss on any rank makes the sum non-finite on every rank
+    # the same on every rank without another collective: the summed loss and the all-reduced gradients agree
+    finite = bool(torch.isfinite(stats[0]) & (torch.isfinite(grad_norm) | (amp == "fp16")))
     return stats, n_tok, grad_norm, finite
 
 
