@@ -937,7 +937,7 @@ class MultimodalLM(nn.Module):
             if n_slots != feats.shape[0] * feats.shape[1]:
                 raise ValueError(f"batch has {n_slots} {m} placeholder tokens for {feats.shape[0]} {m} "
                                  f"inputs of {feats.shape[1]} tokens each")
-            # index_put, not masked_scatter: its backward is a gather, with no wait for the host in the backward
+            # index_put's backward is a gather; masked_scatter's (a masked_select) would make the host wait mid-backward
             x = x.index_put(slots, feats.flatten(0, 1).to(x.dtype))
         return x, unused
 
