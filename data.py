@@ -432,21 +432,6 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
 # Feature cache: the frozen aligner's outputs, computed once, in safetensors shards keyed by sample id
 
 
-class MediaOfSamples(torch.utils.data.Dataset):
-    """(sample id, {modality: (n, ...) decoded media}) of each sample, so that DataLoader workers decode them."""
-
-    def __init__(self, dataset: ConversationDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset.examples)
-
-    def __getitem__(self, i: int) -> tuple[str, dict[str, torch.Tensor]]:
-        ex = self.dataset.examples[i]
-        return ex.id, {m: torch.stack([self.dataset.load(m, f) for f in ex.media[m]]) for m in MODALITIES
-                       if ex.media[m]}
-
-
 def build_feature_cache(dataset: ConversationDataset, aligner, folder: str | Path, device="cpu",
                         shard_samples: int = 1024, num_workers: int = 0) -> int:
     """Run the aligner over every sample's media and write `features-NNNNN.safetensors` + `index.json`;
@@ -467,14 +452,15 @@ def build_feature_cache(dataset: ConversationDataset, aligner, folder: str | Pat
             save_file(shard, str(folder / f"features-{n_shard:05d}.safetensors"))
             n_shard, shard = n_shard + 1, {}
 
-    media = torch.utils.data.DataLoader(MediaOfSamples(dataset), batch_size=None, num_workers=num_workers)
+    samples = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)  # workers decode
     with torch.no_grad():
-        for sample_id, by_modality in media:
-            for m, x in by_modality.items():
-                tokens, pooled = getattr(aligner, m)(x.to(device))
-                shard[f"{sample_id}/{m}/tokens"] = tokens.float().cpu().contiguous()
-                shard[f"{sample_id}/{m}/pooled"] = pooled.float().cpu().contiguous()
-            index[sample_id] = f"features-{n_shard:05d}.safetensors"
+        for item in samples:
+            for m in MODALITIES:
+                if m in item:
+                    tokens, pooled = getattr(aligner, m)(item[m].to(device))
+                    shard[f"{item['id']}/{m}/tokens"] = tokens.float().cpu().contiguous()
+                    shard[f"{item['id']}/{m}/pooled"] = pooled.float().cpu().contiguous()
+            index[item["id"]] = f"features-{n_shard:05d}.safetensors"
             if len(index) % shard_samples == 0:
                 flush()
     flush()
