@@ -51,39 +51,36 @@ def build(args, device, shape: dict = QWEN25_05B, aligner_config: M.AlignerConfi
 
 
 def make_batch(args, mm: M.MultimodalLM, device, g: torch.Generator) -> dict:
-    """Rows of `seq` tokens, the second half labelled; optionally 2 images + 1 clip per row, or packed documents."""
+    """B rows of `seq` tokens through `data.collate`, the second half of each document labelled; optionally 2 images
+    + 1 clip per row (raw, or features as the cache stores them), or rows packed with documents of T/8 to T/2."""
     B, T, V = args.batch, args.seq, mm.llm.config.vocab_size - 16
-    if args.pack:  # B rows of T tokens, each filled with documents of T/8 to T/2 tokens (the last takes the rest)
-        items = []
-        for _ in range(B):
-            left = T
-            while left:
-                n = min(left, int(torch.randint(T // 8, T // 2, (1,), generator=g)))
-                ids = torch.randint(0, V, (n,), generator=g).tolist()
-                labels = [-100] * (n // 2) + ids[n // 2 + 1:] + [-100]
-                items.append({"id": str(len(items)), "input_ids": ids, "labels": labels, "has": [False, False]})
-                left -= n
-        batch = data.collate(items, 0, pack=True, max_len=T)  # the same (B, T) every step, as compiled layers like
-        return train.to_device(batch, device)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    if args.multimodal:  # two image blocks and one audio block in the prompt half
-        K = mm.projectors["image"].num_tokens
-        ids[:, 1:1 + K] = ids[:, 2 + K:2 + 2 * K] = mm.media_token_ids["image"]
-        ids[:, 3 + 2 * K:3 + 3 * K] = mm.media_token_ids["audio"]
-    labels = torch.full((B, T), -100)
-    labels[:, T // 2:T - 1] = ids[:, T // 2 + 1:]
-    batch = {"input_ids": ids, "labels": labels, "sample_index": torch.arange(B)[:, None].expand(B, T),
-             "lengths": torch.full((B,), T), "modality": torch.tensor([[args.multimodal] * 2] * B)}
-    if args.multimodal:
-        c = mm.aligner.config
-        if args.cache:  # features as the feature cache stores them
-            n_img, n_aud = c.num_patches, c.num_audio_tokens
-            batch |= {"image_tokens": torch.randn(2 * B, n_img, c.dim), "image_pooled": torch.randn(2 * B, c.dim),
-                      "audio_tokens": torch.randn(B, n_aud, c.dim), "audio_pooled": torch.randn(B, c.dim)}
-        else:
-            batch |= {"image": torch.randn(2 * B, 3, c.image_size, c.image_size),
-                      "audio": torch.randn(B, int(c.sample_rate * c.clip_seconds)) * 0.1}
-    return train.to_device(batch, device)
+    c = mm.aligner.config
+    items = []
+    for _ in range(B):
+        left = T
+        while left:  # the last document of a packed row takes the rest, so that every batch is (B, T)
+            n = min(left, int(torch.randint(T // 8, T // 2, (1,), generator=g))) if args.pack else T
+            ids = torch.randint(0, V, (n,), generator=g).tolist()
+            labels = [-100] * (n // 2) + ids[n // 2 + 1:] + [-100]
+            item = {"id": str(len(items)), "input_ids": ids, "labels": labels, "has": [args.multimodal] * 2}
+            if args.multimodal:  # two image blocks and one audio block in the prompt half
+                K = {m: p.num_tokens for m, p in mm.projectors.items()}
+                starts = {"image": [1, 2 + K["image"]], "audio": [3 + 2 * K["image"]]}
+                for m, first in starts.items():
+                    item[f"{m}_slots"] = [s + k for s in first for k in range(K[m])]
+                    for t in item[f"{m}_slots"]:
+                        ids[t] = mm.media_token_ids[m]
+                if args.cache:
+                    item |= {"image_tokens": torch.randn(2, c.num_patches, c.dim),
+                             "image_pooled": torch.randn(2, c.dim),
+                             "audio_tokens": torch.randn(1, c.num_audio_tokens, c.dim),
+                             "audio_pooled": torch.randn(1, c.dim)}
+                else:
+                    item |= {"image": torch.randn(2, 3, c.image_size, c.image_size),
+                             "audio": torch.randn(1, int(c.sample_rate * c.clip_seconds)) * 0.1}
+            items.append(item)
+            left -= n
+    return train.to_device(data.collate(items, 0, pack=args.pack, max_len=T), device)
 
 
 def flops_per_token(mm: M.MultimodalLM, seq: int, labelled: float) -> float:
@@ -178,6 +175,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
     args = ap.parse_args()
+    if args.pack and args.multimodal:
+        ap.error("--pack and --multimodal are separate workloads")
     if args.make_assets:
         data.make_demo(args.make_assets, pretrain_steps=0, llm_config=M.LLMConfig(**QWEN25_05B),
                        aligner_config=SEED_ALIGNER)

@@ -329,11 +329,14 @@ class ConversationDataset(torch.utils.data.Dataset):
                                {m: len(ex.media[m]) for m in MODALITIES})
 
     def with_media(self, item: dict, ex: Example, counts: dict[str, int]) -> dict:
-        """Add the first `counts[m]` media of each modality (decoded, or features from the cache) to `item`."""
+        """Add the first `counts[m]` media of each modality (decoded, or features from the cache) to `item`, and
+        the positions of their placeholder tokens, so that the model never has to search the batch for them."""
         item["has"] = [counts[m] > 0 for m in MODALITIES]
         for m in MODALITIES:
             if not counts[m]:
                 continue
+            media_id = self.tok.media_token_id(m)
+            item[f"{m}_slots"] = [t for t, x in enumerate(item["input_ids"]) if x == media_id]
             if self.cache is not None:
                 item[f"{m}_tokens"], item[f"{m}_pooled"] = self.cache.get(ex.id, m, counts[m])
             else:
@@ -377,7 +380,11 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
     Packed: samples fill rows of `max_len` tokens (first fit), each with its own positions from 0 and a
     `doc_ids` row, from which the model builds a mask with no attention across samples.
     Media are concatenated in the order their placeholders appear in the flattened batch. Rows are padded to a
-    multiple of `pad_multiple` tokens, so that compiled layers see few distinct shapes."""
+    multiple of `pad_multiple` tokens, so that compiled layers see few distinct shapes.
+
+    The host also finds the positions the model indexes by, in the flattened (B*T) batch: `label_index` (M,),
+    where labels are set, and `{modality}_slots` (N,), each media's placeholder tokens (items give theirs as
+    `{modality}_slots`, positions within the sample). The GPU then never reports a count back to the host."""
     if pack:
         if max_len is None:
             raise ValueError("packing needs max_len")
@@ -404,10 +411,13 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
     doc_ids = torch.full((B, T), -1, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)
     order = []
+    slots: dict[str, list[int]] = {m: [] for m in MODALITIES}
     for b, row in enumerate(rows):
         t = 0
         for i in row:
             n = len(items[i]["input_ids"])
+            for m in MODALITIES:
+                slots[m] += [b * T + t + s for s in items[i].get(f"{m}_slots", ())]
             input_ids[b, t:t + n] = torch.tensor(items[i]["input_ids"])
             labels[b, t:t + n] = torch.tensor(items[i]["labels"])
             sample_index[b, t:t + n] = i
@@ -416,7 +426,8 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
             t += n
             order.append(i)
         lengths[b] = t
-    batch = {"input_ids": input_ids, "labels": labels, "sample_index": sample_index, "lengths": lengths,
+    batch = {"input_ids": input_ids, "labels": labels, "label_index": (labels.flatten() != -100).nonzero()[:, 0],
+             "sample_index": sample_index, "lengths": lengths,
              "modality": torch.tensor([it["has"] for it in items], dtype=torch.bool).view(len(items), len(MODALITIES)),
              "ids": [it["id"] for it in items]}
     if pack:
@@ -425,6 +436,7 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
         parts = [items[i][key] for i in order if key in items[i]]
         if parts:
             batch[key] = torch.cat(parts)
+    batch |= {f"{m}_slots": torch.tensor(s, dtype=torch.long) for m, s in slots.items() if s}
     return batch
 
 

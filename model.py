@@ -919,26 +919,24 @@ class MultimodalLM(nn.Module):
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with projected media written into the placeholder positions. -> (B, T, H), and a
         scalar zero that ties unused projectors into the graph (DDP needs every trainable parameter used)."""
-        ids = batch["input_ids"]
-        x = self.llm.model.embed_tokens(ids)  # (B, T, H)
+        x = self.llm.model.embed_tokens(batch["input_ids"])  # (B, T, H)
         unused = x.new_zeros(())
         for m in MODALITIES:
             if m not in self.projectors:
                 continue
-            feats = self.media_embeds(batch, m)
-            slots = (ids == self.media_token_ids[m]).nonzero(as_tuple=True)  # (row, position) of each placeholder
-            n_slots = slots[0].numel()
+            feats = self.media_embeds(batch, m)  # (N, K, H)
+            slots = batch.get(f"{m}_slots")  # (N*K,) flat positions of the placeholders, found by the collator
             if feats is None:
-                p = self.projectors[m]
-                unused = unused + 0.0 * sum(q.sum() for q in p.parameters())
-                if n_slots:
+                unused = unused + 0.0 * sum(q.sum() for q in self.projectors[m].parameters())
+                if slots is not None:
                     raise ValueError(f"batch has {m} placeholders but no {m} inputs")
                 continue
+            n_slots = 0 if slots is None else slots.shape[0]
             if n_slots != feats.shape[0] * feats.shape[1]:
                 raise ValueError(f"batch has {n_slots} {m} placeholder tokens for {feats.shape[0]} {m} "
                                  f"inputs of {feats.shape[1]} tokens each")
             # index_put's backward is a gather; masked_scatter's (a masked_select) would make the host wait mid-backward
-            x = x.index_put(slots, feats.flatten(0, 1).to(x.dtype))
+            x = x.flatten(0, 1).index_put((slots,), feats.flatten(0, 1).to(x.dtype)).view_as(x)
         return x, unused
 
     def attention_mask(self, batch: dict) -> torch.Tensor | None:
@@ -954,10 +952,8 @@ class MultimodalLM(nn.Module):
         """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens`, `sample_loss` (S,) and
         `sample_tokens` (S,) per sample of the batch, in the order of `batch["modality"]`."""
         # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t.
-        # The labelled positions are found first, so that the host waits here and not between the layers and the loss.
         labels = batch["labels"].flatten()  # (B*T,)
-        labelled = labels != -100
-        where = labelled.nonzero().squeeze(1)  # (M,)
+        where = batch["label_index"]  # (M,) flat positions with a label, found by the collator
         x, unused = self.embed(batch)
         h = self.llm.hidden_states(x, batch.get("position_ids"), self.attention_mask(batch))  # (B, T, H)
         h = h.flatten(0, 1).index_select(0, where)  # (M, H)
@@ -966,7 +962,7 @@ class MultimodalLM(nn.Module):
         S = batch["modality"].shape[0]
         sample_loss = torch.zeros(S, device=h.device).index_add(0, sample_of, losses.detach())
         sample_tokens = torch.zeros(S, device=h.device).index_add(0, sample_of, torch.ones_like(losses))
-        return {"loss_sum": losses.sum() + unused, "n_tokens": labelled.sum(), "sample_loss": sample_loss,
+        return {"loss_sum": losses.sum() + unused, "n_tokens": where.shape[0], "sample_loss": sample_loss,
                 "sample_tokens": sample_tokens}
 
     @torch.no_grad()

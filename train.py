@@ -497,8 +497,9 @@ KINDS = ("text", "image", "audio")
 
 def modality_sums(out: dict, modality: torch.Tensor) -> torch.Tensor:
     """(6,): summed loss and labelled tokens of the batch's samples that are text-only, hold an image, hold audio."""
-    kinds = (~modality.any(1), modality[:, 0], modality[:, 1])
-    return torch.stack([t for sel in kinds for t in (out["sample_loss"][sel].sum(), out["sample_tokens"][sel].sum())])
+    kinds = torch.stack([~modality.any(1), modality[:, 0], modality[:, 1]])  # (3, S)
+    sums = [torch.where(kinds, out[k], 0.0).sum(1) for k in ("sample_loss", "sample_tokens")]  # no host read
+    return torch.stack(sums, 1).flatten()
 
 
 def modality_losses(sums: torch.Tensor) -> dict:
@@ -515,6 +516,11 @@ def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         dist.all_reduce(t)
     return t
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is True on any; a single process needs no collective (and no host read)."""
+    return flag if d.world == 1 else all_sum(torch.full((), float(flag), device=d.device), d).item() > 0
 
 
 @torch.no_grad()
@@ -581,7 +587,7 @@ def forward_backward(ddp, micro: list[dict], opt, scaler, params: list[nn.Parame
     False on every rank when the loss or the gradient norm is NaN/Inf on any (with fp16 the scaler handles
     overflowing gradients itself). Returns stats (loss sum, then loss/tokens of text, image, audio samples),
     the labelled-token count, the gradient norm and `finite`."""
-    n_tok = all_sum(sum((b["labels"] != -100).sum() for b in micro).float().to(d.device), d)
+    n_tok = all_sum(torch.full((), float(sum(b["label_index"].shape[0] for b in micro)), device=d.device), d)
     stats = torch.zeros(7, device=d.device)
     for i, b in enumerate(micro):
         sync = i == len(micro) - 1
@@ -677,7 +683,9 @@ def train(cfg: Config) -> dict:
         while step < cfg.train.max_steps:
             for g in opt.param_groups:
                 g["lr"] = g["peak"] * lr_factor(step, cfg.train)
-            micro = [to_device(next(loader), d.device) for _ in range(cfg.train.grad_accum)]
+            micro = [next(loader) for _ in range(cfg.train.grad_accum)]
+            tokens_since += sum(int(b["lengths"].sum()) for b in micro) * d.world  # all tokens processed
+            micro = [to_device(b, d.device) for b in micro]
             stats, n_tok, grad_norm, finite = forward_backward(ddp, micro, opt, scaler, params, autocast, d,
                                                                cfg.train.grad_clip, amp)
             consumed += G  # after the step: a crash inside it re-reads its samples on resume
@@ -690,7 +698,6 @@ def train(cfg: Config) -> dict:
                 bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
                 log(f"step {step}: non-finite loss or gradient norm; step skipped ({bad_in_row} in a row)")
             opt.zero_grad(set_to_none=True)
-            tokens_since += sum(int(b["lengths"].sum()) for b in micro) * d.world  # all tokens processed
             if bad_in_row >= cfg.train.max_bad_steps:
                 save("emergency")
                 raise RuntimeError(f"{bad_in_row} non-finite steps in a row (max_bad_steps = "
@@ -725,8 +732,7 @@ def train(cfg: Config) -> dict:
                     best = row["loss"]
                     save("best")
                 t_last = time.perf_counter()
-            stop_now = all_sum(torch.tensor(float(stop.flag), device=d.device), d).item() > 0
-            if stop_now:
+            if any_rank(stop.flag, d):
                 save("emergency")
                 log(f"stop requested: emergency checkpoint at step {step} in {ckpt_dir / 'emergency'}")
                 return {"stopped": True, "step": step, **last_row}

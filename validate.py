@@ -127,11 +127,13 @@ class Validator:
                 raise CheckFailed(f"sample {ex.id}: labels are not exactly its replies ({text!r} vs {replies!r})",
                                   "check the chat format (model.chat_format) and data.encode_conversation")
         for m in M.MODALITIES:
-            slots = int((b["input_ids"] == self.mm.media_token_ids[m]).sum())
+            placeholders = (b["input_ids"] == self.mm.media_token_ids[m]).flatten().nonzero()[:, 0]
             count = sum(len(self.ds.examples[i].media[m]) for i in range(n))
-            if slots != count * K[m]:
-                raise CheckFailed(f"{slots} {m} placeholder tokens for {count} {m} inputs of {K[m]}",
+            if len(placeholders) != count * K[m]:
+                raise CheckFailed(f"{len(placeholders)} {m} placeholder tokens for {count} {m} inputs of {K[m]}",
                                   "check the placeholders of the data")
+            if not torch.equal(b.get(f"{m}_slots", placeholders[:0]), placeholders):
+                raise CheckFailed(f"the collator's {m} slots are not the placeholder positions", "check data.collate")
         return f"{len(self.ds)} samples, batch {tuple(b['input_ids'].shape)}, {int((b['labels'] != -100).sum())} labels"
 
     def forward(self) -> str:

@@ -167,11 +167,21 @@ def test_splicing_puts_each_feature_at_its_placeholder(demo_dir, tmp_path):
         feats = mm.media_embeds(batch, m)  # (M, K, H)
         slots = (batch["input_ids"] == mm.media_token_ids[m]).nonzero().tolist()
         assert len(slots) == feats.shape[0] * feats.shape[1] > 0
+        assert batch[f"{m}_slots"].tolist() == [b * batch["input_ids"].shape[1] + t for b, t in slots]
         for n, (b, t) in enumerate(slots):
             assert torch.equal(x[b, t], feats.flatten(0, 1)[n])
     text = batch["input_ids"] != mm.media_token_ids["image"]
     text &= batch["input_ids"] != mm.media_token_ids["audio"]
     assert torch.equal(x[text], mm.llm.model.embed_tokens(batch["input_ids"])[text])
+
+
+def test_media_that_do_not_match_their_placeholders_are_a_clear_error(demo_dir, tmp_path):
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    batch = data.collate([ds[i] for i in range(8)], tok.pad_id)
+    with pytest.raises(ValueError, match="image placeholders but no image inputs"):
+        mm({k: v for k, v in batch.items() if k != "image"})
+    with pytest.raises(ValueError, match=r"placeholder tokens for \d+ audio inputs"):
+        mm({**batch, "audio": batch["audio"][1:]})
 
 
 def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path):
@@ -183,6 +193,10 @@ def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path)
         packed_batch = data.collate(items, tok.pad_id, pack=True, max_len=128)
         packed = mm(packed_batch)
     assert packed_batch["input_ids"].shape[0] < 10  # several samples share a row
+    for m in MODALITIES:  # the collator's flat positions are the placeholders and the labels, packed too
+        assert torch.equal(packed_batch[f"{m}_slots"], (packed_batch["input_ids"] == mm.media_token_ids[m]).flatten()
+                           .nonzero()[:, 0])
+    assert torch.equal(packed_batch["label_index"], (packed_batch["labels"] != -100).flatten().nonzero()[:, 0])
     torch.testing.assert_close(packed["sample_loss"], plain["sample_loss"], atol=1e-5, rtol=1e-5)
     assert torch.equal(packed["sample_tokens"], plain["sample_tokens"])
 

@@ -288,6 +288,10 @@ def test_bench_batches_run_through_the_training_step(variant):
     mm.llm.float()
     batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert batch["input_ids"].shape == (2, 128)  # one static shape, packed or not, for the compiled layers
+    for m in model.MODALITIES:  # the slots bench.py gives its items are the placeholders
+        placeholders = (batch["input_ids"] == mm.media_token_ids[m]).flatten().nonzero()[:, 0]
+        assert torch.equal(batch.get(f"{m}_slots", placeholders[:0]), placeholders)
+        assert len(placeholders) == (2 * 2 * 32 if m == "image" else 2 * 32) * args.multimodal
     opt, params = train.make_optimizer(mm, cfg.train, torch.device("cpu"))
     _, scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
     stats, n_tok, _, finite = train.forward_backward(mm, [batch], opt, scaler, params, autocast, train.Dist(), 1.0,
