@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under DDP
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
 
-The step is train.py's own (`train.forward_backward`, its optimizer and AMP setup, `data.collate` for packing) on
+The step is train.py's own (`train.make_step`, its optimizer and AMP setup, batches from `data.collate`) on
 a model of Qwen2.5-0.5B's shape with random weights (frozen base in bf16, LoRA r=16 on q,k,v,o and projectors
 in fp32) and synthetic batches where the second half of each row is labelled, as in the peer. MFU counts
 4*N_frozen_body + 4*N_lm_head*labelled + 6*N_trainable + 6*layers*seq*heads*head_dim FLOPs per token over a peak
@@ -41,7 +41,9 @@ def build(args, device, shape: dict = QWEN25_05B, aligner_config: M.AlignerConfi
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, 0.05
     cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
     cfg.train.activation_checkpointing = args.ckpt
-    cfg.train.compile = (args.compile_mode or "reduce-overhead") if args.compile else "none"
+    cfg.train.cuda_graph = args.cuda_graph
+    cfg.train.compile = (args.compile_mode or ("default" if args.cuda_graph else "reduce-overhead")) \
+        if args.compile else "none"
     torch.manual_seed(0)
     with torch.device(device):
         llm = M.LLM(M.LLMConfig(**shape)).init_weights().to(torch.bfloat16)
@@ -96,20 +98,18 @@ def time_ours(args, d: train.Dist) -> dict:
     cfg, mm = build(args, d.device)
     ddp = torch.nn.parallel.DistributedDataParallel(mm, device_ids=[d.local_rank]) if d.world > 1 else mm
     opt, params = train.make_optimizer(mm, cfg.train, d.device)
-    amp, scaler, autocast = train.mixed_precision(cfg.train, d.device)
+    scaler, autocast = train.mixed_precision(cfg.train, d.device)
+    run_step = train.make_step(ddp, opt, scaler, params, autocast, d, cfg.train)
     g = torch.Generator().manual_seed(0)
     batches = [make_batch(args, mm, d.device, g) for _ in range(3)]
     mm.train()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()  # before the warm-up: CUDA graphs allocate their memory when recorded
     times = []
     for i in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        stats, n_tok, _, finite = train.forward_backward(ddp, [batches[i % 3]], opt, scaler, params, autocast, d,
-                                                         1.0, amp)
-        scaler.step(opt)
-        scaler.update()
+        stats, n_tok, _, _ = run_step([batches[i % 3]])
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         if i >= args.warmup:
@@ -118,8 +118,7 @@ def time_ours(args, d: train.Dist) -> dict:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(3):
-                train.forward_backward(ddp, [batches[i]], opt, scaler, params, autocast, d, 1.0, amp)
-                scaler.step(opt)
+                run_step([batches[i]])
                 opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
         for key in ("cuda_time_total", "self_cpu_time_total"):  # where the GPU's time goes, and the host's
@@ -130,6 +129,7 @@ def time_ours(args, d: train.Dist) -> dict:
     labelled = float((b["labels"] != -100).sum()) / tokens
     fpt = flops_per_token(mm, args.seq, labelled)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
+            "cuda_graph": args.cuda_graph,
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
             "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
@@ -144,15 +144,22 @@ def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool) -> di
     return {"impl": "transformers+peft", **peer.run(torch.bfloat16, batch, seq, ckpt, compile_)}
 
 
-# (batch, seq, ckpt, compile, pack, multimodal, cache) of ours; the peer rows to compare with: (ckpt, compile)
+def workload(seq: int, **flags) -> dict:
+    """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
+    return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
+            "cuda_graph": False, **flags}
+
+
+# workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
 GRIDS = {
-    "main": [((8, 512, False, True, False, False, False), [(False, False), (False, True)]),
-             ((8, 2048, False, True, False, False, False), [(False, False), (False, True)]),
-             ((8, 2048, True, True, False, False, False), [(True, False), (True, True)])],
-    "extra": [((8, 512, False, False, False, False, False), []), ((8, 512, False, True, False, True, False), []),
-              ((8, 512, False, True, False, True, True), []), ((8, 2048, False, True, True, False, False), [])],
-    "ddp": [((8, 512, False, True, False, False, False), [(False, False)]),
-            ((8, 2048, False, True, False, False, False), [(False, True)])],
+    "main": [(workload(512, cuda_graph=True), [(False, False), (False, True)]),
+             (workload(2048, cuda_graph=True), [(False, False), (False, True)]),
+             (workload(2048, ckpt=True, cuda_graph=True), [(True, False), (True, True)])],
+    "layers": [(workload(512), []), (workload(2048), []), (workload(2048, ckpt=True), [])],
+    "extra": [(workload(512, compile=False), []), (workload(512, multimodal=True, cuda_graph=True), []),
+              (workload(512, multimodal=True, cache=True, cuda_graph=True), []),
+              (workload(512, cuda_graph=True), []), (workload(2048, pack=True, cuda_graph=True), [])],
+    "ddp": [(workload(512), [(False, False)]), (workload(2048), [(False, True)])],
 }
 
 
@@ -169,7 +176,9 @@ def main() -> None:
     ap.add_argument("--pack", action="store_true", help="packed documents with a document mask (B rows of seq tokens)")
     ap.add_argument("--multimodal", action="store_true", help="2 images + 1 audio clip per row (seed-sized aligner)")
     ap.add_argument("--cache", action="store_true", help="with --multimodal: features from the cache, no encoders")
-    ap.add_argument("--compile_mode", default="", help="with --compile: the mode (default reduce-overhead)")
+    ap.add_argument("--compile_mode", default="", help="with --compile: the mode (default reduce-overhead, or "
+                    "default with --cuda_graph)")
+    ap.add_argument("--cuda_graph", action="store_true", help="the whole step as one CUDA graph (train.cuda_graph)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
@@ -191,16 +200,15 @@ def main() -> None:
         d.device = torch.device("cuda")
     if d.master:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {d.world}", flush=True)
-    work = GRIDS[args.grid] if args.grid else [((args.batch, args.seq, args.ckpt, args.compile, args.pack,
-                                                  args.multimodal, args.cache), [])]
+    work = GRIDS[args.grid] if args.grid else [({k: getattr(args, k) for k in workload(0)}, [])]
     rows = []
-    for shape, peers in work:
-        for k, v in zip(("batch", "seq", "ckpt", "compile", "pack", "multimodal", "cache"), shape):
-            setattr(args, k, v)
+    for flags, peers in work:
+        vars(args).update(flags)
         try:
             ours = time_ours(args, d)
         except Exception as e:  # report and go on to the next workload
-            ours = {"impl": "mmlora", "shape": shape, "error": repr(e)[:500]}
+            ours = {"impl": "mmlora", **flags, "error": repr(e)[:500]}
+        torch.compiler.reset()  # the next workload compiles afresh, as its own train.py run would
         torch.cuda.empty_cache()
         if d.master:
             print(json.dumps(ours), flush=True)

@@ -91,6 +91,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
     compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs), max-autotune
+    cuda_graph: bool = False  # replay each repeating batch shape's whole step as one CUDA graph (1 GPU, bf16/fp32)
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_samples: int = 0  # validation samples for the loss (0 = all)
     gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
@@ -167,6 +168,11 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
     if cfg.lora.dropout >= 1.0:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
+    if cfg.train.cuda_graph and cfg.train.compile == "reduce-overhead":
+        raise ValueError("train.cuda_graph records the whole step, so the layers cannot record graphs of their own: "
+                         "use train.compile = \"default\" (or none) with it")
+    if cfg.train.cuda_graph and cfg.train.amp == "fp16":
+        raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
     longest = max(cfg.model.image_tokens, cfg.model.audio_tokens)
     if cfg.data.max_len <= longest:
         raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
@@ -460,6 +466,8 @@ def load_checkpoint(path: Path, mm: M.MultimodalLM, opt, scaler, d: Dist) -> dic
         for k, v in expected.items():
             v.copy_(tensors[k])
     opt.load_state_dict(other["optimizer"])
+    for g in opt.param_groups:  # as make_optimizer sets them; a CUDA-graph run saved them as device tensors
+        g["lr"], g["capturable"] = float(g["lr"]), False
     scaler.load_state_dict(other["scaler"])
     if d.rank < len(rngs) and rngs[d.rank] is not None:  # else (a new rank, a rank-0-only save) a fresh seed
         set_rng_state(rngs[d.rank])
@@ -562,31 +570,31 @@ def evaluate(mm: M.MultimodalLM, ds: data.ConversationDataset, cfg: Config, d: D
 
 
 def make_optimizer(mm: M.MultimodalLM, cfg: TrainConfig, device: torch.device):
-    """AdamW (fused on GPU) over the trainable parameters: projectors and LoRA, each with its own learning rate."""
+    """Fused AdamW over the trainable parameters: projectors and LoRA, each with its own learning rate."""
     groups = [{"params": list(mm.projectors.parameters()), "lr": cfg.lr_projector, "peak": cfg.lr_projector},
               {"params": [p for p in mm.llm.parameters() if p.requires_grad], "lr": cfg.lr_lora, "peak": cfg.lr_lora}]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True)
     return opt, [p for g in groups for p in g["params"]]
 
 
 def mixed_precision(cfg: TrainConfig, device: torch.device):
-    """(amp mode, GradScaler, autocast context): bf16 autocast on GPU by default, fp16 with a scaler, fp32 on CPU."""
+    """(GradScaler, autocast context): bf16 autocast on GPU by default, fp16 with a scaler, fp32 on CPU."""
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                              enabled=amp != "fp32")
-    return amp, scaler, autocast
+                              enabled=amp != "fp32", cache_enabled=False)  # no cast cache: CUDA graphs forbid it
+    return scaler, autocast
 
 
-def forward_backward(ddp, micro: list[dict], opt, scaler, params: list[nn.Parameter], autocast, d: Dist,
-                     grad_clip: float, amp: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Gradients of one optimizer step over its micro-batches, clipped; the caller steps if `finite`.
+def train_step(ddp, micro: list[dict], opt, scaler, params: list[nn.Parameter], autocast, d: Dist,
+               grad_clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over its micro-batches, with no host read: gradients, clipping, AdamW.
 
     Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks (times the
-    world size, since DDP averages gradients), with `no_sync` on every micro-batch but the last. `finite` is
-    False on every rank when the loss or the gradient norm is NaN/Inf on any (with fp16 the scaler handles
-    overflowing gradients itself). Returns stats (loss sum, then loss/tokens of text, image, audio samples),
-    the labelled-token count, the gradient norm and `finite`."""
+    world size, since DDP averages gradients), with `no_sync` on every micro-batch but the last. The step is
+    skipped on the device (fused AdamW's `found_inf`) when the loss or the gradient norm is NaN/Inf on any rank;
+    with fp16 the scaler skips overflowing steps itself. Returns stats (loss sum, then loss/tokens of text,
+    image, audio samples), the labelled-token count, the gradient norm and `finite`, all on the device."""
     n_tok = all_sum(torch.full((), float(sum(b["label_index"].shape[0] for b in micro)), device=d.device), d)
     stats = torch.zeros(7, device=d.device)
     for i, b in enumerate(micro):
@@ -601,8 +609,89 @@ def forward_backward(ddp, micro: list[dict], opt, scaler, params: list[nn.Parame
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     all_sum(stats, d)  # a non-finite loss on any rank makes the sum non-finite on every rank
     # the same on every rank without another collective: the summed loss and the all-reduced gradients agree
-    finite = bool(torch.isfinite(stats[0]) & (torch.isfinite(grad_norm) | (amp == "fp16")))
+    finite = torch.isfinite(stats[0]) & (torch.isfinite(grad_norm) | scaler.is_enabled())
+    if scaler.is_enabled():
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.found_inf = (~finite).float()  # read by fused AdamW: no update, no step count
+        opt.step()
+        del opt.found_inf
     return stats, n_tok, grad_norm, finite
+
+
+class GraphedStep:
+    """`train_step` recorded as one CUDA graph per batch shape and replayed (`train.cuda_graph`, one GPU).
+
+    A replay is one launch for the whole step (forward, backward, clipping, AdamW), where the step otherwise
+    costs the host thousands of kernel launches. The first step of a shape runs as it is (it compiles the
+    layers and sets up the optimizer state), the second is recorded and replayed, and later ones copy their
+    batch into the recorded inputs and replay. All graphs share one memory pool: their outputs are valid
+    until the next step. Learning rates live on the device, so that the schedule reaches the graphs.
+
+    A shape here is every tensor's shape, the labelled-token and media counts included: this pays off when
+    batches repeat their shapes (fixed-size rows, as in bench.py). At most `max_graphs` shapes are recorded;
+    the others run as they are."""
+
+    max_graphs = 16
+
+    def __init__(self, step, opt):
+        self.step, self.opt = step, opt
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[dict], tuple]] = {}
+        self.seen: set[tuple] = set()
+        self.pool = None
+        self.side = torch.cuda.Stream()
+        for g in opt.param_groups:
+            g["lr"], g["capturable"] = torch.tensor(float(g["lr"]), device=g["params"][0].device), True
+
+    def __call__(self, micro: list[dict]):
+        key = tuple((k, v.shape) for b in micro for k, v in b.items() if torch.is_tensor(v))
+        if key in self.graphs:
+            graph, inputs, outputs = self.graphs[key]
+            for static, b in zip(inputs, micro):
+                for k, v in static.items():
+                    if torch.is_tensor(v):
+                        v.copy_(b[k], non_blocking=True)
+            graph.replay()
+            return outputs
+        if key not in self.seen or len(self.graphs) == self.max_graphs:  # warm-up, on a side stream as capture asks
+            self.seen.add(key)
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                outputs = self.step(micro)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return outputs
+        inputs = [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
+        self.opt.zero_grad(set_to_none=True)  # the graph's backward writes the gradients it allocates
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self.step(inputs)
+        self.pool = graph.pool()
+        self.graphs[key] = graph, inputs, outputs
+        graph.replay()
+        return outputs
+
+
+def set_lr(opt, factor: float) -> None:
+    """Each group's learning rate to `factor` times its peak (in place where it lives on the device)."""
+    for g in opt.param_groups:
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(g["peak"] * factor)
+        else:
+            g["lr"] = g["peak"] * factor
+
+
+def make_step(ddp, opt, scaler, params: list[nn.Parameter], autocast, d: Dist, cfg: TrainConfig):
+    """The training step that train() and bench.py run: `train_step`, or its CUDA graphs with train.cuda_graph."""
+    def step(micro: list[dict]):
+        return train_step(ddp, micro, opt, scaler, params, autocast, d, cfg.grad_clip)
+
+    if not cfg.cuda_graph:
+        return step
+    if d.device.type != "cuda" or d.world > 1:
+        raise ValueError("train.cuda_graph records the step on one GPU; on CPU or under torchrun set it to false "
+                         "(train.compile still applies)")
+    return GraphedStep(step, opt)
 
 
 class StopRequest:
@@ -641,7 +730,7 @@ def train(cfg: Config) -> dict:
         log(f"skipped {skipped} bad samples; reasons in {out_dir / 'skipped.jsonl'}")
 
     opt, params = make_optimizer(mm, cfg.train, d.device)
-    amp, scaler, autocast = mixed_precision(cfg.train, d.device)
+    scaler, autocast = mixed_precision(cfg.train, d.device)
 
     step, consumed, best, bad_in_row, bad_total = 0, 0, float("inf"), 0, 0
     resume = find_resume(cfg)
@@ -653,6 +742,7 @@ def train(cfg: Config) -> dict:
         torch.manual_seed(cfg.train.seed + d.rank)  # dropout differs across ranks, the same on every run
     ddp = nn.parallel.DistributedDataParallel(mm, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
         if d.world > 1 else mm
+    run_step = make_step(ddp, opt, scaler, params, autocast, d, cfg.train)  # after a resume: graphs keep its state
     mm.train()
     stop = StopRequest()
     metrics = Metrics(out_dir, d.master)
@@ -681,17 +771,14 @@ def train(cfg: Config) -> dict:
         torch.cuda.reset_peak_memory_stats()
     try:
         while step < cfg.train.max_steps:
-            for g in opt.param_groups:
-                g["lr"] = g["peak"] * lr_factor(step, cfg.train)
+            set_lr(opt, lr_factor(step, cfg.train))
             micro = [next(loader) for _ in range(cfg.train.grad_accum)]
             tokens_since += sum(int(b["lengths"].sum()) for b in micro) * d.world  # all tokens processed
             micro = [to_device(b, d.device) for b in micro]
-            stats, n_tok, grad_norm, finite = forward_backward(ddp, micro, opt, scaler, params, autocast, d,
-                                                               cfg.train.grad_clip, amp)
+            stats, n_tok, grad_norm, finite = run_step(micro)
+            finite = bool(finite)
             consumed += G  # after the step: a crash inside it re-reads its samples on resume
             if finite:
-                scaler.step(opt)
-                scaler.update()
                 step += 1
                 bad_in_row = 0
             else:
@@ -711,7 +798,7 @@ def train(cfg: Config) -> dict:
                 dt = time.perf_counter() - t_last
                 mem = torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda" else 0.0
                 row = {"step": step, "epoch": consumed / len(train_ds), "split": "train",
-                       "loss": (stats[0] / n_tok).item(), "lr": opt.param_groups[1]["lr"],
+                       "loss": (stats[0] / n_tok).item(), "lr": float(opt.param_groups[1]["lr"]),
                        "grad_norm": grad_norm.item(), "tokens": int(n_tok.item()),
                        "tokens_per_s": tokens_since / dt, "step_time": dt / cfg.run.log_every,
                        "peak_mem_gib": round(mem, 3), "bad_steps": bad_total, "skipped_samples": skipped,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import demo_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ def loads_cleanly(cfg) -> int:
     assert path is not None and not path.name.startswith(".")
     _, mm = train.build_model(cfg, torch.device("cpu"))
     opt, _ = train.make_optimizer(mm, cfg.train, torch.device("cpu"))
-    _, scaler, _ = train.mixed_precision(cfg.train, torch.device("cpu"))
+    scaler, _ = train.mixed_precision(cfg.train, torch.device("cpu"))
     return train.load_checkpoint(path, mm, opt, scaler, train.Dist())["step"]
 
 
@@ -141,6 +142,9 @@ def test_nan_gradient_is_skipped_and_counted(demo_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train.nn.utils, "clip_grad_norm_", nan_once)
     result = train.train(cfg)
     assert result["step"] == 4 and result["bad_steps"] == 1
+    # the optimizer skipped that step on the device: had AdamW applied it, its moments and weights would be NaN
+    final = load_file(str(tmp_path / "checkpoints" / "step_0000004" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
 
 
 def dataset(path, demo_dir, **kw):

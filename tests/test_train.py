@@ -49,10 +49,18 @@ def test_unknown_key_lists_the_known_ones(tmp_path):
     ("--train.amp=fp8", "train.amp = 'fp8'; allowed: auto, bf16, fp16, fp32"),
     ("--data.max_len=8", "data.max_len = 8 cannot hold one media block"),
     ("--data.pack=maybe", "data.pack must be bool"),
+    ("--train.cuda_graph=true --train.compile=reduce-overhead", "layers cannot record graphs of their own"),
+    ("--train.cuda_graph=true --train.amp=fp16", "cannot record fp16's loss scaling"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.load_config(None, [override])
+        train.load_config(None, override.split())
+
+
+def test_cuda_graph_is_refused_where_it_cannot_record():
+    cfg = train.load_config(None, ["--train.cuda_graph=true"])
+    with pytest.raises(ValueError, match="records the step on one GPU; on CPU or under torchrun set it to false"):
+        train.make_step(None, None, None, [], None, train.Dist(), cfg.train)
 
 
 def test_toml_types_are_checked(tmp_path):
@@ -278,8 +286,9 @@ def test_bench_batches_run_through_the_training_step(variant):
 
     import bench
     import model
-    args = argparse.Namespace(batch=2, seq=128, ckpt=False, compile=False, compile_mode="", pack=variant == "pack",
-                              multimodal=variant in ("multimodal", "cache"), cache=variant == "cache")
+    args = argparse.Namespace(batch=2, seq=128, ckpt=False, compile=False, compile_mode="", cuda_graph=False,
+                              pack=variant == "pack", multimodal=variant in ("multimodal", "cache"),
+                              cache=variant == "cache")
     shape = dict(bench.QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     small = model.AlignerConfig(dim=32, image=model.EncoderConfig(32, 1, 2), audio=model.EncoderConfig(32, 1, 2),
@@ -293,8 +302,7 @@ def test_bench_batches_run_through_the_training_step(variant):
         assert torch.equal(batch.get(f"{m}_slots", placeholders[:0]), placeholders)
         assert len(placeholders) == (2 * 2 * 32 if m == "image" else 2 * 32) * args.multimodal
     opt, params = train.make_optimizer(mm, cfg.train, torch.device("cpu"))
-    _, scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
-    stats, n_tok, _, finite = train.forward_backward(mm, [batch], opt, scaler, params, autocast, train.Dist(), 1.0,
-                                                     "fp32")
+    scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
+    stats, n_tok, _, finite = train.make_step(mm, opt, scaler, params, autocast, train.Dist(), cfg.train)([batch])
     assert finite and n_tok > 0 and 0.3 < float((batch["labels"] != -100).sum()) / float(batch["lengths"].sum()) < 0.6
     assert bench.flops_per_token(mm, 128, 0.5) > 0
