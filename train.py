@@ -664,7 +664,8 @@ class GraphedStep:
         inputs = [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
         self.opt.zero_grad(set_to_none=True)  # the graph's backward writes the gradients it allocates
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile, which is harmless
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = self.step(inputs)
         self.pool = graph.pool()
         self.graphs[key] = graph, inputs, outputs
