@@ -255,8 +255,10 @@ def assemble(cfg: Config, llm: M.LLM, aligner: M.Aligner, media_ids: dict[str, i
     lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile != "none":  # one graph per layer, shared by all layers (same code, same shapes)
+        # with checkpointing, static shapes: Inductor's partitioner fails on its dynamic-shape graphs (torch 2.11)
+        dynamic = False if cfg.train.activation_checkpointing else None
         for layer in llm.model.layers:  # evaluation and generation run the layers eager (LLM.hidden_states)
-            layer.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile)
+            layer.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile, dynamic=dynamic)
     return M.MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
 
 
