@@ -280,20 +280,27 @@ def test_demo_assets_with_another_llm_shape_train(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["text", "multimodal", "cache", "pack"])
-def test_bench_batches_run_through_the_training_step(variant):
-    """bench.py's synthetic batches (GPU-only timing) fit the model, on a small shape on the CPU."""
+def small_bench(device: str, **flags):
+    """bench.py's setup on a small shape: its args (batch 2 x 128 tokens, `flags` set), config and model."""
     import argparse
 
     import bench
     import model
-    args = argparse.Namespace(batch=2, seq=128, ckpt=False, compile=False, compile_mode="", cuda_graph=False,
-                              pack=variant == "pack", multimodal=variant in ("multimodal", "cache"),
-                              cache=variant == "cache")
+    args = argparse.Namespace(**{**bench.workload(128, compile=False), "batch": 2, "compile_mode": "", **flags})
     shape = dict(bench.QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     small = model.AlignerConfig(dim=32, image=model.EncoderConfig(32, 1, 2), audio=model.EncoderConfig(32, 1, 2),
                                 image_size=32, patch_size=8)
-    cfg, mm = bench.build(args, "cpu", shape, small)
+    return (args, *bench.build(args, device, shape, small))
+
+
+@pytest.mark.parametrize("variant", ["text", "multimodal", "cache", "pack"])
+def test_bench_batches_run_through_the_training_step(variant):
+    """bench.py's synthetic batches (GPU-only timing) fit the model, on a small shape on the CPU."""
+    import bench
+    import model
+    args, cfg, mm = small_bench("cpu", pack=variant == "pack", multimodal=variant in ("multimodal", "cache"),
+                                cache=variant == "cache")
     mm.llm.float()
     batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert batch["input_ids"].shape == (2, 128)  # one static shape, packed or not, for the compiled layers

@@ -1,0 +1,44 @@
+"""GPU-only paths, checked against their plain counterparts; skipped where there is no GPU (as in CI)."""
+import pytest
+import torch
+from test_train import small_bench
+
+import bench
+import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_graph_steps_equal_plain_steps(compile_):
+    """train.cuda_graph: the warm-up step, the recorded one and the replays give the losses, gradient norms and
+    weights of plain steps (no dropout, so that both draw nothing random), with media spliced from the cache."""
+    d = train.Dist(device=torch.device("cuda"))
+    results = []
+    for graph in (False, True):
+        args, cfg, mm = small_bench("cuda", multimodal=True, cache=True, cuda_graph=graph, compile=compile_)
+        for m in mm.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        opt, params = train.make_optimizer(mm, cfg.train, d.device)
+        scaler, autocast = train.mixed_precision(cfg.train, d.device)
+        run_step = train.make_step(mm, opt, scaler, params, autocast, d, cfg.train)
+        g = torch.Generator().manual_seed(0)
+        batches = [bench.make_batch(args, mm, d.device, g) for _ in range(3)]
+        before = {k: v.detach().clone() for k, v in train.trainable_state(mm).items()}
+        mm.train()
+        rows = []
+        for i in range(7):  # a warm-up step, a recorded one, then replays over new batches of the same shapes
+            train.set_lr(opt, 1.0 if i % 2 else 0.5)  # the schedule must reach the replays
+            stats, n_tok, grad_norm, finite = run_step([batches[i % 3]])
+            rows.append(((stats[0] / n_tok).item(), grad_norm.item(), bool(finite)))
+            opt.zero_grad(set_to_none=True)
+        moved = {k: v.detach() - before[k] for k, v in train.trainable_state(mm).items()}
+        results.append((rows, moved))
+        torch.compiler.reset()
+    (plain, moved_plain), (graphed, moved_graphed) = results
+    for a, b in zip(plain, graphed):
+        assert b[2] and b[0] == pytest.approx(a[0], rel=2e-3) and b[1] == pytest.approx(a[1], rel=2e-3)
+    for k in moved_plain:
+        assert moved_plain[k].abs().max() > 1e-4  # every trainable tensor was updated
+        torch.testing.assert_close(moved_graphed[k], moved_plain[k], atol=5e-5, rtol=5e-2)
