@@ -1,7 +1,8 @@
 """Benchmark of mmlora's training step, beside the transformers + peft baseline, on the same GPU in the same run.
 
     python bench.py --grid main --peer .bench/hf_peft_baseline.py     # the workloads of BENCHMARKS.md + the peer
-    python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours
+    python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours (per-layer graphs)
+    python bench.py --seq 512 --compile --cuda_graph                  # the same, the whole step as one graph
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under DDP
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
 
