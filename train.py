@@ -255,8 +255,11 @@ def assemble(cfg: Config, llm: M.LLM, aligner: M.Aligner, media_ids: dict[str, i
     lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile != "none":  # one graph per layer, shared by all layers (same code, same shapes)
-        # with checkpointing, static shapes: Inductor's partitioner fails on its dynamic-shape graphs (torch 2.11)
+        # with checkpointing, static shapes: Inductor's partitioner fails on its dynamic-shape graphs (torch 2.11);
+        # one compilation per batch shape then, and Dynamo must not fall back to eager after its default 8
         dynamic = False if cfg.train.activation_checkpointing else None
+        if cfg.train.activation_checkpointing:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in llm.model.layers:  # evaluation and generation run the layers eager (LLM.hidden_states)
             layer.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile, dynamic=dynamic)
     return M.MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
@@ -667,8 +670,12 @@ class GraphedStep:
         self.opt.zero_grad(set_to_none=True)  # the graph's backward writes the gradients it allocates
         graph = torch.cuda.CUDAGraph()
         # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile, which is harmless
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = self.step(inputs)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = self.step(inputs)
+        except Exception as e:
+            raise RuntimeError(f"recording the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
+                               "train with train.cuda_graph = false") from e
         self.pool = graph.pool()
         self.graphs[key] = graph, inputs, outputs
         graph.replay()
