@@ -1,6 +1,8 @@
 """Benchmark of mmlora's training step, beside the transformers + peft baseline, on the same GPU in the same run.
 
-    python bench.py --grid main --peer .bench/hf_peft_baseline.py     # the workloads of BENCHMARKS.md + the peer
+    python bench.py --grid main --peer .bench/hf_peft_baseline.py     # BENCHMARKS.md's table: ours (whole-step
+                                                                      # graph) and the peer, same shapes
+    python bench.py --grid layers                                     # ours there with per-layer graphs
     python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours (per-layer graphs)
     python bench.py --seq 512 --compile --cuda_graph                  # the same, the whole step as one graph
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under DDP
