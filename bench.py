@@ -60,6 +60,8 @@ def make_batch(args, mm: M.MultimodalLM, device, g: torch.Generator) -> dict:
     + 1 clip per row (raw, or features as the cache stores them), or rows packed with documents of T/8 to T/2."""
     B, T, V = args.batch, args.seq, mm.llm.config.vocab_size - 16
     c = mm.aligner.config
+    K = {m: p.num_tokens for m, p in mm.projectors.items()}
+    starts = {"image": [1, 2 + K["image"]], "audio": [3 + 2 * K["image"]]}  # two image blocks, one audio block
     items = []
     for _ in range(B):
         left = T
@@ -68,9 +70,7 @@ def make_batch(args, mm: M.MultimodalLM, device, g: torch.Generator) -> dict:
             ids = torch.randint(0, V, (n,), generator=g).tolist()
             labels = [-100] * (n // 2) + ids[n // 2 + 1:] + [-100]
             item = {"id": str(len(items)), "input_ids": ids, "labels": labels, "has": [args.multimodal] * 2}
-            if args.multimodal:  # two image blocks and one audio block in the prompt half
-                K = {m: p.num_tokens for m, p in mm.projectors.items()}
-                starts = {"image": [1, 2 + K["image"]], "audio": [3 + 2 * K["image"]]}
+            if args.multimodal:  # the media blocks in the prompt half
                 for m, first in starts.items():
                     item[f"{m}_slots"] = [s + k for s in first for k in range(K[m])]
                     for t in item[f"{m}_slots"]:

@@ -142,7 +142,8 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention: `mask` None (plain causal: SDPA's flash kernels) or a bool (B, 1, T, S) tensor."""
+    """Causal attention: `mask` None (plain causal: SDPA's fused kernels, cuDNN's on an H200) or a bool (B, 1, T, S)
+    tensor."""
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

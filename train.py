@@ -255,10 +255,9 @@ def assemble(cfg: Config, llm: M.LLM, aligner: M.Aligner, media_ids: dict[str, i
     lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
     if cfg.train.compile != "none":  # one graph per layer, shared by all layers (same code, same shapes)
-        # with checkpointing, static shapes: Inductor's partitioner fails on its dynamic-shape graphs (torch 2.11);
-        # one compilation per batch shape then, and Dynamo must not fall back to eager after its default 8
-        dynamic = False if cfg.train.activation_checkpointing else None
-        if cfg.train.activation_checkpointing:
+        dynamic = None
+        if cfg.train.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones
+            dynamic = False  # (torch 2.11); one compilation per batch shape, and not eager after Dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in llm.model.layers:  # evaluation and generation run the layers eager (LLM.hidden_states)
             layer.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile, dynamic=dynamic)
