@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 PEFT_PREFIX = "base_model.model."
 
@@ -43,12 +44,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.merged:
-            return y
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
-            x = x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x)))
-        return y + (update * self.scaling).to(y.dtype)
+        update = lora_updates(x, [self])[0]
+        return y if update is None else y + update.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in), fp32
@@ -66,6 +63,22 @@ class LoRALinear(nn.Module):
             w = self.base_layer.weight
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
             self.merged = False
+
+
+def lora_updates(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor | None]:
+    """The LoRA updates (alpha / r) * B(A(dropout(x))) of layers that share their input x (q, k, v): (B, T, in) ->
+    one (B, T, out_i) per layer in fp32, None for a layer without an active adapter.
+
+    As in loralib's MergedLinear (and peft on a fused qkv layer), the adapters of one input draw one dropout mask
+    and run their A matrices as one matmul; each keeps its own A and B, so the adapter format does not change."""
+    active = [m for m in layers if isinstance(m, LoRALinear) and not m.merged]
+    if not active:
+        return [None] * len(layers)
+    if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
+        x = x.to(active[0].lora_A.weight.dtype)
+    a = torch.cat([m.lora_A.weight for m in active])  # (sum r, in)
+    h = iter(F.linear(active[0].lora_dropout(x), a).split([m.rank for m in active], dim=-1))  # (B, T, r) each
+    return [m.lora_B(next(h)) * m.scaling if m in active else None for m in layers]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import lora
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 
@@ -150,6 +152,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def project(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]` for projections of one input (q, k, v): (B, T, in) -> [(B, T, out_i)].
+
+    In training, one matmul over the layers' weights concatenated (each weight stays in its own module, under
+    Hugging Face's name), then the LoRA updates of the wrapped layers (`lora.lora_updates`). Without autograd
+    (evaluation, generation) each layer runs on its own: the concatenation would copy the weights at every token."""
+    if not torch.is_grad_enabled():
+        return [layer(x) for layer in layers]
+    bases = [layer.base_layer if isinstance(layer, lora.LoRALinear) else layer for layer in layers]
+    bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases])
+    y = F.linear(x, torch.cat([b.weight for b in bases]), bias)  # (B, T, sum out_i)
+    ys = y.split([b.out_features for b in bases], dim=-1)
+    return [y if u is None else y + u.to(y.dtype) for y, u in zip(ys, lora.lora_updates(x, layers))]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -166,9 +183,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.reshape(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = k.reshape(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)

@@ -49,6 +49,49 @@ def test_init_is_identity_and_merge_equals_unmerged(hf_models):
         torch.testing.assert_close(llm(ids), unmerged, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family,targets", [("qwen2", ["q_proj", "v_proj"]), ("llama", "all-linear")])
+def test_one_matmul_for_q_k_v_equals_layer_by_layer(monkeypatch, hf_models, family, targets):
+    """In training, q/k/v run as one matmul with the adapters' A matrices stacked (`model.project`); the logits
+    and the gradients are those of each layer called on its own."""
+    llm = load_llm(hf_models[family][0])
+    apply_lora(llm, rank=4, alpha=8, targets=targets)
+    randomize_lora(llm)
+    ids = torch.randint(0, 300, (2, 12))
+
+    def step():
+        llm.zero_grad()
+        logits = llm(ids)
+        logits.logsumexp(-1).mean().backward()
+        return logits.detach(), {n: p.grad for n, p in llm.named_parameters() if p.requires_grad}
+
+    fused, fused_grads = step()
+    monkeypatch.setattr(model, "project", lambda x, layers: [layer(x) for layer in layers])
+    separate, grads = step()
+    torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(fused_grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_adapters_of_one_input_share_a_dropout_mask(hf_models):
+    """q, k and v draw one dropout mask of their input (loralib's MergedLinear); o_proj draws its own."""
+    llm = load_llm(hf_models["llama"][0])
+    apply_lora(llm, rank=4, alpha=8, dropout=0.5, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    attn = llm.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.lora_A.weight.copy_(attn.q_proj.lora_A.weight)
+    seen = {}
+    for name in ("q_proj", "k_proj"):
+        getattr(attn, name).lora_B.register_forward_hook(lambda m, args, out, name=name: seen.update({name: args[0]}))
+    llm.train()
+    llm(torch.randint(0, 300, (2, 12)))
+    assert torch.equal(seen["q_proj"], seen["k_proj"])  # equal A, equal mask: equal inputs to B
+    llm.eval()
+    with torch.no_grad():
+        llm(torch.randint(0, 300, (2, 12)))
+    assert torch.equal(seen["q_proj"], seen["k_proj"])
+
+
 def test_only_lora_tensors_change_after_a_step(hf_models):
     folder, _ = hf_models["qwen2"]
     llm = load_llm(folder)
