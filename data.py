@@ -373,7 +373,7 @@ def write_skipped(path: str | Path, skipped: list[dict]) -> None:
 
 
 def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | None = None,
-            pad_multiple: int = 1) -> dict:
+            pad_multiple: int = 1, static: bool = False) -> dict:
     """Stack samples into a batch.
 
     Padded (default): one row per sample, padded on the right; plain causal attention is then exact.
@@ -383,8 +383,16 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
     multiple of `pad_multiple` tokens, so that compiled layers see few distinct shapes.
 
     The host also finds the positions the model indexes by, in the flattened (B*T) batch: `label_index` (M,),
-    where labels are set, and `{modality}_slots` (N,), each media's placeholder tokens (items give theirs as
-    `{modality}_slots`, positions within the sample). The GPU then never reports a count back to the host."""
+    where labels are set, with `label_weight` (M,) 1.0 for each, and `{modality}_slots` (N,), each media's
+    placeholder tokens (items give theirs as `{modality}_slots`, positions within the sample). The GPU then never
+    reports a count back to the host.
+
+    `static` (for a training step recorded as a CUDA graph, padded rows only) keeps the shapes few: rows get at
+    least one pad token, whose last one (the scratch position) no real token attends to; `label_index` is padded
+    to a multiple of the row length with the scratch position at weight 0, and each modality's media to a
+    multiple of the batch size with zeros written to the scratch position."""
+    if static and pack:
+        raise ValueError("static shapes are for padded rows; packed rows vary in number")
     if pack:
         if max_len is None:
             raise ValueError("packing needs max_len")
@@ -401,7 +409,7 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
             room[r] -= n
     else:
         rows = [[i] for i in range(len(items))]
-    T = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+    T = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows) + static  # static: a scratch position
     T = -(-T // pad_multiple) * pad_multiple
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -426,8 +434,9 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
             t += n
             order.append(i)
         lengths[b] = t
-    batch = {"input_ids": input_ids, "labels": labels, "label_index": (labels.flatten() != -100).nonzero()[:, 0],
-             "sample_index": sample_index, "lengths": lengths,
+    label_index = (labels.flatten() != -100).nonzero()[:, 0]
+    label_weight = torch.ones(len(label_index))
+    batch = {"input_ids": input_ids, "labels": labels, "sample_index": sample_index, "lengths": lengths,
              "modality": torch.tensor([it["has"] for it in items], dtype=torch.bool).view(len(items), len(MODALITIES)),
              "ids": [it["id"] for it in items]}
     if pack:
@@ -436,6 +445,21 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
         parts = [items[i][key] for i in order if key in items[i]]
         if parts:
             batch[key] = torch.cat(parts)
+    if static:
+        scratch = B * T - 1
+        extra = -len(label_index) % T
+        label_index = torch.cat([label_index, torch.full((extra,), scratch)])
+        label_weight = torch.cat([label_weight, torch.zeros(extra)])
+        for m in MODALITIES:
+            media = [k for k in (m, f"{m}_tokens", f"{m}_pooled") if k in batch]
+            if not media:
+                continue
+            n = len(batch[media[0]])
+            extra = -n % B
+            for k in media:
+                batch[k] = torch.cat([batch[k], batch[k].new_zeros(extra, *batch[k].shape[1:])])
+            slots[m] += [scratch] * (extra * len(slots[m]) // n)
+    batch |= {"label_index": label_index, "label_weight": label_weight}
     batch |= {f"{m}_slots": torch.tensor(s, dtype=torch.long) for m, s in slots.items() if s}
     return batch
 

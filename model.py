@@ -968,20 +968,22 @@ class MultimodalLM(nn.Module):
         return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
     def forward(self, batch: dict) -> dict:
-        """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens`, `sample_loss` (S,) and
-        `sample_tokens` (S,) per sample of the batch, in the order of `batch["modality"]`."""
+        """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens` (a 0-d tensor), and
+        `sample_loss` (S,) and `sample_tokens` (S,) per sample of the batch, in the order of `batch["modality"]`."""
         # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t.
         labels = batch["labels"].flatten()  # (B*T,)
         where = batch["label_index"]  # (M,) flat positions with a label, found by the collator
         x, unused = self.embed(batch)
         h = self.llm.hidden_states(x, batch.get("position_ids"), self.attention_mask(batch))  # (B, T, H)
         h = h.flatten(0, 1).index_select(0, where)  # (M, H)
-        losses = LinearCrossEntropy.apply(h, self.llm.lm_head.weight, labels[where], self.loss_chunk)  # (M,)
+        weight = batch["label_weight"]  # (M,) 1.0, or 0.0 where the collator padded label_index to a static shape
+        losses = LinearCrossEntropy.apply(h, self.llm.lm_head.weight, labels[where].clamp(min=0), self.loss_chunk)
+        losses = losses * weight  # (M,)
         sample_of = batch["sample_index"].flatten()[where]  # (M,)
         S = batch["modality"].shape[0]
         sample_loss = torch.zeros(S, device=h.device).index_add(0, sample_of, losses.detach())
-        sample_tokens = torch.zeros(S, device=h.device).index_add(0, sample_of, torch.ones_like(losses))
-        return {"loss_sum": losses.sum() + unused, "n_tokens": where.shape[0], "sample_loss": sample_loss,
+        sample_tokens = torch.zeros(S, device=h.device).index_add(0, sample_of, weight)
+        return {"loss_sum": losses.sum() + unused, "n_tokens": weight.sum(), "sample_loss": sample_loss,
                 "sample_tokens": sample_tokens}
 
     @torch.no_grad()

@@ -173,6 +173,9 @@ def check_config(cfg: Config) -> None:
                          "use train.compile = \"default\" (or none) with it")
     if cfg.train.cuda_graph and cfg.train.amp == "fp16":
         raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
+    if cfg.train.cuda_graph and cfg.data.pack:
+        raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
+                         "set data.pack = false with it")
     longest = max(cfg.model.image_tokens, cfg.model.audio_tokens)
     if cfg.data.max_len <= longest:
         raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
@@ -310,10 +313,10 @@ class StreamSampler(torch.utils.data.Sampler):
 
 def make_loader(ds: data.ConversationDataset, cfg: Config, d: Dist, tok: M.Tokenizer, start: int):
     sampler = StreamSampler(len(ds), cfg.train.batch_size, cfg.train.grad_accum, d, cfg.train.seed, start)
-    pack, max_len, multiple = cfg.data.pack, cfg.data.max_len, cfg.data.pad_multiple
+    pack, max_len, multiple, static = cfg.data.pack, cfg.data.max_len, cfg.data.pad_multiple, cfg.train.cuda_graph
     return torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
-        collate_fn=lambda items: data.collate(items, tok.pad_id, pack, max_len, multiple),
+        collate_fn=lambda items: data.collate(items, tok.pad_id, pack, max_len, multiple, static),
         generator=torch.Generator())  # its own generator: creating the loader must not draw from the global RNG
 
 
@@ -599,7 +602,7 @@ def train_step(ddp, micro: list[dict], opt, scaler, params: list[nn.Parameter], 
     skipped on the device (fused AdamW's `found_inf`) when the loss or the gradient norm is NaN/Inf on any rank;
     with fp16 the scaler skips overflowing steps itself. Returns stats (loss sum, then loss/tokens of text,
     image, audio samples), the labelled-token count, the gradient norm and `finite`, all on the device."""
-    n_tok = all_sum(torch.full((), float(sum(b["label_index"].shape[0] for b in micro)), device=d.device), d)
+    n_tok = all_sum(sum(b["label_weight"].sum() for b in micro), d)
     stats = torch.zeros(7, device=d.device)
     for i, b in enumerate(micro):
         sync = i == len(micro) - 1
@@ -633,9 +636,9 @@ class GraphedStep:
     batch into the recorded inputs and replay. All graphs share one memory pool: their outputs are valid
     until the next step. Learning rates live on the device, so that the schedule reaches the graphs.
 
-    A shape here is every tensor's shape, the labelled-token and media counts included: this pays off when
-    batches repeat their shapes (fixed-size rows, as in bench.py). At most `max_graphs` shapes are recorded;
-    the others run as they are."""
+    A shape here is every tensor's shape. train.py collates with `static=True` for it, so that the labelled
+    positions and the media of a batch come in few counts (`data.collate`); the row length takes the multiples
+    of `data.pad_multiple`. At most `max_graphs` shapes are recorded; the others run as they are."""
 
     max_graphs = 16
 

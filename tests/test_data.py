@@ -290,3 +290,35 @@ def test_rows_are_padded_to_a_multiple(demo_dir, tmp_path):
     mm.eval()
     with torch.no_grad():
         torch.testing.assert_close(mm(b)["sample_loss"], mm(a)["sample_loss"], atol=1e-5, rtol=1e-5)
+
+
+def test_static_batches_have_few_shapes_and_the_same_loss_and_gradients(demo_dir, tmp_path):
+    """`static=True` (for the whole-step CUDA graph) pads the labelled positions and the media to few counts;
+    the padding adds nothing to the loss, the token counts or the gradients."""
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.0})
+    groups = [[ds[i] for i in range(s, s + 6)] for s in (0, 6, 12)]
+    static = [data.collate(g, tok.pad_id, pad_multiple=256, static=True) for g in groups]  # rows <= 128 tokens
+    shapes = [{k: v.shape for k, v in b.items() if torch.is_tensor(v)} for b in static]
+    assert shapes[0] == shapes[1] == shapes[2]
+    assert len({sum(len(it.get("audio_slots", ())) for it in g) for g in groups}) > 1  # the media counts differ
+    B, T = static[0]["input_ids"].shape
+    assert static[0]["label_index"].shape[0] % T == 0 and all(b["audio"].shape[0] % B == 0 for b in static)
+    mm.train()
+
+    def run(batch):
+        mm.zero_grad()
+        out = mm(batch)
+        (out["loss_sum"] / out["n_tokens"]).backward()
+        return out, {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}
+    for g, s in zip(groups, static):
+        ref, ref_grads = run(data.collate(g, tok.pad_id))
+        out, grads = run(s)
+        assert out["n_tokens"] == ref["n_tokens"] == sum(sum(t != -100 for t in it["labels"]) for it in g)
+        torch.testing.assert_close(out["loss_sum"], ref["loss_sum"], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out["sample_loss"], ref["sample_loss"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(out["sample_tokens"], ref["sample_tokens"])
+        assert grads.keys() == ref_grads.keys()
+        for k in grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-6, rtol=1e-4, msg=k)
+    with pytest.raises(ValueError, match="packed rows vary"):
+        data.collate(groups[0], tok.pad_id, pack=True, max_len=128, static=True)

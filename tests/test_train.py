@@ -51,6 +51,7 @@ def test_unknown_key_lists_the_known_ones(tmp_path):
     ("--data.pack=maybe", "data.pack must be bool"),
     ("--train.cuda_graph=true --train.compile=reduce-overhead", "layers cannot record graphs of their own"),
     ("--train.cuda_graph=true --train.amp=fp16", "cannot record fp16's loss scaling"),
+    ("--train.cuda_graph=true --data.pack=true", "set data.pack = false with it"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
