@@ -41,10 +41,12 @@ class CheckFailed(Exception):
 
 class Validator:
     def __init__(self, cfg: train.Config, quick: bool):
-        # the checks run the layers eager: what they check is the model, the data and the loop, and compiling
-        # (train.compile, for speed) would cost each model they build its compilation
-        self.cfg, self.quick, self.compile = copy.deepcopy(cfg), quick, cfg.train.compile
-        self.cfg.train.compile = "none"
+        # the checks run the layers eager and the step unrecorded: what they check is the model, the data and the
+        # loop, and compiling or recording (train.compile, train.cuda_graph: for speed, and one GPU only for the
+        # latter) would cost each model they build its compilation
+        self.cfg, self.quick = copy.deepcopy(cfg), quick
+        self.compile, self.cuda_graph = cfg.train.compile, cfg.train.cuda_graph
+        self.cfg.train.compile, self.cfg.train.cuda_graph = "none", False
         gpu = cfg.run.device != "cpu" and torch.cuda.is_available()
         self.device = torch.device("cuda" if gpu else "cpu")  # a GPU node checks on its GPU
         self.rtol = 1e-3 if gpu else 1e-5  # bf16 autocast on GPU; fp32 on CPU
@@ -79,7 +81,7 @@ class Validator:
         if self.cfg.data.make_demo:
             data.ensure_demo(self.cfg.data.make_demo)
         return (f"{self.cfg.lora.targets} r={self.cfg.lora.rank}, batch {self.cfg.train.batch_size}, checked eager "
-                f"(train.compile = {self.compile!r} when training)")
+                f"(train.compile = {self.compile!r}, train.cuda_graph = {self.cuda_graph} when training)")
 
     def model_init(self) -> str:
         self.tok, self.mm = train.build_model(self.cfg, self.device)
