@@ -646,6 +646,7 @@ class GraphedStep:
         self.step, self.opt = step, opt
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[dict], tuple]] = {}
         self.seen: set[tuple] = set()
+        self.told = False  # that the shapes outnumber max_graphs
         self.pool = None
         self.side = torch.cuda.Stream()
         for g in opt.param_groups:
@@ -662,6 +663,10 @@ class GraphedStep:
             graph.replay()
             return outputs
         if key not in self.seen or len(self.graphs) == self.max_graphs:  # warm-up, on a side stream as capture asks
+            if key not in self.seen and len(self.graphs) == self.max_graphs and not self.told:
+                print(f"train.cuda_graph: {self.max_graphs} batch shapes are recorded; new ones run unrecorded, "
+                      "slower (a larger data.pad_multiple makes fewer shapes)", flush=True)
+                self.told = True
             self.seen.add(key)
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
