@@ -409,7 +409,7 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
             room[r] -= n
     else:
         rows = [[i] for i in range(len(items))]
-    T = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows) + static  # static: a scratch position
+    T = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows) + int(static)  # the scratch position
     T = -(-T // pad_multiple) * pad_multiple
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)

@@ -968,7 +968,7 @@ class MultimodalLM(nn.Module):
         return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
     def forward(self, batch: dict) -> dict:
-        """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens` (a 0-d tensor), and
+        """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens` (a 0-d tensor), then
         `sample_loss` (S,) and `sample_tokens` (S,) per sample of the batch, in the order of `batch["modality"]`."""
         # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t.
         labels = batch["labels"].flatten()  # (B*T,)
