@@ -99,7 +99,7 @@ def flops_per_token(mm: M.MultimodalLM, seq: int, labelled: float) -> float:
 
 def time_ours(args, d: train.Dist) -> dict:
     cfg, mm = build(args, d.device)
-    ddp = torch.nn.parallel.DistributedDataParallel(mm, device_ids=[d.local_rank]) if d.world > 1 else mm
+    ddp = train.data_parallel(mm, d, cfg.train)
     opt, params = train.make_optimizer(mm, cfg.train, d.device)
     scaler, autocast = train.mixed_precision(cfg.train, d.device)
     run_step = train.make_step(ddp, opt, scaler, params, autocast, d, cfg.train)

@@ -593,25 +593,48 @@ def mixed_precision(cfg: TrainConfig, device: torch.device):
     return scaler, autocast
 
 
+def data_parallel(mm: M.MultimodalLM, d: Dist, cfg: TrainConfig) -> nn.Module:
+    """The model as train_step calls it: DDP under torchrun, except with train.cuda_graph, whose step averages the
+    gradients itself (`average_gradients`) so that the all-reduce is recorded with it; the model on one process."""
+    if d.world == 1 or cfg.cuda_graph:
+        return mm
+    return nn.parallel.DistributedDataParallel(mm, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def average_gradients(params: list[nn.Parameter], d: Dist) -> None:
+    """DDP's average of the gradients over the ranks, as one all-reduce of all of them flattened."""
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= d.world
+    i = 0
+    for p in params:
+        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+        i += p.numel()
+
+
 def train_step(ddp, micro: list[dict], opt, scaler, params: list[nn.Parameter], autocast, d: Dist,
                grad_clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over its micro-batches, with no host read: gradients, clipping, AdamW.
 
     Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks (times the
-    world size, since DDP averages gradients), with `no_sync` on every micro-batch but the last. The step is
+    world size, since the gradients are averaged over the ranks: by DDP, with `no_sync` on every micro-batch but
+    the last, or, with train.cuda_graph, by `average_gradients` after the last). The step is
     skipped on the device (fused AdamW's `found_inf`) when the loss or the gradient norm is NaN/Inf on any rank;
     with fp16 the scaler skips overflowing steps itself. Returns stats (loss sum, then loss/tokens of text,
     image, audio samples), the labelled-token count, the gradient norm and `finite`, all on the device."""
     n_tok = all_sum(sum(b["label_weight"].sum() for b in micro), d)
     stats = torch.zeros(7, device=d.device)
+    is_ddp = isinstance(ddp, nn.parallel.DistributedDataParallel)
     for i, b in enumerate(micro):
         sync = i == len(micro) - 1
-        with (contextlib.nullcontext() if sync or d.world == 1 else ddp.no_sync()), autocast:
+        with (ddp.no_sync() if is_ddp and not sync else contextlib.nullcontext()), autocast:
             out = ddp(b)
             loss = out["loss_sum"] * d.world / n_tok
         scaler.scale(loss).backward()
         stats[0] += out["loss_sum"].detach().float()
         stats[1:] += modality_sums(out, b["modality"])
+    if d.world > 1 and not is_ddp:
+        average_gradients(params, d)
     scaler.unscale_(opt)
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     all_sum(stats, d)  # a non-finite loss on any rank makes the sum non-finite on every rank
@@ -628,7 +651,8 @@ def train_step(ddp, micro: list[dict], opt, scaler, params: list[nn.Parameter], 
 
 
 class GraphedStep:
-    """`train_step` recorded as one CUDA graph per batch shape and replayed (`train.cuda_graph`, one GPU).
+    """`train_step` recorded as one CUDA graph per batch shape and replayed (`train.cuda_graph`, one GPU per
+    process; under torchrun the gradients' all-reduce is recorded with the step, see `data_parallel`).
 
     A replay is one launch for the whole step (forward, backward, clipping, AdamW), where the step otherwise
     costs the host thousands of kernel launches. The first step of a shape runs as it is (it compiles the
@@ -705,9 +729,8 @@ def make_step(ddp, opt, scaler, params: list[nn.Parameter], autocast, d: Dist, c
 
     if not cfg.cuda_graph:
         return step
-    if d.device.type != "cuda" or d.world > 1:
-        raise ValueError("train.cuda_graph records the step on one GPU; on CPU or under torchrun set it to false "
-                         "(train.compile still applies)")
+    if d.device.type != "cuda":
+        raise ValueError("train.cuda_graph records the step on a GPU; on CPU set it to false")
     return GraphedStep(step, opt)
 
 
@@ -757,8 +780,7 @@ def train(cfg: Config) -> dict:
         log(f"resumed from {resume} at step {step} (global sample {consumed})")
     else:
         torch.manual_seed(cfg.train.seed + d.rank)  # dropout differs across ranks, the same on every run
-    ddp = nn.parallel.DistributedDataParallel(mm, device_ids=[d.local_rank] if d.device.type == "cuda" else None) \
-        if d.world > 1 else mm
+    ddp = data_parallel(mm, d, cfg.train)
     run_step = make_step(ddp, opt, scaler, params, autocast, d, cfg.train)  # after a resume: graphs keep its state
     mm.train()
     stop = StopRequest()

@@ -42,8 +42,8 @@ class CheckFailed(Exception):
 class Validator:
     def __init__(self, cfg: train.Config, quick: bool):
         # the checks run the layers eager and the step unrecorded: what they check is the model, the data and the
-        # loop, and compiling or recording (train.compile, train.cuda_graph: for speed, and one GPU only for the
-        # latter) would cost each model they build its compilation
+        # loop, and compiling or recording (train.compile, train.cuda_graph: for speed, the latter on GPUs only)
+        # would cost each model they build its compilation
         self.cfg, self.quick = copy.deepcopy(cfg), quick
         self.compile, self.cuda_graph = cfg.train.compile, cfg.train.cuda_graph
         self.cfg.train.compile, self.cfg.train.cuda_graph = "none", False

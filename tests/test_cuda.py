@@ -62,3 +62,20 @@ def test_train_py_with_cuda_graph_equals_plain(demo_dir, tmp_path, monkeypatch):
         losses[graph] = [r["loss"] for r in rows if r["split"] == "train"]
     assert len(replays) >= 8  # most steps replayed a recorded graph
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_with_cuda_graph_equal_ddp(demo_dir, tmp_path):
+    """train.cuda_graph under torchrun (the gradients' all-reduce recorded in each rank's graph) logs the losses
+    of the DDP run (no dropout, fp32)."""
+    from conftest import demo_config
+    from test_train import cli_args, rows, torchrun
+    losses = {}
+    for graph in (False, True):
+        cfg = demo_config(demo_dir, tmp_path / str(graph), lora={"dropout": 0.0}, data={"pad_multiple": 64},
+                          train={"max_steps": 16, "batch_size": 2, "cuda_graph": graph, "amp": "fp32"},
+                          run={"device": "cuda"})
+        r = torchrun(cli_args(cfg), 2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[graph] = [x["loss"] for x in rows(tmp_path / str(graph))]
+    assert len(losses[True]) == 16 and losses[True] == pytest.approx(losses[False], rel=1e-3)
