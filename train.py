@@ -91,7 +91,7 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
     compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs), max-autotune
-    cuda_graph: bool = False  # replay each repeating batch shape's whole step as one CUDA graph (1 GPU, bf16/fp32)
+    cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32)
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_samples: int = 0  # validation samples for the loss (0 = all)
     gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
