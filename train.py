@@ -686,8 +686,9 @@ class GraphedStep:
                         v.copy_(b[k], non_blocking=True)
             graph.replay()
             return outputs
-        if key not in self.seen or len(self.graphs) == self.max_graphs:  # warm-up, on a side stream as capture asks
-            if key not in self.seen and len(self.graphs) == self.max_graphs and not self.told:
+        full = len(self.graphs) == self.max_graphs
+        if key not in self.seen or full:  # warm-up, on a side stream as capture asks
+            if full and not self.told:
                 print(f"train.cuda_graph: {self.max_graphs} batch shapes are recorded; new ones run unrecorded, "
                       "slower (a larger data.pad_multiple makes fewer shapes)", flush=True)
                 self.told = True
