@@ -262,6 +262,9 @@ def assemble(cfg: Config, llm: M.LLM, aligner: M.Aligner, media_ids: dict[str, i
         if cfg.train.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones
             dynamic = False  # (torch 2.11); one compilation per batch shape, and not eager after Dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # dropout through ATen's generator rather than Inductor's: the compiled layers draw eager's masks, and on an
+        # H200 the step is 1.3% faster (ATen draws four numbers per Philox round, Inductor one)
+        torch._inductor.config.fallback_random = True
         for layer in llm.model.layers:  # evaluation and generation run the layers eager (LLM.hidden_states)
             layer.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile, dynamic=dynamic)
     return M.MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)

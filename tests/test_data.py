@@ -266,9 +266,10 @@ def test_chunked_loss_equals_full_logits_cross_entropy():
 
 @pytest.mark.parametrize("speedup", ["activation_checkpointing", "compile"])
 def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup):
-    """Activation checkpointing and compiled layers compute what the plain path computes."""
+    """Activation checkpointing and compiled layers compute what the plain path computes, with the same LoRA
+    dropout masks (lora_B's gradients see them)."""
     def loss_and_grads(**train_keys):
-        cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.0}, train=train_keys)
+        cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.1}, train=train_keys)
         mm.train()
         out = mm(data.collate([ds[i] for i in range(6)], tok.pad_id))
         (out["loss_sum"] / out["n_tokens"]).backward()
