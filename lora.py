@@ -67,7 +67,7 @@ class LoRALinear(nn.Module):
 
 def lora_updates(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor | None]:
     """The LoRA updates (alpha / r) * B(A(dropout(x))) of layers that share their input x (q, k, v): (B, T, in) ->
-    one (B, T, out_i) per layer in fp32, None for a layer without an active adapter.
+    one (B, T, out_i) per layer (fp32, or autocast's dtype), None for a layer without an active adapter.
 
     As in loralib's MergedLinear (and peft on a fused qkv layer), the adapters of one input draw one dropout mask
     and run their A matrices as one matmul; each keeps its own A and B, so the adapter format does not change."""

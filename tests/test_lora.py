@@ -74,7 +74,7 @@ def test_one_matmul_for_q_k_v_equals_layer_by_layer(monkeypatch, hf_models, fami
 
 
 def test_adapters_of_one_input_share_a_dropout_mask(hf_models):
-    """q, k and v draw one dropout mask of their input (loralib's MergedLinear); o_proj draws its own."""
+    """q, k and v draw one dropout mask of their input (loralib's MergedLinear)."""
     llm = load_llm(hf_models["llama"][0])
     apply_lora(llm, rank=4, alpha=8, dropout=0.5, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     attn = llm.model.layers[0].self_attn

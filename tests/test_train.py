@@ -327,7 +327,6 @@ def test_demo_assets_with_another_llm_shape_train(tmp_path):
     assert train.train(cfg)["step"] == 2
 
 
-@pytest.mark.parametrize("variant", ["text", "multimodal", "cache", "pack"])
 def small_bench(device: str, **flags):
     """bench.py's setup on a small shape: its args (batch 2 x 128 tokens, `flags` set), config and model."""
     import argparse
