@@ -90,7 +90,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
-    compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs), max-autotune
+    compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs per layer),
+    # max-autotune (searched Triton matmul kernels, CUDA graphs per layer), max-autotune-no-cudagraphs
     cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32)
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_samples: int = 0  # validation samples for the loss (0 = all)
@@ -121,7 +122,7 @@ class Config:
 
 CHOICES = {("model", "dtype"): ("auto", "float32", "bfloat16"), ("model", "projector_mode"): ("pool", "pooled"),
            ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
-           ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune"),
+           ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
            ("run", "device"): ("auto", "cpu", "cuda")}
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
             ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
@@ -168,9 +169,10 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
     if cfg.lora.dropout >= 1.0:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
-    if cfg.train.cuda_graph and cfg.train.compile == "reduce-overhead":
-        raise ValueError("train.cuda_graph records the whole step, so the layers cannot record graphs of their own: "
-                         "use train.compile = \"default\" (or none) with it")
+    if cfg.train.cuda_graph and cfg.train.compile in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their own "
+                         f"(train.compile = \"{cfg.train.compile}\" does): use \"default\" or "
+                         "\"max-autotune-no-cudagraphs\" (or none) with it")
     if cfg.train.cuda_graph and cfg.train.amp == "fp16":
         raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
     if cfg.train.cuda_graph and cfg.data.pack:

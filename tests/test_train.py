@@ -50,6 +50,7 @@ def test_unknown_key_lists_the_known_ones(tmp_path):
     ("--data.max_len=8", "data.max_len = 8 cannot hold one media block"),
     ("--data.pack=maybe", "data.pack must be bool"),
     ("--train.cuda_graph=true --train.compile=reduce-overhead", "layers cannot record graphs of their own"),
+    ("--train.cuda_graph=true --train.compile=max-autotune", "use \"default\" or \"max-autotune-no-cudagraphs\""),
     ("--train.cuda_graph=true --train.amp=fp16", "cannot record fp16's loss scaling"),
     ("--train.cuda_graph=true --data.pack=true", "set data.pack = false with it"),
 ])
@@ -59,7 +60,7 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_cuda_graph_is_refused_where_it_cannot_record():
-    cfg = train.load_config(None, ["--train.cuda_graph=true"])
+    cfg = train.load_config(None, ["--train.cuda_graph=true", "--train.compile=max-autotune-no-cudagraphs"])
     with pytest.raises(ValueError, match="records the step on a GPU; on CPU set it to false"):
         train.make_step(None, None, None, [], None, train.Dist(), cfg.train)
 
