@@ -12,7 +12,8 @@ The step is train.py's own (`train.make_step`, its optimizer and AMP setup, batc
 a model of Qwen2.5-0.5B's shape with random weights (frozen base in bf16, LoRA r=16 on q,k,v,o and projectors
 in fp32) and synthetic batches where the second half of each row is labelled, as in the peer. MFU counts
 4*N_frozen_body + 4*N_lm_head*labelled + 6*N_trainable + 6*layers*seq*heads*head_dim FLOPs per token over a peak
-of 790 TFLOP/s (the bf16 matrix rate measured on an H200).
+of 790 TFLOP/s (the bf16 matrix rate measured on an H200). Each row is printed as JSON when measured and all go
+to `bench_*.json`; with `--peer`, a closing Markdown table gives ours beside each peer row and the ratios.
 """
 from __future__ import annotations
 
@@ -166,6 +167,28 @@ GRIDS = {
 }
 
 
+def describe(r: dict) -> str:
+    """One benchmark row as a table cell: time, tokens/s, MFU (ours), memory; or its error."""
+    if "error" in r:
+        return f"error: {r['error'][:80]}"
+    mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+    return f"{r['ms_per_step']:.1f} ms, {r['tokens_per_s'] / 1e3:.1f}k tok/s{mfu}, {r['peak_mem_gib']:.2f} GiB"
+
+
+def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
+    """Markdown table of ours beside each peer row of the same shapes, with the ratios of tokens/s and memory."""
+    lines = ["| workload | mmlora | peer | tokens/s vs peer | memory vs peer |", "|---|---|---|---|---|"]
+    for ours, peer in pairs:
+        shape = f"{ours['batch']} x {ours['seq']}" + (", activation checkpointing" if ours["grad_ckpt"] else "")
+        which = "peer " + ("compiled" if peer["compile"] else "eager")
+        ratios = ["-", "-"]
+        if "error" not in ours and "error" not in peer:
+            ratios = [f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x",
+                      f"{ours['peak_mem_gib'] / peer['peak_mem_gib']:.2f}x"]
+        lines.append(f"| {shape} | {describe(ours)} | {which}: {describe(peer)} | {' | '.join(ratios)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", choices=list(GRIDS), help="a set of workloads (else the one given by the flags)")
@@ -204,7 +227,7 @@ def main() -> None:
     if d.master:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {d.world}", flush=True)
     work = GRIDS[args.grid] if args.grid else [({k: getattr(args, k) for k in workload(0)}, [])]
-    rows = []
+    rows, pairs = [], []
     for flags, peers in work:
         vars(args).update(flags)
         try:
@@ -224,11 +247,10 @@ def main() -> None:
             torch.cuda.empty_cache()
             if d.master:
                 print(json.dumps(r), flush=True)
-                if "tokens_per_s" in r and "tokens_per_s" in ours:
-                    print(f"  ratio vs peer (ckpt={ckpt}, compile={compile_}): tokens/s x"
-                          f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}, memory x"
-                          f"{ours['peak_mem_gib'] / r['peak_mem_gib']:.2f}", flush=True)
             rows.append(r)
+            pairs.append((ours, r))
+    if d.master and pairs:
+        print(ratio_table(pairs), flush=True)
     if d.master:
         name = f"bench_{args.grid or 'one'}" + (f"_ws{d.world}" if d.world > 1 else "") + ".json"
         with open(os.path.join(args.out, name), "w") as f:

@@ -361,3 +361,17 @@ def test_bench_batches_run_through_the_training_step(variant):
     stats, n_tok, _, finite = train.make_step(mm, opt, scaler, params, autocast, train.Dist(), cfg.train)([batch])
     assert finite and n_tok > 0 and 0.3 < float((batch["labels"] != -100).sum()) / float(batch["lengths"].sum()) < 0.6
     assert bench.flops_per_token(mm, 128, 0.5) > 0
+
+
+def test_bench_table_gives_the_ratios_to_the_peer():
+    import bench
+    ours = {"impl": "mmlora", "batch": 8, "seq": 2048, "grad_ckpt": False, "ms_per_step": 83.2, "tokens_per_s": 196900,
+            "mfu": 0.499, "peak_mem_gib": 16.0}
+    peer = {"impl": "transformers+peft", "grad_ckpt": False, "compile": True, "ms_per_step": 136.1,
+            "tokens_per_s": 120400, "peak_mem_gib": 30.4}
+    failed = {"impl": "transformers+peft", "grad_ckpt": True, "compile": False, "error": "OutOfMemoryError()"}
+    lines = bench.ratio_table([(ours, peer), ({**ours, "grad_ckpt": True}, failed)]).splitlines()
+    assert lines[2] == ("| 8 x 2048 | 83.2 ms, 196.9k tok/s, MFU 49.9%, 16.00 GiB | peer compiled: 136.1 ms, 120.4k "
+                        "tok/s, 30.40 GiB | 1.64x | 0.53x |")
+    assert lines[3].startswith("| 8 x 2048, activation checkpointing |") and "peer eager: error: OutOfMemoryError()" \
+        in lines[3] and lines[3].endswith("| - | - |")
