@@ -5,7 +5,7 @@
     python bench.py --grid layers                                     # ours there with per-layer graphs
     python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours (per-layer graphs)
     python bench.py --seq 512 --compile --cuda_graph                  # the same, the whole step as one graph
-    torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under DDP
+    torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under torchrun
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
 
 The step is train.py's own (`train.make_step`, its optimizer and AMP setup, batches from `data.collate`) on
@@ -163,7 +163,7 @@ GRIDS = {
     "extra": [(workload(512, compile=False), []), (workload(512, multimodal=True, cuda_graph=True), []),
               (workload(512, multimodal=True, cache=True, cuda_graph=True), []),
               (workload(512, cuda_graph=True), []), (workload(2048, pack=True, cuda_graph=True), [])],
-    "ddp": [(workload(512), [(False, False)]), (workload(2048), [(False, True)])],
+    "ddp": [(workload(512, cuda_graph=True), [(False, False)]), (workload(2048, cuda_graph=True), [(False, True)])],
 }
 
 
