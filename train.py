@@ -171,7 +171,7 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
     if cfg.train.cuda_graph and cfg.train.compile in ("reduce-overhead", "max-autotune"):
         raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their own "
-                         f"(train.compile = \"{cfg.train.compile}\" does): use \"default\" or "
+                         f"(train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
                          "\"max-autotune-no-cudagraphs\" (or none) with it")
     if cfg.train.cuda_graph and cfg.train.amp == "fp16":
         raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
