@@ -27,20 +27,21 @@ import torch
 import torch.distributed as dist
 
 import data
-import model as M
+import demo
 import train
+from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM
 
 PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                   num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
                   rope_theta=1e6, tie_word_embeddings=True, qkv_bias=True)
 # a seed-sized aligner (~86M parameters, like the seed's 588.5M total minus the LLM and projectors)
-SEED_ALIGNER = M.AlignerConfig(dim=1024, image=M.EncoderConfig(768, 6, 12), audio=M.EncoderConfig(768, 6, 12),
-                               image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
+SEED_ALIGNER = AlignerConfig(dim=1024, image=EncoderConfig(768, 6, 12), audio=EncoderConfig(768, 6, 12),
+                             image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
 
 
-def build(args, device, shape: dict = QWEN25_05B, aligner_config: M.AlignerConfig = SEED_ALIGNER
-          ) -> tuple[train.Config, M.MultimodalLM]:
+def build(args, device, shape: dict = QWEN25_05B, aligner_config: AlignerConfig = SEED_ALIGNER
+          ) -> tuple[train.Config, MultimodalLM]:
     cfg = train.Config()
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, 0.05
     cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
@@ -50,18 +51,18 @@ def build(args, device, shape: dict = QWEN25_05B, aligner_config: M.AlignerConfi
         if args.compile else "none"
     torch.manual_seed(0)
     with torch.device(device):
-        llm = M.LLM(M.LLMConfig(**shape)).init_weights().to(torch.bfloat16)
-        aligner = M.Aligner(aligner_config).requires_grad_(False).eval()
+        llm = LLM(LLMConfig(**shape)).init_weights().to(torch.bfloat16)
+        aligner = Aligner(aligner_config).requires_grad_(False).eval()
     media_ids = {"image": shape["vocab_size"] - 2, "audio": shape["vocab_size"] - 1}
     return cfg, train.assemble(cfg, llm, aligner, media_ids)
 
 
-def make_batch(args, mm: M.MultimodalLM, device, g: torch.Generator) -> dict:
+def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Batch:
     """B rows of `seq` tokens through `data.collate`, the second half of each document labelled; optionally 2 images
     + 1 clip per row (raw, or features as the cache stores them), or rows packed with documents of T/8 to T/2."""
-    B, T, V = args.batch, args.seq, mm.llm.config.vocab_size - 16
-    c = mm.aligner.config
-    K = {m: p.num_tokens for m, p in mm.projectors.items()}
+    B, T, V = args.batch, args.seq, model.llm.config.vocab_size - 16
+    c = model.aligner.config
+    K = {m: p.num_tokens for m, p in model.projectors.items()}
     starts = {"image": [1, 2 + K["image"]], "audio": [3 + 2 * K["image"]]}  # two image blocks, one audio block
     items = []
     for _ in range(B):
@@ -70,55 +71,58 @@ def make_batch(args, mm: M.MultimodalLM, device, g: torch.Generator) -> dict:
             n = min(left, int(torch.randint(T // 8, T // 2, (1,), generator=g))) if args.pack else T
             ids = torch.randint(0, V, (n,), generator=g).tolist()
             labels = [-100] * (n // 2) + ids[n // 2 + 1:] + [-100]
-            item = {"id": str(len(items)), "input_ids": ids, "labels": labels, "has": [args.multimodal] * 2}
+            item = data.Item(str(len(items)), ids, labels)
             if args.multimodal:  # the media blocks in the prompt half
+                counts = {"image": 2, "audio": 1}
                 for m, first in starts.items():
-                    item[f"{m}_slots"] = [s + k for s in first for k in range(K[m])]
-                    for t in item[f"{m}_slots"]:
-                        ids[t] = mm.media_token_ids[m]
-                if args.cache:
-                    item |= {"image_tokens": torch.randn(2, c.num_patches, c.dim),
-                             "image_pooled": torch.randn(2, c.dim),
-                             "audio_tokens": torch.randn(1, c.num_audio_tokens, c.dim),
-                             "audio_pooled": torch.randn(1, c.dim)}
-                else:
-                    item |= {"image": torch.randn(2, 3, c.image_size, c.image_size),
-                             "audio": torch.randn(1, int(c.sample_rate * c.clip_seconds)) * 0.1}
+                    slots = [s + k for s in first for k in range(K[m])]
+                    for t in slots:
+                        ids[t] = model.media_token_ids[m]
+                    slots = torch.tensor(slots)
+                    if args.cache:
+                        n_tokens = c.num_patches if m == "image" else c.num_audio_tokens
+                        item.media[m] = data.Media(slots, tokens=torch.randn(counts[m], n_tokens, c.dim),
+                                                   pooled=torch.randn(counts[m], c.dim))
+                    else:
+                        raw = torch.randn(2, 3, c.image_size, c.image_size) if m == "image" else \
+                            torch.randn(1, int(c.sample_rate * c.clip_seconds)) * 0.1
+                        item.media[m] = data.Media(slots, raw=raw)
             items.append(item)
             left -= n
-    return train.to_device(data.collate(items, 0, pack=args.pack, max_len=T), device)
+    return data.collate(items, 0, pack=args.pack, max_len=T).to(device)
 
 
-def flops_per_token(mm: M.MultimodalLM, seq: int, labelled: float) -> float:
-    c = mm.llm.config
+def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
+    c = model.llm.config
     lm_head = c.vocab_size * c.hidden_size
-    body = sum(p.numel() for p in mm.llm.model.layers.parameters() if not p.requires_grad)
-    trainable = sum(p.numel() for p in mm.parameters() if p.requires_grad)
+    body = sum(p.numel() for p in model.llm.model.layers.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * c.num_hidden_layers * seq * c.num_attention_heads \
         * c.head_dim
 
 
-def time_ours(args, d: train.Dist) -> dict:
-    cfg, mm = build(args, d.device)
-    ddp = train.data_parallel(mm, d, cfg.train)
-    opt, params = train.make_optimizer(mm, cfg.train, d.device)
-    scaler, autocast = train.mixed_precision(cfg.train, d.device)
-    run_step = train.make_step(ddp, opt, scaler, params, autocast, d, cfg.train)
+def time_ours(args, world: train.World) -> dict:
+    cfg, model = build(args, world.device)
+    opt, params = train.make_optimizer(model, cfg.train)
+    scaler, autocast = train.mixed_precision(cfg.train, world.device)
+    run_step = train.make_step(model, opt, scaler, params, autocast, world, cfg)
     g = torch.Generator().manual_seed(0)
-    batches = [make_batch(args, mm, d.device, g) for _ in range(3)]
-    mm.train()
+    batches = [make_batch(args, model, world.device, g) for _ in range(3)]
+    if args.cuda_graph:  # padded once here, so that GraphedStep finds nothing left to pad in the timed steps
+        batches = [b.pad_static(cfg.data.pad_multiple) for b in batches]
+    model.train()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()  # before the warm-up: CUDA graphs allocate their memory when recorded
     times = []
     for i in range(args.warmup + args.steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        stats, n_tok, _, _ = run_step([batches[i % 3]])
+        out = run_step([batches[i % 3]])
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    if args.profile and d.master:
+    if args.profile and world.master:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(3):
@@ -129,16 +133,16 @@ def time_ours(args, d: train.Dist) -> dict:
             print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
     med = sorted(times)[len(times) // 2]
     b = batches[0]
-    tokens = int(b["lengths"].sum())
-    labelled = float((b["labels"] != -100).sum()) / tokens
-    fpt = flops_per_token(mm, args.seq, labelled)
+    tokens = sum(b.lengths)
+    labelled = float((b.labels != -100).sum()) / tokens
+    fpt = flops_per_token(model, args.seq, labelled)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
             "cuda_graph": args.cuda_graph,
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
             "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "loss": round((stats[0] / n_tok).item(), 4)}
+            "loss": round((out.stats[0] / out.n_tokens).item(), 4)}
 
 
 def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool) -> dict:
@@ -213,30 +217,29 @@ def main() -> None:
     if args.pack and args.multimodal:
         ap.error("--pack and --multimodal are separate workloads")
     if args.make_assets:
-        data.make_demo(args.make_assets, pretrain_steps=0, llm_config=M.LLMConfig(**QWEN25_05B),
-                       aligner_config=SEED_ALIGNER)
+        demo.make_demo(args.make_assets, pretrain_steps=0, llm_config=LLMConfig(**QWEN25_05B),
+                       aligner_config=SEED_ALIGNER, log=print)
         print(f"python train.py --config configs/qwen2.5-0.5b.toml --model.llm={args.make_assets}/llm "
               f"--model.aligner={args.make_assets}/aligner --model.chat_format=chatml "
-              f"--data.train={args.make_assets}/data/train.jsonl --data.val={args.make_assets}/data/val.jsonl")
+              f"--data.train_file={args.make_assets}/data/train.jsonl "
+              f"--data.val_file={args.make_assets}/data/val.jsonl")
         return
-    d = train.Dist()
+    world = train.World(device=torch.device("cuda"))
     if "WORLD_SIZE" in os.environ:
-        d = train.setup_distributed(train.Config())
-    else:
-        d.device = torch.device("cuda")
-    if d.master:
-        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {d.world}", flush=True)
+        world = train.setup_distributed(train.Config())
+    if world.master:
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {world.size}", flush=True)
     work = GRIDS[args.grid] if args.grid else [({k: getattr(args, k) for k in workload(0)}, [])]
     rows, pairs = [], []
     for flags, peers in work:
         vars(args).update(flags)
         try:
-            ours = time_ours(args, d)
+            ours = time_ours(args, world)
         except Exception as e:  # report and go on to the next workload
             ours = {"impl": "mmlora", **flags, "error": repr(e)[:500]}
         torch.compiler.reset()  # the next workload compiles afresh, as its own train.py run would
         torch.cuda.empty_cache()
-        if d.master:
+        if world.master:
             print(json.dumps(ours), flush=True)
         rows.append(ours)
         for ckpt, compile_ in peers if args.peer else []:
@@ -245,14 +248,14 @@ def main() -> None:
             except Exception as e:  # report and go on, as the peer's own script does
                 r = {"impl": "transformers+peft", "grad_ckpt": ckpt, "compile": compile_, "error": repr(e)[:300]}
             torch.cuda.empty_cache()
-            if d.master:
+            if world.master:
                 print(json.dumps(r), flush=True)
             rows.append(r)
             pairs.append((ours, r))
-    if d.master and pairs:
+    if world.master and pairs:
         print(ratio_table(pairs), flush=True)
-    if d.master:
-        name = f"bench_{args.grid or 'one'}" + (f"_ws{d.world}" if d.world > 1 else "") + ".json"
+    if world.master:
+        name = f"bench_{args.grid or 'one'}" + (f"_ws{world.size}" if world.size > 1 else "") + ".json"
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(rows, f, indent=1)
     if dist.is_initialized():

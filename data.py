@@ -1,10 +1,11 @@
-"""Data of mmlora: conversations -> tokens, labels and media; media decoding; collate and packing; feature cache;
-the embedded demo ("shapes and tones").
+"""Data of mmlora: conversations -> tokens, labels and media; media decoding; the typed `Batch`; collate and
+packing; the feature cache.
 
     ds = ConversationDataset("data/train.jsonl", tokenizer, aligner_config, tokens_per_media={"image": 16, "audio": 8})
-    batch = collate([ds[0], ds[1]], pad_id=tokenizer.pad_id)          # or pack=True, max_len=...
+    batch = collate([ds[0], ds[1]], pad_id=tokenizer.pad_id)          # a Batch; or pack=True, max_len=...
+    batch = batch.to("cuda")
 
-A sample (DESIGN 5) is LLaVA-style `{"id", "image", "audio", "conversations": [{"from", "value"}]}` or
+A sample is LLaVA-style `{"id", "image", "audio", "conversations": [{"from", "value"}]}` or
 `{"messages": [{"role", "content"}]}`. Each `<image>` / `<audio>` placeholder expands to K reserved token ids that
 the model overwrites with projected features. Labels are set only on assistant replies and their end-of-turn token,
 from the chat format's per-token mask.
@@ -14,19 +15,17 @@ from __future__ import annotations
 import json
 import math
 import wave
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import MODALITIES, AlignerConfig, Tokenizer
+from model import MODALITIES, AlignerConfig, Tokenizer, save_tensors
 
 PLACEHOLDERS = {"image": "<image>", "audio": "<audio>"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-                       "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>", "[INST]", "[/INST]", "<image>", "<audio>"]
 
 
 class SampleError(ValueError):
@@ -252,6 +251,111 @@ def encode_conversation(messages: list[dict], tok: Tokenizer, tokens_per_media: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Samples and batches: typed, with every tensor's shape and dtype
+
+
+@dataclass
+class Media:
+    """One modality's media of a sample or a batch: the inputs of the aligner, or its cached outputs, and the
+    placeholder positions their projected features go to. N media of K placeholder tokens each."""
+    slots: torch.Tensor  # (N*K,) int64: placeholder positions, in order (within the sample, or flat b*T+t in a batch)
+    raw: torch.Tensor | None = None  # images (N, 3, S, S) float32 normalised, or audio (N, samples) float32
+    tokens: torch.Tensor | None = None  # cached aligner token features (N, n, D) float32
+    pooled: torch.Tensor | None = None  # cached pooled aligner features (N, D) float32
+
+    def __len__(self) -> int:  # N
+        return (self.raw if self.raw is not None else self.tokens).shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.slots, self.raw, self.tokens, self.pooled) if t is not None]
+
+
+@dataclass
+class Item:
+    """One tokenized sample, as the dataset gives it to `collate`."""
+    id: str
+    input_ids: list[int]  # (T_i,)
+    labels: list[int]  # (T_i,): labels[t] is the target of position t (token t+1), -100 where there is none
+    media: dict[str, Media] = field(default_factory=dict)  # modality -> its media, slots within the sample
+
+
+@dataclass
+class Batch:
+    """S samples collated into B rows of T tokens (B == S when padded; B <= S when packed).
+
+    The host finds every position the model indexes by (labels, placeholders), so that the GPU never reports a
+    count back during a step: `label_index` lists the M labelled positions of the flattened (B*T) batch, and each
+    modality's `Media.slots` its placeholder positions there."""
+    input_ids: torch.Tensor  # (B, T) int64, pad_id after each row's `lengths` tokens
+    labels: torch.Tensor  # (B, T) int64: labels[b, t] is the target of position t, -100 where there is none
+    label_index: torch.Tensor  # (M,) int64: flat positions b*T+t with a label
+    label_weight: torch.Tensor  # (M,) float32: 1.0, or 0.0 at the padding of `pad_static`
+    sample_index: torch.Tensor  # (B, T) int64: the sample (0..S-1) each position belongs to (0 on padding)
+    modality: torch.Tensor  # (S, 2) bool: whether each sample holds an image, audio (MODALITIES' order)
+    lengths: list[int]  # (B,) real tokens per row, on the host
+    ids: list[str]  # (S,) sample ids
+    media: dict[str, Media] = field(default_factory=dict)  # modality -> the batch's media, for those present
+    position_ids: torch.Tensor | None = None  # (B, T) int64, packed rows: positions restart at 0 for each sample
+    doc_ids: torch.Tensor | None = None  # (B, T) int64, packed rows: the sample of each position, -1 on padding
+
+    def apply(self, fn) -> "Batch":
+        """A batch with `fn` applied to every tensor (host lists are shared)."""
+        def f(t):
+            return None if t is None else fn(t)
+        return replace(self, input_ids=fn(self.input_ids), labels=fn(self.labels), label_index=fn(self.label_index),
+                       label_weight=fn(self.label_weight), sample_index=fn(self.sample_index),
+                       modality=fn(self.modality), position_ids=f(self.position_ids), doc_ids=f(self.doc_ids),
+                       media={m: Media(fn(x.slots), f(x.raw), f(x.tokens), f(x.pooled)) for m, x in self.media.items()})
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return self.apply(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this on each batch
+        return self.apply(lambda t: t.pin_memory())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch, in a fixed order (the inputs of a recorded CUDA graph)."""
+        fixed = [self.input_ids, self.labels, self.label_index, self.label_weight, self.sample_index, self.modality]
+        packed = [t for t in (self.position_ids, self.doc_ids) if t is not None]
+        return fixed + packed + [t for m in MODALITIES if m in self.media for t in self.media[m].tensors()]
+
+    def pad_static(self, multiple: int) -> "Batch":
+        """The same batch in few shapes, for a training step recorded as a CUDA graph (padded rows only).
+
+        `label_index` is padded to a multiple of the row length at weight 0 (the padding adds nothing to the loss,
+        the token counts or the gradients), and each modality's media to a multiple of the number of rows, with
+        their features written to a scratch position: the batch's last one, a pad token that no real token attends
+        to (rows are widened by `multiple` columns if none is left). Only shapes and `lengths` are read, so a batch
+        already on the GPU is padded without waiting for it; a batch with nothing to pad is returned as it is."""
+        if self.doc_ids is not None:
+            raise ValueError("static shapes are for padded rows; packed rows vary in number")
+        b = self
+        B, T = b.input_ids.shape
+        if any(len(x) % B for x in b.media.values()) and max(b.lengths) == T:  # media to pad and no scratch position:
+            def widen(t):  # widen every row, and move the flat positions with it
+                return F.pad(t, (0, multiple), value=-100 if t is b.labels else 0)
+
+            def move(flat):
+                return flat // T * (T + multiple) + flat % T
+            b = replace(b, input_ids=widen(b.input_ids), labels=widen(b.labels), sample_index=widen(b.sample_index),
+                        label_index=move(b.label_index),
+                        media={m: replace(x, slots=move(x.slots)) for m, x in b.media.items()})
+            T += multiple
+        scratch = B * T - 1
+        if extra := -len(b.label_index) % T:
+            b = replace(b, label_index=torch.cat([b.label_index, b.label_index.new_full((extra,), scratch)]),
+                        label_weight=torch.cat([b.label_weight, b.label_weight.new_zeros(extra)]))
+        media = dict(b.media)
+        for m, x in b.media.items():
+            if extra := -len(x) % B:
+                def grow(t):
+                    return None if t is None else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+                slots = torch.cat([x.slots, x.slots.new_full((extra * len(x.slots) // len(x),), scratch)])
+                media[m] = Media(slots, grow(x.raw), grow(x.tokens), grow(x.pooled))
+        return replace(b, media=media)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Dataset
 
 
@@ -323,33 +427,32 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Item:
         ex = self.examples[i]
-        return self.with_media({"id": ex.id, "input_ids": ex.input_ids, "labels": ex.labels}, ex,
-                               {m: len(ex.media[m]) for m in MODALITIES})
+        return self.with_media(Item(ex.id, ex.input_ids, ex.labels), ex, {m: len(ex.media[m]) for m in MODALITIES})
 
-    def with_media(self, item: dict, ex: Example, counts: dict[str, int]) -> dict:
-        """Add the first `counts[m]` media of each modality (decoded, or features from the cache) to `item`, and
+    def with_media(self, item: Item, ex: Example, counts: dict[str, int]) -> Item:
+        """Add the first `counts[m]` media of each modality (decoded, or features from the cache) to `item`, with
         the positions of their placeholder tokens, so that the model never has to search the batch for them."""
-        item["has"] = [counts[m] > 0 for m in MODALITIES]
         for m in MODALITIES:
             if not counts[m]:
                 continue
             media_id = self.tok.media_token_id(m)
-            item[f"{m}_slots"] = [t for t, x in enumerate(item["input_ids"]) if x == media_id]
+            slots = torch.tensor([t for t, x in enumerate(item.input_ids) if x == media_id], dtype=torch.long)
             if self.cache is not None:
-                item[f"{m}_tokens"], item[f"{m}_pooled"] = self.cache.get(ex.id, m, counts[m])
+                tokens, pooled = self.cache.get(ex.id, m, counts[m])
+                item.media[m] = Media(slots, tokens=tokens, pooled=pooled)
             else:
-                item[m] = torch.stack([self.load(m, f) for f in ex.media[m][:counts[m]]])
+                item.media[m] = Media(slots, raw=torch.stack([self.load(m, f) for f in ex.media[m][:counts[m]]]))
         return item
 
-    def prompt(self, i: int) -> tuple[dict, str]:
+    def prompt(self, i: int) -> tuple[Item, str]:
         """The sample up to its last user turn, ready for generation, and the last reply as the expected answer."""
         ex = self.examples[i]
         last = max(j for j, m in enumerate(ex.messages) if m["role"] == "assistant")
         ids, _, counts = encode_conversation(ex.messages[:last], self.tok, self.tokens_per_media, self.max_len,
                                              truncate=True, add_generation_prompt=True)
-        item = {"id": ex.id, "input_ids": ids, "labels": [-100] * len(ids)}
+        item = Item(ex.id, ids, [-100] * len(ids))
         return self.with_media(item, ex, {m: counts.get(m, 0) for m in MODALITIES}), ex.messages[last]["content"]
 
     def load(self, modality: str, path: Path) -> torch.Tensor:
@@ -372,34 +475,22 @@ def write_skipped(path: str | Path, skipped: list[dict]) -> None:
 # Collate: pad, or pack several samples into one row
 
 
-def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | None = None,
-            pad_multiple: int = 1, static: bool = False) -> dict:
+def collate(items: list[Item], pad_id: int, pack: bool = False, max_len: int | None = None,
+            pad_multiple: int = 1) -> Batch:
     """Stack samples into a batch.
 
     Padded (default): one row per sample, padded on the right; plain causal attention is then exact.
     Packed: samples fill rows of `max_len` tokens (first fit), each with its own positions from 0 and a
     `doc_ids` row, from which the model builds a mask with no attention across samples.
     Media are concatenated in the order their placeholders appear in the flattened batch. Rows are padded to a
-    multiple of `pad_multiple` tokens, so that compiled layers see few distinct shapes.
-
-    The host also finds the positions the model indexes by, in the flattened (B*T) batch: `label_index` (M,),
-    where labels are set, with `label_weight` (M,) 1.0 for each, and `{modality}_slots` (N,), each media's
-    placeholder tokens (items give theirs as `{modality}_slots`, positions within the sample). The GPU then never
-    reports a count back to the host.
-
-    `static` (for a training step recorded as a CUDA graph, padded rows only) keeps the shapes few: rows get at
-    least one pad token, whose last one (the scratch position) no real token attends to; `label_index` is padded
-    to a multiple of the row length with the scratch position at weight 0, and each modality's media to a
-    multiple of the batch size with zeros written to the scratch position."""
-    if static and pack:
-        raise ValueError("static shapes are for padded rows; packed rows vary in number")
+    multiple of `pad_multiple` tokens, so that compiled layers see few distinct shapes."""
     if pack:
         if max_len is None:
             raise ValueError("packing needs max_len")
         rows: list[list[int]] = []
         room: list[int] = []
         for i, it in enumerate(items):
-            n = len(it["input_ids"])
+            n = len(it.input_ids)
             r = next((r for r in range(len(rows)) if room[r] >= n), None)
             if r is None:
                 rows.append([])
@@ -409,7 +500,7 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
             room[r] -= n
     else:
         rows = [[i] for i in range(len(items))]
-    T = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows) + int(static)  # the scratch position
+    T = max(sum(len(items[i].input_ids) for i in row) for row in rows)
     T = -(-T // pad_multiple) * pad_multiple
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -417,51 +508,35 @@ def collate(items: list[dict], pad_id: int, pack: bool = False, max_len: int | N
     sample_index = torch.zeros(B, T, dtype=torch.long)
     position_ids = torch.zeros(B, T, dtype=torch.long)
     doc_ids = torch.full((B, T), -1, dtype=torch.long)
-    lengths = torch.zeros(B, dtype=torch.long)
-    order = []
-    slots: dict[str, list[int]] = {m: [] for m in MODALITIES}
+    lengths = []
+    order = []  # samples in the order of the flattened batch
+    slots: dict[str, list[torch.Tensor]] = {m: [] for m in MODALITIES}
     for b, row in enumerate(rows):
         t = 0
         for i in row:
-            n = len(items[i]["input_ids"])
-            for m in MODALITIES:
-                slots[m] += [b * T + t + s for s in items[i].get(f"{m}_slots", ())]
-            input_ids[b, t:t + n] = torch.tensor(items[i]["input_ids"])
-            labels[b, t:t + n] = torch.tensor(items[i]["labels"])
+            it, n = items[i], len(items[i].input_ids)
+            for m, x in it.media.items():
+                slots[m].append(b * T + t + x.slots)
+            input_ids[b, t:t + n] = torch.tensor(it.input_ids)
+            labels[b, t:t + n] = torch.tensor(it.labels)
             sample_index[b, t:t + n] = i
             position_ids[b, t:t + n] = torch.arange(n)
             doc_ids[b, t:t + n] = i
             t += n
             order.append(i)
-        lengths[b] = t
+        lengths.append(t)
     label_index = (labels.flatten() != -100).nonzero()[:, 0]
-    label_weight = torch.ones(len(label_index))
-    batch = {"input_ids": input_ids, "labels": labels, "sample_index": sample_index, "lengths": lengths,
-             "modality": torch.tensor([it["has"] for it in items], dtype=torch.bool).view(len(items), len(MODALITIES)),
-             "ids": [it["id"] for it in items]}
-    if pack:
-        batch["position_ids"], batch["doc_ids"] = position_ids, doc_ids
-    for key in ("image", "audio", "image_tokens", "image_pooled", "audio_tokens", "audio_pooled"):
-        parts = [items[i][key] for i in order if key in items[i]]
+    media = {}
+    for m in MODALITIES:
+        parts = [items[i].media[m] for i in order if m in items[i].media]
         if parts:
-            batch[key] = torch.cat(parts)
-    if static:
-        scratch = B * T - 1
-        extra = -len(label_index) % T
-        label_index = torch.cat([label_index, torch.full((extra,), scratch)])
-        label_weight = torch.cat([label_weight, torch.zeros(extra)])
-        for m in MODALITIES:
-            media = [k for k in (m, f"{m}_tokens", f"{m}_pooled") if k in batch]
-            if not media:
-                continue
-            n = len(batch[media[0]])
-            extra = -n % B
-            for k in media:
-                batch[k] = torch.cat([batch[k], batch[k].new_zeros(extra, *batch[k].shape[1:])])
-            slots[m] += [scratch] * (extra * len(slots[m]) // n)
-    batch |= {"label_index": label_index, "label_weight": label_weight}
-    batch |= {f"{m}_slots": torch.tensor(s, dtype=torch.long) for m, s in slots.items() if s}
-    return batch
+            def cat(name):
+                return None if getattr(parts[0], name) is None else torch.cat([getattr(x, name) for x in parts])
+            media[m] = Media(torch.cat(slots[m]), cat("raw"), cat("tokens"), cat("pooled"))
+    modality = torch.tensor([[m in it.media for m in MODALITIES] for it in items], dtype=torch.bool)
+    return Batch(input_ids, labels, label_index, torch.ones(len(label_index)), sample_index,
+                 modality.view(len(items), len(MODALITIES)), lengths, [it.id for it in items], media,
+                 position_ids if pack else None, doc_ids if pack else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,8 +547,6 @@ def build_feature_cache(dataset: ConversationDataset, aligner, folder: str | Pat
                         shard_samples: int = 1024, num_workers: int = 0) -> int:
     """Run the aligner over every sample's media and write `features-NNNNN.safetensors` + `index.json`;
     `num_workers` DataLoader processes decode the media. Returns the number of samples cached."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = [ex.id for ex in dataset.examples]
@@ -485,18 +558,17 @@ def build_feature_cache(dataset: ConversationDataset, aligner, folder: str | Pat
     def flush():
         nonlocal shard, n_shard
         if shard:
-            save_file(shard, str(folder / f"features-{n_shard:05d}.safetensors"))
+            save_tensors(shard, folder / f"features-{n_shard:05d}.safetensors")
             n_shard, shard = n_shard + 1, {}
 
     samples = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)  # workers decode
     with torch.no_grad():
         for item in samples:
-            for m in MODALITIES:
-                if m in item:
-                    tokens, pooled = getattr(aligner, m)(item[m].to(device))
-                    shard[f"{item['id']}/{m}/tokens"] = tokens.float().cpu().contiguous()
-                    shard[f"{item['id']}/{m}/pooled"] = pooled.float().cpu().contiguous()
-            index[item["id"]] = f"features-{n_shard:05d}.safetensors"
+            for m, media in item.media.items():
+                tokens, pooled = getattr(aligner, m)(media.raw.to(device))
+                shard[f"{item.id}/{m}/tokens"] = tokens.float()
+                shard[f"{item.id}/{m}/pooled"] = pooled.float()
+            index[item.id] = f"features-{n_shard:05d}.safetensors"
             if len(index) % shard_samples == 0:
                 flush()
     flush()
@@ -525,182 +597,3 @@ class FeatureCache:
         h = self.handles[shard]
         key = f"{sample_id}/{modality}"
         return h.get_tensor(f"{key}/tokens")[:count], h.get_tensor(f"{key}/pooled")[:count]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The embedded demo: "shapes and tones"
-
-SHAPES, COLOURS = ("circle", "square", "triangle"), {"red": (220, 40, 40), "green": (40, 200, 60),
-                                                    "blue": (50, 80, 230), "yellow": (230, 210, 40)}
-PLACES = ("top left", "top right", "bottom left", "bottom right")
-NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
-IMAGE_QUESTIONS = {"shape": "What shape is in the image?", "colour": "What colour is the shape?",
-                   "place": "Where is the shape?"}
-AUDIO_QUESTIONS = {"count": "How many beeps are there?", "pitch": "Is the tone high or low?",
-                   "rhythm": "Are the beeps fast or slow?"}
-
-
-def train_tokenizer(texts: list[str], folder: str | Path, vocab_size: int = 512,
-                    special_tokens: list[str] = CHAT_SPECIAL_TOKENS, eos_token: str = "<|im_end|>") -> None:
-    """Train a byte-level BPE `tokenizer.json` (GPT-2 style, as Qwen and Llama-3 use) and its tokenizer_config."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tk.save(str(folder / "tokenizer.json"))
-    cfg = {"eos_token": eos_token, "pad_token": "<|endoftext|>", "bos_token": None}
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-
-
-def draw_shape(rng: np.random.Generator, shape: str, colour: str, place: str, size: int = 32) -> np.ndarray:
-    """A (size, size, 3) uint8 image: one filled shape in one quadrant, on a dark noisy background."""
-    img = rng.integers(0, 25, (size, size, 3)).astype(np.uint8)
-    h = size // 2
-    cy = (h // 2 if place.startswith("top") else h + h // 2) + int(rng.integers(-2, 3))
-    cx = (h // 2 if place.endswith("left") else h + h // 2) + int(rng.integers(-2, 3))
-    r = int(rng.integers(6, 8))
-    yy, xx = np.mgrid[:size, :size]
-    if shape == "circle":
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-    elif shape == "square":
-        mask = (abs(yy - cy) <= r - 1) & (abs(xx - cx) <= r - 1)
-    else:  # triangle, apex up
-        mask = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - (cy - r)) / 2)
-    img[mask] = COLOURS[colour]
-    return img
-
-
-def make_tones(rng: np.random.Generator, count: int, pitch: str, rhythm: str, rate: int = 16000) -> np.ndarray:
-    """One second of int16 audio: `count` beeps of a high or low tone, close together (fast) or spread (slow)."""
-    freq = (1500.0 if pitch == "high" else 350.0) * float(rng.uniform(0.95, 1.05))
-    beep, gap = (0.08, 0.06) if rhythm == "fast" else (0.12, 0.18)
-    x = rng.normal(0, 0.01, rate)
-    start = float(rng.uniform(0.02, 0.1))
-    t = np.arange(int(beep * rate)) / rate
-    for _ in range(count):
-        s = int(start * rate)
-        x[s:s + t.size] += 0.5 * np.sin(2 * np.pi * freq * t) * np.hanning(t.size)
-        start += beep + gap
-    return (np.clip(x, -1, 1) * 32767).astype(np.int16)
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    """Write int16 samples (num_samples,) or (num_samples, channels) as a PCM WAV."""
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1 if samples.ndim == 1 else samples.shape[1])
-        w.setsampwidth(samples.dtype.itemsize)
-        w.setframerate(rate)
-        w.writeframes(samples.tobytes())
-
-
-def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> dict:
-    """One conversation of the demo: about an image, a clip, both (two turns), or text only."""
-    kind = rng.choice(["image", "audio", "both", "text"], p=[0.35, 0.35, 0.2, 0.1])
-    sample: dict = {"id": f"{split}-{i:05d}"}
-    turns = []
-    if kind in ("image", "both"):
-        shape, colour, place = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(PLACES)
-        name = f"media/{split}-{i:05d}.npy"
-        np.save(media.parent / name, draw_shape(rng, shape, colour, place))
-        sample["image"] = name
-        q = rng.choice(list(IMAGE_QUESTIONS))
-        turns.append(("<image>\n" + IMAGE_QUESTIONS[q], {"shape": shape, "colour": colour, "place": place}[q]))
-    if kind in ("audio", "both"):
-        count, pitch, rhythm = int(rng.integers(1, 4)), rng.choice(["high", "low"]), rng.choice(["fast", "slow"])
-        name = f"media/{split}-{i:05d}.wav"
-        write_wav(media.parent / name, make_tones(rng, count, pitch, rhythm), 16000)
-        sample["audio"] = [name]
-        q = rng.choice(list(AUDIO_QUESTIONS) if count > 1 else ["count", "pitch"])  # one beep has no rhythm
-        turns.append(("<audio>\n" + AUDIO_QUESTIONS[q], {"count": NUMBERS[count], "pitch": pitch, "rhythm": rhythm}[q]))
-    if kind == "text":
-        a, b = int(rng.integers(0, 5)), int(rng.integers(0, 5))
-        turns.append((f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]))
-    sample["conversations"] = [t for q, a in turns
-                               for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-    return sample
-
-
-def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int = 120,
-              pretrain_steps: int = 800, llm_config=None, aligner_config=None) -> Path:
-    """Make the demo's data, tokenizer, tiny LLM and aligner in `folder` (deterministic for a seed). The LLM is
-    briefly pretrained on the demo's text so LoRA adapts a model that knows the language; the aligner is random
-    (not Phase-1 trained): its frozen features still carry what the questions ask, and the projectors learn to read
-    them. `llm_config` / `aligner_config` give other shapes (bench.py: Qwen2.5-0.5B's, stored in bf16, random
-    weights for GPU runs of train.py). Returns `folder`."""
-    from dataclasses import replace as with_fields
-
-    from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, load_tokenizer, save_aligner, save_llm
-
-    folder = Path(folder)
-    media = folder / "data" / "media"
-    media.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    splits = {"train": [demo_sample(rng, i, media, "train") for i in range(n_train)],
-              "val": [demo_sample(rng, i, media, "val") for i in range(n_val)]}
-    for split, samples in splits.items():
-        (folder / "data" / f"{split}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    texts = [t["value"].replace("<image>\n", "").replace("<audio>\n", "")
-             for s in splits["train"] for t in s["conversations"]]
-    llm_dir = folder / "llm"
-    train_tokenizer(texts, llm_dir, vocab_size=400)
-    tok = load_tokenizer(llm_dir, chat_format="chatml")
-
-    torch.manual_seed(seed)
-    cfg = LLMConfig(architecture="Qwen2ForCausalLM", vocab_size=tok.vocab_size, hidden_size=128,
-                    intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=32, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True,
-                    qkv_bias=True)
-    if llm_config is not None:  # a model vocabulary may be larger than the tokenizer's, as Qwen's is
-        cfg = with_fields(llm_config, vocab_size=max(llm_config.vocab_size, tok.vocab_size))
-    # the demo's recipe pretrains from PyTorch's default initialisation; a model of a given shape stays untrained,
-    # so it gets Hugging Face's, whose loss starts near ln(vocab)
-    llm = LLM(cfg) if llm_config is None else LLM(cfg).init_weights()
-    if pretrain_steps:
-        pretrain(llm, [tok.render([{"role": "user", "content": s["conversations"][0]["value"]},
-                                   {"role": "assistant", "content": s["conversations"][1]["value"]}])[0]
-                       for s in splits["train"]], pretrain_steps, seed)
-    save_llm(llm if llm_config is None else llm.to(torch.bfloat16), llm_dir)
-    acfg = aligner_config or AlignerConfig(dim=64, image=EncoderConfig(64, 2, 4), audio=EncoderConfig(64, 2, 4),
-                                           image_size=32, patch_size=8, sample_rate=16000, clip_seconds=1.0,
-                                           n_fft=400, hop_length=160, n_mels=40)
-    save_aligner(Aligner(acfg), folder / "aligner")
-    (folder / "READY").write_text("demo assets complete\n")
-    return folder
-
-
-def pretrain(llm, sequences: list[list[int]], steps: int, seed: int, batch: int = 32, lr: float = 3e-3) -> None:
-    """Next-token training of the whole LLM on token sequences (placeholder tokens dropped): the demo LLM's
-    'pretraining', so that Phase 2 starts from a model that knows the demo's language."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
-    llm.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(sequences), (batch,), generator=g).tolist()
-        rows = [sequences[i] for i in idx]
-        T = max(len(r) for r in rows)
-        ids = torch.zeros(batch, T, dtype=torch.long)
-        tgt = torch.full((batch, T), -100, dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = torch.tensor(r)
-            tgt[b, :len(r) - 1] = torch.tensor(r[1:])
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = F.cross_entropy(llm(ids).flatten(0, 1), tgt.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    llm.eval()
-
-
-def ensure_demo(folder: str | Path, **kw) -> Path:
-    """Make the demo assets in `folder` unless a complete set is already there."""
-    folder = Path(folder)
-    if not (folder / "READY").is_file():
-        make_demo(folder, **kw)
-    return folder

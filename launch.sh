@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# torchrun wrapper for one GPU, one node or many nodes; the argument order of the seed's cluster_train.sh.
+# torchrun wrapper for one GPU, one node or many nodes: bash launch.sh CONFIG [NNODES NODE_RANK MASTER_ADDR MASTER_PORT]
 set -euo pipefail
 
 usage() {
@@ -39,6 +39,7 @@ NODE_RANK=${positional[2]:-0}
 MASTER_ADDR=${positional[3]:-127.0.0.1}
 MASTER_PORT=${positional[4]:-29500}
 [ -f "$CONFIG" ] || { echo "launch.sh: config $CONFIG not found" >&2; exit 2; }
+CONFIG=$(realpath "$CONFIG")  # before the cd below
 cd "$(dirname "$0")"
 
 if [ -n "${NPROC_PER_NODE:-}" ] && [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
@@ -65,7 +66,6 @@ if [ "$NODE_RANK" = 0 ] && [ "${SKIP_PREFLIGHT:-0}" != 1 ]; then
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "launch.sh: pre-flight failed; see $OUT_DIR/logs/preflight.log" >&2; exit 1; }
 fi
 
-set -o pipefail
 python -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts "${MAX_RESTARTS:-3}" \
   train.py --config "$CONFIG" ${overrides[@]+"${overrides[@]}"} 2>&1 | tee -a "$OUT_DIR/logs/train-node$NODE_RANK.log"

@@ -2,6 +2,7 @@
 
     wrapped = apply_lora(llm, rank=16, alpha=32, dropout=0.05, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     ...train...
+    fuse_qkv(llm)                         # optional, for training: q, k, v and their adapters as one matmul each
     save_adapter(llm, "export/adapter")   # PeftModel.from_pretrained(hf_model, "export/adapter") loads it as is
     merge_lora(llm)                       # fold B @ A into the base weights for inference
 
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model import check_tensors, save_tensors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -43,9 +46,12 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        update = lora_updates(x, [self])[0]
-        return y if update is None else y + update.to(y.dtype)
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
+            x = x.to(self.lora_A.weight.dtype)
+        return out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in), fp32
@@ -63,22 +69,6 @@ class LoRALinear(nn.Module):
             w = self.base_layer.weight
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
             self.merged = False
-
-
-def lora_updates(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor | None]:
-    """The LoRA updates (alpha / r) * B(A(dropout(x))) of layers that share their input x (q, k, v): (B, T, in) ->
-    one (B, T, out_i) per layer (fp32, or autocast's dtype), None for a layer without an active adapter.
-
-    As in loralib's MergedLinear (and peft on a fused qkv layer), the adapters of one input draw one dropout mask
-    and run their A matrices as one matmul; each keeps its own A and B, so the adapter format does not change."""
-    active = [m for m in layers if isinstance(m, LoRALinear) and not m.merged]
-    if not active:
-        return [None] * len(layers)
-    if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
-        x = x.to(active[0].lora_A.weight.dtype)
-    a = torch.cat([m.lora_A.weight for m in active])  # (sum r, in)
-    h = iter(F.linear(active[0].lora_dropout(x), a).split([m.rank for m in active], dim=-1))  # (B, T, r) each
-    return [m.lora_B(next(h)) * m.scaling if m in active else None for m in layers]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -110,6 +100,45 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     return chosen
 
 
+class FusedQKV:
+    """`Attention.qkv` as one matmul over the q, k and v weights concatenated (each weight stays in its own module,
+    under Hugging Face's name), then the LoRA updates of the wrapped layers, whose A matrices also run as one
+    matmul on one dropout mask of the shared input, as loralib's MergedLinear (and peft on a fused qkv layer) does.
+    Each adapter keeps its own A and B, so the adapter format does not change. Without autograd (evaluation,
+    generation) each layer runs on its own: the concatenation would copy the weights at every token."""
+
+    def __init__(self, attn: nn.Module):
+        self.layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not torch.is_grad_enabled():
+            return tuple(layer(x) for layer in self.layers)
+        bases = [m.base_layer if isinstance(m, LoRALinear) else m for m in self.layers]
+        bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases])
+        y = F.linear(x, torch.cat([b.weight for b in bases]), bias)  # (B, T, q + k + v)
+        ys = list(y.split([b.out_features for b in bases], dim=-1))
+        lora = [i for i, m in enumerate(self.layers) if isinstance(m, LoRALinear) and not m.merged]
+        if lora:
+            first = self.layers[lora[0]]
+            if not torch.is_autocast_enabled(x.device.type):
+                x = x.to(first.lora_A.weight.dtype)
+            a = torch.cat([self.layers[i].lora_A.weight for i in lora])  # (sum r, in)
+            hs = F.linear(first.lora_dropout(x), a).split([self.layers[i].rank for i in lora], dim=-1)  # (B, T, r)
+            for i, h in zip(lora, hs):
+                m = self.layers[i]
+                ys[i] = ys[i] + (m.lora_B(h) * m.scaling).to(ys[i].dtype)
+        return tuple(ys)
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Give every attention layer of `model` (a module with q_proj, k_proj, v_proj and a `qkv` method) the fused
+    projection above, for training. Returns the number of layers fused; the weights and their names are unchanged."""
+    attns = [m for m in model.modules() if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "qkv"))]
+    for attn in attns:
+        attn.qkv = FusedQKV(attn)
+    return len(attns)
+
+
 def merge_lora(model: nn.Module) -> None:
     """Add (alpha/r) B @ A into every wrapped base weight; the forward then skips the adapter."""
     for m in lora_modules(model).values():
@@ -128,16 +157,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None) -> None:
     """Write `adapter_model.safetensors` and `adapter_config.json` in peft's format (LoRA, CAUSAL_LM)."""
-    from safetensors.torch import save_file
-
     mods = lora_modules(model)
     if not mods:
         raise ValueError("model has no LoRA layers to save; call apply_lora first")
     any_mod = next(iter(mods.values()))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_tensors({PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}, folder / "adapter_model.safetensors")
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": any_mod.rank, "lora_alpha": any_mod.alpha,
         "lora_dropout": getattr(any_mod.lora_dropout, "p", 0.0),
@@ -166,11 +192,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
     state = {k.replace(".default.", "."): v for k, v in state.items()}  # peft files saved with the adapter's name
     expected = lora_state_dict(model)
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
-    if missing or extra or wrong:
-        raise ValueError(f"{weights}: adapter does not fit the model; missing: {missing[:5]}, unexpected: {extra[:5]}, "
-                         f"wrong shape: {wrong[:5]}")
+    check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in state.items()},
+                  f"{weights}: adapter does not fit the model (other LoRA targets or base model?)")
     with torch.no_grad():
         for k, v in state.items():
             expected[k].copy_(v)

@@ -14,15 +14,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import lora
+if TYPE_CHECKING:
+    from data import Batch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
@@ -50,7 +52,7 @@ class LLMConfig:
     o_bias: bool = False  # Llama's attention_bias also puts a bias on o_proj
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
-    sliding_window: int | None = None  # Mistral; attention here is full, see `LLM.forward`
+    sliding_window: int | None = None  # Mistral v0.1: each token attends to at most this many (itself included)
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "LLMConfig":
@@ -152,21 +154,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def project(x: torch.Tensor, layers: list[nn.Module]) -> list[torch.Tensor]:
-    """`[layer(x) for layer in layers]` for projections of one input (q, k, v): (B, T, in) -> [(B, T, out_i)].
-
-    In training, one matmul over the layers' weights concatenated (each weight stays in its own module, under
-    Hugging Face's name), then the LoRA updates of the wrapped layers (`lora.lora_updates`). Without autograd
-    (evaluation, generation) each layer runs on its own: the concatenation would copy the weights at every token."""
-    if not torch.is_grad_enabled():
-        return [layer(x) for layer in layers]
-    bases = [layer.base_layer if isinstance(layer, lora.LoRALinear) else layer for layer in layers]
-    bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases])
-    y = F.linear(x, torch.cat([b.weight for b in bases]), bias)  # (B, T, sum out_i)
-    ys = y.split([b.out_features for b in bases], dim=-1)
-    return [y if u is None else y + u.to(y.dtype) for y, u in zip(ys, lora.lora_updates(x, layers))]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -181,9 +168,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q, k and v projections of x (B, T, H): (B, T, nh*hd), (B, T, n_kv*hd), (B, T, n_kv*hd).
+        `lora.fuse_qkv` replaces this method on an instance with one matmul over the three weights."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0):
         B, T, _ = x.shape
-        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
+        q, k, v = self.qkv(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = k.reshape(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -271,20 +263,46 @@ class LLM(nn.Module):
         B, T, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = torch.arange(cache_start, cache_start + T, device=inputs_embeds.device).expand(B, T)
+        window = self.config.sliding_window
+        if window is not None and cache_start + T > window:
+            mask = self.sliding_window_mask(mask, position_ids, cache_start + T)
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        train_step = caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            # a training step calls the layer (compiled, if train.compile says so); evaluation and generation
-            # call its forward, eager: their shapes change from call to call
-            run = layer if train_step else layer.forward
-            x = run(x, cos, sin, mask, caches[i] if caches else None, cache_start, checkpointed)
+            x = layer(x, cos, sin, mask, caches[i] if caches else None, cache_start, checkpointed)
         return self.model.norm(x)
+
+    def sliding_window_mask(self, mask: torch.Tensor | None, position_ids: torch.Tensor, S: int) -> torch.Tensor:
+        """`mask` (None = causal) restricted to the last `sliding_window` keys of each query: (B, 1, T, S) bool.
+        Keys are the S cached and new positions; a query at step i of the sequence sees keys S-T+i-w < j <= S-T+i."""
+        B, T = position_ids.shape
+        q = torch.arange(S - T, S, device=position_ids.device)[:, None]  # (T, 1) index of each query among keys
+        k = torch.arange(S, device=position_ids.device)[None]  # (1, S)
+        band = (k <= q) & (k > q - self.config.sliding_window)  # (T, S)
+        return band[None, None] if mask is None else mask & band
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         return self.lm_head(self.hidden_states(x, position_ids, mask))  # (B, T, V)
+
+    def setup_caches(self, batch: int, length: int, device, dtype) -> list[KVCache]:
+        c = self.config
+        return [KVCache(batch, c.num_key_value_heads, length, c.head_dim, device, dtype)
+                for _ in range(c.num_hidden_layers)]
+
+    def forward_cached(self, x: torch.Tensor, valid: torch.Tensor, caches: list[KVCache], start: int) -> torch.Tensor:
+        """Run new tokens x (B, T, H) at cache slots start..start+T-1 and return the logits of the last (B, V).
+
+        `valid` (B, S) marks the cache slots that hold real tokens (left padding does not); each row's positions
+        count its real tokens only, so a left-padded prompt is seen as it would be on its own."""
+        T = x.shape[1]
+        S = start + T
+        pos = (valid[:, :S].long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+        causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)  # (T, S)
+        mask = (causal[None] & valid[:, None, :S])[:, None]  # (B, 1, T, S)
+        h = self.hidden_states(x, pos, mask, caches, start)  # (B, T, H)
+        return self.lm_head(h[:, -1]).float()  # (B, V)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -296,44 +314,34 @@ class LLM(nn.Module):
         Prompts are left-padded; each row's positions start at 0 on its first real token. `temperature=0` is greedy;
         otherwise sampling with optional top-k and top-p (nucleus). A row stops at any of `stop_ids`.
         `prompt_embeds` (one (T_i, H) tensor per prompt) replaces the embedding of the prompt ids, for
-        multimodal prompts. Returns the new tokens of each row, without the stop token."""
+        multimodal prompts. Returns the new tokens of each row, without the stop token.
+
+        The prefill runs the prompts in one call, then each decode step one token per row (`forward_cached`)."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
-        total = P + max_new_tokens
-        valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
+        valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # cache slots of real tokens
         ids = torch.zeros(B, P, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[b, P - len(p):P] = True
         x = self.model.embed_tokens(ids)  # (B, P, H)
-        if prompt_embeds is not None:
-            for b, e in enumerate(prompt_embeds):
-                x[b, P - e.shape[0]:] = e.to(x.dtype)
-        c = self.config
-        caches = [KVCache(B, c.num_key_value_heads, total, c.head_dim, device, x.dtype)
-                  for _ in range(c.num_hidden_layers)]
-        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
-        out = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        start, T = 0, P
-        for _ in range(max_new_tokens):
-            pos = (valid[:, :start + T].long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
-            mask = (causal[start:start + T, :start + T][None] & valid[:, None, :start + T])[:, None]  # (B,1,T,S)
-            h = self.hidden_states(x, pos, mask, caches, start)
-            logits = self.lm_head(h[:, -1]).float()  # (B, V)
+        for b, e in enumerate(prompt_embeds or []):
+            x[b, P - e.shape[0]:] = e.to(x.dtype)
+        caches = self.setup_caches(B, P + max_new_tokens, device, x.dtype)
+        logits = self.forward_cached(x, valid, caches, 0)  # prefill: (B, V)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        for i in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            for b in range(B):
+            for b, token in enumerate(nxt.tolist()):
                 if not done[b]:
-                    if nxt[b].item() in stop_ids:
-                        done[b] = True
-                    else:
-                        out[b].append(nxt[b].item())
-            if done.all():
+                    done[b] = token in stop_ids
+                    if not done[b]:
+                        out[b].append(token)
+            if all(done) or i == max_new_tokens - 1:
                 break
-            start += T
-            T = 1
-            valid[:, start] = True
-            x = self.model.embed_tokens(nxt[:, None])  # (B, 1, H)
+            valid[:, P + i] = True
+            logits = self.forward_cached(self.model.embed_tokens(nxt[:, None]), valid, caches, P + i)  # decode step
         return out
 
 
@@ -381,37 +389,48 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [single]
 
 
+def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: str, ignore: tuple[str, ...] = ()
+                  ) -> None:
+    """Compare tensor names and shapes a module expects with those a file holds; a mismatch is one ValueError
+    that starts with `where` and names the missing, unexpected and wrongly shaped tensors (names in `ignore` may
+    be absent)."""
+    missing = sorted(set(expected) - set(found) - set(ignore))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
+                   for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
+    if missing or extra or wrong:
+        parts = [f"{what}: {names[:5]}{' ...' if len(names) > 5 else ''}"
+                 for what, names in (("missing tensors", missing), ("unexpected tensors", extra),
+                                     ("wrong shapes", wrong)) if names]
+        raise ValueError(f"{where}; " + "; ".join(parts))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write tensors (any device, any layout) to one safetensors file, with the metadata transformers expects."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
 def load_state_streaming(module: nn.Module, files: list[Path], device, dtype: torch.dtype | None,
                          skip: tuple[str, ...] = ()) -> None:
-    """Copy tensors file by file into a module built on the meta device, checking every key and shape.
+    """Copy tensors file by file into a module built on the meta device, after checking every key and shape.
 
     One tensor at a time is materialised on `device`, so peak host memory stays near one copy of the weights.
     Names in `skip` may be absent from the files (tied weights)."""
     from safetensors import safe_open
 
-    params = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers())
-    expected = {k for k in module.state_dict()}
-    seen, wrong = set(), []
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            found |= {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+    check_tensors(expected, found, f"{files[0].parent}: checkpoint does not fit the model config (is the folder "
+                  "for another model family or size?)", skip)
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for key in sf.keys():
-                if key not in expected:
-                    if key in skip:
-                        continue
-                    raise KeyError(f"{f}: unexpected tensor {key!r}; this {type(module).__name__} has no such weight "
-                                   f"(is the folder for another model family?)")
-                t = sf.get_tensor(key)
-                if tuple(t.shape) != tuple(params[key].shape):
-                    wrong.append(f"{key}: file {tuple(t.shape)} vs model {tuple(params[key].shape)}")
-                    continue
-                t = t.to(device=device, dtype=dtype or t.dtype)
-                set_tensor(module, key, t)
-                seen.add(key)
-    missing = sorted(expected - seen - set(skip))
-    if wrong or missing:
-        raise ValueError(f"{files[0].parent}: checkpoint does not fit the model config; "
-                         + (f"wrong shapes: {wrong}; " if wrong else "")
-                         + (f"missing tensors: {missing}" if missing else ""))
+                set_tensor(module, key, sf.get_tensor(key).to(device=device, dtype=dtype))
 
 
 def set_tensor(module: nn.Module, key: str, t: torch.Tensor) -> None:
@@ -442,8 +461,6 @@ def load_llm(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = 
 
 def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = None) -> None:
     """Write an LLM as a Hugging Face folder (config.json + model.safetensors), e.g. a merged LoRA model."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = llm.config
@@ -459,10 +476,10 @@ def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = No
            "attention_bias": c.o_bias or (c.qkv_bias and family != "qwen2"), "mlp_bias": c.mlp_bias,
            "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."), **(extra_config or {})}
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in llm.state_dict().items()}
+    state = llm.state_dict()
     if c.tie_word_embeddings:
         state.pop("lm_head.weight")
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(state, folder / "model.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,15 +491,67 @@ IMAGE_TOKENS = ("<image>", "<|image_pad|>", "<|reserved_special_token_0|>")
 AUDIO_TOKENS = ("<audio>", "<|audio_pad|>", "<|reserved_special_token_1|>", "<|video_pad|>")
 
 
+# A family's turns: (messages with a system message first if any, format) -> (role, prefix, body, suffix) per turn.
+# For an assistant turn, `body` is the reply as trained on: its content and the end-of-turn token.
+Turn = tuple[str, str, str, str]
+
+
+def chatml_turns(msgs: list[dict], fmt: "ChatFormat") -> list[Turn]:
+    # Qwen2 / Qwen2.5: <|im_start|>role\ncontent<|im_end|>\n
+    return [(m["role"], f"<|im_start|>{m['role']}\n", m["content"] + fmt.end_of_turn, "\n") for m in msgs]
+
+
+def qwen3_turns(msgs: list[dict], fmt: "ChatFormat") -> list[Turn]:
+    # ChatML, and the final reply after the last user turn is marked as given without reasoning
+    turns = chatml_turns(msgs, fmt)
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    if msgs and msgs[-1]["role"] == "assistant" and len(msgs) - 1 > last_user:
+        role, prefix, _, suffix = turns[-1]
+        turns[-1] = (role, prefix + "<think>\n\n</think>\n\n", msgs[-1]["content"].lstrip("\n") + fmt.end_of_turn,
+                     suffix)
+    return turns
+
+
+def llama3_turns(msgs: list[dict], fmt: "ChatFormat") -> list[Turn]:
+    # Llama 3.x: <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>, the content stripped
+    return [(m["role"], f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", m["content"].strip() + fmt.end_of_turn,
+             "") for m in msgs]
+
+
+def mistral_turns(msgs: list[dict], fmt: "ChatFormat") -> list[Turn]:
+    # Mistral-7B-Instruct-v0.3: `[INST] user[/INST] reply</s>`, the system message before the last user turn
+    system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+    msgs = msgs[1:] if system is not None else msgs
+    for i, m in enumerate(msgs):
+        if (m["role"] == "user") != (i % 2 == 0):
+            raise ValueError("mistral chat format: roles must alternate user/assistant/user/...")
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    turns = []
+    for i, m in enumerate(msgs):
+        if m["role"] == "user":
+            body = f"{system}\n\n{m['content']}" if system is not None and i == last_user else m["content"]
+            turns.append(("user", f"[INST] {body}[/INST]", "", ""))
+        else:
+            turns.append(("assistant", "", " " + m["content"] + fmt.end_of_turn, ""))
+    return turns
+
+
+def plain_turns(msgs: list[dict], fmt: "ChatFormat") -> list[Turn]:
+    # a family without a template: `Role: content</s>` per line
+    return [(m["role"], f"{m['role'].capitalize()}: ", m["content"] + fmt.end_of_turn, "\n") for m in msgs]
+
+
 @dataclass
 class ChatFormat:
-    """How a conversation becomes text. Each message renders as `prefix + content + suffix`; for assistant
-    messages `content + suffix` is the reply (labelled in training), so the end-of-turn token is learned."""
-    name: str
+    """How a conversation becomes text: the family's turns (one function each, above), its special strings and
+    default system message. An assistant turn's body (content + end-of-turn) is the reply labelled in training,
+    so the end-of-turn token is learned."""
+    turns: Callable[[list[dict], "ChatFormat"], list[Turn]]
+    end_of_turn: str
+    generation_prompt: str = ""
     bos: str = ""
     default_system: str | None = None
-    generation_prompt: str = ""
-    end_of_turn: str = ""
+    eos_ends_turns: bool = False  # the tokenizer's eos token is the end-of-turn token (Mistral, plain)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
         """Return the text and the (start, end) character spans of assistant replies."""
@@ -492,61 +561,27 @@ class ChatFormat:
                 raise ValueError(f"unknown role {m.get('role')!r}; roles are system, user, assistant")
         if self.default_system is not None and (not msgs or msgs[0]["role"] != "system"):
             msgs.insert(0, {"role": "system", "content": self.default_system})
-        if self.name == "mistral":
-            return self._render_mistral(msgs, add_generation_prompt)
         text, spans = self.bos, []
-        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
-        for i, m in enumerate(msgs):
-            content = m["content"]
-            if self.name == "llama3":
-                text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
-                content = content.strip()
-            elif self.name in ("chatml", "qwen3"):
-                text += f"<|im_start|>{m['role']}\n"
-                if self.name == "qwen3" and m["role"] == "assistant" and i > last_user and i == len(msgs) - 1:
-                    text += "<think>\n\n</think>\n\n"  # Qwen3 marks the final reply as given without reasoning
-                    content = content.lstrip("\n")
-            else:  # plain
-                text += f"{m['role'].capitalize()}: "
-            start = len(text)
-            text += content + self.end_of_turn
-            if m["role"] == "assistant":
-                spans.append((start, len(text)))
-            text += "\n" if self.name in ("chatml", "qwen3", "plain") else ""
+        for role, prefix, body, suffix in self.turns(msgs, self):
+            text += prefix
+            if role == "assistant":
+                spans.append((len(text), len(text) + len(body)))
+            text += body + suffix
         if add_generation_prompt:
             text += self.generation_prompt
         return text, spans
 
-    def _render_mistral(self, msgs, add_generation_prompt):
-        # Mistral-7B-Instruct-v0.3: `[INST] user[/INST] reply</s>`, the system message before the last user turn
-        system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
-        for i, m in enumerate(msgs):
-            if (m["role"] == "user") != (i % 2 == 0):
-                raise ValueError("mistral chat format: roles must alternate user/assistant/user/...")
-        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
-        text, spans = self.bos, []
-        for i, m in enumerate(msgs):
-            if m["role"] == "user":
-                body = f"{system}\n\n{m['content']}" if system is not None and i == last_user else m["content"]
-                text += f"[INST] {body}[/INST]"
-            else:
-                start = len(text)
-                text += " " + m["content"] + self.end_of_turn
-                spans.append((start, len(text)))
-        return text, spans
 
-
+CHATML = dict(end_of_turn="<|im_end|>", generation_prompt="<|im_start|>assistant\n")
 CHAT_FORMATS = {
-    "chatml": ChatFormat("chatml", generation_prompt="<|im_start|>assistant\n", end_of_turn="<|im_end|>"),
-    "qwen2.5": ChatFormat("chatml", default_system=QWEN25_SYSTEM, generation_prompt="<|im_start|>assistant\n",
-                          end_of_turn="<|im_end|>"),
-    "qwen2": ChatFormat("chatml", default_system="You are a helpful assistant.",
-                        generation_prompt="<|im_start|>assistant\n", end_of_turn="<|im_end|>"),
-    "qwen3": ChatFormat("qwen3", generation_prompt="<|im_start|>assistant\n", end_of_turn="<|im_end|>"),
-    "llama3": ChatFormat("llama3", bos="<|begin_of_text|>", end_of_turn="<|eot_id|>",
-                         generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "mistral": ChatFormat("mistral", bos="<s>", end_of_turn="</s>"),
-    "plain": ChatFormat("plain", generation_prompt="Assistant: ", end_of_turn="</s>"),
+    "chatml": ChatFormat(chatml_turns, **CHATML),
+    "qwen2.5": ChatFormat(chatml_turns, **CHATML, default_system=QWEN25_SYSTEM),
+    "qwen2": ChatFormat(chatml_turns, **CHATML, default_system="You are a helpful assistant."),
+    "qwen3": ChatFormat(qwen3_turns, **CHATML),
+    "llama3": ChatFormat(llama3_turns, "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                         bos="<|begin_of_text|>"),
+    "mistral": ChatFormat(mistral_turns, "</s>", bos="<s>", eos_ends_turns=True),
+    "plain": ChatFormat(plain_turns, "</s>", "Assistant: ", eos_ends_turns=True),
 }
 
 
@@ -572,9 +607,9 @@ class Tokenizer:
         fmt = CHAT_FORMATS[chat_format]
         if fmt.bos and tokenizer.token_to_id(fmt.bos) is None:
             fmt = replace(fmt, bos=special.get("bos") or "")
-        if fmt.name in ("mistral", "plain"):
+        if fmt.eos_ends_turns:
             fmt = replace(fmt, end_of_turn=special.get("eos") or fmt.end_of_turn)
-        self.chat_format = fmt
+        self.chat_format_name, self.chat_format = chat_format, fmt
         self.eos_id = self.token_id(special.get("eos") or fmt.end_of_turn)
         self.end_of_turn_id = self.token_id(fmt.end_of_turn)
         self.pad_id = self.token_id(special["pad"]) if special.get("pad") else self.eos_id
@@ -589,7 +624,7 @@ class Tokenizer:
     def token_id(self, token: str) -> int:
         i = self.tk.token_to_id(token)
         if i is None:
-            raise ValueError(f"tokenizer has no token {token!r}, which its chat format {self.chat_format.name!r} needs")
+            raise ValueError(f"tokenizer has no token {token!r}, which its chat format {self.chat_format_name!r} needs")
         return i
 
     def media_token_id(self, modality: str) -> int:
@@ -656,7 +691,7 @@ class EncoderConfig:
 
 @dataclass
 class AlignerConfig:
-    """The architecture of `aligner.json` (DESIGN 5)."""
+    """The architecture of a Phase-1 aligner, as `aligner.json` stores it."""
     dim: int = 128  # D, the aligned dimension
     image: EncoderConfig = field(default_factory=EncoderConfig)
     audio: EncoderConfig = field(default_factory=EncoderConfig)
@@ -821,13 +856,11 @@ def load_aligner(path: str | os.PathLike, device="cpu") -> Aligner:
 
 
 def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> None:
-    from dataclasses import asdict
-    from safetensors.torch import save_file
-
+    """Write a Phase-1 aligner folder: aligner.json (its architecture) and aligner.safetensors."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "aligner.json").write_text(json.dumps(asdict(aligner.config), indent=2))
-    save_file({k: v.contiguous() for k, v in aligner.state_dict().items()}, str(folder / "aligner.safetensors"))
+    save_tensors(aligner.state_dict(), folder / "aligner.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -911,11 +944,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None
 
 
+@dataclass
+class LossOutput:
+    """What `MultimodalLM.forward` returns: summed losses, so that the caller divides by the labelled tokens of
+    the whole step (all micro-batches, all ranks) and accumulation and data parallelism stay exact."""
+    loss_sum: torch.Tensor  # () float32, differentiable: the loss summed over the labelled tokens
+    n_tokens: torch.Tensor  # () float32: labelled tokens (the sum of Batch.label_weight)
+    sample_loss: torch.Tensor  # (S,) float32, detached: each sample's summed loss, in Batch.ids' order
+    sample_tokens: torch.Tensor  # (S,) float32: each sample's labelled tokens
+
+
 class MultimodalLM(nn.Module):
     """Frozen aligner + trainable projectors + LLM (frozen base, LoRA adapters).
 
-    `forward(batch)` takes a collated batch from `data.py` and returns summed losses (see `forward`); the
-    caller divides by the labelled-token count of the whole step, so that accumulation and DDP stay exact."""
+    `forward(batch)` takes a `data.Batch` and returns a `LossOutput`; `generate(batch)` answers prompts."""
 
     def __init__(self, llm: LLM, aligner: Aligner, projectors: nn.ModuleDict, media_token_ids: dict[str, int],
                  loss_chunk: int = 4096):
@@ -924,75 +966,60 @@ class MultimodalLM(nn.Module):
         self.media_token_ids = media_token_ids
         self.loss_chunk = loss_chunk
 
-    def media_embeds(self, batch: dict, modality: str) -> torch.Tensor | None:
-        """Projected features (M, K, H) of the batch's media of one modality, from cached features or raw media."""
-        if f"{modality}_tokens" in batch:  # the feature cache: the aligner already ran
-            tokens, pooled = batch[f"{modality}_tokens"], batch[f"{modality}_pooled"]
-        elif modality in batch:
-            with torch.no_grad():
-                tokens, pooled = getattr(self.aligner, modality)(batch[modality])
+    def media_embeds(self, batch: Batch, modality: str) -> torch.Tensor:
+        """Projected features (N, K, H) of the batch's media of one modality, from cached features or raw media."""
+        media = batch.media[modality]
+        if media.raw is None:  # the feature cache: the aligner already ran
+            tokens, pooled = media.tokens, media.pooled  # (N, n, D), (N, D)
         else:
-            return None
+            with torch.no_grad():
+                tokens, pooled = getattr(self.aligner, modality)(media.raw)
         return self.projectors[modality](tokens, pooled)
 
-    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with projected media written into the placeholder positions. -> (B, T, H), and a
-        scalar zero that ties unused projectors into the graph (DDP needs every trainable parameter used)."""
-        x = self.llm.model.embed_tokens(batch["input_ids"])  # (B, T, H)
-        unused = x.new_zeros(())
-        for m in MODALITIES:
-            if m not in self.projectors:
-                continue
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Token embeddings with projected media written into the placeholder positions: (B, T, H)."""
+        x = self.llm.model.embed_tokens(batch.input_ids)  # (B, T, H)
+        for m in batch.media:
             feats = self.media_embeds(batch, m)  # (N, K, H)
-            slots = batch.get(f"{m}_slots")  # (N*K,) flat positions of the placeholders, found by the collator
-            if feats is None:
-                unused = unused + 0.0 * sum(q.sum() for q in self.projectors[m].parameters())
-                if slots is not None:
-                    raise ValueError(f"batch has {m} placeholders but no {m} inputs")
-                continue
-            n_slots = 0 if slots is None else slots.shape[0]
-            if n_slots != feats.shape[0] * feats.shape[1]:
-                raise ValueError(f"batch has {n_slots} {m} placeholder tokens for {feats.shape[0]} {m} "
+            slots = batch.media[m].slots  # (N*K,) flat positions of the placeholders, found by the collator
+            if slots.shape[0] != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"batch has {slots.shape[0]} {m} placeholder tokens for {feats.shape[0]} {m} "
                                  f"inputs of {feats.shape[1]} tokens each")
             # index_put's backward is a gather; masked_scatter's (a masked_select) would make the host wait mid-backward
             x = x.flatten(0, 1).index_put((slots,), feats.flatten(0, 1).to(x.dtype)).view_as(x)
-        return x, unused
+        return x
 
-    def attention_mask(self, batch: dict) -> torch.Tensor | None:
+    def attention_mask(self, batch: Batch) -> torch.Tensor | None:
         """None (causal) for padded batches; for packed ones a document mask: no attention across samples."""
-        if "doc_ids" not in batch:
+        if batch.doc_ids is None:
             return None
-        doc = batch["doc_ids"]  # (B, T)
+        doc = batch.doc_ids  # (B, T)
         T = doc.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
         return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
-    def forward(self, batch: dict) -> dict:
-        """Returns `loss_sum` (summed over labelled tokens, differentiable), `n_tokens` (a 0-d tensor), then
-        `sample_loss` (S,) and `sample_tokens` (S,) per sample of the batch, in the order of `batch["modality"]`."""
+    def forward(self, batch: Batch) -> LossOutput:
         # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t.
-        labels = batch["labels"].flatten()  # (B*T,)
-        where = batch["label_index"]  # (M,) flat positions with a label, found by the collator
-        x, unused = self.embed(batch)
-        h = self.llm.hidden_states(x, batch.get("position_ids"), self.attention_mask(batch))  # (B, T, H)
+        labels = batch.labels.flatten()  # (B*T,)
+        where = batch.label_index  # (M,) flat positions with a label, found by the collator
+        x = self.embed(batch)
+        h = self.llm.hidden_states(x, batch.position_ids, self.attention_mask(batch))  # (B, T, H)
         h = h.flatten(0, 1).index_select(0, where)  # (M, H)
-        weight = batch["label_weight"]  # (M,) 1.0, or 0.0 where the collator padded label_index to a static shape
+        weight = batch.label_weight  # (M,) 1.0, or 0.0 where Batch.pad_static padded label_index
         losses = LinearCrossEntropy.apply(h, self.llm.lm_head.weight, labels[where].clamp(min=0), self.loss_chunk)
         losses = losses * weight  # (M,)
-        sample_of = batch["sample_index"].flatten()[where]  # (M,)
-        S = batch["modality"].shape[0]
+        sample_of = batch.sample_index.flatten()[where]  # (M,)
+        S = batch.modality.shape[0]
         sample_loss = torch.zeros(S, device=h.device).index_add(0, sample_of, losses.detach())
         sample_tokens = torch.zeros(S, device=h.device).index_add(0, sample_of, weight)
-        return {"loss_sum": losses.sum() + unused, "n_tokens": weight.sum(), "sample_loss": sample_loss,
-                "sample_tokens": sample_tokens}
+        return LossOutput(losses.sum(), weight.sum(), sample_loss, sample_tokens)
 
     @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: int = 32, **kw) -> list[list[int]]:
-        """Answer a collated batch of prompts (right-padded, `lengths` given) with their media."""
-        x, _ = self.embed(batch)
-        lengths = batch["lengths"].tolist()
-        prompts = [batch["input_ids"][b, :n].tolist() for b, n in enumerate(lengths)]
-        embeds = [x[b, :n] for b, n in enumerate(lengths)]
+    def generate(self, batch: Batch, max_new_tokens: int = 32, **kw) -> list[list[int]]:
+        """Answer a collated batch of prompts (right-padded) with their media; `kw` as in `LLM.generate`."""
+        x = self.embed(batch)
+        prompts = [batch.input_ids[b, :n].tolist() for b, n in enumerate(batch.lengths)]
+        embeds = [x[b, :n] for b, n in enumerate(batch.lengths)]
         return self.llm.generate(prompts, max_new_tokens, prompt_embeds=embeds, **kw)
 
 

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 train.py --config configs/qwen2.5-0.5b.toml     # DDP; or: bash launch.sh CONFIG
     python train.py --config configs/demo.toml --train.max_steps=20 --run.out_dir=runs/x   # overrides
 
-Read top to bottom: config -> model -> data stream -> checkpoints -> metrics -> eval -> the loop (`train`).
+Read top to bottom: config -> model -> data stream -> checkpoints -> metrics -> eval -> the step -> the loop
+(`fit`) -> the whole-step CUDA graph, an opt-in wrapper around the step (`GraphedStep`).
 Every optimizer step consumes `batch_size * grad_accum * world_size` samples of one global stream (epoch-seeded
 permutations, concatenated), so the data position is one number and a resume on any number of ranks continues
 from the same global sample. The loss of a step is summed over tokens and divided by the labelled tokens of the
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,6 +29,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,8 +37,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import data
+import demo
 import lora
-import model as M
+from model import (MODALITIES, LLM, Aligner, AlignerConfig, LossOutput, MultimodalLM, Projector, Tokenizer,
+                   check_tensors, cross_entropy_chunk, load_aligner, load_llm, load_tokenizer, parameter_report,
+                   save_tensors)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass per TOML section; every key has a default and a comment
@@ -53,6 +59,10 @@ class ModelConfig:
     projector_mode: str = "pool"  # pool: N encoder tokens pooled to K; pooled: the pooled embedding repeated K times
     loss_chunk: int = 4096  # labelled positions per lm_head chunk in the loss
 
+    @property
+    def tokens_per_media(self) -> dict[str, int]:
+        return {"image": self.image_tokens, "audio": self.audio_tokens}
+
 
 @dataclass
 class LoRAConfig:
@@ -64,8 +74,8 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ".cache/demo/data/train.jsonl"  # JSONL or JSON list of conversations
-    val: str = ".cache/demo/data/val.jsonl"  # validation set ("" = none)
+    train_file: str = ".cache/demo/data/train.jsonl"  # JSONL or JSON list of conversations
+    val_file: str = ".cache/demo/data/val.jsonl"  # validation set ("" = none)
     make_demo: str = ""  # folder in which to make the embedded demo assets on first use ("" = never)
     max_len: int = 512  # tokens per sample (and per packed row)
     truncate: bool = False  # cut samples longer than max_len (never inside a media block) instead of an error
@@ -92,7 +102,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
     compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs per layer),
     # max-autotune (searched Triton matmul kernels, CUDA graphs per layer), max-autotune-no-cudagraphs
-    cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32)
+    cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32;
+    # see GraphedStep)
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_samples: int = 0  # validation samples for the loss (0 = all)
     gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
@@ -169,15 +180,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
     if cfg.lora.dropout >= 1.0:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
-    if cfg.train.cuda_graph and cfg.train.compile in ("reduce-overhead", "max-autotune"):
-        raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their own "
-                         f"(train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
-                         "\"max-autotune-no-cudagraphs\" (or none) with it")
-    if cfg.train.cuda_graph and cfg.train.amp == "fp16":
-        raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
-    if cfg.train.cuda_graph and cfg.data.pack:
-        raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
-                         "set data.pack = false with it")
+    if cfg.train.cuda_graph:
+        GraphedStep.check_config(cfg)
     longest = max(cfg.model.image_tokens, cfg.model.audio_tokens)
     if cfg.data.max_len <= longest:
         raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
@@ -215,10 +219,11 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
 
 
 @dataclass
-class Dist:
+class World:
+    """This process's place among the torchrun processes (one process: rank 0 of 1)."""
     rank: int = 0
     local_rank: int = 0
-    world: int = 1
+    size: int = 1
     device: torch.device = torch.device("cpu")
 
     @property
@@ -226,62 +231,77 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(cfg: Config) -> Dist:
+def setup_distributed(cfg: Config) -> World:
     """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPU, gloo on CPU."""
-    rank, local, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    rank, local, size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if size > 1 and not dist.is_initialized():
         from datetime import timedelta
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
-    return Dist(rank, local, world, device)
+    return World(rank, local, size, device)
 
 
-def build_model(cfg: Config, device: torch.device) -> tuple[M.Tokenizer, M.MultimodalLM]:
+def build_model(cfg: Config, device: torch.device) -> tuple[Tokenizer, MultimodalLM]:
     """Tokenizer, LLM (frozen, with LoRA), frozen aligner and projectors, as the config says."""
-    tok = M.load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
+    tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    llm = M.load_llm(cfg.model.llm, device, dtype)
-    aligner = M.load_aligner(cfg.model.aligner, device)
-    return tok, assemble(cfg, llm, aligner, {m: tok.media_token_id(m) for m in M.MODALITIES})
+    llm = load_llm(cfg.model.llm, device, dtype)
+    aligner = load_aligner(cfg.model.aligner, device)
+    return tokenizer, assemble(cfg, llm, aligner, {m: tokenizer.media_token_id(m) for m in MODALITIES})
 
 
-def assemble(cfg: Config, llm: M.LLM, aligner: M.Aligner, media_ids: dict[str, int]) -> M.MultimodalLM:
+def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int]) -> MultimodalLM:
     """Add projectors and LoRA to a loaded LLM and aligner; set activation checkpointing and compilation."""
     torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
     H, D = llm.config.hidden_size, aligner.config.dim
-    K = {"image": cfg.model.image_tokens, "audio": cfg.model.audio_tokens}
-    projectors = nn.ModuleDict({m: M.Projector(D, cfg.model.projector_hidden or H, H, K[m], cfg.model.projector_mode)
-                                for m in M.MODALITIES}).to(llm.lm_head.weight.device)
+    K = cfg.model.tokens_per_media
+    projectors = nn.ModuleDict({m: Projector(D, cfg.model.projector_hidden or H, H, K[m], cfg.model.projector_mode)
+                                for m in MODALITIES}).to(llm.lm_head.weight.device)
     targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
     lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
+    lora.fuse_qkv(llm)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
-    if cfg.train.compile != "none":  # one graph per layer, shared by all layers (same code, same shapes)
-        dynamic = None
-        if cfg.train.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones
-            dynamic = False  # (torch 2.11); one compilation per batch shape, and not eager after Dynamo's default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        # dropout through ATen's generator rather than Inductor's: the compiled layers draw eager's masks, and on an
-        # H200 the step is 1.3% faster (ATen draws four numbers per Philox round, Inductor one)
-        torch._inductor.config.fallback_random = True
-        for layer in llm.model.layers:  # evaluation and generation run the layers eager (LLM.hidden_states)
-            layer.compile(mode=None if cfg.train.compile == "default" else cfg.train.compile, dynamic=dynamic)
-    return M.MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
+    model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
+    compile_model(model, cfg.train)
+    return model
 
 
-def parameter_groups(mm: M.MultimodalLM) -> dict[str, list[nn.Parameter]]:
+def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
+    """torch.compile where it pays, and the compiler's settings, in one place.
+
+    On a GPU the loss's chunk is compiled, so that the softmax and its gradient are a few fused passes over the
+    logits. With `train.compile`, each decoder layer is compiled (one graph, shared by all layers: same code, same
+    shapes). Evaluation and generation run them eager (`evaluate` sets torch.compiler's "force_eager" stance),
+    since their shapes change from call to call."""
+    if model.llm.lm_head.weight.is_cuda:
+        model.chunk_loss = torch.compile(cross_entropy_chunk, dynamic=True)
+    if cfg.compile == "none":
+        return
+    dynamic = None
+    if cfg.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones with the
+        dynamic = False  # recomputation inside; one compilation per batch shape, not eager after Dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # dropout through ATen's generator rather than Inductor's: the compiled layers draw the masks the eager layers
+    # draw (so compiled and eager steps agree), and the step is faster (BENCHMARKS.md)
+    torch._inductor.config.fallback_random = True
+    for layer in model.llm.model.layers:
+        layer.compile(mode=None if cfg.compile == "default" else cfg.compile, dynamic=dynamic)
+
+
+def parameter_groups(model: MultimodalLM) -> dict[str, list[nn.Parameter]]:
     """The parts of the model as the parameter report shows them."""
-    named = list(mm.llm.named_parameters())
-    return {"aligner": list(mm.aligner.parameters()), "projectors": list(mm.projectors.parameters()),
+    named = list(model.llm.named_parameters())
+    return {"aligner": list(model.aligner.parameters()), "projectors": list(model.projectors.parameters()),
             "llm": [p for n, p in named if ".lora_" not in n], "lora": [p for n, p in named if ".lora_" in n]}
 
 
-def trainable_state(mm: M.MultimodalLM) -> dict[str, torch.Tensor]:
+def trainable_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
     """What a checkpoint stores: the trainable tensors (projectors + LoRA), by their names in the model."""
-    return {n: p.detach() for n, p in mm.named_parameters() if p.requires_grad}
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,18 +314,18 @@ class StreamSampler(torch.utils.data.Sampler):
     Each optimizer step takes G = batch * accum * world samples of the stream; its micro-step a on rank r takes
     the slice [(a * world + r) * batch, ... + batch) of them."""
 
-    def __init__(self, n: int, batch: int, accum: int, d: Dist, seed: int, start: int):
-        self.n, self.batch, self.accum, self.d, self.seed, self.start = n, batch, accum, d, seed, start
+    def __init__(self, n: int, batch: int, accum: int, world: World, seed: int, start: int):
+        self.n, self.batch, self.accum, self.world, self.seed, self.start = n, batch, accum, world, seed, start
 
     def permutation(self, epoch: int) -> list[int]:
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def __iter__(self):
-        G = self.batch * self.accum * self.d.world
+        global_batch = self.batch * self.accum * self.world.size
         pos, cached = self.start, {}
         while True:
             for a in range(self.accum):
-                first = pos + (a * self.d.world + self.d.rank) * self.batch
+                first = pos + (a * self.world.size + self.world.rank) * self.batch
                 idx = []
                 for g in range(first, first + self.batch):
                     epoch = g // self.n
@@ -313,34 +333,29 @@ class StreamSampler(torch.utils.data.Sampler):
                         cached = {epoch: self.permutation(epoch)}
                     idx.append(cached[epoch][g % self.n])
                 yield idx
-            pos += G
+            pos += global_batch
 
 
-def make_loader(ds: data.ConversationDataset, cfg: Config, d: Dist, tok: M.Tokenizer, start: int):
-    sampler = StreamSampler(len(ds), cfg.train.batch_size, cfg.train.grad_accum, d, cfg.train.seed, start)
-    pack, max_len, multiple, static = cfg.data.pack, cfg.data.max_len, cfg.data.pad_multiple, cfg.train.cuda_graph
+def make_loader(ds: data.ConversationDataset, cfg: Config, world: World, tokenizer: Tokenizer, start: int):
+    sampler = StreamSampler(len(ds), cfg.train.batch_size, cfg.train.grad_accum, world, cfg.train.seed, start)
+    pack, max_len, multiple = cfg.data.pack, cfg.data.max_len, cfg.data.pad_multiple
     return torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda",
-        collate_fn=lambda items: data.collate(items, tok.pad_id, pack, max_len, multiple, static),
+        ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=world.device.type == "cuda",
+        collate_fn=lambda items: data.collate(items, tokenizer.pad_id, pack, max_len, multiple),
         generator=torch.Generator())  # its own generator: creating the loader must not draw from the global RNG
 
 
-def cache_folder(cfg: Config, split: str) -> Path | None:
+def cache_folder(cfg: Config, path: str) -> Path | None:
     """Where the feature cache of a data file lives: one subfolder per file, named after it."""
-    return Path(cfg.data.feature_cache) / Path(split).stem if cfg.data.feature_cache else None
+    return Path(cfg.data.feature_cache) / Path(path).stem if cfg.data.feature_cache else None
 
 
-def make_dataset(cfg: Config, path: str, tok: M.Tokenizer, aligner_config: M.AlignerConfig,
+def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner_config: AlignerConfig,
                  use_cache: bool = True) -> data.ConversationDataset:
     """A data file as the config says: K tokens per media, max_len, truncation, on_error, paths, feature cache."""
-    K = {"image": cfg.model.image_tokens, "audio": cfg.model.audio_tokens}
-    return data.ConversationDataset(path, tok, aligner_config, K, cfg.data.max_len, cfg.data.truncate,
-                                    cfg.data.on_error, cfg.data.allow_outside_paths,
+    return data.ConversationDataset(path, tokenizer, aligner_config, cfg.model.tokens_per_media, cfg.data.max_len,
+                                    cfg.data.truncate, cfg.data.on_error, cfg.data.allow_outside_paths,
                                     cache_folder(cfg, path) if use_cache else None)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,8 +370,24 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Each parameter group's learning rate to `factor` times its peak."""
+    for g in opt.param_groups:
+        g["lr"] = g["peak"] * factor
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary folder, fsynced, renamed into place; `latest` names the newest
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; with the weights, optimizer and RNGs, what a checkpoint restores."""
+    step: int = 0  # optimizer steps taken
+    consumed: int = 0  # samples of the global stream consumed (a skipped step's samples too)
+    best: float = float("inf")  # best validation loss so far
+    bad_steps: int = 0  # non-finite steps skipped in all
+    bad_in_row: int = 0  # ... in a row, up to now (not saved: a resumed run starts counting again)
 
 
 def rng_state() -> dict:
@@ -386,18 +417,16 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (read-only or full folder); the previous one is untouched."""
 
 
-def write_checkpoint(ckpt_dir: Path, name: str, mm: M.MultimodalLM, opt, scaler, state: dict, rngs: list) -> Path:
+def write_checkpoint(ckpt_dir: Path, name: str, model: MultimodalLM, opt, scaler, state: dict, rngs: list) -> Path:
     """Write checkpoint `name` atomically: a crash at any moment leaves either the old or the new one whole.
 
     Files go to a temporary folder, are fsynced, and the folder is renamed into place; then `latest` is
     replaced (os.replace is atomic) to name it, except for `best`, which is a copy kept aside."""
-    from safetensors.torch import save_file
-
     tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous().cpu() for k, v in trainable_state(mm).items()}, str(tmp / "trainable.safetensors"))
+        save_tensors(trainable_state(model), tmp / "trainable.safetensors")
         torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rngs, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -421,6 +450,27 @@ def write_checkpoint(ckpt_dir: Path, name: str, mm: M.MultimodalLM, opt, scaler,
         os.replace(latest_tmp, ckpt_dir / "latest")
     fsync_dir(ckpt_dir)
     return final
+
+
+def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler, world: World, cfg: Config,
+                    epoch_size: int, collective: bool = True) -> None:
+    """Checkpoint `name` of the run (rank 0 writes; every rank's RNG state goes in), then drop old periodic ones.
+    `collective=False` (after an exception) lets rank 0 save alone, without the other ranks' RNG states, since a
+    collective could hang on a failed peer."""
+    rngs = [rng_state()] + [None] * (world.size - 1)
+    if world.size > 1 and collective:
+        dist.all_gather_object(rngs, rng_state())
+    if world.master:
+        ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
+        state = {"step": run.step, "consumed": run.consumed, "epoch": run.consumed // epoch_size, "best": run.best,
+                 "bad_steps": run.bad_steps, "world_size": world.size, "lr_factor": lr_factor(run.step, cfg.train),
+                 "llm_config": dataclasses.asdict(model.llm.config), "config": dataclasses.asdict(cfg)}
+        write_checkpoint(ckpt_dir, name, model, opt, scaler, state, rngs)
+        if name.startswith("step_"):
+            for old in sorted(ckpt_dir.glob("step_*"))[:-cfg.train.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    if world.size > 1 and collective:
+        dist.barrier()
 
 
 def clean_leftovers(ckpt_dir: Path) -> None:
@@ -448,8 +498,9 @@ def find_resume(cfg: Config) -> Path | None:
     return max(complete, key=lambda p: json.loads((p / "state.json").read_text())["step"], default=None)
 
 
-def load_checkpoint(path: Path, mm: M.MultimodalLM, opt, scaler, d: Dist) -> dict:
-    """Restore trainable tensors, optimizer and scaler; check that the checkpoint fits this run first."""
+def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) -> TrainState:
+    """Restore trainable tensors, optimizer state, scaler and this rank's RNGs; check that the checkpoint fits this
+    run first. The optimizer's hyperparameters stay this run's (the schedule sets the learning rate)."""
     from safetensors.torch import load_file
 
     try:
@@ -462,28 +513,25 @@ def load_checkpoint(path: Path, mm: M.MultimodalLM, opt, scaler, d: Dist) -> dic
                          "Resume from an older one with --train.resume=PATH, or start fresh with --train.resume=none"
                          ) from None
     saved_llm = state.get("llm_config")
-    if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(mm.llm.config))):
-        diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(mm.llm.config, k, None))
+    if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(model.llm.config))):
+        diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(model.llm.config, k, None))
         raise ValueError(f"{path}: checkpoint was trained on a different base model (config differs in {diff}); "
                          "use the model.llm it was trained with, or --train.resume=none")
-    expected = trainable_state(mm)
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-                   for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape)
-    if missing or extra or wrong:
-        raise ValueError(f"{path}: checkpoint does not fit this run (different LoRA rank/targets, base model or "
-                         f"projectors?); missing: {missing[:4]}, unexpected: {extra[:4]}, wrong shape: {wrong[:4]}. "
-                         "Use the config it was trained with, or --train.resume=none")
+    expected = trainable_state(model)
+    check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
+                  f"{path}: checkpoint does not fit this run (different LoRA rank/targets, base model or projectors?); "
+                  "use the config it was trained with, or --train.resume=none")
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(tensors[k])
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     opt.load_state_dict(other["optimizer"])
-    for g in opt.param_groups:  # as make_optimizer sets them; a CUDA-graph run saved them as device tensors
-        g["lr"], g["capturable"] = float(g["lr"]), False
+    for g, h in zip(opt.param_groups, hyper):
+        g.update(h)
     scaler.load_state_dict(other["scaler"])
-    if d.rank < len(rngs) and rngs[d.rank] is not None:  # else (a new rank, a rank-0-only save) a fresh seed
-        set_rng_state(rngs[d.rank])
-    return state
+    if world.rank < len(rngs) and rngs[world.rank] is not None:  # else (a new rank, a rank-0-only save) a fresh seed
+        set_rng_state(rngs[world.rank])
+    return TrainState(state["step"], state["consumed"], state["best"], state["bad_steps"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -515,10 +563,10 @@ class Metrics:
 KINDS = ("text", "image", "audio")
 
 
-def modality_sums(out: dict, modality: torch.Tensor) -> torch.Tensor:
+def modality_sums(out: LossOutput, modality: torch.Tensor) -> torch.Tensor:
     """(6,): summed loss and labelled tokens of the batch's samples that are text-only, hold an image, hold audio."""
     kinds = torch.stack([~modality.any(1), modality[:, 0], modality[:, 1]])  # (3, S)
-    sums = [torch.where(kinds, out[k], 0.0).sum(1) for k in ("sample_loss", "sample_tokens")]  # no host read
+    sums = [torch.where(kinds, x, 0.0).sum(1) for x in (out.sample_loss, out.sample_tokens)]  # no host read
     return torch.stack(sums, 1).flatten()
 
 
@@ -528,121 +576,143 @@ def modality_losses(sums: torch.Tensor) -> dict:
             for j, k in enumerate(KINDS)}
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """The GPU's peak allocated memory, or on a CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 5400 \
+        else f"{seconds / 3600:.1f} h"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Eval: validation loss (all and per modality) and exact-match accuracy of greedy answers
 
 
-def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
+def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.size > 1:
         dist.all_reduce(t)
     return t
 
 
-def any_rank(flag: bool, d: Dist) -> bool:
+def any_rank(flag: bool, world: World) -> bool:
     """True on every rank when `flag` is True on any; a single process needs no collective (and no host read)."""
-    return flag if d.world == 1 else all_sum(torch.full((), float(flag), device=d.device), d).item() > 0
+    return flag if world.size == 1 else all_sum(torch.full((), float(flag), device=world.device), world).item() > 0
 
 
+@torch.compiler.set_stance("force_eager")  # compiled layers run eager here: the shapes change from call to call
 @torch.no_grad()
-def evaluate(mm: M.MultimodalLM, ds: data.ConversationDataset, cfg: Config, d: Dist, tok: M.Tokenizer,
+def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, world: World, tokenizer: Tokenizer,
              autocast) -> dict:
-    mm.eval()
+    """Validation loss (all and per kind of sample) and the exact-match accuracy of greedy answers, over all ranks:
+    {"loss", "loss_text", "loss_image", "loss_audio", "accuracy", "correct", "answered"}."""
+    model.eval()
     n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
-    mine = list(range(d.rank, n, d.world))
-    sums = torch.zeros(6, device=d.device)  # loss and tokens of text-only, image, audio samples
-    loss_sum = torch.zeros(2, device=d.device)
+    mine = list(range(world.rank, n, world.size))
+    sums = torch.zeros(6, device=world.device)  # loss and tokens of text-only, image, audio samples
+    loss_sum = torch.zeros(2, device=world.device)
     for s in range(0, len(mine), cfg.train.batch_size):
         items = [ds[i] for i in mine[s:s + cfg.train.batch_size]]
-        batch = to_device(data.collate(items, tok.pad_id, pad_multiple=cfg.data.pad_multiple), d.device)
-        with autocast:
-            out = mm(batch)
-        sums += modality_sums(out, batch["modality"])
-        loss_sum += torch.stack([out["sample_loss"].sum(), out["sample_tokens"].sum()])
-    all_sum(sums, d)
-    all_sum(loss_sum, d)
+        batch = data.collate(items, tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple).to(world.device)
+        with autocast():
+            out = model(batch)
+        sums += modality_sums(out, batch.modality)
+        loss_sum += torch.stack([out.sample_loss.sum(), out.sample_tokens.sum()])
+    all_sum(sums, world)
+    all_sum(loss_sum, world)
     row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **modality_losses(sums)}
-    correct = torch.zeros(2, device=d.device)
-    gen = list(range(d.rank, min(len(ds), cfg.train.gen_samples), d.world))
+    correct = torch.zeros(2, device=world.device)
+    gen = list(range(world.rank, min(len(ds), cfg.train.gen_samples), world.size))
     for s in range(0, len(gen), cfg.train.batch_size):
         pairs = [ds.prompt(i) for i in gen[s:s + cfg.train.batch_size]]
-        batch = to_device(data.collate([p for p, _ in pairs], tok.pad_id), d.device)
-        with autocast:
-            outs = mm.generate(batch, cfg.train.max_new_tokens, stop_ids=tok.stop_ids)
+        batch = data.collate([p for p, _ in pairs], tokenizer.pad_id).to(world.device)
+        with autocast():
+            outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=tokenizer.stop_ids)
         for o, (_, answer) in zip(outs, pairs):
-            correct[0] += tok.decode(o).strip().lower() == answer.strip().lower()
+            correct[0] += tokenizer.decode(o).strip().lower() == answer.strip().lower()
             correct[1] += 1
-    all_sum(correct, d)
-    row["accuracy"] = (correct[0] / correct[1]).item() if correct[1] > 0 else None
-    mm.train()
+    all_sum(correct, world)
+    row["correct"], row["answered"] = int(correct[0]), int(correct[1])
+    row["accuracy"] = row["correct"] / row["answered"] if row["answered"] else None
+    model.train()
     return row
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# The training step
 
 
-def make_optimizer(mm: M.MultimodalLM, cfg: TrainConfig, device: torch.device):
+def make_optimizer(model: MultimodalLM, cfg: TrainConfig):
     """Fused AdamW over the trainable parameters: projectors and LoRA, each with its own learning rate."""
-    groups = [{"params": list(mm.projectors.parameters()), "lr": cfg.lr_projector, "peak": cfg.lr_projector},
-              {"params": [p for p in mm.llm.parameters() if p.requires_grad], "lr": cfg.lr_lora, "peak": cfg.lr_lora}]
+    groups = [{"params": list(model.projectors.parameters()), "lr": cfg.lr_projector, "peak": cfg.lr_projector},
+              {"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": cfg.lr_lora,
+               "peak": cfg.lr_lora}]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True)
     return opt, [p for g in groups for p in g["params"]]
 
 
 def mixed_precision(cfg: TrainConfig, device: torch.device):
-    """(GradScaler, autocast context): bf16 autocast on GPU by default, fp16 with a scaler, fp32 on CPU."""
+    """(GradScaler, autocast): bf16 autocast on GPU by default, fp16 with a scaler, fp32 on CPU. `autocast()`
+    makes the context (`autocast(cache_enabled=False)` one without autocast's cache of cast weights)."""
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                              enabled=amp != "fp32", cache_enabled=False)  # no cast cache: CUDA graphs forbid it
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                                 enabled=amp != "fp32")
     return scaler, autocast
 
 
-def data_parallel(mm: M.MultimodalLM, d: Dist, cfg: TrainConfig) -> nn.Module:
-    """The model as train_step calls it: DDP under torchrun, except with train.cuda_graph, whose step averages the
-    gradients itself (`average_gradients`) so that the all-reduce is recorded with it; the model on one process."""
-    if d.world == 1 or cfg.cuda_graph:
-        return mm
-    return nn.parallel.DistributedDataParallel(mm, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+def data_parallel(model: MultimodalLM, world: World) -> nn.Module:
+    """The model as the step calls it: wrapped in DDP under torchrun, as it is on one process."""
+    if world.size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda"
+                                               else None)
 
 
-def average_gradients(params: list[nn.Parameter], d: Dist) -> None:
-    """DDP's average of the gradients over the ranks, as one all-reduce of all of them flattened."""
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= d.world
-    i = 0
-    for p in params:
-        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-        i += p.numel()
+class StepOutput(NamedTuple):
+    """A step's results, on the device: nothing in a step waits for the GPU."""
+    stats: torch.Tensor  # (7,): loss sum, then loss and labelled tokens of text-only, image, audio samples
+    n_tokens: torch.Tensor  # (): labelled tokens of the step on all ranks
+    grad_norm: torch.Tensor  # (): before clipping
+    finite: torch.Tensor  # () bool: the loss and the gradient norm were finite on every rank (else no update)
 
 
-def train_step(ddp, micro: list[dict], opt, scaler, params: list[nn.Parameter], autocast, d: Dist,
-               grad_clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step over its micro-batches, with no host read: gradients, clipping, AdamW.
+def forward_backward(model: nn.Module, micro: list[data.Batch], scaler, autocast, world: World
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of one optimizer step over its micro-batches: (stats (7,), labelled tokens).
 
     Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks (times the
     world size, since the gradients are averaged over the ranks: by DDP, with `no_sync` on every micro-batch but
-    the last, or, with train.cuda_graph, by `average_gradients` after the last). The step is
-    skipped on the device (fused AdamW's `found_inf`) when the loss or the gradient norm is NaN/Inf on any rank;
-    with fp16 the scaler skips overflowing steps itself. Returns stats (loss sum, then loss/tokens of text,
-    image, audio samples), the labelled-token count, the gradient norm and `finite`, all on the device."""
-    n_tok = all_sum(sum(b["label_weight"].sum() for b in micro), d)
-    stats = torch.zeros(7, device=d.device)
-    is_ddp = isinstance(ddp, nn.parallel.DistributedDataParallel)
+    the last). Every trainable parameter gets a gradient, zero for a projector whose modality the micro-batch
+    lacks: DDP expects one from every parameter at every step."""
+    raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    n_tok = all_sum(sum(b.label_weight.sum() for b in micro), world)
+    stats = torch.zeros(7, device=world.device)
     for i, b in enumerate(micro):
-        sync = i == len(micro) - 1
-        with (ddp.no_sync() if is_ddp and not sync else contextlib.nullcontext()), autocast:
-            out = ddp(b)
-            loss = out["loss_sum"] * d.world / n_tok
+        last = i == len(micro) - 1
+        with (model.no_sync() if raw is not model and not last else contextlib.nullcontext()), autocast():
+            out = model(b)
+            unused = sum(0.0 * p.sum() for m, proj in raw.projectors.items() if m not in b.media
+                         for p in proj.parameters())
+            loss = (out.loss_sum + unused) * world.size / n_tok
         scaler.scale(loss).backward()
-        stats[0] += out["loss_sum"].detach().float()
-        stats[1:] += modality_sums(out, b["modality"])
-    if d.world > 1 and not is_ddp:
-        average_gradients(params, d)
+        stats[0] += out.loss_sum.detach().float()
+        stats[1:] += modality_sums(out, b.modality)
+    return stats, n_tok
+
+
+def update(opt, scaler, params: list[nn.Parameter], grad_clip: float, stats: torch.Tensor, world: World
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradients and step AdamW, unless the loss or the gradient norm is NaN/Inf on any rank; then the
+    step is skipped on the device (fused AdamW's `found_inf`); with fp16 the scaler skips overflowing steps
+    itself. Returns the gradient norm and `finite`."""
     scaler.unscale_(opt)
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    all_sum(stats, d)  # a non-finite loss on any rank makes the sum non-finite on every rank
+    all_sum(stats, world)  # a non-finite loss on any rank makes the sum non-finite on every rank
     # the same on every rank without another collective: the summed loss and the all-reduced gradients agree
     finite = torch.isfinite(stats[0]) & (torch.isfinite(grad_norm) | scaler.is_enabled())
     if scaler.is_enabled():
@@ -652,92 +722,28 @@ def train_step(ddp, micro: list[dict], opt, scaler, params: list[nn.Parameter], 
         opt.found_inf = (~finite).float()  # read by fused AdamW: no update, no step count
         opt.step()
         del opt.found_inf
-    return stats, n_tok, grad_norm, finite
+    return grad_norm, finite
 
 
-class GraphedStep:
-    """`train_step` recorded as one CUDA graph per batch shape and replayed (`train.cuda_graph`, one GPU per
-    process; under torchrun the gradients' all-reduce is recorded with the step, see `data_parallel`).
-
-    A replay is one launch for the whole step (forward, backward, clipping, AdamW), where the step otherwise
-    costs the host thousands of kernel launches. The first step of a shape runs as it is (it compiles the
-    layers and sets up the optimizer state), the second is recorded and replayed, and later ones copy their
-    batch into the recorded inputs and replay. All graphs share one memory pool: their outputs are valid
-    until the next step. Learning rates live on the device, so that the schedule reaches the graphs.
-
-    A shape here is every tensor's shape. train.py collates with `static=True` for it, so that the labelled
-    positions and the media of a batch come in few counts (`data.collate`); the row length takes the multiples
-    of `data.pad_multiple`. At most `max_graphs` shapes are recorded; the others run as they are."""
-
-    max_graphs = 16
-
-    def __init__(self, step, opt):
-        self.step, self.opt = step, opt
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[dict], tuple]] = {}
-        self.seen: set[tuple] = set()
-        self.told = False  # that the shapes outnumber max_graphs
-        self.pool = None
-        self.side = torch.cuda.Stream()
-        for g in opt.param_groups:
-            g["lr"], g["capturable"] = torch.tensor(float(g["lr"]), device=g["params"][0].device), True
-
-    def __call__(self, micro: list[dict]):
-        key = tuple((k, v.shape) for b in micro for k, v in b.items() if torch.is_tensor(v))
-        if key in self.graphs:
-            graph, inputs, outputs = self.graphs[key]
-            for static, b in zip(inputs, micro):
-                for k, v in static.items():
-                    if torch.is_tensor(v):
-                        v.copy_(b[k], non_blocking=True)
-            graph.replay()
-            return outputs
-        full = len(self.graphs) == self.max_graphs
-        if key not in self.seen or full:  # warm-up, on a side stream as capture asks
-            if full and not self.told:
-                print(f"train.cuda_graph: {self.max_graphs} batch shapes are recorded; new ones run unrecorded, "
-                      "slower (a larger data.pad_multiple makes fewer shapes)", flush=True)
-                self.told = True
-            self.seen.add(key)
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                outputs = self.step(micro)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return outputs
-        inputs = [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
-        self.opt.zero_grad(set_to_none=True)  # the graph's backward writes the gradients it allocates
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile, which is harmless
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                outputs = self.step(inputs)
-        except Exception as e:
-            raise RuntimeError(f"recording the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
-                               "train with train.cuda_graph = false") from e
-        self.pool = graph.pool()
-        self.graphs[key] = graph, inputs, outputs
-        graph.replay()
-        return outputs
+def train_step(model: nn.Module, micro: list[data.Batch], opt, scaler, params: list[nn.Parameter], autocast,
+               world: World, grad_clip: float) -> StepOutput:
+    """One optimizer step over its micro-batches (already on the device), with no host read."""
+    stats, n_tok = forward_backward(model, micro, scaler, autocast, world)
+    return StepOutput(stats, n_tok, *update(opt, scaler, params, grad_clip, stats, world))
 
 
-def set_lr(opt, factor: float) -> None:
-    """Each group's learning rate to `factor` times its peak (in place where it lives on the device)."""
-    for g in opt.param_groups:
-        if torch.is_tensor(g["lr"]):
-            g["lr"].fill_(g["peak"] * factor)
-        else:
-            g["lr"] = g["peak"] * factor
+def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], autocast, world: World, cfg: Config):
+    """The training step that `fit` and bench.py run: `train_step` (through DDP under torchrun), or with
+    train.cuda_graph the same step recorded as CUDA graphs (`GraphedStep`)."""
+    if cfg.train.cuda_graph:
+        return GraphedStep(model, opt, scaler, params, autocast, world, cfg.train.grad_clip, cfg.data.pad_multiple)
+    ddp = data_parallel(model, world)
+    return functools.partial(train_step, ddp, opt=opt, scaler=scaler, params=params, autocast=autocast, world=world,
+                             grad_clip=cfg.train.grad_clip)
 
 
-def make_step(ddp, opt, scaler, params: list[nn.Parameter], autocast, d: Dist, cfg: TrainConfig):
-    """The training step that train() and bench.py run: `train_step`, or its CUDA graphs with train.cuda_graph."""
-    def step(micro: list[dict]):
-        return train_step(ddp, micro, opt, scaler, params, autocast, d, cfg.grad_clip)
-
-    if not cfg.cuda_graph:
-        return step
-    if d.device.type != "cuda":
-        raise ValueError("train.cuda_graph records the step on a GPU; on CPU set it to false")
-    return GraphedStep(step, opt)
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
 
 
 class StopRequest:
@@ -752,143 +758,136 @@ class StopRequest:
         self.flag = True
 
 
-def train(cfg: Config) -> dict:
-    d = setup_distributed(cfg)
-    out_dir = Path(cfg.run.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    if d.master:
+def prepare_out_dir(cfg: Config, world: World) -> None:
+    """Rank 0 makes out_dir, clears half-written checkpoints of a crash, writes config.json and the demo's
+    assets if asked; the other ranks wait for it."""
+    if world.master:
+        ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         clean_leftovers(ckpt_dir)
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        (Path(cfg.run.out_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         if cfg.data.make_demo:
-            data.ensure_demo(cfg.data.make_demo)
-    if d.world > 1:
+            demo.ensure_demo(cfg.data.make_demo)
+    if world.size > 1:
         dist.barrier()
-    log = print if d.master else (lambda *a, **k: None)
 
-    tok, mm = build_model(cfg, d.device)
-    log(M.parameter_report(parameter_groups(mm)))
-    train_ds = make_dataset(cfg, cfg.data.train, tok, mm.aligner.config)
-    val_ds = make_dataset(cfg, cfg.data.val, tok, mm.aligner.config) if cfg.data.val else None
-    skipped = len(train_ds.skipped) + (len(val_ds.skipped) if val_ds else 0)
-    if d.master and skipped:
-        data.write_skipped(out_dir / "skipped.jsonl", train_ds.skipped + (val_ds.skipped if val_ds else []))
-        log(f"skipped {skipped} bad samples; reasons in {out_dir / 'skipped.jsonl'}")
 
-    opt, params = make_optimizer(mm, cfg.train, d.device)
-    scaler, autocast = mixed_precision(cfg.train, d.device)
+def load_datasets(cfg: Config, tokenizer: Tokenizer, aligner_config: AlignerConfig, world: World, log):
+    """The training and validation sets, and how many samples they skipped (listed in skipped.jsonl)."""
+    train_ds = make_dataset(cfg, cfg.data.train_file, tokenizer, aligner_config)
+    val_ds = make_dataset(cfg, cfg.data.val_file, tokenizer, aligner_config) if cfg.data.val_file else None
+    skipped = train_ds.skipped + (val_ds.skipped if val_ds else [])
+    if world.master and skipped:
+        path = Path(cfg.run.out_dir) / "skipped.jsonl"
+        data.write_skipped(path, skipped)
+        log(f"skipped {len(skipped)} bad samples; reasons in {path}")
+    return train_ds, val_ds, len(skipped)
 
-    step, consumed, best, bad_in_row, bad_total = 0, 0, float("inf"), 0, 0
+
+def fit(cfg: Config) -> dict:
+    """Train as the config says (resuming where `train.resume` points) and export the result; returns the last
+    logged row, with "step" and "stopped" (by a signal)."""
+    world = setup_distributed(cfg)
+    out_dir, ckpt_dir = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoints"
+    prepare_out_dir(cfg, world)
+    log = print if world.master else (lambda *a, **k: None)
+
+    tokenizer, model = build_model(cfg, world.device)
+    log(parameter_report(parameter_groups(model)))
+    train_ds, val_ds, skipped = load_datasets(cfg, tokenizer, model.aligner.config, world, log)
+    opt, params = make_optimizer(model, cfg.train)
+    scaler, autocast = mixed_precision(cfg.train, world.device)
+    run = TrainState()
     resume = find_resume(cfg)
     if resume is not None:
-        state = load_checkpoint(resume, mm, opt, scaler, d)
-        step, consumed, best, bad_total = state["step"], state["consumed"], state["best"], state["bad_steps"]
-        log(f"resumed from {resume} at step {step} (global sample {consumed})")
+        run = load_checkpoint(resume, model, opt, scaler, world)
+        log(f"resumed from {resume} at step {run.step} (global sample {run.consumed})")
     else:
-        torch.manual_seed(cfg.train.seed + d.rank)  # dropout differs across ranks, the same on every run
-    ddp = data_parallel(mm, d, cfg.train)
-    run_step = make_step(ddp, opt, scaler, params, autocast, d, cfg.train)  # after a resume: graphs keep its state
-    mm.train()
+        torch.manual_seed(cfg.train.seed + world.rank)  # dropout differs across ranks, the same on every run
+    step_fn = make_step(model, opt, scaler, params, autocast, world, cfg)  # after a resume: graphs keep its state
+    model.train()
     stop = StopRequest()
-    metrics = Metrics(out_dir, d.master)
-    G = cfg.train.batch_size * cfg.train.grad_accum * d.world
+    metrics = Metrics(out_dir, world.master)
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
 
     def save(name: str, collective: bool = True) -> None:
-        """Checkpoint `name`; `collective=False` (after an exception) lets rank 0 save alone, without the other
-        ranks' RNG states, since a collective could hang on a failed peer."""
-        rngs = [rng_state()] + [None] * (d.world - 1)
-        if d.world > 1 and collective:
-            dist.all_gather_object(rngs, rng_state())
-        if d.master:
-            state = {"step": step, "consumed": consumed, "epoch": consumed // len(train_ds), "best": best,
-                     "bad_steps": bad_total, "world_size": d.world, "lr_factor": lr_factor(step, cfg.train),
-                     "llm_config": dataclasses.asdict(mm.llm.config), "config": dataclasses.asdict(cfg)}
-            write_checkpoint(ckpt_dir, name, mm, opt, scaler, state, rngs)
-            if name.startswith("step_"):
-                for old in sorted(ckpt_dir.glob("step_*"))[:-cfg.train.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
-        if d.world > 1 and collective:
-            dist.barrier()
+        save_checkpoint(name, run, model, opt, scaler, world, cfg, len(train_ds), collective)
 
-    loader = iter(make_loader(train_ds, cfg, d, tok, consumed))
+    loader = iter(make_loader(train_ds, cfg, world, tokenizer, run.consumed))
     t_last, tokens_since, last_row = time.perf_counter(), 0, {}
-    if d.device.type == "cuda":
+    if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        while step < cfg.train.max_steps:
-            set_lr(opt, lr_factor(step, cfg.train))
+        while run.step < cfg.train.max_steps:
+            set_lr(opt, lr_factor(run.step, cfg.train))
             micro = [next(loader) for _ in range(cfg.train.grad_accum)]
-            tokens_since += sum(int(b["lengths"].sum()) for b in micro) * d.world  # all tokens processed
-            micro = [to_device(b, d.device) for b in micro]
-            stats, n_tok, grad_norm, finite = run_step(micro)
-            finite = bool(finite)
-            consumed += G  # after the step: a crash inside it re-reads its samples on resume
+            tokens_since += sum(sum(b.lengths) for b in micro) * world.size  # all tokens processed
+            out = step_fn([b.to(world.device) for b in micro])
+            finite = bool(out.finite)
+            run.consumed += global_batch  # after the step: a crash inside it re-reads its samples on resume
             if finite:
-                step += 1
-                bad_in_row = 0
+                run.step, run.bad_in_row = run.step + 1, 0
             else:
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                log(f"step {step}: non-finite loss or gradient norm; step skipped ({bad_in_row} in a row)")
+                run.bad_in_row, run.bad_steps = run.bad_in_row + 1, run.bad_steps + 1
+                log(f"step {run.step}: non-finite loss or gradient norm; step skipped ({run.bad_in_row} in a row)")
             opt.zero_grad(set_to_none=True)
-            if bad_in_row >= cfg.train.max_bad_steps:
+            if run.bad_in_row >= cfg.train.max_bad_steps:
                 save("emergency")
-                raise RuntimeError(f"{bad_in_row} non-finite steps in a row (max_bad_steps = "
+                raise RuntimeError(f"{run.bad_in_row} non-finite steps in a row (max_bad_steps = "
                                    f"{cfg.train.max_bad_steps}): the loss or the gradients overflow. Emergency "
                                    f"checkpoint in {ckpt_dir / 'emergency'}; lower the learning rates, use amp = bf16 "
                                    "or fp32, or check the data")
-
-            if finite and (step % cfg.run.log_every == 0 or step == cfg.train.max_steps):
-                if d.device.type == "cuda":
+            last = run.step == cfg.train.max_steps
+            if finite and (run.step % cfg.run.log_every == 0 or last):
+                if world.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t_last
-                mem = torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda" else 0.0
-                row = {"step": step, "epoch": consumed / len(train_ds), "split": "train",
-                       "loss": (stats[0] / n_tok).item(), "lr": float(opt.param_groups[1]["lr"]),
-                       "grad_norm": grad_norm.item(), "tokens": int(n_tok.item()),
-                       "tokens_per_s": tokens_since / dt, "step_time": dt / cfg.run.log_every,
-                       "peak_mem_gib": round(mem, 3), "bad_steps": bad_total, "skipped_samples": skipped,
-                       **modality_losses(stats[1:])}
-                metrics.log(row)
-                eta = (cfg.train.max_steps - step) * row["step_time"]
-                log(f"step {step:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s"
-                    f" | ETA {eta / 60:.1f} min | mem {mem:.2f} GiB")
-                last_row, t_last, tokens_since = row, time.perf_counter(), 0
-
-            last = step == cfg.train.max_steps
-            if finite and val_ds is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
-                row = evaluate(mm, val_ds, cfg, d, tok, autocast)
-                metrics.log({"step": step, "epoch": consumed / len(train_ds), "split": "val", **row})
-                log(f"eval step {step} | val loss {row['loss']:.4f} | accuracy {row['accuracy']}")
+                last_row = {"step": run.step, "epoch": run.consumed / len(train_ds), "split": "train",
+                            "loss": (out.stats[0] / out.n_tokens).item(), "lr": float(opt.param_groups[1]["lr"]),
+                            "grad_norm": out.grad_norm.item(), "tokens": int(out.n_tokens.item()),
+                            "tokens_per_s": tokens_since / dt, "step_time": dt / cfg.run.log_every,
+                            "peak_mem_gib": round(peak_memory_gib(world.device), 3), "bad_steps": run.bad_steps,
+                            "skipped_samples": skipped, **modality_losses(out.stats[1:])}
+                metrics.log(last_row)
+                eta = (cfg.train.max_steps - run.step) * last_row["step_time"]
+                log(f"step {run.step:>6} | loss {last_row['loss']:.4f} | lr {last_row['lr']:.2e} | "
+                    f"{last_row['tokens_per_s']:,.0f} tok/s | ETA {duration(eta)} | "
+                    f"{'mem' if world.device.type == 'cuda' else 'host mem'} {last_row['peak_mem_gib']:.2f} GiB")
+                t_last, tokens_since = time.perf_counter(), 0
+            if finite and val_ds is not None and (last or cfg.train.eval_every
+                                                  and run.step % cfg.train.eval_every == 0):
+                row = evaluate(model, val_ds, cfg, world, tokenizer, autocast)
+                metrics.log({"step": run.step, "epoch": run.consumed / len(train_ds), "split": "val", **row})
+                accuracy = "n/a" if row["accuracy"] is None else \
+                    f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['answered']})"
+                log(f"eval step {run.step} | val loss {row['loss']:.4f} | accuracy {accuracy}")
                 last_row = {**last_row, "val": row}
-                if row["loss"] < best:
-                    best = row["loss"]
+                if row["loss"] < run.best:
+                    run.best = row["loss"]
                     save("best")
                 t_last = time.perf_counter()
-            if any_rank(stop.flag, d):
+            if any_rank(stop.flag, world):
                 save("emergency")
-                log(f"stop requested: emergency checkpoint at step {step} in {ckpt_dir / 'emergency'}")
-                return {"stopped": True, "step": step, **last_row}
-            if finite and ((cfg.train.save_every and step % cfg.train.save_every == 0) or last):
-                save(f"step_{step:07d}")
+                log(f"stop requested: emergency checkpoint at step {run.step} in {ckpt_dir / 'emergency'}")
+                return {**last_row, "stopped": True, "step": run.step}
+            if finite and (last or cfg.train.save_every and run.step % cfg.train.save_every == 0):
+                save(f"step_{run.step:07d}")
     except Exception as e:
-        if step > 0 and not isinstance(e, CheckpointWriteError):  # weights and optimizer are whole between steps
+        if run.step > 0 and not isinstance(e, CheckpointWriteError):  # weights and optimizer are whole between steps
             with contextlib.suppress(Exception):
                 save("emergency", collective=False)
         raise
-    if d.master:
-        export(mm, out_dir / "export", cfg.model.llm)
+    if world.master:
+        export(model, out_dir / "export", cfg.model.llm)
         log(f"exported the adapter (peft format) and projectors to {out_dir / 'export'}")
-    return {"stopped": False, "step": step, **last_row}
+    return {**last_row, "stopped": False, "step": run.step}
 
 
-def export(mm: M.MultimodalLM, folder: Path, base_model: str) -> None:
+def export(model: MultimodalLM, folder: Path, base_model: str) -> None:
     """`adapter/` in peft's format (PeftModel.from_pretrained loads it as is) and `projectors.safetensors`.
-    A merged LLM folder: `lora.merge_lora(mm.llm)` then `model.save_llm(mm.llm, folder)`."""
-    from safetensors.torch import save_file
-
-    lora.save_adapter(mm.llm, folder / "adapter", base_model)
-    save_file({k: v.detach().contiguous().cpu() for k, v in mm.projectors.state_dict().items()},
-              str(folder / "projectors.safetensors"))
+    A merged LLM folder: `lora.merge_lora(model.llm)` then `model.save_llm(model.llm, folder)`."""
+    lora.save_adapter(model.llm, folder / "adapter", base_model)
+    save_tensors(model.projectors.state_dict(), folder / "projectors.safetensors")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -896,7 +895,8 @@ def main(argv: list[str] | None = None) -> None:
                                  epilog="Any config key can be overridden: --section.key=value")
     ap.add_argument("--config", help="TOML config (configs/*.toml)")
     ap.add_argument("--build_feature_cache", action="store_true",
-                    help="compute the aligner's features of data.train and data.val into data.feature_cache, then exit")
+                    help="compute the aligner's features of data.train_file and data.val_file into data.feature_cache, "
+                         "then exit")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -905,7 +905,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.build_feature_cache:
         build_cache(cfg)
         return
-    result = train(cfg)
+    result = fit(cfg)
     if dist.is_initialized():
         dist.destroy_process_group()
     if result.get("stopped"):
@@ -916,16 +916,138 @@ def build_cache(cfg: Config) -> None:
     if not cfg.data.feature_cache:
         sys.exit("config error: set data.feature_cache to the folder for the cache")
     if cfg.data.make_demo:
-        data.ensure_demo(cfg.data.make_demo)
+        demo.ensure_demo(cfg.data.make_demo)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
-    tok = M.load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
-    aligner = M.load_aligner(cfg.model.aligner, device)
-    for split in (cfg.data.train, cfg.data.val):
-        if split:
-            ds = make_dataset(cfg, split, tok, aligner.config, use_cache=False)
-            folder = cache_folder(cfg, split)
+    tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
+    aligner = load_aligner(cfg.model.aligner, device)
+    for path in (cfg.data.train_file, cfg.data.val_file):
+        if path:
+            ds = make_dataset(cfg, path, tokenizer, aligner.config, use_cache=False)
+            folder = cache_folder(cfg, path)
             n = data.build_feature_cache(ds, aligner, folder, device, num_workers=cfg.data.num_workers)
-            print(f"cached aligner features of {n} samples of {split} in {folder}")
+            print(f"cached aligner features of {n} samples of {path} in {folder}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole-step CUDA graph (train.cuda_graph): an opt-in wrapper around the step above, for GPUs
+
+
+class GraphedStep:
+    """`forward_backward` + `update` recorded as one CUDA graph per batch shape and replayed.
+
+    A replay is one launch for the whole step (forward, backward, clipping, AdamW), where the step otherwise
+    costs the host thousands of kernel launches. What recording asks, all here:
+    - few shapes: each batch is padded by `Batch.pad_static` (rows to `pad_multiple`, labelled positions and media
+      to few counts, at weight 0), since every shape is a graph of its own; at most `max_graphs` are recorded and
+      the others run as they are;
+    - no host reads and fixed addresses: the learning rates live in device tensors that the replays read (the
+      schedule's value is copied in before each step), AdamW is `capturable`, autocast keeps no cache of cast
+      weights, and fp16's loss scaling (which reads the host) is refused (`check_config`);
+    - under torchrun, no DDP: its hooks cannot be recorded, so the step averages the gradients itself with one
+      all-reduce, recorded in each rank's graph (`average_gradients`).
+    The first step of a shape runs as it is (it compiles the layers and sets up the optimizer state), the second
+    is recorded and replayed, and later ones copy their batch into the recorded inputs and replay. All graphs
+    share one memory pool: their outputs are valid until the next step."""
+
+    max_graphs = 16
+
+    def __init__(self, model: MultimodalLM, opt, scaler, params: list[nn.Parameter], autocast, world: World,
+                 grad_clip: float, pad_multiple: int):
+        if world.device.type != "cuda":
+            raise ValueError("train.cuda_graph records the step on a GPU; on CPU set it to false")
+        self.model, self.opt, self.scaler, self.params, self.world = model, opt, scaler, params, world
+        self.autocast, self.grad_clip, self.pad_multiple = autocast, grad_clip, pad_multiple
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[data.Batch], StepOutput]] = {}
+        self.seen: set[tuple] = set()
+        self.told = False  # that the shapes outnumber max_graphs
+        self.pool = None
+        self.side = torch.cuda.Stream()
+        self.lrs = [torch.tensor(0.0, device=world.device) for _ in opt.param_groups]  # read by the replays
+        for g in opt.param_groups:
+            g["capturable"] = True
+
+    @staticmethod
+    def check_config(cfg: Config) -> None:
+        """Refuse what cannot be recorded, naming the key."""
+        if cfg.train.compile in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their "
+                             f"own (train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
+                             "\"max-autotune-no-cudagraphs\" (or none) with it")
+        if cfg.train.amp == "fp16":
+            raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
+        if cfg.data.pack:
+            raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
+                             "set data.pack = false with it")
+
+    def step(self, micro: list[data.Batch]) -> StepOutput:
+        """The step as it is recorded: `train_step` with the gradients averaged by hand instead of by DDP."""
+        stats, n_tok = forward_backward(self.model, micro, self.scaler, lambda: self.autocast(cache_enabled=False),
+                                        self.world)
+        if self.world.size > 1:
+            average_gradients(self.params, self.world)
+        return StepOutput(stats, n_tok, *update(self.opt, self.scaler, self.params, self.grad_clip, stats,
+                                                self.world))
+
+    def run(self, micro: list[data.Batch]) -> StepOutput:
+        """Run or record the step with the learning rates as device tensors, then give the groups their floats."""
+        floats = [g["lr"] for g in self.opt.param_groups]
+        for g, lr in zip(self.opt.param_groups, self.lrs):
+            g["lr"] = lr
+        try:
+            return self.step(micro)
+        finally:
+            for g, lr in zip(self.opt.param_groups, floats):
+                g["lr"] = lr
+
+    def __call__(self, micro: list[data.Batch]) -> StepOutput:
+        for g, lr in zip(self.opt.param_groups, self.lrs):
+            lr.fill_(g["lr"])  # the schedule's value, for the replay (or the run) below
+        micro = [b.pad_static(self.pad_multiple) for b in micro]
+        key = tuple(tuple(t.shape) for b in micro for t in b.tensors())
+        if key in self.graphs:
+            graph, inputs, outputs = self.graphs[key]
+            for static, b in zip(inputs, micro):
+                for s, t in zip(static.tensors(), b.tensors()):
+                    s.copy_(t, non_blocking=True)
+            graph.replay()
+            return outputs
+        full = len(self.graphs) == self.max_graphs
+        if key not in self.seen or full:  # warm-up, on a side stream as capture asks
+            if full and not self.told:
+                print(f"train.cuda_graph: {self.max_graphs} batch shapes are recorded; new ones run unrecorded, "
+                      "slower (a larger data.pad_multiple makes fewer shapes)", flush=True)
+                self.told = True
+            self.seen.add(key)
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                outputs = self.run(micro)
+            torch.cuda.current_stream().wait_stream(self.side)
+            return outputs
+        inputs = [b.apply(torch.clone) for b in micro]
+        self.opt.zero_grad(set_to_none=True)  # the graph's backward writes the gradients it allocates
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile, which is harmless
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = self.run(inputs)
+        except Exception as e:
+            raise RuntimeError(f"recording the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
+                               "train with train.cuda_graph = false") from e
+        self.pool = graph.pool()
+        self.graphs[key] = graph, inputs, outputs
+        graph.replay()
+        return outputs
+
+
+def average_gradients(params: list[nn.Parameter], world: World) -> None:
+    """DDP's average of the gradients over the ranks, as one all-reduce of all of them flattened."""
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world.size
+    i = 0
+    for p in params:
+        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+        i += p.numel()
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 import data
+import demo
 import lora
-import model as M
 import train
+from model import MODALITIES, parameter_report
 
 
 class CheckFailed(Exception):
@@ -75,21 +76,21 @@ class Validator:
     def configuration(self) -> str:
         train.check_config(self.cfg)
         for key, path in (("model.llm", self.cfg.model.llm), ("model.aligner", self.cfg.model.aligner),
-                          ("data.train", self.cfg.data.train)):
+                          ("data.train_file", self.cfg.data.train_file)):
             if not Path(path).exists() and not self.cfg.data.make_demo:
                 raise CheckFailed(f"{key} = {path!r} does not exist", f"set {key} to an existing path")
         if self.cfg.data.make_demo:
-            data.ensure_demo(self.cfg.data.make_demo)
+            demo.ensure_demo(self.cfg.data.make_demo)
         return (f"{self.cfg.lora.targets} r={self.cfg.lora.rank}, batch {self.cfg.train.batch_size}, checked eager "
                 f"(train.compile = {self.compile!r}, train.cuda_graph = {self.cuda_graph} when training)")
 
     def model_init(self) -> str:
-        self.tok, self.mm = train.build_model(self.cfg, self.device)
-        print(M.parameter_report(train.parameter_groups(self.mm)))
-        return f"{sum(p.numel() for p in self.mm.parameters()):,} parameters"
+        self.tokenizer, self.model = train.build_model(self.cfg, self.device)
+        print(parameter_report(train.parameter_groups(self.model)))
+        return f"{sum(p.numel() for p in self.model.parameters()):,} parameters"
 
     def freezing(self) -> str:
-        groups = train.parameter_groups(self.mm)
+        groups = train.parameter_groups(self.model)
         for part in ("aligner", "llm"):
             trainable = [p for p in groups[part] if p.requires_grad]
             if trainable:
@@ -99,7 +100,7 @@ class Validator:
             if not groups[part] or not all(p.requires_grad for p in groups[part]):
                 raise CheckFailed(f"the {part} parameters are not all trainable", "check lora.targets and the model")
         expected = sum(m.rank * (m.base_layer.in_features + m.base_layer.out_features)
-                       for m in lora.lora_modules(self.mm.llm).values())
+                       for m in lora.lora_modules(self.model.llm).values())
         got = sum(p.numel() for p in groups["lora"])
         if got != expected:
             raise CheckFailed(f"LoRA has {got:,} parameters, r*(in+out) gives {expected:,}", "check lora.py")
@@ -107,58 +108,56 @@ class Validator:
 
     def data_pipeline(self) -> str:
         c = self.cfg
-        K = {"image": c.model.image_tokens, "audio": c.model.audio_tokens}
+        K = c.model.tokens_per_media
         try:
-            self.ds = train.make_dataset(c, c.data.train, self.tok, self.mm.aligner.config)
+            self.ds = train.make_dataset(c, c.data.train_file, self.tokenizer, self.model.aligner.config)
         except data.SampleError as e:
             raise CheckFailed(str(e), "fix or remove that sample, or set data.on_error = \"skip\"") from None
         n = min(len(self.ds), c.train.batch_size)
-        self.batch = train.to_device(data.collate([self.ds[i] for i in range(n)], self.tok.pad_id, c.data.pack,
-                                                  c.data.max_len), self.device)
+        self.batch = data.collate([self.ds[i] for i in range(n)], self.tokenizer.pad_id, c.data.pack,
+                                  c.data.max_len).to(self.device)
         b = self.batch
-        if b["input_ids"].shape != b["labels"].shape:
+        if b.input_ids.shape != b.labels.shape:
             raise CheckFailed("input_ids and labels differ in shape", "check data.collate")
         for i in range(n):  # labels must be exactly the assistant replies and their end-of-turn tokens
             ex = self.ds.examples[i]
             targets = [x for t, x in enumerate(ex.labels) if x != -100 and x == ex.input_ids[t + 1]]
             replies = [m["content"] for m in ex.messages if m["role"] == "assistant"]
-            text = self.tok.decode([x for x in targets if x != self.tok.end_of_turn_id])
+            text = self.tokenizer.decode([x for x in targets if x != self.tokenizer.end_of_turn_id])
             same_text = "".join(text.split()) == "".join("".join(replies).split())
             if len(targets) != sum(x != -100 for x in ex.labels) or not same_text \
-                    or targets.count(self.tok.end_of_turn_id) < len(replies):
+                    or targets.count(self.tokenizer.end_of_turn_id) < len(replies):
                 raise CheckFailed(f"sample {ex.id}: labels are not exactly its replies ({text!r} vs {replies!r})",
                                   "check the chat format (model.chat_format) and data.encode_conversation")
-        for m in M.MODALITIES:
-            placeholders = (b["input_ids"] == self.mm.media_token_ids[m]).flatten().nonzero()[:, 0]
+        for m in MODALITIES:
+            placeholders = (b.input_ids == self.model.media_token_ids[m]).flatten().nonzero()[:, 0]
             count = sum(len(self.ds.examples[i].media[m]) for i in range(n))
             if len(placeholders) != count * K[m]:
                 raise CheckFailed(f"{len(placeholders)} {m} placeholder tokens for {count} {m} inputs of {K[m]}",
                                   "check the placeholders of the data")
-            if not torch.equal(b.get(f"{m}_slots", placeholders[:0]), placeholders):
+            if not torch.equal(b.media[m].slots if m in b.media else placeholders[:0], placeholders):
                 raise CheckFailed(f"the collator's {m} slots are not the placeholder positions", "check data.collate")
-        return f"{len(self.ds)} samples, batch {tuple(b['input_ids'].shape)}, {int((b['labels'] != -100).sum())} labels"
+        return f"{len(self.ds)} samples, batch {tuple(b.input_ids.shape)}, {len(b.label_index)} labels"
 
     def forward(self) -> str:
         with torch.no_grad():
-            out = self.mm(self.batch)
-        loss = (out["loss_sum"] / out["n_tokens"]).item()
+            out = self.model(self.batch)
+        loss = (out.loss_sum / out.n_tokens).item()
         if not torch.isfinite(torch.tensor(loss)):
             raise CheckFailed(f"loss is {loss}", "check the model's weights and the data")
-        per = train.modality_losses(train.modality_sums(out, self.batch["modality"]))
+        per = train.modality_losses(train.modality_sums(out, self.batch.modality))
         return f"loss {loss:.4f}; " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None)
 
     def training_step(self) -> str:
-        mm = self.mm
-        before = {k: v.clone() for k, v in mm.state_dict().items()}
-        opt = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-3)
-        mm.train()
-        out = mm(self.batch)
-        (out["loss_sum"] / out["n_tokens"]).backward()
-        with_grad = {n for n, p in mm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-        opt.step()
+        model = self.model
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        step, opt = self.step(model)
+        model.train()
+        step([self.batch])
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
         opt.zero_grad(set_to_none=True)
-        changed = {k for k, v in mm.state_dict().items() if not torch.equal(v, before[k])}
-        trainable = {n for n, p in mm.named_parameters() if p.requires_grad}
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if changed - trainable:
             raise CheckFailed(f"frozen tensors changed: {sorted(changed - trainable)[:3]}", "freeze them")
         if with_grad - changed:
@@ -166,26 +165,36 @@ class Validator:
                               "check the optimizer's parameter groups")
         return f"{len(changed)} tensors changed, all trainable"
 
+    def step(self, model, lr: float | None = None):
+        """train.py's step for `model` on this process (learning rates from the config, or both `lr`), and its
+        optimizer."""
+        cfg = copy.deepcopy(self.cfg)
+        if lr is not None:
+            cfg.train.lr_projector = cfg.train.lr_lora = lr
+        opt, params = train.make_optimizer(model, cfg.train)
+        scaler, autocast = train.mixed_precision(cfg.train, self.device)
+        return train.make_step(model, opt, scaler, params, autocast, train.World(device=self.device), cfg), opt
+
     def checkpoint(self) -> str:
         folder = Path(self.cfg.run.out_dir) / "validate-checkpoints"
+        _, opt = self.step(self.model)
+        scaler, _ = train.mixed_precision(self.cfg.train, self.device)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            opt = torch.optim.AdamW([p for p in self.mm.parameters() if p.requires_grad], lr=1e-3)
-            scaler = torch.amp.GradScaler(self.device.type, enabled=False)
-            path = train.write_checkpoint(folder, "step_0000001", self.mm, opt, scaler,
+            path = train.write_checkpoint(folder, "step_0000001", self.model, opt, scaler,
                                           {"step": 1, "consumed": 0, "best": 0.0, "bad_steps": 0}, [train.rng_state()])
         except OSError as e:
             raise CheckFailed(f"cannot write a checkpoint in {folder}: {e}",
                               "make run.out_dir a writable folder with free space") from None
         _, fresh = train.build_model(self.cfg, self.device)
-        opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
-        train.load_checkpoint(path, fresh, opt2, torch.amp.GradScaler(self.device.type, enabled=False), train.Dist())
-        a, b = train.trainable_state(self.mm), train.trainable_state(fresh)
+        _, opt2 = self.step(fresh)
+        train.load_checkpoint(path, fresh, opt2, scaler, train.World())
+        a, b = train.trainable_state(self.model), train.trainable_state(fresh)
         if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
             raise CheckFailed("reloaded tensors differ from the saved ones", "check train.write_checkpoint")
-        self.mm.eval(), fresh.eval()
+        self.model.eval(), fresh.eval()
         with torch.no_grad():
-            la, lb = self.mm(self.batch)["loss_sum"], fresh(self.batch)["loss_sum"]
+            la, lb = self.model(self.batch).loss_sum, fresh(self.batch).loss_sum
         if not torch.equal(la, lb):
             raise CheckFailed(f"next loss {la.item()} != {lb.item()} after reload", "check train.load_checkpoint")
         return f"{path.name}: identical tensors and next loss"
@@ -204,45 +213,32 @@ class Validator:
 
     def short_run(self) -> str:
         steps = 20 if self.quick else 60
-        _, mm = train.build_model(self.cfg, self.device)
-        opt = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=3e-3)
-        mm.train()
+        _, model = train.build_model(self.cfg, self.device)
+        step, opt = self.step(model, lr=3e-3)
+        model.train()
         losses = []
         for _ in range(steps):
-            out = mm(self.batch)
-            loss = out["loss_sum"] / out["n_tokens"]
-            loss.backward()
-            opt.step()
+            out = step([self.batch])
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append((out.stats[0] / out.n_tokens).item())
         if not losses[-1] < 0.5 * losses[0]:
             raise CheckFailed(f"loss went {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps on one batch, "
                               "not below half", "check learning rates, frozen parameters and labels")
         return f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps on one batch (< 0.5x)"
 
     def run_train(self, name: str, nproc: int, **train_keys) -> list[dict]:
-        """train.py on the first samples of the data: in this process for one rank, under torchrun for more."""
+        """train.py on the first samples of the data, with `train_keys` set; its training rows."""
         cfg = copy.deepcopy(self.cfg)
         on_gpu = self.device.type == "cuda" and torch.cuda.device_count() >= nproc  # else gloo ranks on the CPU
         cfg.run.out_dir, cfg.run.device, cfg.run.log_every = str(self.scratch / name), "cuda" if on_gpu else "cpu", 1
-        cfg.data.val, cfg.data.train, cfg.data.allow_outside_paths = "", str(self.subset()), True
+        cfg.data.val_file, cfg.data.train_file, cfg.data.allow_outside_paths = "", str(self.subset()), True
         cfg.lora.dropout, cfg.data.num_workers, cfg.data.make_demo = 0.0, 0, ""
         for k, v in train_keys.items():
             setattr(cfg.train, k, v)
-        if nproc == 1:
-            with contextlib.redirect_stdout(io.StringIO()):
-                train.train(cfg)
-        else:
-            args = [f"--{s}.{k}={v}" for s, sub in dataclasses.asdict(cfg).items() for k, v in sub.items()]
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(Path(__file__).parent / "train.py"), *args]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if r.returncode != 0:
-                raise CheckFailed(f"{name}: train.py exited with {r.returncode}: {r.stderr.strip()[-400:]}",
-                                  "run the command by hand to see the whole error")
-        return [json.loads(x) for x in (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines()
-                if json.loads(x)["split"] == "train"]
+        try:
+            return run_train_py(cfg, nproc)
+        except RuntimeError as e:
+            raise CheckFailed(f"{name}: {e}", "run the command by hand to see the whole error") from None
 
     def subset(self, n: int = 64) -> Path:
         """The first n samples of the training data, with media paths made absolute."""
@@ -250,7 +246,7 @@ class Validator:
         if not path.exists():
             with open(path, "w") as f:
                 for ex in self.ds.examples[:n]:
-                    media = {m: [str(p) for p in ex.media[m]] for m in M.MODALITIES}
+                    media = {m: [str(p) for p in ex.media[m]] for m in MODALITIES}
                     f.write(json.dumps({"id": ex.id, "messages": ex.messages, **media}) + "\n")
         return path
 
@@ -265,7 +261,7 @@ class Validator:
         return f"2 ranks == 1 rank over {len(one)} steps (loss {one[-1]['loss']:.4f}, rtol {self.rtol})"
 
     def resume(self) -> str:
-        const = dict(min_lr_ratio=1.0, warmup_steps=0, eval_every=0, save_every=1)
+        const = {"min_lr_ratio": 1.0, "warmup_steps": 0, "eval_every": 0, "save_every": 1}
         straight = self.run_train("straight", 1, max_steps=3, **const)
         self.run_train("resumed", 1, max_steps=2, **const)
         resumed = self.run_train("resumed", 1, max_steps=3, **const)
@@ -275,6 +271,23 @@ class Validator:
                               "check what train.write_checkpoint stores (RNG, optimizer, data position)")
         same = "identical" if a == b else f"within {self.rtol:g}"
         return f"stop at 2, resume: step 3 loss {same} ({a:.6f})"
+
+
+def run_train_py(cfg: train.Config, nproc: int) -> list[dict]:
+    """Train with `cfg`: in this process for one rank, under torchrun for more. Returns the rows of
+    metrics.jsonl of the training split; a failed torchrun is a RuntimeError with the end of its errors."""
+    if nproc == 1:
+        with contextlib.redirect_stdout(io.StringIO()):
+            train.fit(cfg)
+    else:
+        args = [f"--{s}.{k}={v}" for s, sub in dataclasses.asdict(cfg).items() for k, v in sub.items()]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(Path(__file__).parent / "train.py"), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if r.returncode != 0:
+            raise RuntimeError(f"train.py exited with {r.returncode}: {r.stderr.strip()[-400:]}")
+    rows = [json.loads(x) for x in (Path(cfg.run.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
 
 
 CHECKS = [("Configuration", "configuration", ()), ("Model initialization", "model_init", ("Configuration",)),

@@ -1,13 +1,19 @@
-"""Tiny Hugging Face checkpoints of each supported family, built inside the tests (transformers as the oracle)."""
+"""Shared fixtures and helpers: tiny Hugging Face checkpoints of each supported family (transformers as the oracle),
+the small demo, configs on it, and running train.py in a subprocess or under torchrun."""
+import dataclasses
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
+import demo  # noqa: E402
 
 CORPUS = [
     "The red circle is on the left. A blue square sits at the top right.",
@@ -34,7 +40,7 @@ FAMILIES = {
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    data.train_tokenizer(CORPUS, d, vocab_size=400)
+    demo.train_tokenizer(CORPUS, d, vocab_size=400)
     return d
 
 
@@ -75,7 +81,7 @@ def hf_models(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small demo (same generator as the README's, fewer samples) shared by the data and training tests."""
-    return data.make_demo(tmp_path_factory.mktemp("demo"), n_train=48, n_val=12, pretrain_steps=2)
+    return demo.make_demo(tmp_path_factory.mktemp("demo"), n_train=48, n_val=12, pretrain_steps=2)
 
 
 def demo_config(demo_dir, out_dir, **sections):
@@ -83,7 +89,7 @@ def demo_config(demo_dir, out_dir, **sections):
     import train
     cfg = train.Config()
     cfg.model.llm, cfg.model.aligner, cfg.model.chat_format = str(demo_dir / "llm"), str(demo_dir / "aligner"), "chatml"
-    cfg.data.train, cfg.data.val = str(demo_dir / "data/train.jsonl"), str(demo_dir / "data/val.jsonl")
+    cfg.data.train_file, cfg.data.val_file = str(demo_dir / "data/train.jsonl"), str(demo_dir / "data/val.jsonl")
     cfg.data.max_len = 128
     cfg.lora.rank, cfg.lora.dropout = 4, 0.1
     cfg.train.batch_size, cfg.train.max_steps, cfg.train.warmup_steps = 4, 4, 2
@@ -94,3 +100,59 @@ def demo_config(demo_dir, out_dir, **sections):
             setattr(getattr(cfg, section), k, v)
     train.check_config(cfg)
     return cfg
+
+
+QWEN25_05B_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+}
+
+
+def randomize_lora(llm, seed=0):
+    """LoRA's B away from zero, so that the adapters change the outputs."""
+    from lora import lora_modules
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(llm).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def rows(out_dir, split="train"):
+    """The rows of a run's metrics.jsonl of one split."""
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def final_weights(out_dir):
+    """The trainable tensors of a run's latest checkpoint."""
+    from safetensors.torch import load_file
+    ckpt = Path(out_dir) / "checkpoints"
+    return load_file(str(ckpt / (ckpt / "latest").read_text().strip() / "trainable.safetensors"))
+
+
+def cli_args(cfg):
+    """The config as command-line overrides, for runs in a subprocess."""
+    return [f"--{s}.{k}={v}" for s, sub in dataclasses.asdict(cfg).items() for k, v in sub.items()]
+
+
+def torchrun(args, nproc, script=ROOT / "train.py", env=None, timeout=240):
+    """`script` under torchrun with `nproc` gloo ranks; the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def small_bench(device: str, **flags):
+    """bench.py's setup on a small shape: its args (batch 2 x 128 tokens, `flags` set), config and model."""
+    import argparse
+
+    import bench
+    import model
+    args = argparse.Namespace(**{**bench.workload(128, compile=False), "batch": 2, "compile_mode": "", **flags})
+    shape = dict(bench.QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    small = model.AlignerConfig(dim=32, image=model.EncoderConfig(32, 1, 2), audio=model.EncoderConfig(32, 1, 2),
+                                image_size=32, patch_size=8)
+    return (args, *bench.build(args, device, shape, small))

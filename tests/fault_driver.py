@@ -32,7 +32,7 @@ else:
         if int(os.environ.get("RANK", 0)) == int(os.environ["FAULT_RANK"]) and calls >= int(os.environ["FAULT_CALL"]):
             if kind == "raise":
                 raise RuntimeError("injected fault")
-            out["loss_sum"] = out["loss_sum"] * float("nan")
+            out.loss_sum = out.loss_sum * float("nan")
         return out
     model.MultimodalLM.forward = forward
 

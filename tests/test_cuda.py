@@ -1,9 +1,7 @@
 """GPU-only paths, checked against their plain counterparts; skipped where there is no GPU (as in CI)."""
-import json
-
 import pytest
 import torch
-from test_train import small_bench
+from conftest import cli_args, demo_config, rows, small_bench, torchrun
 
 import bench
 import train
@@ -15,28 +13,28 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_graph_steps_equal_plain_steps(compile_):
     """train.cuda_graph: the warm-up step, the recorded one and the replays give the losses, gradient norms and
     weights of plain steps (no dropout, so that both draw nothing random), with media spliced from the cache."""
-    d = train.Dist(device=torch.device("cuda"))
+    world = train.World(device=torch.device("cuda"))
     results = []
     for graph in (False, True):
         args, cfg, mm = small_bench("cuda", multimodal=True, cache=True, cuda_graph=graph, compile=compile_)
         for m in mm.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        opt, params = train.make_optimizer(mm, cfg.train, d.device)
-        scaler, autocast = train.mixed_precision(cfg.train, d.device)
-        run_step = train.make_step(mm, opt, scaler, params, autocast, d, cfg.train)
+        opt, params = train.make_optimizer(mm, cfg.train)
+        scaler, autocast = train.mixed_precision(cfg.train, world.device)
+        run_step = train.make_step(mm, opt, scaler, params, autocast, world, cfg)
         g = torch.Generator().manual_seed(0)
-        batches = [bench.make_batch(args, mm, d.device, g) for _ in range(3)]
+        batches = [bench.make_batch(args, mm, world.device, g) for _ in range(3)]
         before = {k: v.detach().clone() for k, v in train.trainable_state(mm).items()}
         mm.train()
-        rows = []
+        losses = []
         for i in range(7):  # a warm-up step, a recorded one, then replays over new batches of the same shapes
             train.set_lr(opt, 1.0 if i % 2 else 0.5)  # the schedule must reach the replays
-            stats, n_tok, grad_norm, finite = run_step([batches[i % 3]])
-            rows.append(((stats[0] / n_tok).item(), grad_norm.item(), bool(finite)))
+            out = run_step([batches[i % 3]])
+            losses.append(((out.stats[0] / out.n_tokens).item(), out.grad_norm.item(), bool(out.finite)))
             opt.zero_grad(set_to_none=True)
         moved = {k: v.detach() - before[k] for k, v in train.trainable_state(mm).items()}
-        results.append((rows, moved))
+        results.append((losses, moved))
         torch.compiler.reset()
     (plain, moved_plain), (graphed, moved_graphed) = results
     for a, b in zip(plain, graphed):
@@ -49,7 +47,6 @@ def test_cuda_graph_steps_equal_plain_steps(compile_):
 def test_train_py_with_cuda_graph_equals_plain(demo_dir, tmp_path, monkeypatch):
     """train.py with train.cuda_graph on conversation data: static collation keeps the shapes few, the steps
     replay graphs, and the losses are those of plain steps (no dropout)."""
-    from conftest import demo_config
     replays = []
     replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
@@ -57,9 +54,8 @@ def test_train_py_with_cuda_graph_equals_plain(demo_dir, tmp_path, monkeypatch):
     for graph in (False, True):
         cfg = demo_config(demo_dir, tmp_path / str(graph), lora={"dropout": 0.0}, data={"pad_multiple": 64},
                           train={"max_steps": 16, "cuda_graph": graph, "amp": "fp32"}, run={"device": "cuda"})
-        train.train(cfg)
-        rows = [json.loads(x) for x in (tmp_path / str(graph) / "metrics.jsonl").read_text().splitlines()]
-        losses[graph] = [r["loss"] for r in rows if r["split"] == "train"]
+        train.fit(cfg)
+        losses[graph] = [r["loss"] for r in rows(tmp_path / str(graph))]
     assert len(replays) >= 8  # most steps replayed a recorded graph
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
 
@@ -68,8 +64,6 @@ def test_train_py_with_cuda_graph_equals_plain(demo_dir, tmp_path, monkeypatch):
 def test_two_gpus_with_cuda_graph_equal_ddp(demo_dir, tmp_path):
     """train.cuda_graph under torchrun (the gradients' all-reduce recorded in each rank's graph) logs the losses
     of the DDP run (no dropout, fp32)."""
-    from conftest import demo_config
-    from test_train import cli_args, rows, torchrun
     losses = {}
     for graph in (False, True):
         cfg = demo_config(demo_dir, tmp_path / str(graph), lora={"dropout": 0.0}, data={"pad_multiple": 64},

@@ -1,4 +1,5 @@
 """The data pipeline: media decoding, labels, placeholders, splicing, packing, the feature cache, bad input."""
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -10,6 +11,7 @@ import torch
 from conftest import demo_config
 
 import data
+import demo
 import train
 from model import MODALITIES, load_tokenizer
 
@@ -141,9 +143,9 @@ def test_bad_samples_raise_or_are_skipped(tmp_path, demo_dir, case):
 
 def test_skipped_samples_are_written_and_counted(tmp_path, demo_dir):
     path = write_dataset(tmp_path / "ds", [GOOD, BAD["unknown role"][0], GOOD], demo_dir)
-    cfg = demo_config(demo_dir, tmp_path / "run", data={"train": str(path), "val": "", "on_error": "skip"},
+    cfg = demo_config(demo_dir, tmp_path / "run", data={"train_file": str(path), "val_file": "", "on_error": "skip"},
                       train={"max_steps": 1, "batch_size": 2})
-    train.train(cfg)
+    train.fit(cfg)
     skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
     assert [s["id"] for s in skipped] == ["r"] and "unknown role" in skipped[0]["reason"]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -153,8 +155,8 @@ def test_skipped_samples_are_written_and_counted(tmp_path, demo_dir):
 def model_and_data(demo_dir, tmp_path, **kw):
     cfg = demo_config(demo_dir, tmp_path, **kw)
     tok, mm = train.build_model(cfg, torch.device("cpu"))
-    ds = data.ConversationDataset(cfg.data.train, tok, mm.aligner.config, {"image": 16, "audio": 8}, 128,
-                                  feature_cache=train.cache_folder(cfg, cfg.data.train))
+    ds = data.ConversationDataset(cfg.data.train_file, tok, mm.aligner.config, {"image": 16, "audio": 8}, 128,
+                                  feature_cache=train.cache_folder(cfg, cfg.data.train_file))
     return cfg, tok, mm, ds
 
 
@@ -162,26 +164,25 @@ def test_splicing_puts_each_feature_at_its_placeholder(demo_dir, tmp_path):
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
     items = [ds[i] for i in range(8)]
     batch = data.collate(items, tok.pad_id)
-    x, _ = mm.embed(batch)
+    x = mm.embed(batch)
     for m in MODALITIES:
         feats = mm.media_embeds(batch, m)  # (M, K, H)
-        slots = (batch["input_ids"] == mm.media_token_ids[m]).nonzero().tolist()
+        slots = (batch.input_ids == mm.media_token_ids[m]).nonzero().tolist()
         assert len(slots) == feats.shape[0] * feats.shape[1] > 0
-        assert batch[f"{m}_slots"].tolist() == [b * batch["input_ids"].shape[1] + t for b, t in slots]
+        assert batch.media[m].slots.tolist() == [b * batch.input_ids.shape[1] + t for b, t in slots]
         for n, (b, t) in enumerate(slots):
             assert torch.equal(x[b, t], feats.flatten(0, 1)[n])
-    text = batch["input_ids"] != mm.media_token_ids["image"]
-    text &= batch["input_ids"] != mm.media_token_ids["audio"]
-    assert torch.equal(x[text], mm.llm.model.embed_tokens(batch["input_ids"])[text])
+    text = batch.input_ids != mm.media_token_ids["image"]
+    text &= batch.input_ids != mm.media_token_ids["audio"]
+    assert torch.equal(x[text], mm.llm.model.embed_tokens(batch.input_ids)[text])
 
 
 def test_media_that_do_not_match_their_placeholders_are_a_clear_error(demo_dir, tmp_path):
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
     batch = data.collate([ds[i] for i in range(8)], tok.pad_id)
-    with pytest.raises(ValueError, match="image placeholders but no image inputs"):
-        mm({k: v for k, v in batch.items() if k != "image"})
+    audio = batch.media["audio"]
     with pytest.raises(ValueError, match=r"placeholder tokens for \d+ audio inputs"):
-        mm({**batch, "audio": batch["audio"][1:]})
+        mm(dataclasses.replace(batch, media={**batch.media, "audio": dataclasses.replace(audio, raw=audio.raw[1:])}))
 
 
 def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path):
@@ -192,29 +193,29 @@ def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path)
         plain = mm(data.collate(items, tok.pad_id))
         packed_batch = data.collate(items, tok.pad_id, pack=True, max_len=128)
         packed = mm(packed_batch)
-    assert packed_batch["input_ids"].shape[0] < 10  # several samples share a row
+    assert packed_batch.input_ids.shape[0] < 10  # several samples share a row
     for m in MODALITIES:  # the collator's flat positions are the placeholders and the labels, packed too
-        assert torch.equal(packed_batch[f"{m}_slots"], (packed_batch["input_ids"] == mm.media_token_ids[m]).flatten()
+        assert torch.equal(packed_batch.media[m].slots, (packed_batch.input_ids == mm.media_token_ids[m]).flatten()
                            .nonzero()[:, 0])
-    assert torch.equal(packed_batch["label_index"], (packed_batch["labels"] != -100).flatten().nonzero()[:, 0])
-    torch.testing.assert_close(packed["sample_loss"], plain["sample_loss"], atol=1e-5, rtol=1e-5)
-    assert torch.equal(packed["sample_tokens"], plain["sample_tokens"])
+    assert torch.equal(packed_batch.label_index, (packed_batch.labels != -100).flatten().nonzero()[:, 0])
+    torch.testing.assert_close(packed.sample_loss, plain.sample_loss, atol=1e-5, rtol=1e-5)
+    assert torch.equal(packed.sample_tokens, plain.sample_tokens)
 
 
 def test_feature_cache_gives_the_same_loss_as_raw_media(demo_dir, tmp_path):
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
     cfg.data.feature_cache, cfg.data.num_workers = str(tmp_path / "cache"), 2  # media decoded by 2 workers
     train.build_cache(cfg)
-    cached = data.ConversationDataset(cfg.data.train, tok, mm.aligner.config, {"image": 16, "audio": 8}, 128,
-                                      feature_cache=train.cache_folder(cfg, cfg.data.train))
+    cached = data.ConversationDataset(cfg.data.train_file, tok, mm.aligner.config, {"image": 16, "audio": 8}, 128,
+                                      feature_cache=train.cache_folder(cfg, cfg.data.train_file))
     mm.eval()
     idx = list(range(12))
     with torch.no_grad():
         a = mm(data.collate([ds[i] for i in idx], tok.pad_id))
         b_batch = data.collate([cached[i] for i in idx], tok.pad_id)
         b = mm(b_batch)
-    assert "image" not in b_batch and "image_tokens" in b_batch
-    torch.testing.assert_close(b["sample_loss"], a["sample_loss"], atol=1e-5, rtol=1e-5)
+    assert b_batch.media["image"].raw is None and b_batch.media["image"].tokens is not None
+    torch.testing.assert_close(b.sample_loss, a.sample_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_training_step_changes_projectors_and_lora_only(demo_dir, tmp_path):
@@ -223,9 +224,9 @@ def test_training_step_changes_projectors_and_lora_only(demo_dir, tmp_path):
     opt = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-2)
     mm.train()
     batch = data.collate([ds[i] for i in range(8)], tok.pad_id)
-    assert batch["modality"][:, 0].any() and batch["modality"][:, 1].any()
+    assert batch.modality[:, 0].any() and batch.modality[:, 1].any()
     out = mm(batch)
-    (out["loss_sum"] / out["n_tokens"]).backward()
+    (out.loss_sum / out.n_tokens).backward()
     opt.step()
     changed = {k for k, v in mm.state_dict().items() if not torch.equal(v, before[k])}
     assert not any(k.startswith("aligner.") for k in changed)
@@ -239,10 +240,10 @@ def test_demo_is_deterministic(tmp_path):
     def digest(folder):
         return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.rglob("*")) if p.is_file()}
-    a = digest(data.make_demo(tmp_path / "a", seed=3, n_train=10, n_val=4, pretrain_steps=2))
-    b = digest(data.make_demo(tmp_path / "b", seed=3, n_train=10, n_val=4, pretrain_steps=2))
+    a = digest(demo.make_demo(tmp_path / "a", seed=3, n_train=10, n_val=4, pretrain_steps=2))
+    b = digest(demo.make_demo(tmp_path / "b", seed=3, n_train=10, n_val=4, pretrain_steps=2))
     assert a == b and "llm/model.safetensors" in a and "aligner/aligner.safetensors" in a
-    c = digest(data.make_demo(tmp_path / "c", seed=4, n_train=10, n_val=4, pretrain_steps=2))
+    c = digest(demo.make_demo(tmp_path / "c", seed=4, n_train=10, n_val=4, pretrain_steps=2))
     assert c["data/train.jsonl"] != a["data/train.jsonl"]
 
 
@@ -272,8 +273,8 @@ def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup):
         cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.1}, train=train_keys)
         mm.train()
         out = mm(data.collate([ds[i] for i in range(6)], tok.pad_id))
-        (out["loss_sum"] / out["n_tokens"]).backward()
-        return out["loss_sum"].detach(), {n: p.grad for n, p in mm.named_parameters() if p.grad is not None}
+        (out.loss_sum / out.n_tokens).backward()
+        return out.loss_sum.detach(), {n: p.grad for n, p in mm.named_parameters() if p.grad is not None}
     ref_loss, ref_grads = loss_and_grads()
     loss, grads = loss_and_grads(**({"activation_checkpointing": True} if speedup == "activation_checkpointing"
                                     else {"compile": "default"}))
@@ -287,39 +288,51 @@ def test_rows_are_padded_to_a_multiple(demo_dir, tmp_path):
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
     items = [ds[i] for i in range(5)]
     a, b = data.collate(items, tok.pad_id), data.collate(items, tok.pad_id, pad_multiple=64)
-    assert b["input_ids"].shape[1] % 64 == 0 and b["input_ids"].shape[1] >= a["input_ids"].shape[1]
+    assert b.input_ids.shape[1] % 64 == 0 and b.input_ids.shape[1] >= a.input_ids.shape[1]
     mm.eval()
     with torch.no_grad():
-        torch.testing.assert_close(mm(b)["sample_loss"], mm(a)["sample_loss"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mm(b).sample_loss, mm(a).sample_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_static_batches_have_few_shapes_and_the_same_loss_and_gradients(demo_dir, tmp_path):
-    """`static=True` (for the whole-step CUDA graph) pads the labelled positions and the media to few counts;
+    """`Batch.pad_static` (for the whole-step CUDA graph) pads the labelled positions and the media to few counts;
     the padding adds nothing to the loss, the token counts or the gradients."""
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.0})
     groups = [[ds[i] for i in range(s, s + 6)] for s in (0, 6, 12)]
-    static = [data.collate(g, tok.pad_id, pad_multiple=256, static=True) for g in groups]  # rows <= 128 tokens
-    shapes = [{k: v.shape for k, v in b.items() if torch.is_tensor(v)} for b in static]
+    static = [data.collate(g, tok.pad_id, pad_multiple=256).pad_static(256) for g in groups]  # rows <= 128 tokens
+    shapes = [[t.shape for t in b.tensors()] for b in static]
     assert shapes[0] == shapes[1] == shapes[2]
-    assert len({sum(len(it.get("audio_slots", ())) for it in g) for g in groups}) > 1  # the media counts differ
-    B, T = static[0]["input_ids"].shape
-    assert static[0]["label_index"].shape[0] % T == 0 and all(b["audio"].shape[0] % B == 0 for b in static)
+    assert len({sum(len(it.media["audio"]) for it in g if "audio" in it.media) for g in groups}) > 1  # counts differ
+    B, T = static[0].input_ids.shape
+    assert static[0].label_index.shape[0] % T == 0 and all(len(b.media["audio"]) % B == 0 for b in static)
     mm.train()
 
     def run(batch):
         mm.zero_grad()
         out = mm(batch)
-        (out["loss_sum"] / out["n_tokens"]).backward()
+        (out.loss_sum / out.n_tokens).backward()
         return out, {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}
     for g, s in zip(groups, static):
         ref, ref_grads = run(data.collate(g, tok.pad_id))
         out, grads = run(s)
-        assert out["n_tokens"] == ref["n_tokens"] == sum(sum(t != -100 for t in it["labels"]) for it in g)
-        torch.testing.assert_close(out["loss_sum"], ref["loss_sum"], atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(out["sample_loss"], ref["sample_loss"], atol=1e-5, rtol=1e-5)
-        assert torch.equal(out["sample_tokens"], ref["sample_tokens"])
+        assert out.n_tokens == ref.n_tokens == sum(sum(t != -100 for t in it.labels) for it in g)
+        torch.testing.assert_close(out.loss_sum, ref.loss_sum, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out.sample_loss, ref.sample_loss, atol=1e-5, rtol=1e-5)
+        assert torch.equal(out.sample_tokens, ref.sample_tokens)
         assert grads.keys() == ref_grads.keys()
         for k in grads:
             torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-6, rtol=1e-4, msg=k)
     with pytest.raises(ValueError, match="packed rows vary"):
-        data.collate(groups[0], tok.pad_id, pack=True, max_len=128, static=True)
+        data.collate(groups[0], tok.pad_id, pack=True, max_len=128).pad_static(8)
+
+    # a full row leaves no scratch position for padded media: the rows are widened, the positions moved with them
+    full = data.collate(groups[1], tok.pad_id)
+    assert max(full.lengths) == full.input_ids.shape[1] and len(full.media["audio"]) % 6
+    widened = full.pad_static(8)
+    assert widened.input_ids.shape[1] == full.input_ids.shape[1] + 8
+    for m, media in full.media.items():
+        assert torch.equal(widened.input_ids.flatten()[widened.media[m].slots[:len(media.slots)]],
+                           full.input_ids.flatten()[media.slots])
+    ref, _ = run(full)
+    out, _ = run(widened)
+    torch.testing.assert_close(out.sample_loss, ref.sample_loss, atol=1e-5, rtol=1e-5)

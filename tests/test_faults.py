@@ -6,21 +6,18 @@ import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import demo_config
+from conftest import ROOT, cli_args, demo_config, torchrun
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_train import cli_args
 
 import data
 import train
 from model import load_aligner, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 DRIVER = str(ROOT / "tests" / "fault_driver.py")
 
 
@@ -29,9 +26,9 @@ def loads_cleanly(cfg) -> int:
     path = train.find_resume(cfg)
     assert path is not None and not path.name.startswith(".")
     _, mm = train.build_model(cfg, torch.device("cpu"))
-    opt, _ = train.make_optimizer(mm, cfg.train, torch.device("cpu"))
+    opt, _ = train.make_optimizer(mm, cfg.train)
     scaler, _ = train.mixed_precision(cfg.train, torch.device("cpu"))
-    return train.load_checkpoint(path, mm, opt, scaler, train.Dist())["step"]
+    return train.load_checkpoint(path, mm, opt, scaler, train.World()).step
 
 
 def test_kill_9_during_saves_never_corrupts_the_last_checkpoint(demo_dir, tmp_path):
@@ -45,15 +42,19 @@ def test_kill_9_during_saves_never_corrupts_the_last_checkpoint(demo_dir, tmp_pa
                              env={**os.environ, "FAULT": "slow_fsync", "OMP_NUM_THREADS": "1"})
         deadline = time.time() + 120
         start = steps[-1] if steps else 0
-        while time.time() < deadline and not (ckpt / "latest").exists() or \
-                (steps and json.loads((train.find_resume(cfg) / "state.json").read_text())["step"] <= start):
+
+        def saved_past_start() -> bool:  # a checkpoint newer than the last trial's is complete
+            path = train.find_resume(cfg)
+            return path is not None and json.loads((path / "state.json").read_text())["step"] > start
+        while not saved_past_start():
+            assert time.time() < deadline and p.poll() is None, "the run saved no new checkpoint"
             time.sleep(0.05)
         time.sleep(rng.uniform(0.05, 0.6))
         p.kill()  # SIGKILL: no handler runs
         p.wait()
         steps.append(loads_cleanly(cfg))
     assert steps == sorted(steps) and steps[0] >= 1
-    train.train(demo_config(demo_dir, tmp_path, train={"max_steps": steps[-1] + 1, "save_every": 1}))
+    train.fit(demo_config(demo_dir, tmp_path, train={"max_steps": steps[-1] + 1, "save_every": 1}))
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".")]  # leftovers cleaned at the next start
 
 
@@ -68,7 +69,7 @@ def test_failed_write_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_di
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(train.torch, "save", full_disk)
     with pytest.raises(train.CheckpointWriteError, match="No space left on device.*previous checkpoint is intact"):
-        train.train(cfg)
+        train.fit(cfg)
     monkeypatch.setattr(train.torch, "save", real_save)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     assert loads_cleanly(cfg) == 2
@@ -81,34 +82,32 @@ def test_failed_write_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_di
     ({"model": {"projector_hidden": 64}}, "does not fit this run"),
 ])
 def test_a_checkpoint_that_does_not_fit_stops_before_training(demo_dir, tmp_path, change, message):
-    train.train(demo_config(demo_dir, tmp_path, train={"max_steps": 2}))
+    train.fit(demo_config(demo_dir, tmp_path, train={"max_steps": 2}))
     files = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
     metrics = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match=message):
-        train.train(demo_config(demo_dir, tmp_path, train={"max_steps": 4}, **change))
+        train.fit(demo_config(demo_dir, tmp_path, train={"max_steps": 4}, **change))
     assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == files
     assert (tmp_path / "metrics.jsonl").read_text() == metrics  # no step was taken
 
 
 def test_a_checkpoint_of_another_base_model_or_truncated_is_refused(demo_dir, tmp_path):
-    train.train(demo_config(demo_dir, tmp_path, train={"max_steps": 2}))
+    train.fit(demo_config(demo_dir, tmp_path, train={"max_steps": 2}))
     state_path = tmp_path / "checkpoints" / "step_0000002" / "state.json"
     state = json.loads(state_path.read_text())
     state["llm_config"]["rope_theta"] = 1.0
     state_path.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"different base model \(config differs in \['rope_theta'\]\)"):
-        train.train(demo_config(demo_dir, tmp_path, train={"max_steps": 4}))
+        train.fit(demo_config(demo_dir, tmp_path, train={"max_steps": 4}))
     weights = tmp_path / "checkpoints" / "step_0000002" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot be read.*truncated"):
-        train.train(demo_config(demo_dir, tmp_path, train={"max_steps": 4}))
+        train.fit(demo_config(demo_dir, tmp_path, train={"max_steps": 4}))
 
 
 def torchrun_driver(cfg, env):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", DRIVER, *cli_args(cfg)]
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    r = torchrun(cli_args(cfg), 2, script=DRIVER, env=env, timeout=180)
     return r, time.time() - t0
 
 
@@ -140,7 +139,7 @@ def test_nan_gradient_is_skipped_and_counted(demo_dir, tmp_path, monkeypatch):
             params[0].grad.view(-1)[0] = float("nan")
         return real(params, max_norm)
     monkeypatch.setattr(train.nn.utils, "clip_grad_norm_", nan_once)
-    result = train.train(cfg)
+    result = train.fit(cfg)
     assert result["step"] == 4 and result["bad_steps"] == 1
     # the optimizer skipped that step on the device: had AdamW applied it, its moments and weights would be NaN
     final = load_file(str(tmp_path / "checkpoints" / "step_0000004" / "trainable.safetensors"))
@@ -161,7 +160,7 @@ def test_empty_and_tiny_datasets(demo_dir, tmp_path):
     tiny.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": "one plus one?"},
                                                                     {"role": "assistant", "content": "two"}]}) + "\n"
                             for i in range(3)))
-    result = train.train(demo_config(demo_dir, tmp_path / "run", data={"train": str(tiny), "val": ""},
+    result = train.fit(demo_config(demo_dir, tmp_path / "run", data={"train_file": str(tiny), "val_file": ""},
                                      train={"max_steps": 3, "batch_size": 4}))
     assert result["step"] == 3
 

@@ -27,10 +27,21 @@ def test_file_dtype_is_kept_unless_asked(hf_models):
     assert load_llm(folder, dtype=torch.float32).lm_head.weight.dtype == torch.float32
 
 
-def test_sharded_checkpoint_is_read(hf_models):
-    folder, _ = hf_models["mistral"]
-    assert (folder / "model.safetensors.index.json").is_file()
-    assert len(list(folder.glob("model-*.safetensors"))) > 1
+def test_sharded_checkpoint_is_read(hf_models, tmp_path):
+    """Every tensor of a sharded folder is read from its shard; a shard the index names but the folder lacks is
+    an error naming it."""
+    import shutil
+    folder, hf = hf_models["mistral"]
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").is_file()
+    ours = load_llm(folder).state_dict()
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(ours[name], tensor), name
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / shards[-1].name).unlink()
+    with pytest.raises(FileNotFoundError, match=f"names shards that are not in the folder.*{shards[-1].name}"):
+        load_llm(broken)
 
 
 def test_padded_batch_matches_single_rows(hf_models):

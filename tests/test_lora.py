@@ -4,24 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import QWEN25_05B_CONFIG, randomize_lora
 
 import model
-from lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
+from lora import apply_lora, fuse_qkv, load_adapter, merge_lora, save_adapter, unmerge_lora
 from model import load_llm
-
-QWEN25_05B_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
-    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-}
-
-
-def randomize_lora(llm, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(llm).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
-
 
 def test_lora_parameter_count_on_meta_device():
     with torch.device("meta"):
@@ -50,8 +37,8 @@ def test_init_is_identity_and_merge_equals_unmerged(hf_models):
 
 
 @pytest.mark.parametrize("family,targets", [("qwen2", ["q_proj", "v_proj"]), ("llama", "all-linear")])
-def test_one_matmul_for_q_k_v_equals_layer_by_layer(monkeypatch, hf_models, family, targets):
-    """In training, q/k/v run as one matmul with the adapters' A matrices stacked (`model.project`); the logits
+def test_one_matmul_for_q_k_v_equals_layer_by_layer(hf_models, family, targets):
+    """In training, q/k/v run as one matmul with the adapters' A matrices stacked (`lora.fuse_qkv`); the logits
     and the gradients are those of each layer called on its own."""
     llm = load_llm(hf_models[family][0])
     apply_lora(llm, rank=4, alpha=8, targets=targets)
@@ -64,9 +51,11 @@ def test_one_matmul_for_q_k_v_equals_layer_by_layer(monkeypatch, hf_models, fami
         logits.logsumexp(-1).mean().backward()
         return logits.detach(), {n: p.grad for n, p in llm.named_parameters() if p.requires_grad}
 
-    fused, fused_grads = step()
-    monkeypatch.setattr(model, "project", lambda x, layers: [layer(x) for layer in layers])
     separate, grads = step()
+    names = list(llm.state_dict())
+    assert fuse_qkv(llm) == llm.config.num_hidden_layers
+    assert list(llm.state_dict()) == names  # the weights keep their names
+    fused, fused_grads = step()
     torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
     assert fused_grads.keys() == grads.keys()
     for n, g in grads.items():
@@ -74,9 +63,10 @@ def test_one_matmul_for_q_k_v_equals_layer_by_layer(monkeypatch, hf_models, fami
 
 
 def test_adapters_of_one_input_share_a_dropout_mask(hf_models):
-    """q, k and v draw one dropout mask of their input (loralib's MergedLinear)."""
+    """Fused, q, k and v draw one dropout mask of their input (loralib's MergedLinear)."""
     llm = load_llm(hf_models["llama"][0])
     apply_lora(llm, rank=4, alpha=8, dropout=0.5, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    fuse_qkv(llm)
     attn = llm.model.layers[0].self_attn
     with torch.no_grad():
         attn.k_proj.lora_A.weight.copy_(attn.q_proj.lora_A.weight)

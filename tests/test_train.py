@@ -9,28 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import demo_config
-from safetensors.torch import load_file
+from conftest import QWEN25_05B_CONFIG, ROOT, cli_args, demo_config, final_weights, rows, small_bench, torchrun
 
 import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def rows(out_dir, split="train"):
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
-
-
-def final_weights(out_dir):
-    ckpt = Path(out_dir) / "checkpoints"
-    return load_file(str(ckpt / (ckpt / "latest").read_text().strip() / "trainable.safetensors"))
-
-
-def cli_args(cfg):
-    """The config as command-line overrides, for runs in a subprocess."""
-    import dataclasses
-    return [f"--{s}.{k}={v}" for s, sub in dataclasses.asdict(cfg).items() for k, v in sub.items()]
 
 
 def test_unknown_key_lists_the_known_ones(tmp_path):
@@ -62,7 +43,7 @@ def test_bad_values_name_the_key(override, message):
 def test_cuda_graph_is_refused_where_it_cannot_record():
     cfg = train.load_config(None, ["--train.cuda_graph=true", "--train.compile=max-autotune-no-cudagraphs"])
     with pytest.raises(ValueError, match="records the step on a GPU; on CPU set it to false"):
-        train.make_step(None, None, None, [], None, train.Dist(), cfg.train)
+        train.make_step(None, None, None, [], None, train.World(), cfg)
 
 
 def test_toml_types_are_checked(tmp_path):
@@ -81,11 +62,11 @@ def test_lr_is_warmup_then_cosine():
 def test_resume_is_bit_exact(demo_dir, tmp_path):
     const = {"min_lr_ratio": 1.0, "warmup_steps": 0, "grad_accum": 2, "save_every": 3}
     straight = demo_config(demo_dir, tmp_path / "a", train={**const, "max_steps": 6})
-    train.train(straight)
+    train.fit(straight)
     half = demo_config(demo_dir, tmp_path / "b", train={**const, "max_steps": 3})
-    train.train(half)
+    train.fit(half)
     again = demo_config(demo_dir, tmp_path / "b", train={**const, "max_steps": 6})
-    train.train(again)
+    train.fit(again)
     a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
@@ -95,10 +76,10 @@ def test_resume_is_bit_exact(demo_dir, tmp_path):
 
 def test_a_finished_run_continues_with_more_steps(demo_dir, tmp_path):
     cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 2})
-    train.train(cfg)
+    train.fit(cfg)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     cfg.train.max_steps = 3
-    result = train.train(cfg)
+    result = train.fit(cfg)
     assert result["step"] == 3 and [r["step"] for r in rows(tmp_path)] == [1, 2, 3]
 
     # the export: a peft-format adapter and the projectors, equal to the final checkpoint's tensors
@@ -120,7 +101,7 @@ def test_compiled_layers_train_evaluate_and_generate(demo_dir, tmp_path):
     for mode in ("none", "default"):
         cfg = demo_config(demo_dir, tmp_path / mode, lora={"dropout": 0.0},
                           train={"max_steps": 2, "eval_every": 2, "eval_samples": 16, "compile": mode})
-        train.train(cfg)
+        train.fit(cfg)
         runs[mode] = rows(tmp_path / mode), rows(tmp_path / mode, "val")
     (train_plain, val_plain), (train_compiled, val_compiled) = runs["none"], runs["default"]
     assert len(val_compiled) == 1 and val_compiled[0]["accuracy"] is not None
@@ -128,19 +109,12 @@ def test_compiled_layers_train_evaluate_and_generate(demo_dir, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
-def torchrun(args, nproc, env=None, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
 def average_worker(rank: int, port: int, out: str) -> None:
     """One of two gloo ranks: steps of train_step through DDP, then the same through `average_gradients`."""
     import bench
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    d = train.Dist(rank=rank, local_rank=rank, world=2)
+    world = train.World(rank=rank, local_rank=rank, size=2)
     moved = {}
     for how in ("ddp", "average"):
         args, cfg, mm = small_bench("cpu", multimodal=True, cache=True)
@@ -148,17 +122,21 @@ def average_worker(rank: int, port: int, out: str) -> None:
         for m in mm.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        cfg.train.cuda_graph = how == "average"  # the setting that makes data_parallel leave DDP out
-        model = train.data_parallel(mm, d, cfg.train)
-        assert isinstance(model, torch.nn.parallel.DistributedDataParallel) == (how == "ddp")
-        opt, params = train.make_optimizer(mm, cfg.train, d.device)
-        scaler, autocast = train.mixed_precision(cfg.train, d.device)
+        opt, params = train.make_optimizer(mm, cfg.train)
+        scaler, autocast = train.mixed_precision(cfg.train, world.device)
+        if how == "ddp":
+            step = train.make_step(mm, opt, scaler, params, autocast, world, cfg)
+        else:  # GraphedStep's step, unrecorded: the gradients averaged by its own all-reduce
+            graphed = object.__new__(train.GraphedStep)
+            graphed.model, graphed.opt, graphed.scaler, graphed.params, graphed.world = mm, opt, scaler, params, world
+            graphed.autocast, graphed.grad_clip = autocast, cfg.train.grad_clip
+            step = graphed.step
         g = torch.Generator().manual_seed(rank)  # each rank its own batches
-        micro = [bench.make_batch(args, mm, d.device, g) for _ in range(2)]
+        micro = [bench.make_batch(args, mm, world.device, g) for _ in range(2)]
         before = {k: v.detach().clone() for k, v in train.trainable_state(mm).items()}
         norms = []
         for _ in range(2):  # two steps: LoRA's A gets a gradient once B is no longer zero
-            norms.append(train.train_step(model, micro, opt, scaler, params, autocast, d, 1.0)[2])
+            norms.append(step(micro).grad_norm)
             opt.zero_grad(set_to_none=True)
         moved[how] = {k: v.detach() - before[k] for k, v in train.trainable_state(mm).items()}
         moved[how]["grad norms"] = torch.stack(norms)  # AdamW's update hides a scale; the norms show it
@@ -186,7 +164,7 @@ def test_two_ranks_equal_one_with_the_same_global_batch(demo_dir, tmp_path):
     common = {"lora": {"dropout": 0.0}, "train": {"max_steps": 4, "grad_accum": 2}}
     one = demo_config(demo_dir, tmp_path / "one", lora=common["lora"], train={**common["train"], "batch_size": 4})
     two = demo_config(demo_dir, tmp_path / "two", lora=common["lora"], train={**common["train"], "batch_size": 2})
-    train.train(one)
+    train.fit(one)
     r = torchrun(cli_args(two), 2)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
@@ -202,10 +180,10 @@ def test_two_ranks_equal_one_with_the_same_global_batch(demo_dir, tmp_path):
     assert state["consumed"] == 4 * 8 and state["world_size"] == 2
     more = demo_config(demo_dir, tmp_path / "two", lora=common["lora"], train={**common["train"], "batch_size": 4,
                                                                                "max_steps": 6})
-    train.train(more)
+    train.fit(more)
     ref = demo_config(demo_dir, tmp_path / "one", lora=common["lora"], train={**common["train"], "batch_size": 4,
                                                                               "max_steps": 6})
-    train.train(ref)
+    train.fit(ref)
     assert rows(tmp_path / "two")[-1]["loss"] == pytest.approx(rows(tmp_path / "one")[-1]["loss"], rel=1e-5)
 
 
@@ -240,7 +218,7 @@ def test_signal_saves_an_emergency_checkpoint_and_resume_matches(demo_dir, tmp_p
     straight = demo_config(demo_dir, tmp_path / "a", **kw)
     if nproc == 1:
         straight.train.batch_size = 4
-        train.train(straight)
+        train.fit(straight)
     else:
         assert torchrun(cli_args(straight), nproc).returncode == 0
     cut = demo_config(demo_dir, tmp_path / "b", **kw)
@@ -252,7 +230,7 @@ def test_signal_saves_an_emergency_checkpoint_and_resume_matches(demo_dir, tmp_p
     assert 2 <= state["step"] < 40, out
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "emergency"
     if nproc == 1:
-        train.train(cut)
+        train.fit(cut)
     else:
         r = torchrun(cli_args(cut), nproc)
         assert r.returncode == 0, r.stderr[-8000:]  # the ranks' own errors come before torchrun's summary
@@ -271,26 +249,26 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_dir, tmp_path, monk
         out = real(self, batch)
         calls["n"] += 1
         if calls["n"] >= 3:
-            out["loss_sum"] = out["loss_sum"] * float("nan")
+            out.loss_sum = out.loss_sum * float("nan")
         return out
     monkeypatch.setattr(model.MultimodalLM, "forward", poisoned)
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
-        train.train(cfg)
+        train.fit(cfg)
     state = json.loads((tmp_path / "checkpoints" / "emergency" / "state.json").read_text())
     assert state["step"] == 2 and state["bad_steps"] == 3
 
 
 def test_incompatible_checkpoint_is_refused_before_training(demo_dir, tmp_path):
     cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 2})
-    train.train(cfg)
+    train.fit(cfg)
     before = (tmp_path / "checkpoints" / "step_0000002" / "trainable.safetensors").read_bytes()
     cfg.lora.rank = 8
     with pytest.raises(ValueError, match="does not fit this run"):
-        train.train(cfg)
+        train.fit(cfg)
     cfg.lora.rank = 4
     (tmp_path / "checkpoints" / "step_0000002" / "optimizer.pt").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="cannot be read"):
-        train.train(cfg)
+        train.fit(cfg)
     assert (tmp_path / "checkpoints" / "step_0000002" / "trainable.safetensors").read_bytes() == before
 
 
@@ -298,7 +276,6 @@ def test_seed_setup_parameter_report():
     """configs/qwen2.5-0.5b.toml on Qwen2.5-0.5B's shape with a seed-sized aligner, on the meta device."""
     import bench
     import model
-    from test_lora import QWEN25_05B_CONFIG
     cfg = train.load_config(str(ROOT / "configs" / "qwen2.5-0.5b.toml"), [])
     with torch.device("meta"):
         llm = model.LLM(model.LLMConfig.from_hf(QWEN25_05B_CONFIG))
@@ -316,30 +293,15 @@ def test_seed_setup_parameter_report():
 
 def test_demo_assets_with_another_llm_shape_train(tmp_path):
     """make_demo with a given LLM shape (bench.py --make_assets uses Qwen2.5-0.5B's) gives a trainable setup."""
-    import data
+    import demo
     import model
     shape = model.LLMConfig(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=96,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    folder = data.make_demo(tmp_path / "assets", n_train=16, n_val=4, pretrain_steps=0, llm_config=shape)
+    folder = demo.make_demo(tmp_path / "assets", n_train=16, n_val=4, pretrain_steps=0, llm_config=shape)
     llm = model.load_llm(folder / "llm")
     assert llm.config.vocab_size == 1000 and llm.lm_head.weight.dtype == torch.bfloat16
-    from conftest import demo_config
     cfg = demo_config(folder, tmp_path / "run", train={"max_steps": 2}, model={"dtype": "float32"})
-    assert train.train(cfg)["step"] == 2
-
-
-def small_bench(device: str, **flags):
-    """bench.py's setup on a small shape: its args (batch 2 x 128 tokens, `flags` set), config and model."""
-    import argparse
-
-    import bench
-    import model
-    args = argparse.Namespace(**{**bench.workload(128, compile=False), "batch": 2, "compile_mode": "", **flags})
-    shape = dict(bench.QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    small = model.AlignerConfig(dim=32, image=model.EncoderConfig(32, 1, 2), audio=model.EncoderConfig(32, 1, 2),
-                                image_size=32, patch_size=8)
-    return (args, *bench.build(args, device, shape, small))
+    assert train.fit(cfg)["step"] == 2
 
 
 @pytest.mark.parametrize("variant", ["text", "multimodal", "cache", "pack"])
@@ -351,16 +313,31 @@ def test_bench_batches_run_through_the_training_step(variant):
                                 cache=variant == "cache")
     mm.llm.float()
     batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert batch["input_ids"].shape == (2, 128)  # one static shape, packed or not, for the compiled layers
+    assert batch.input_ids.shape == (2, 128)  # one static shape, packed or not, for the compiled layers
     for m in model.MODALITIES:  # the slots bench.py gives its items are the placeholders
-        placeholders = (batch["input_ids"] == mm.media_token_ids[m]).flatten().nonzero()[:, 0]
-        assert torch.equal(batch.get(f"{m}_slots", placeholders[:0]), placeholders)
+        placeholders = (batch.input_ids == mm.media_token_ids[m]).flatten().nonzero()[:, 0]
+        assert torch.equal(batch.media[m].slots if m in batch.media else placeholders[:0], placeholders)
         assert len(placeholders) == (2 * 2 * 32 if m == "image" else 2 * 32) * args.multimodal
-    opt, params = train.make_optimizer(mm, cfg.train, torch.device("cpu"))
+    opt, params = train.make_optimizer(mm, cfg.train)
     scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
-    stats, n_tok, _, finite = train.make_step(mm, opt, scaler, params, autocast, train.Dist(), cfg.train)([batch])
-    assert finite and n_tok > 0 and 0.3 < float((batch["labels"] != -100).sum()) / float(batch["lengths"].sum()) < 0.6
-    assert bench.flops_per_token(mm, 128, 0.5) > 0
+    out = train.make_step(mm, opt, scaler, params, autocast, train.World(), cfg)([batch])
+    assert out.finite and out.n_tokens > 0 and 0.3 < float((batch.labels != -100).sum()) / sum(batch.lengths) < 0.6
+
+
+def test_flops_per_token_counts_the_matmuls():
+    """bench.py's MFU numerator on a small shape, counted here layer by layer: forward and input-gradient matmuls
+    (4 FLOPs per weight) of the frozen body, the lm_head at labelled positions only, weight gradients too (6) for
+    the trainable tensors, and attention's QK^T and AV."""
+    import bench
+    args, cfg, mm = small_bench("cpu")
+    H, inner, L, nh, nkv, hd, V = 64, 96, 2, 4, 2, 16, 512
+    layer = H * nh * hd + nh * hd + 2 * (H * nkv * hd + nkv * hd) + nh * hd * H + 3 * H * inner + 2 * H
+    r = 16  # LoRA on q, k, v, o
+    lora = r * ((H + nh * hd) + 2 * (H + nkv * hd) + (nh * hd + H))
+    D = 32
+    projectors = 2 * (D * H + H + H * H + H)
+    expected = 4 * L * layer + 4 * V * H * 0.5 + 6 * (L * lora + projectors) + 6 * L * 128 * nh * hd
+    assert bench.flops_per_token(mm, 128, 0.5) == expected
 
 
 def test_bench_table_gives_the_ratios_to_the_peer():

@@ -5,6 +5,7 @@ import pytest
 from conftest import demo_config
 
 import model
+import train
 import validate
 
 
@@ -36,13 +37,13 @@ def broken(demo_dir, tmp_path, what, monkeypatch):
         cfg.lora.targets = "q_proj,qkv_proj"
         return cfg, "Model initialization", "match no linear layer"
     if what == "trainable aligner":
-        real = model.load_aligner
-        monkeypatch.setattr(model, "load_aligner", lambda *a, **k: real(*a, **k).requires_grad_(True))
+        real = train.load_aligner
+        monkeypatch.setattr(train, "load_aligner", lambda *a, **k: real(*a, **k).requires_grad_(True))
         return cfg, "Parameter freezing", "parameters of the aligner are trainable"
     if what == "no supervision":
         path = tmp_path / "d.jsonl"
         path.write_text(json.dumps({"id": "q", "conversations": [{"from": "human", "value": "Hi"}]}) + "\n")
-        cfg.data.train = str(path)
+        cfg.data.train_file = str(path)
         return cfg, "Data pipeline", "no supervised tokens"
     if what == "unwritable checkpoints":
         (tmp_path / "file").write_text("not a folder")

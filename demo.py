@@ -1,0 +1,204 @@
+"""The embedded demo, "shapes and tones": its data, its tokenizer and its tiny LLM, made on first use.
+
+    demo.ensure_demo(".cache/demo")   # data/{train,val}.jsonl + media, llm/ (tokenizer + weights), aligner/
+
+Images of a coloured shape in one quadrant (32x32), one-second clips of high or low beeps, and short questions
+about them with one-word answers. Everything is generated from a seed, so two machines make the same assets.
+`configs/demo.toml` sets `data.make_demo`, so the README's first command makes them before it trains.
+"""
+from __future__ import annotations
+
+import json
+import math
+import wave
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, load_tokenizer, save_aligner, save_llm
+
+# special tokens of every chat format (and the media placeholders), so that the demo's tokenizer serves them all
+CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                       "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>", "[INST]", "[/INST]", "<image>", "<audio>"]
+
+
+SHAPES, COLOURS = ("circle", "square", "triangle"), {"red": (220, 40, 40), "green": (40, 200, 60),
+                                                    "blue": (50, 80, 230), "yellow": (230, 210, 40)}
+PLACES = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+IMAGE_QUESTIONS = {"shape": "What shape is in the image?", "colour": "What colour is the shape?",
+                   "place": "Where is the shape?"}
+AUDIO_QUESTIONS = {"count": "How many beeps are there?", "pitch": "Is the tone high or low?",
+                   "rhythm": "Are the beeps fast or slow?"}
+
+
+def train_tokenizer(texts: list[str], folder: str | Path, vocab_size: int = 512,
+                    special_tokens: list[str] = CHAT_SPECIAL_TOKENS, eos_token: str = "<|im_end|>") -> None:
+    """Train a byte-level BPE `tokenizer.json` (GPT-2 style, as Qwen and Llama-3 use) and its tokenizer_config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe.save(str(folder / "tokenizer.json"))
+    cfg = {"eos_token": eos_token, "pad_token": "<|endoftext|>", "bos_token": None}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def draw_shape(rng: np.random.Generator, shape: str, colour: str, place: str, size: int = 32) -> np.ndarray:
+    """A (size, size, 3) uint8 image: one filled shape in one quadrant, on a dark noisy background."""
+    img = rng.integers(0, 25, (size, size, 3)).astype(np.uint8)
+    h = size // 2
+    cy = (h // 2 if place.startswith("top") else h + h // 2) + int(rng.integers(-2, 3))
+    cx = (h // 2 if place.endswith("left") else h + h // 2) + int(rng.integers(-2, 3))
+    r = int(rng.integers(6, 8))
+    yy, xx = np.mgrid[:size, :size]
+    if shape == "circle":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    elif shape == "square":
+        mask = (abs(yy - cy) <= r - 1) & (abs(xx - cx) <= r - 1)
+    else:  # triangle, apex up
+        mask = (yy >= cy - r) & (yy <= cy + r) & (abs(xx - cx) <= (yy - (cy - r)) / 2)
+    img[mask] = COLOURS[colour]
+    return img
+
+
+def make_tones(rng: np.random.Generator, count: int, pitch: str, rhythm: str, rate: int = 16000) -> np.ndarray:
+    """One second of int16 audio: `count` beeps of a high or low tone, close together (fast) or spread (slow)."""
+    freq = (1500.0 if pitch == "high" else 350.0) * float(rng.uniform(0.95, 1.05))
+    beep, gap = (0.08, 0.06) if rhythm == "fast" else (0.12, 0.18)
+    x = rng.normal(0, 0.01, rate)
+    start = float(rng.uniform(0.02, 0.1))
+    t = np.arange(int(beep * rate)) / rate
+    for _ in range(count):
+        s = int(start * rate)
+        x[s:s + t.size] += 0.5 * np.sin(2 * np.pi * freq * t) * np.hanning(t.size)
+        start += beep + gap
+    return (np.clip(x, -1, 1) * 32767).astype(np.int16)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    """Write int16 samples (num_samples,) or (num_samples, channels) as a PCM WAV."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1 if samples.ndim == 1 else samples.shape[1])
+        w.setsampwidth(samples.dtype.itemsize)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+
+
+def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> dict:
+    """One conversation of the demo: about an image, a clip, both (two turns), or text only."""
+    kind = rng.choice(["image", "audio", "both", "text"], p=[0.35, 0.35, 0.2, 0.1])
+    sample: dict = {"id": f"{split}-{i:05d}"}
+    turns = []
+    if kind in ("image", "both"):
+        shape, colour, place = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(PLACES)
+        name = f"media/{split}-{i:05d}.npy"
+        np.save(media.parent / name, draw_shape(rng, shape, colour, place))
+        sample["image"] = name
+        q = rng.choice(list(IMAGE_QUESTIONS))
+        turns.append(("<image>\n" + IMAGE_QUESTIONS[q], {"shape": shape, "colour": colour, "place": place}[q]))
+    if kind in ("audio", "both"):
+        count, pitch, rhythm = int(rng.integers(1, 4)), rng.choice(["high", "low"]), rng.choice(["fast", "slow"])
+        name = f"media/{split}-{i:05d}.wav"
+        write_wav(media.parent / name, make_tones(rng, count, pitch, rhythm), 16000)
+        sample["audio"] = [name]
+        q = rng.choice(list(AUDIO_QUESTIONS) if count > 1 else ["count", "pitch"])  # one beep has no rhythm
+        turns.append(("<audio>\n" + AUDIO_QUESTIONS[q], {"count": NUMBERS[count], "pitch": pitch, "rhythm": rhythm}[q]))
+    if kind == "text":
+        a, b = int(rng.integers(0, 5)), int(rng.integers(0, 5))
+        turns.append((f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b]))
+    sample["conversations"] = [t for q, a in turns
+                               for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+    return sample
+
+
+def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int = 120,
+              pretrain_steps: int = 800, llm_config=None, aligner_config=None, log=lambda msg: None) -> Path:
+    """Make the demo's data, tokenizer, tiny LLM and aligner in `folder` (deterministic for a seed). The LLM is
+    briefly pretrained on the demo's text so LoRA adapts a model that knows the language; the aligner is random
+    (not Phase-1 trained): its frozen features still carry what the questions ask, and the projectors learn to read
+    them. `llm_config` / `aligner_config` give other shapes (bench.py: Qwen2.5-0.5B's, stored in bf16, random
+    weights for GPU runs of train.py). `log` receives a line per stage. Returns `folder`."""
+    folder = Path(folder)
+    log(f"demo: writing {n_train} + {n_val} conversations with their images and clips to {folder / 'data'}")
+    media = folder / "data" / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {"train": [demo_sample(rng, i, media, "train") for i in range(n_train)],
+              "val": [demo_sample(rng, i, media, "val") for i in range(n_val)]}
+    for split, samples in splits.items():
+        (folder / "data" / f"{split}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    texts = [t["value"].replace("<image>\n", "").replace("<audio>\n", "")
+             for s in splits["train"] for t in s["conversations"]]
+    llm_dir = folder / "llm"
+    log("demo: training a byte-level BPE tokenizer on their text")
+    train_tokenizer(texts, llm_dir, vocab_size=400)
+    tok = load_tokenizer(llm_dir, chat_format="chatml")
+
+    torch.manual_seed(seed)
+    cfg = LLMConfig(architecture="Qwen2ForCausalLM", vocab_size=tok.vocab_size, hidden_size=128,
+                    intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=32, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True,
+                    qkv_bias=True)
+    if llm_config is not None:  # a model vocabulary may be larger than the tokenizer's, as Qwen's is
+        cfg = replace(llm_config, vocab_size=max(llm_config.vocab_size, tok.vocab_size))
+    # the demo's recipe pretrains from PyTorch's default initialisation; a model of a given shape stays untrained,
+    # so it gets Hugging Face's, whose loss starts near ln(vocab)
+    llm = LLM(cfg) if llm_config is None else LLM(cfg).init_weights()
+    if pretrain_steps:
+        log(f"demo: pretraining a {sum(p.numel() for p in llm.parameters()) / 1e6:.1f}M-parameter LLM for "
+            f"{pretrain_steps} steps on that text")
+        pretrain(llm, [tok.render([{"role": "user", "content": s["conversations"][0]["value"]},
+                                   {"role": "assistant", "content": s["conversations"][1]["value"]}])[0]
+                       for s in splits["train"]], pretrain_steps, seed)
+    save_llm(llm if llm_config is None else llm.to(torch.bfloat16), llm_dir)
+    acfg = aligner_config or AlignerConfig(dim=64, image=EncoderConfig(64, 2, 4), audio=EncoderConfig(64, 2, 4),
+                                           image_size=32, patch_size=8, sample_rate=16000, clip_seconds=1.0,
+                                           n_fft=400, hop_length=160, n_mels=40)
+    log("demo: writing a random aligner (image and audio encoders)")
+    save_aligner(Aligner(acfg), folder / "aligner")
+    (folder / "READY").write_text("demo assets complete\n")
+    return folder
+
+
+def pretrain(llm, sequences: list[list[int]], steps: int, seed: int, batch: int = 32, lr: float = 3e-3) -> None:
+    """Next-token training of the whole LLM on token sequences (placeholder tokens dropped): the demo LLM's
+    'pretraining', so that Phase 2 starts from a model that knows the demo's language."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
+    llm.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(sequences), (batch,), generator=g).tolist()
+        rows = [sequences[i] for i in idx]
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(batch, T, dtype=torch.long)
+        tgt = torch.full((batch, T), -100, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r)
+            tgt[b, :len(r) - 1] = torch.tensor(r[1:])
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = F.cross_entropy(llm(ids).flatten(0, 1), tgt.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    llm.eval()
+
+
+def ensure_demo(folder: str | Path, **kw) -> Path:
+    """Make the demo assets in `folder` unless a complete set is already there, saying what it makes."""
+    folder = Path(folder)
+    if not (folder / "READY").is_file():
+        print(f"demo: first run, making the demo's assets in {folder} (about a minute; later runs reuse them)",
+              flush=True)
+        make_demo(folder, log=lambda msg: print(msg, flush=True), **kw)
+    return folder
