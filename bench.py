@@ -18,6 +18,7 @@ to `bench_*.json`; with `--peer`, a closing Markdown table gives ours beside eac
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -35,7 +36,7 @@ PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                   num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
                   rope_theta=1e6, tie_word_embeddings=True, qkv_bias=True)
-# a seed-sized aligner (~86M parameters, like the seed's 588.5M total minus the LLM and projectors)
+# an aligner of ~86M parameters: what the replaced system's 588.5M total holds beside the LLM and projectors
 SEED_ALIGNER = AlignerConfig(dim=1024, image=EncoderConfig(768, 6, 12), audio=EncoderConfig(768, 6, 12),
                              image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
 
@@ -238,6 +239,7 @@ def main() -> None:
         except Exception as e:  # report and go on to the next workload
             ours = {"impl": "mmlora", **flags, "error": repr(e)[:500]}
         torch.compiler.reset()  # the next workload compiles afresh, as its own train.py run would
+        gc.collect()  # the last workload's model, held in reference cycles, is freed before the next is measured
         torch.cuda.empty_cache()
         if world.master:
             print(json.dumps(ours), flush=True)

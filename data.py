@@ -234,7 +234,7 @@ def encode_conversation(messages: list[dict], tok: Tokenizer, tokens_per_media: 
     for x in messages:
         content = x["content"]
         for m in used:
-            content = content.replace(PLACEHOLDERS[m], tok.tk.id_to_token(media_ids[m]) * tokens_per_media[m])
+            content = content.replace(PLACEHOLDERS[m], tok.backend.id_to_token(media_ids[m]) * tokens_per_media[m])
         msgs.append({"role": x["role"], "content": content})
     ids, is_reply = tok.render(msgs, add_generation_prompt)
     if len(ids) > max_len:

@@ -146,7 +146,7 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention: `mask` None (plain causal: SDPA's fused kernels, cuDNN's on an H200) or a bool (B, 1, T, S)
+    """Causal attention: `mask` None (plain causal: SDPA's fused kernels) or a bool (B, 1, T, S)
     tensor."""
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
@@ -603,7 +603,7 @@ class Tokenizer:
     """`tokenizer.json` through the `tokenizers` library, with the model family's chat format."""
 
     def __init__(self, tokenizer, chat_format: str, special: dict[str, str | None], eos_ids: list[int]):
-        self.tk = tokenizer
+        self.backend = tokenizer  # tokenizers.Tokenizer
         fmt = CHAT_FORMATS[chat_format]
         if fmt.bos and tokenizer.token_to_id(fmt.bos) is None:
             fmt = replace(fmt, bos=special.get("bos") or "")
@@ -614,15 +614,15 @@ class Tokenizer:
         self.end_of_turn_id = self.token_id(fmt.end_of_turn)
         self.pad_id = self.token_id(special["pad"]) if special.get("pad") else self.eos_id
         self.stop_ids = tuple(sorted({self.eos_id, self.end_of_turn_id, *eos_ids}))
-        self.image_token = next((t for t in IMAGE_TOKENS if self.tk.token_to_id(t) is not None), None)
-        self.audio_token = next((t for t in AUDIO_TOKENS if self.tk.token_to_id(t) is not None), None)
+        self.image_token = next((t for t in IMAGE_TOKENS if self.backend.token_to_id(t) is not None), None)
+        self.audio_token = next((t for t in AUDIO_TOKENS if self.backend.token_to_id(t) is not None), None)
 
     @property
     def vocab_size(self) -> int:
-        return self.tk.get_vocab_size()
+        return self.backend.get_vocab_size()
 
     def token_id(self, token: str) -> int:
-        i = self.tk.token_to_id(token)
+        i = self.backend.token_to_id(token)
         if i is None:
             raise ValueError(f"tokenizer has no token {token!r}, which its chat format {self.chat_format_name!r} needs")
         return i
@@ -632,18 +632,18 @@ class Tokenizer:
         if token is None:
             names = IMAGE_TOKENS if modality == "image" else AUDIO_TOKENS
             raise ValueError(f"tokenizer has no {modality} placeholder token; add one of {names} as a special token")
-        return self.tk.token_to_id(token)
+        return self.backend.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tk.decode(ids, skip_special_tokens=True)
+        return self.backend.decode(ids, skip_special_tokens=True)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and, per token, whether it belongs to an assistant reply."""
         text, spans = self.chat_format.render(messages, add_generation_prompt)
-        enc = self.tk.encode(text, add_special_tokens=False)
+        enc = self.backend.encode(text, add_special_tokens=False)
         offsets = torch.tensor(enc.offsets).view(-1, 2)  # (T, 2) character span of each token
         is_reply = torch.zeros(len(enc.ids), dtype=torch.bool)
         for s, e in spans:  # a token that overlaps a reply is part of it (" A" when the reply is "A")
@@ -658,7 +658,7 @@ def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> T
     folder = Path(path)
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder / 'tokenizer.json'}: not found; the tokenizer is read from tokenizer.json")
-    tk = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     tcfg = read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").is_file() else {}
     gcfg = read_json(folder / "generation_config.json", "") if (folder / "generation_config.json").is_file() else {}
     mcfg = read_json(folder / "config.json", "") if (folder / "config.json").is_file() else {}
@@ -674,7 +674,7 @@ def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> T
     fmt = chat_format or detect_chat_format(template, mcfg.get("model_type", ""))
     if fmt not in CHAT_FORMATS:
         raise ValueError(f"unknown chat format {fmt!r}; known: {', '.join(CHAT_FORMATS)}")
-    return Tokenizer(tk, fmt, {"bos": token("bos"), "eos": token("eos"), "pad": token("pad")}, eos_ids)
+    return Tokenizer(backend, fmt, {"bos": token("bos"), "eos": token("eos"), "pad": token("pad")}, eos_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -905,30 +905,18 @@ def cross_entropy_chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, 
     return loss, (p.to(weight.dtype) @ weight).float()
 
 
-_compiled_chunk = None
-
-
-def chunk_fn(device: torch.device):
-    """On GPU the chunk is compiled, so that the softmax and its gradient are a few fused passes over the logits."""
-    global _compiled_chunk
-    if device.type != "cuda":
-        return cross_entropy_chunk
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(cross_entropy_chunk, dynamic=True)
-    return _compiled_chunk
-
-
 class LinearCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of `hidden @ weight.T` without a (M, V) logits tensor.
 
     The forward walks M in chunks, and for each chunk computes the loss and the gradient with respect to the
     hidden states, (softmax - onehot) @ weight, so the backward is one multiply. Peak memory is one chunk's
-    logits instead of all of them. The weight (the frozen lm_head) gets no gradient."""
+    logits instead of all of them. The weight (the frozen lm_head) gets no gradient. `fn` computes one chunk
+    (`cross_entropy_chunk`, or a compiled version of it)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                fn: Callable = cross_entropy_chunk) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0]
-        fn = chunk_fn(hidden.device)
         losses, grads = [], []
         for s in range(0, hidden.shape[0], chunk):
             loss, grad = fn(hidden[s:s + chunk], weight, targets[s:s + chunk], need_grad)
@@ -941,7 +929,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None
+        return (grad * grad_losses[:, None]).to(ctx.hidden_dtype), None, None, None, None
 
 
 @dataclass
@@ -965,6 +953,7 @@ class MultimodalLM(nn.Module):
         self.llm, self.aligner, self.projectors = llm, aligner, projectors
         self.media_token_ids = media_token_ids
         self.loss_chunk = loss_chunk
+        self.chunk_loss = cross_entropy_chunk  # one chunk of the loss; a caller may put a compiled version here
 
     def media_embeds(self, batch: Batch, modality: str) -> torch.Tensor:
         """Projected features (N, K, H) of the batch's media of one modality, from cached features or raw media."""
@@ -1006,7 +995,8 @@ class MultimodalLM(nn.Module):
         h = self.llm.hidden_states(x, batch.position_ids, self.attention_mask(batch))  # (B, T, H)
         h = h.flatten(0, 1).index_select(0, where)  # (M, H)
         weight = batch.label_weight  # (M,) 1.0, or 0.0 where Batch.pad_static padded label_index
-        losses = LinearCrossEntropy.apply(h, self.llm.lm_head.weight, labels[where].clamp(min=0), self.loss_chunk)
+        losses = LinearCrossEntropy.apply(h, self.llm.lm_head.weight, labels[where].clamp(min=0), self.loss_chunk,
+                                          self.chunk_loss)
         losses = losses * weight  # (M,)
         sample_of = batch.sample_index.flatten()[where]  # (M,)
         S = batch.modality.shape[0]

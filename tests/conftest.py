@@ -44,8 +44,9 @@ def tokenizer_dir(tmp_path_factory):
     return d
 
 
-def build_hf(family: str, folder: Path, tokenizer_dir: Path, seed: int = 0):
-    """Write a random transformers model of `family` to `folder`; return the (fp32) transformers model."""
+def build_hf(family: str, folder: Path, tokenizer_dir: Path, seed: int = 0, **config):
+    """Write a random transformers model of `family` (its config changed by `config`) to `folder`; return the
+    (fp32) transformers model."""
     import shutil
 
     import transformers
@@ -53,7 +54,7 @@ def build_hf(family: str, folder: Path, tokenizer_dir: Path, seed: int = 0):
     cls_name, extra, opts = FAMILIES[family]
     from tokenizers import Tokenizer
     vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
-    cfg = getattr(transformers, cls_name)(vocab_size=vocab, **COMMON, **extra)
+    cfg = getattr(transformers, cls_name)(vocab_size=vocab, **COMMON, **{**extra, **config})
     torch.manual_seed(seed)
     arch = cls_name.replace("Config", "ForCausalLM")
     hf = getattr(transformers, arch)(cfg).eval()

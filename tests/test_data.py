@@ -336,3 +336,29 @@ def test_static_batches_have_few_shapes_and_the_same_loss_and_gradients(demo_dir
     ref, _ = run(full)
     out, _ = run(widened)
     torch.testing.assert_close(out.sample_loss, ref.sample_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_mel_filterbank_equals_transformers():
+    """The audio encoder's HTK-mel filters are those of transformers' `mel_filter_bank` (no normalisation)."""
+    from transformers.audio_utils import mel_filter_bank
+
+    from model import mel_filterbank
+    for n_fft, n_mels, rate in ((400, 40, 16000), (400, 80, 16000), (512, 64, 22050)):
+        ref = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                              max_frequency=rate / 2, sampling_rate=rate, norm=None, mel_scale="htk")
+        np.testing.assert_allclose(mel_filterbank(n_fft, n_mels, rate).numpy(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(50, 70), (20, 31), (32, 32)])
+def test_image_preprocessing_equals_pillow(size):
+    """Resizing (bilinear, antialiased when shrinking) and normalising match Pillow's resize of the same image,
+    within one grey level."""
+    from PIL import Image
+
+    from model import AlignerConfig
+    img = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
+    cfg = AlignerConfig(image_size=32, image_mean=(0.48, 0.46, 0.41), image_std=(0.27, 0.26, 0.28))
+    ours = data.preprocess_image(torch.from_numpy(img).permute(2, 0, 1), cfg).permute(1, 2, 0).numpy()
+    ref = np.asarray(Image.fromarray(img).resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255.0
+    ref = (ref - np.array(cfg.image_mean)) / np.array(cfg.image_std)
+    assert np.abs(ours - ref).max() < 1.0 / 255.0 / min(cfg.image_std)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, build_hf
 
 import model
 from model import load_llm, load_tokenizer
@@ -183,3 +183,45 @@ def test_chat_format_equals_official_template(tmp_path, tokenizer_dir, template,
         assert labelled.replace(" ", "") == "".join(replies).replace(" ", "")
         # the end-of-turn token of every reply is labelled, nothing of the prompts is
         assert sum(1 for i, r in zip(ids, is_reply) if r and i == tok.end_of_turn_id) == len(replies)
+
+
+def test_multimodal_generation_equals_transformers(hf_models):
+    """MultimodalLM.generate (media features spliced into the prompts, left padding, KV cache) answers with the
+    greedy tokens of transformers' generate on the same input embeddings, prompt by prompt."""
+    import data
+    folder, hf = hf_models["llama"]
+    llm = load_llm(folder)
+    H = llm.config.hidden_size
+    small = model.EncoderConfig(16, 1, 2)
+    torch.manual_seed(0)
+    aligner = model.Aligner(model.AlignerConfig(dim=16, image=small, audio=small, image_size=16, patch_size=8)).eval()
+    projectors = torch.nn.ModuleDict({m: model.Projector(16, 32, H, 3) for m in model.MODALITIES})
+    mm = model.MultimodalLM(llm, aligner, projectors, {"image": 5, "audio": 6})
+    image = data.Media(torch.arange(2, 5), raw=torch.randn(1, 3, 16, 16))
+    audio = data.Media(torch.arange(1, 4), raw=torch.randn(1, 16000) * 0.1)
+    items = [data.Item("a", [10, 11, 5, 5, 5, 12, 13], [-100] * 7, {"image": image}),
+             data.Item("b", [20, 6, 6, 6, 21, 22, 23, 24, 25, 26, 27], [-100] * 11, {"audio": audio})]
+    batch = data.collate(items, pad_id=0)
+    ours = mm.generate(batch, max_new_tokens=8)
+    x = mm.embed(batch)
+    hf.generation_config.eos_token_id = None  # ours runs without stop tokens here
+    for b, n in enumerate(batch.lengths):
+        ref = hf.generate(inputs_embeds=x[b:b + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
+                          max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert ours[b] == ref[0].tolist()
+
+
+def test_sliding_window_equals_transformers(tokenizer_dir, tmp_path):
+    """Mistral's sliding window: each token attends to the last `sliding_window` tokens, in training and in
+    generation with the KV cache."""
+    hf = build_hf("mistral", tmp_path, tokenizer_dir, sliding_window=6)
+    llm = load_llm(tmp_path)
+    assert llm.config.sliding_window == 6
+    ids = torch.randint(0, llm.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(llm(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    prompt = ids[0, :9].tolist()
+    hf.generation_config.eos_token_id = None
+    ref = hf.generate(input_ids=ids[:1, :9], attention_mask=torch.ones(1, 9, dtype=torch.long), max_new_tokens=6,
+                      do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    assert llm.generate([prompt], max_new_tokens=6)[0] == ref
