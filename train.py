@@ -810,9 +810,8 @@ def fit(cfg: Config) -> dict:
     metrics = Metrics(out_dir, world.master)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
 
-    def save(name: str, collective: bool = True) -> None:
-        save_checkpoint(name, run, model, opt, scaler, world, cfg, len(train_ds), collective)
-
+    save = functools.partial(save_checkpoint, run=run, model=model, opt=opt, scaler=scaler, world=world, cfg=cfg,
+                             epoch_size=len(train_ds))  # save("step_0000100"): what the run is at, as it is then
     loader = iter(make_loader(train_ds, cfg, world, tokenizer, run.consumed))
     t_last, tokens_since, last_row = time.perf_counter(), 0, {}
     if world.device.type == "cuda":
