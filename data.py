@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import wave
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import MODALITIES, AlignerConfig, Tokenizer, save_tensors
+from model import MODALITIES, AlignerConfig, Tokenizer, save_tensors, weights_hash
 
 PLACEHOLDERS = {"image": "<image>", "audio": "<audio>"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -37,49 +36,140 @@ class SampleError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Media decoding
+# Media decoding: every failure is a ValueError that names the file and says what is supported
 
 
 def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
-    """Decode a WAV (8/16/24/32-bit PCM, any channels, any rate) or `.npy` waveform to float32 mono in [-1, 1],
-    resampled to `sample_rate`. Returns (num_samples,). Any undecodable file is a ValueError naming it."""
+    """Decode a WAV (PCM 8/16/24/32-bit or float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE header, any channels,
+    any rate) or `.npy` waveform (integers scaled by their type's range, floats as they are) to float32 mono in
+    [-1, 1], resampled to `sample_rate`. Returns (num_samples,). Any undecodable file, or one holding NaN or Inf,
+    is a ValueError naming it."""
     path = Path(path)
     try:
         x, rate = read_npy_audio(path, sample_rate) if path.suffix.lower() == ".npy" else read_wav(path)
+        if not np.isfinite(x).all():
+            raise ValueError("it holds NaN or Inf values")
     except Exception as e:
         raise ValueError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from None
     return resample(torch.from_numpy(np.ascontiguousarray(x)), rate, sample_rate)
 
 
+def int_to_float(x: np.ndarray) -> np.ndarray:
+    """Integer samples or pixels to float32 in [-1, 1) (signed) or [0, 1] (unsigned 8/16-bit: pixels, 8-bit
+    audio is shifted by the caller); floats as they are."""
+    if x.dtype.kind == "f":
+        return x.astype(np.float32)
+    if x.dtype.kind == "i":
+        return x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize - 1))
+    if x.dtype.kind == "u":
+        return x.astype(np.float32) / float(2 ** (8 * x.dtype.itemsize) - 1)
+    raise ValueError(f"dtype {x.dtype} is not a number type")
+
+
+NPY_AUDIO_DTYPES = ("int16", "int32", "uint8", "float32", "float64")
+NPY_IMAGE_DTYPES = ("uint8", "uint16")
+
+
+def check_npy(path: Path, modality: str) -> np.ndarray:
+    """Open a `.npy` (memory-mapped: the header is read, not the data) and check its shape and dtype."""
+    x = np.load(path, mmap_mode="r", allow_pickle=False)
+    if modality == "audio":
+        if x.dtype.name not in NPY_AUDIO_DTYPES or x.ndim not in (1, 2):
+            raise ValueError(f"an audio .npy holds (num_samples,) or (channels, num_samples) of "
+                             f"{', '.join(NPY_AUDIO_DTYPES)}; got {x.dtype} {x.shape}")
+    elif x.dtype.name not in NPY_IMAGE_DTYPES or x.ndim != 3 or not ({x.shape[0], x.shape[-1]} & {3, 4}):
+        raise ValueError(f"an image .npy holds (H, W, 3|4) or (3|4, H, W) of {' or '.join(NPY_IMAGE_DTYPES)} "
+                         f"(alpha is dropped); got {x.dtype} {x.shape}")
+    return x
+
+
 def read_npy_audio(path: Path, rate: int) -> tuple[np.ndarray, int]:
-    x = np.load(path, allow_pickle=False).astype(np.float32)
+    x = np.asarray(check_npy(path, "audio"))
+    x = (x.astype(np.float32) - 128.0) / 128.0 if x.dtype == np.uint8 else int_to_float(x)
     if x.ndim == 2:
         x = x.mean(axis=0 if x.shape[0] < x.shape[1] else 1)
-    if x.ndim != 1:
-        raise ValueError(f"an audio .npy holds (num_samples,) or (channels, num_samples), got {x.shape}")
     return x, rate
 
 
+WAV_PCM, WAV_FLOAT, WAV_EXTENSIBLE = 1, 3, 0xFFFE
+
+
+@dataclass
+class WavInfo:
+    format: int  # WAV_PCM or WAV_FLOAT (an extensible header's sub-format)
+    channels: int
+    rate: int
+    bits: int
+    data_offset: int
+    data_bytes: int
+
+
+def wav_info(path: Path) -> WavInfo:
+    """Read a WAV's RIFF header and check it against the file: a supported format, a data chunk that the file
+    holds whole. Python's `wave` reads PCM only and no extensible header (what sox and ffmpeg write for 24-bit or
+    multichannel audio), so the chunks are walked here."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("the file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError("not a RIFF/WAVE file")
+        fmt = None
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                raise ValueError("no 'data' chunk" if fmt else "no 'fmt ' chunk")
+            name, n = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if name == b"fmt ":
+                body = f.read(n)
+                if len(body) < 16:
+                    raise ValueError("'fmt ' chunk too short")
+                tag, channels, rate = (int.from_bytes(body[i:j], "little") for i, j in ((0, 2), (2, 4), (4, 8)))
+                bits = int.from_bytes(body[14:16], "little")
+                if tag == WAV_EXTENSIBLE and len(body) >= 26:
+                    tag = int.from_bytes(body[24:26], "little")  # the sub-format GUID starts with the format tag
+                fmt = (tag, channels, rate, bits)
+            elif name == b"data":
+                if fmt is None:
+                    raise ValueError("'data' chunk before the 'fmt ' chunk")
+                info = WavInfo(*fmt, data_offset=f.tell(), data_bytes=n)
+                break
+            else:
+                f.seek(n + (n & 1), 1)  # chunks are padded to even sizes
+    supported = {WAV_PCM: (8, 16, 24, 32), WAV_FLOAT: (32, 64)}
+    if info.bits not in supported.get(info.format, ()):
+        kind = {WAV_PCM: "PCM", WAV_FLOAT: "float"}.get(info.format, f"format {info.format}")
+        raise ValueError(f"{kind} {info.bits}-bit WAV is not supported; supported: PCM 8/16/24/32-bit and float "
+                         "32/64-bit (plain or extensible header)")
+    if info.channels < 1 or info.rate < 1:
+        raise ValueError(f"malformed WAV header ({info.channels} channels, rate {info.rate})")
+    frame = info.channels * info.bits // 8
+    if info.data_offset + info.data_bytes > size or info.data_bytes % frame:
+        raise ValueError(f"the header promises {info.data_bytes} bytes of audio data, in frames of {frame}, and the "
+                         f"file holds {size - info.data_offset}: it is truncated or malformed")
+    if info.data_bytes == 0:
+        raise ValueError("no audio samples (the data chunk is empty)")
+    return info
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """PCM samples as float32 mono in [-1, 1], and the file's rate."""
-    with wave.open(str(path), "rb") as w:
-        width, channels, rate, n = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
-        raw = w.readframes(n)
-    if width == 1:  # 8-bit WAV is unsigned
+    """Samples as float32 mono in [-1, 1], and the file's rate."""
+    info = wav_info(path)
+    with open(path, "rb") as f:
+        f.seek(info.data_offset)
+        raw = f.read(info.data_bytes)
+    if info.format == WAV_FLOAT:
+        x = np.frombuffer(raw, "<f4" if info.bits == 32 else "<f8").astype(np.float32)
+    elif info.bits == 8:  # 8-bit WAV is unsigned
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif width == 3:  # 24-bit: sign-extend three little-endian bytes into int32
+    elif info.bits == 24:  # sign-extend three little-endian bytes into int32
         b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
         v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-    elif width == 4:
-        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
     else:
-        raise ValueError(f"{8 * width}-bit WAV is not supported (8, 16, 24 or 32-bit PCM)")
-    if rate <= 0 or channels <= 0 or x.size % channels:
-        raise ValueError(f"malformed WAV header (rate {rate}, {channels} channels)")
-    return x.reshape(-1, channels).mean(axis=1), rate
+        x = int_to_float(np.frombuffer(raw, {16: "<i2", 32: "<i4"}[info.bits]))
+    return x.reshape(-1, info.channels).mean(axis=1), info.rate
 
 
 def resample(wav: torch.Tensor, rate: int, target: int, zero_crossings: int = 6, rolloff: float = 0.99) -> torch.Tensor:
@@ -103,8 +193,9 @@ def resample(wav: torch.Tensor, rate: int, target: int, zero_crossings: int = 6,
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """Decode `.npy` (H, W, 3) or (3, H, W) uint8, or PNG/JPEG through Pillow, to a uint8 tensor (3, H, W).
-    Any undecodable file is a ValueError naming it; PNG/JPEG without Pillow is an ImportError saying what to do."""
+    """Decode `.npy` (H, W, 3|4) or (3|4, H, W) of uint8 or uint16, or PNG/JPEG through Pillow (8- or 16-bit, grey
+    or colour), to a uint8 tensor (3, H, W); 16-bit values are scaled to 8 bits, alpha is dropped. Any undecodable
+    file is a ValueError naming it; PNG/JPEG without Pillow is an ImportError saying what to do."""
     path = Path(path)
     if path.suffix.lower() != ".npy":
         try:
@@ -114,15 +205,21 @@ def load_image(path: str | Path) -> torch.Tensor:
                               ".npy uint8 arrays") from None
     try:
         if path.suffix.lower() == ".npy":
-            x = np.load(path, allow_pickle=False)
-            if x.ndim == 3 and x.shape[-1] == 3 and x.shape[0] != 3:
-                x = x.transpose(2, 0, 1)
-            if x.ndim != 3 or x.shape[0] != 3 or x.dtype != np.uint8:
-                raise ValueError(f"an image .npy holds uint8 (H, W, 3) or (3, H, W), got {x.dtype} {x.shape}")
-            return torch.from_numpy(np.ascontiguousarray(x))
-        with Image.open(path) as im:
-            x = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(x.copy()).permute(2, 0, 1)
+            x = np.asarray(check_npy(path, "image"))
+            if x.shape[-1] in (3, 4) and x.shape[0] not in (3, 4):
+                x = x.transpose(2, 0, 1)  # (C, H, W)
+            x = x[:3]
+        else:
+            with Image.open(path) as im:
+                if im.mode.startswith("I"):  # 16-bit grey ("I;16", or "I" holding 16-bit values)
+                    x = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)[None].repeat(3, 0)
+                elif im.mode == "F":
+                    raise ValueError("floating-point images are not supported; use 8- or 16-bit")
+                else:
+                    x = np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        if x.dtype == np.uint16:
+            x = np.round(x.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(x))
     except Exception as e:
         raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
@@ -141,15 +238,14 @@ def preprocess_audio(wav: torch.Tensor, cfg: AlignerConfig) -> torch.Tensor:
     return F.pad(wav[:n], (0, max(0, n - wav.shape[0])))
 
 
-def check_media(path: Path) -> None:
-    """Read a media file's header, so that a missing or undecodable file is found before training starts."""
+def check_media(path: Path, modality: str) -> None:
+    """What can be checked before training without decoding much: a WAV's header against its size, a `.npy`'s
+    shape and dtype; images are decoded. A missing or undecodable file is then found before the first step."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        np.load(path, mmap_mode="r", allow_pickle=False)
-    elif suffix == ".wav":
-        with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() not in (1, 2, 3, 4) or w.getnframes() == 0:
-                raise ValueError("empty WAV or unsupported sample width")
+        check_npy(path, modality)
+    elif modality == "audio":
+        wav_info(path)
     else:
         load_image(path)
 
@@ -159,17 +255,12 @@ def check_media(path: Path) -> None:
 
 
 def read_records(path: Path) -> list[tuple[int, object]]:
-    """(line, record) pairs of a `.json` file (one JSON list; if it does not parse, no sample can be told apart
-    and the file is the error) or of JSON Lines (any other name; a broken line is kept as that line's error)."""
-    raw = path.read_bytes()
+    """(line, record) pairs of a `.json` file (one JSON list, each element with the line it starts on; if the list
+    does not parse, no sample can be told apart and the file is the error) or of JSON Lines (any other name; a
+    broken line is kept as that line's error). A UTF-8 byte-order mark (as Windows editors write) is skipped."""
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     if path.suffix.lower() == ".json":
-        try:
-            records = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SampleError(path, getattr(e, "lineno", None), None, f"not valid UTF-8 JSON ({e})") from None
-        if not isinstance(records, list):
-            raise SampleError(path, 1, None, "a .json dataset must hold a list of samples")
-        return list(enumerate(records))
+        return json_list_records(path, raw)
     out = []
     for i, line in enumerate(raw.split(b"\n"), 1):
         if line.strip():
@@ -178,6 +269,34 @@ def read_records(path: Path) -> list[tuple[int, object]]:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 out.append((i, SampleError(path, i, None, f"not valid UTF-8 JSON ({e})")))
     return out
+
+
+def json_list_records(path: Path, raw: bytes) -> list[tuple[int, object]]:
+    """The elements of a JSON list, each with the line of the file it starts on."""
+    try:
+        text = raw.decode("utf-8")
+        decoder, out = json.JSONDecoder(), []
+        i = len(text) - len(text.lstrip())
+        if text[i:i + 1] != "[":
+            raise SampleError(path, 1, None, "a .json dataset must hold a list of samples")
+        i = skip_space(text, i + 1)
+        while text[i:i + 1] != "]":
+            record, end = decoder.raw_decode(text, i)
+            out.append((text.count("\n", 0, i) + 1, record))
+            i = skip_space(text, end)
+            if text[i:i + 1] == ",":
+                i = skip_space(text, i + 1)
+            elif text[i:i + 1] != "]":
+                raise json.JSONDecodeError("expected ',' or ']'", text, i)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SampleError(path, getattr(e, "lineno", None), None, f"not valid UTF-8 JSON ({e})") from None
+    return out
+
+
+def skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
 
 
 def to_messages(sample: dict) -> list[dict]:
@@ -197,6 +316,9 @@ def to_messages(sample: dict) -> list[dict]:
         role = ROLES.get(t.get(role_key)) if isinstance(t.get(role_key), str) else None
         if role is None:
             raise ValueError(f"unknown role {t.get(role_key)!r}; known: {sorted(ROLES)}")
+        if role == "assistant" and any(p in t[text_key] for p in PLACEHOLDERS.values()):
+            raise ValueError("a media placeholder in an assistant reply (it would be trained as a label); "
+                             "<image> and <audio> belong to user and system turns")
         out.append({"role": role, "content": t[text_key]})
     return out
 
@@ -215,6 +337,8 @@ def resolve_media(root: Path, rel: str, allow_outside: bool) -> Path:
     if not allow_outside and (p.is_absolute() or not full.is_relative_to(root.resolve())):
         raise ValueError(f"media path {rel!r} leaves the data folder {root}; set data.allow_outside_paths = true "
                          "to allow it")
+    if full.is_dir():
+        raise ValueError(f"media path {full} is a folder; give a file")
     if not full.is_file():
         raise ValueError(f"media file {full} not found")
     return full
@@ -277,6 +401,7 @@ class Item:
     input_ids: list[int]  # (T_i,)
     labels: list[int]  # (T_i,): labels[t] is the target of position t (token t+1), -100 where there is none
     media: dict[str, Media] = field(default_factory=dict)  # modality -> its media, slots within the sample
+    skipped: list[dict] = field(default_factory=list)  # samples that failed to decode, and this one took their place
 
 
 @dataclass
@@ -297,6 +422,7 @@ class Batch:
     media: dict[str, Media] = field(default_factory=dict)  # modality -> the batch's media, for those present
     position_ids: torch.Tensor | None = None  # (B, T) int64, packed rows: positions restart at 0 for each sample
     doc_ids: torch.Tensor | None = None  # (B, T) int64, packed rows: the sample of each position, -1 on padding
+    skipped: list[dict] = field(default_factory=list)  # samples that failed to decode (file, line, id, reason)
 
     def apply(self, fn) -> "Batch":
         """A batch with `fn` applied to every tensor (host lists are shared)."""
@@ -362,6 +488,7 @@ class Batch:
 @dataclass
 class Example:
     id: str
+    line: int  # where the sample starts in its file
     input_ids: list[int]
     labels: list[int]
     media: dict[str, list[Path]]  # modality -> files, in order of their placeholders
@@ -370,11 +497,17 @@ class Example:
 
 class ConversationDataset(torch.utils.data.Dataset):
     """A JSONL / JSON-list conversation file, tokenized and checked when built, so that a bad sample stops the run
-    (`on_error="raise"`) or is left out and listed in `self.skipped` (`on_error="skip"`) before training starts."""
+    (`on_error="raise"`) or is left out and listed in `self.skipped` (`on_error="skip"`) before training starts.
+
+    What only decoding finds (a medium that fails to decode or holds NaN/Inf) obeys `on_error` too, when the sample
+    is read: "raise" stops with its file, line and id; "skip" gives the next sample in its place and lists the bad
+    one in the item's `skipped`. With a feature cache (`feature_cache`, built for the aligner whose weights hash to
+    `aligner_hash`), every sample must be in it with its media unchanged since it was built."""
 
     def __init__(self, path: str | Path, tok: Tokenizer, aligner_config: AlignerConfig,
                  tokens_per_media: dict[str, int], max_len: int, truncate: bool = False, on_error: str = "raise",
-                 allow_outside_paths: bool = False, feature_cache: str | Path | None = None):
+                 allow_outside_paths: bool = False, feature_cache: str | Path | None = None,
+                 aligner_hash: str | None = None):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path, self.root = Path(path), Path(path).parent
@@ -382,7 +515,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.path}: dataset file not found")
         self.tok, self.aligner_config, self.tokens_per_media = tok, aligner_config, tokens_per_media
         self.max_len, self.truncate, self.allow_outside = max_len, truncate, allow_outside_paths
-        self.cache = FeatureCache(feature_cache) if feature_cache else None
+        self.on_error = on_error
+        self.cache = FeatureCache(feature_cache, aligner_hash) if feature_cache else None
         self.examples: list[Example] = []
         self.skipped: list[dict] = []
         for line, record in read_records(self.path):
@@ -413,23 +547,37 @@ class ConversationDataset(torch.utils.data.Dataset):
                 if self.cache is None:
                     for f in files[m]:
                         try:
-                            check_media(f)
+                            check_media(f, m)
                         except Exception as e:  # any decoder failure is this sample's error
                             raise ValueError(f"cannot decode {m} file {f}: {e}") from None
+            if self.cache is not None:
+                self.cache.check(sid, [f for m in MODALITIES for f in files[m]])
             ids, labels, counts = encode_conversation(messages, self.tok, self.tokens_per_media, self.max_len,
                                                       self.truncate)
         except ValueError as e:
             raise SampleError(self.path, line, sid, str(e)) from None
         if all(x == -100 for x in labels):
             raise SampleError(self.path, line, sid, "no supervised tokens (no assistant reply within data.max_len)")
-        return Example(sid, ids, labels, {m: files[m][:counts.get(m, 0)] for m in MODALITIES}, messages)
+        return Example(sid, line, ids, labels, {m: files[m][:counts.get(m, 0)] for m in MODALITIES}, messages)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Item:
-        ex = self.examples[i]
-        return self.with_media(Item(ex.id, ex.input_ids, ex.labels), ex, {m: len(ex.media[m]) for m in MODALITIES})
+        skipped = []
+        for j in range(i, i + len(self.examples)):  # with on_error = "skip", the next good sample takes its place
+            ex = self.examples[j % len(self.examples)]
+            try:
+                item = self.with_media(Item(ex.id, ex.input_ids, ex.labels), ex,
+                                       {m: len(ex.media[m]) for m in MODALITIES})
+            except SampleError as e:
+                if self.on_error == "raise":
+                    raise
+                skipped.append({"file": e.file, "line": e.line, "id": e.sample_id, "reason": e.reason})
+                continue
+            item.skipped = skipped
+            return item
+        raise ValueError(f"{self.path}: no sample decodes ({len(skipped)} skipped; the first: {skipped[0]['reason']})")
 
     def with_media(self, item: Item, ex: Example, counts: dict[str, int]) -> Item:
         """Add the first `counts[m]` media of each modality (decoded, or features from the cache) to `item`, with
@@ -443,26 +591,32 @@ class ConversationDataset(torch.utils.data.Dataset):
                 tokens, pooled = self.cache.get(ex.id, m, counts[m])
                 item.media[m] = Media(slots, tokens=tokens, pooled=pooled)
             else:
-                item.media[m] = Media(slots, raw=torch.stack([self.load(m, f) for f in ex.media[m][:counts[m]]]))
+                item.media[m] = Media(slots, raw=torch.stack([self.load(m, f, ex) for f in ex.media[m][:counts[m]]]))
         return item
 
-    def prompt(self, i: int) -> tuple[Item, str]:
-        """The sample up to its last user turn, ready for generation, and the last reply as the expected answer."""
+    def prompt(self, i: int) -> tuple[Item, str] | None:
+        """The sample up to its last user turn, ready for generation, and the last reply as the expected answer;
+        None for a sample whose media fail to decode, with on_error = "skip"."""
         ex = self.examples[i]
         last = max(j for j, m in enumerate(ex.messages) if m["role"] == "assistant")
         ids, _, counts = encode_conversation(ex.messages[:last], self.tok, self.tokens_per_media, self.max_len,
                                              truncate=True, add_generation_prompt=True)
-        item = Item(ex.id, ids, [-100] * len(ids))
-        return self.with_media(item, ex, {m: counts.get(m, 0) for m in MODALITIES}), ex.messages[last]["content"]
+        try:
+            item = self.with_media(Item(ex.id, ids, [-100] * len(ids)), ex, {m: counts.get(m, 0) for m in MODALITIES})
+        except SampleError:
+            if self.on_error == "raise":
+                raise
+            return None
+        return item, ex.messages[last]["content"]
 
-    def load(self, modality: str, path: Path) -> torch.Tensor:
+    def load(self, modality: str, path: Path, ex: Example) -> torch.Tensor:
         c = self.aligner_config
         try:
             if modality == "image":
                 return preprocess_image(load_image(path), c)
             return preprocess_audio(load_audio(path, c.sample_rate), c)
         except Exception as e:
-            raise SampleError(self.path, None, None, f"cannot decode {modality} file {path}: {e}") from e
+            raise SampleError(self.path, ex.line, ex.id, f"cannot decode {modality} file {path}: {e}") from None
 
 
 def write_skipped(path: str | Path, skipped: list[dict]) -> None:
@@ -536,23 +690,32 @@ def collate(items: list[Item], pad_id: int, pack: bool = False, max_len: int | N
     modality = torch.tensor([[m in it.media for m in MODALITIES] for it in items], dtype=torch.bool)
     return Batch(input_ids, labels, label_index, torch.ones(len(label_index)), sample_index,
                  modality.view(len(items), len(MODALITIES)), lengths, [it.id for it in items], media,
-                 position_ids if pack else None, doc_ids if pack else None)
+                 position_ids if pack else None, doc_ids if pack else None, [s for it in items for s in it.skipped])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Feature cache: the frozen aligner's outputs, computed once, in safetensors shards keyed by sample id
 
 
+def media_stamp(path: Path) -> list[int]:
+    """What tells that a medium changed since its features were cached: its size and modification time."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def build_feature_cache(dataset: ConversationDataset, aligner, folder: str | Path, device="cpu",
                         shard_samples: int = 1024, num_workers: int = 0) -> int:
-    """Run the aligner over every sample's media and write `features-NNNNN.safetensors` + `index.json`;
-    `num_workers` DataLoader processes decode the media. Returns the number of samples cached."""
+    """Run the aligner over every sample's media and write `features-NNNNN.safetensors` + `index.json`, which
+    records the aligner's weights hash and each medium's size and modification time, so that a cache that no
+    longer fits is refused (`FeatureCache`). `num_workers` DataLoader processes decode the media. Returns the
+    number of samples cached."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ids = [ex.id for ex in dataset.examples]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise ValueError(f"{dataset.path}: the feature cache is keyed by sample id, and ids repeat: {dup}")
+    files = {ex.id: [f for m in MODALITIES for f in ex.media[m]] for ex in dataset.examples}
     index, shard, n_shard = {}, {}, 0
 
     def flush():
@@ -568,30 +731,52 @@ def build_feature_cache(dataset: ConversationDataset, aligner, folder: str | Pat
                 tokens, pooled = getattr(aligner, m)(media.raw.to(device))
                 shard[f"{item.id}/{m}/tokens"] = tokens.float()
                 shard[f"{item.id}/{m}/pooled"] = pooled.float()
-            index[item.id] = f"features-{n_shard:05d}.safetensors"
+            index[item.id] = {"shard": f"features-{n_shard:05d}.safetensors",
+                              "media": {str(f): media_stamp(f) for f in files[item.id]}}
             if len(index) % shard_samples == 0:
                 flush()
     flush()
-    (folder / "index.json").write_text(json.dumps({"aligner": asdict(aligner.config), "samples": index}))
+    (folder / "index.json").write_text(json.dumps({"aligner": asdict(aligner.config),
+                                                   "aligner_hash": weights_hash(aligner), "samples": index}))
     return len(index)
 
 
+REBUILD = "rebuild it: python train.py --config CONFIG --build_feature_cache"
+
+
 class FeatureCache:
-    def __init__(self, folder: str | Path):
+    """A feature cache folder, checked against the aligner (`aligner_hash`, when given) on opening and against each
+    sample's media by `check`: features of other weights or of edited media are never used."""
+
+    def __init__(self, folder: str | Path, aligner_hash: str | None = None):
         self.folder = Path(folder)
         index = self.folder / "index.json"
         if not index.is_file():
             raise FileNotFoundError(f"{index}: no feature cache here; build it with "
                                     "`python train.py --config CONFIG --build_feature_cache`")
-        self.index = json.loads(index.read_text())["samples"]
+        doc = json.loads(index.read_text())
+        if "aligner_hash" not in doc:
+            raise ValueError(f"{index}: the feature cache records no aligner weights hash (an older format); {REBUILD}")
+        if aligner_hash is not None and doc["aligner_hash"] != aligner_hash:
+            raise ValueError(f"{index}: the feature cache was built with other aligner weights (hash "
+                             f"{doc['aligner_hash']}, the aligner now: {aligner_hash}); {REBUILD}")
+        self.index = doc["samples"]
         self.handles = {}
+
+    def check(self, sample_id: str, files: list[Path]) -> None:
+        """A ValueError if the sample is not in the cache or one of its media changed since the cache was built."""
+        entry = self.index.get(sample_id)
+        if entry is None:
+            raise ValueError(f"not in the feature cache {self.folder}; {REBUILD}")
+        for f in files:
+            if entry["media"].get(str(f)) != media_stamp(f):
+                raise ValueError(f"{f} changed since the feature cache {self.folder} was built (size or "
+                                 f"modification time); {REBUILD}")
 
     def get(self, sample_id: str, modality: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         from safetensors import safe_open
 
-        if sample_id not in self.index:
-            raise ValueError(f"sample {sample_id!r} is not in the feature cache {self.folder}; rebuild the cache")
-        shard = self.index[sample_id]
+        shard = self.index[sample_id]["shard"]
         if shard not in self.handles:
             self.handles[shard] = safe_open(str(self.folder / shard), framework="pt")
         h = self.handles[shard]

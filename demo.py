@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import lora
 from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, load_tokenizer, save_aligner, save_llm
 
 # special tokens of every chat format (and the media placeholders), so that the demo's tokenizer serves them all
@@ -172,7 +173,9 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
 
 def pretrain(llm, sequences: list[list[int]], steps: int, seed: int, batch: int = 32, lr: float = 3e-3) -> None:
     """Next-token training of the whole LLM on token sequences (placeholder tokens dropped): the demo LLM's
-    'pretraining', so that Phase 2 starts from a model that knows the demo's language."""
+    'pretraining', so that Phase 2 starts from a model that knows the demo's language. q, k and v run as one
+    matmul, as in train.py (`lora.fuse_qkv`)."""
+    lora.fuse_qkv(llm)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(llm.parameters(), lr=lr, weight_decay=0.0)
     llm.train()

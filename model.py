@@ -11,6 +11,7 @@ LLM config and blocks -> loading -> tokenizer and chat formats -> aligner -> pro
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from data import Batch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "mistral": "MistralForCausalLM"}  # config.json's model_type -> the causal LM's architecture
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,8 +59,9 @@ class LLMConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict, source: str = "config.json") -> "LLMConfig":
-        """Read a Hugging Face `config.json` dict; unsupported architectures are a clear error."""
-        arch = (cfg.get("architectures") or [None])[0]
+        """Read a Hugging Face `config.json` dict; unsupported architectures are a clear error. A config without
+        `architectures` (as a bare `PretrainedConfig.save_pretrained` writes it) is read by its `model_type`."""
+        arch = (cfg.get("architectures") or [MODEL_TYPES.get(cfg.get("model_type"))])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"{source}: architecture {arch!r} is not supported; supported: "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -406,10 +410,27 @@ def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: st
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write tensors (any device, any layout) to one safetensors file, with the metadata transformers expects."""
+    """Write tensors (any device, any layout) to one safetensors file, with the metadata transformers expects;
+    written under a temporary name and renamed, so the file is whole or absent, and readable by all (0644)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def weights_hash(module: nn.Module) -> str:
+    """A short hash of a module's state (names, shapes and bytes): what a cache of its outputs was computed with."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_state_streaming(module: nn.Module, files: list[Path], device, dtype: torch.dtype | None,
@@ -464,8 +485,7 @@ def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = No
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = llm.config
-    family = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-              "MistralForCausalLM": "mistral"}[c.architecture]
+    family = {arch: t for t, arch in MODEL_TYPES.items()}[c.architecture]
     dtype = llm.lm_head.weight.dtype
     cfg = {"architectures": [c.architecture], "model_type": family, "vocab_size": c.vocab_size,
            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,

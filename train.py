@@ -39,9 +39,9 @@ import torch.nn as nn
 import data
 import demo
 import lora
-from model import (MODALITIES, LLM, Aligner, AlignerConfig, LossOutput, MultimodalLM, Projector, Tokenizer,
+from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer,
                    check_tensors, cross_entropy_chunk, load_aligner, load_llm, load_tokenizer, parameter_report,
-                   save_tensors)
+                   save_tensors, weights_hash)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass per TOML section; every key has a default and a comment
@@ -350,12 +350,14 @@ def cache_folder(cfg: Config, path: str) -> Path | None:
     return Path(cfg.data.feature_cache) / Path(path).stem if cfg.data.feature_cache else None
 
 
-def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner_config: AlignerConfig,
+def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner: Aligner,
                  use_cache: bool = True) -> data.ConversationDataset:
-    """A data file as the config says: K tokens per media, max_len, truncation, on_error, paths, feature cache."""
-    return data.ConversationDataset(path, tokenizer, aligner_config, cfg.model.tokens_per_media, cfg.data.max_len,
-                                    cfg.data.truncate, cfg.data.on_error, cfg.data.allow_outside_paths,
-                                    cache_folder(cfg, path) if use_cache else None)
+    """A data file as the config says: K tokens per media, max_len, truncation, on_error, paths, and the feature
+    cache (checked against this aligner's weights)."""
+    cache = cache_folder(cfg, path) if use_cache else None
+    return data.ConversationDataset(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
+                                    cfg.data.truncate, cfg.data.on_error, cfg.data.allow_outside_paths, cache,
+                                    weights_hash(aligner) if cache else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,7 +416,13 @@ def fsync_dir(path: Path) -> None:
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (read-only or full folder); the previous one is untouched."""
+    """A checkpoint or the run's folder could not be written (read-only or full folder, a file in its place); the
+    previous checkpoint is untouched."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint's files cannot be read (truncated, garbage, keys missing): with train.resume = "auto" an older
+    one is tried."""
 
 
 def write_checkpoint(ckpt_dir: Path, name: str, model: MultimodalLM, opt, scaler, state: dict, rngs: list) -> Path:
@@ -434,7 +442,7 @@ def write_checkpoint(ckpt_dir: Path, name: str, model: MultimodalLM, opt, scaler
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"cannot write checkpoint {name} in {ckpt_dir}: {e}. The previous checkpoint is "
                                    "intact; free space or make run.out_dir writable, then resume") from None
@@ -479,23 +487,36 @@ def clean_leftovers(ckpt_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def find_resume(cfg: Config) -> Path | None:
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except Exception:
+        return -1
+
+
+def resume_candidates(cfg: Config) -> list[Path]:
+    """The checkpoints to resume from, best first: the one `train.resume` names; with "auto" the one `latest`
+    names, then the other complete ones of out_dir, newest first (a crash may have taken `latest`'s folder, and a
+    damaged checkpoint gives way to an older one)."""
     if cfg.train.resume == "none":
-        return None
+        return []
     if cfg.train.resume != "auto":
         p = Path(cfg.train.resume)
         if not (p / "state.json").is_file():
             raise FileNotFoundError(f"{p}: not a checkpoint folder (no state.json); give a checkpoints/step_* folder")
-        return p
+        return [p]
     ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    complete = sorted((p for p in ckpt_dir.glob("[!.]*") if (p / "state.json").is_file()), key=checkpoint_step,
+                      reverse=True)
     latest = ckpt_dir / "latest"
-    if latest.is_file():
-        p = ckpt_dir / latest.read_text().strip()
-        if (p / "state.json").is_file():
-            return p
-    # `latest` missing or naming a folder a crash took away: the newest complete checkpoint
-    complete = [p for p in ckpt_dir.glob("[!.]*") if (p / "state.json").is_file()] if ckpt_dir.is_dir() else []
-    return max(complete, key=lambda p: json.loads((p / "state.json").read_text())["step"], default=None)
+    first = ckpt_dir / latest.read_text().strip() if latest.is_file() else None
+    return sorted(complete, key=lambda p: p != first)  # stable: `latest` first, then newest first
+
+
+def find_resume(cfg: Config) -> Path | None:
+    return next(iter(resume_candidates(cfg)), None)
 
 
 def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) -> TrainState:
@@ -504,19 +525,28 @@ def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) 
     from safetensors.torch import load_file
 
     try:
+        state = json.loads((path / "state.json").read_text())
+        missing = [k for k in ("step", "consumed", "best", "bad_steps") if k not in state]
+        if missing:
+            raise KeyError(f"state.json lacks {missing}")
         tensors = load_file(str(path / "trainable.safetensors"))
         other = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         rngs = torch.load(path / "rng.pt", weights_only=False)
-        state = json.loads((path / "state.json").read_text())
     except Exception as e:
-        raise ValueError(f"{path}: checkpoint cannot be read ({type(e).__name__}: {e}); it may be truncated. "
-                         "Resume from an older one with --train.resume=PATH, or start fresh with --train.resume=none"
-                         ) from None
+        raise CheckpointReadError(f"{path}: checkpoint cannot be read ({type(e).__name__}: {e}); it may be "
+                                  "truncated. Resume from an older one with --train.resume=PATH, or start fresh "
+                                  "with --train.resume=none") from None
     saved_llm = state.get("llm_config")
     if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(model.llm.config))):
         diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(model.llm.config, k, None))
         raise ValueError(f"{path}: checkpoint was trained on a different base model (config differs in {diff}); "
                          "use the model.llm it was trained with, or --train.resume=none")
+    alphas = {m.alpha for m in lora.lora_modules(model.llm).values()}
+    saved_alpha = state.get("config", {}).get("lora", {}).get("alpha")
+    if saved_alpha is not None and alphas != {saved_alpha}:
+        raise ValueError(f"{path}: checkpoint was trained with lora.alpha = {saved_alpha}, this run has "
+                         f"{sorted(alphas)}: its adapters would be scaled wrongly; use lora.alpha = {saved_alpha}, "
+                         "or --train.resume=none")
     expected = trainable_state(model)
     check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
                   f"{path}: checkpoint does not fit this run (different LoRA rank/targets, base model or projectors?); "
@@ -628,7 +658,9 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
     correct = torch.zeros(2, device=world.device)
     gen = list(range(world.rank, min(len(ds), cfg.train.gen_samples), world.size))
     for s in range(0, len(gen), cfg.train.batch_size):
-        pairs = [ds.prompt(i) for i in gen[s:s + cfg.train.batch_size]]
+        pairs = [p for p in map(ds.prompt, gen[s:s + cfg.train.batch_size]) if p is not None]
+        if not pairs:
+            continue
         batch = data.collate([p for p, _ in pairs], tokenizer.pad_id).to(world.device)
         with autocast():
             outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=tokenizer.stop_ids)
@@ -747,35 +779,86 @@ def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], auto
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 set a flag; at the end of each step all ranks agree (any rank's flag stops all)."""
+    """SIGTERM, SIGUSR1 and Ctrl-C (SIGINT) set a flag; at the end of each step all ranks agree (any rank's flag
+    stops all) and save an emergency checkpoint. A second Ctrl-C exits at once. `restore` puts the previous
+    handlers back."""
 
-    def __init__(self):
-        self.flag = False
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self.handle)
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self, log):
+        self.flag, self.log = False, log
+        self.previous = {s: signal.signal(s, self.handle) for s in self.signals}
 
     def handle(self, signum, frame):
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self.log("Ctrl-C: stopping after this step with an emergency checkpoint (Ctrl-C again to exit at once)")
         self.flag = True
 
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
-def prepare_out_dir(cfg: Config, world: World) -> None:
-    """Rank 0 makes out_dir, clears half-written checkpoints of a crash, writes config.json and the demo's
-    assets if asked; the other ranks wait for it."""
+
+class RunLock:
+    """An exclusive lock on a run's folder, so that two runs never share it: `fcntl.flock` on `<out_dir>/run.lock`,
+    which names the holder's host and PID. The system drops the lock when the process ends, so a crashed run
+    leaves none behind."""
+
+    def __init__(self, out_dir: Path):
+        import fcntl
+        import socket
+
+        self.file = open(out_dir / "run.lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RuntimeError(f"{out_dir} is in use by another run ({holder}); wait for it to end, or give this "
+                               "run another run.out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the file drops the lock
+
+
+def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
+    """Rank 0 makes out_dir and locks it, clears half-written checkpoints of a crash, writes config.json and the
+    demo's assets if asked; the other ranks wait for it, and all stop if it could not. Returns rank 0's lock."""
+    lock, error = None, None
     if world.master:
-        ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(ckpt_dir)
-        (Path(cfg.run.out_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        if cfg.data.make_demo:
-            demo.ensure_demo(cfg.data.make_demo)
-    if world.size > 1:
-        dist.barrier()
+        out_dir = Path(cfg.run.out_dir)
+        try:
+            (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = CheckpointWriteError(f"cannot use run.out_dir = {str(out_dir)!r} ({type(e).__name__}: {e}); "
+                                         "give a folder this process can write to")
+        try:
+            if error is None:
+                lock = RunLock(out_dir)
+                clean_leftovers(out_dir / "checkpoints")
+                (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+                if cfg.data.make_demo:
+                    demo.ensure_demo(cfg.data.make_demo)
+        except Exception as e:
+            error = e
+            if lock is not None:
+                lock.release()
+    if any_rank(error is not None, world):
+        raise error or RuntimeError(f"rank 0 could not prepare run.out_dir = {cfg.run.out_dir!r}; its error says why")
+    return lock
 
 
-def load_datasets(cfg: Config, tokenizer: Tokenizer, aligner_config: AlignerConfig, world: World, log):
+def load_datasets(cfg: Config, tokenizer: Tokenizer, aligner: Aligner, world: World, log):
     """The training and validation sets, and how many samples they skipped (listed in skipped.jsonl)."""
-    train_ds = make_dataset(cfg, cfg.data.train_file, tokenizer, aligner_config)
-    val_ds = make_dataset(cfg, cfg.data.val_file, tokenizer, aligner_config) if cfg.data.val_file else None
+    train_ds = make_dataset(cfg, cfg.data.train_file, tokenizer, aligner)
+    val_ds = make_dataset(cfg, cfg.data.val_file, tokenizer, aligner) if cfg.data.val_file else None
     skipped = train_ds.skipped + (val_ds.skipped if val_ds else [])
     if world.master and skipped:
         path = Path(cfg.run.out_dir) / "skipped.jsonl"
@@ -788,26 +871,44 @@ def fit(cfg: Config) -> dict:
     """Train as the config says (resuming where `train.resume` points) and export the result; returns the last
     logged row, with "step" and "stopped" (by a signal)."""
     world = setup_distributed(cfg)
+    lock = prepare_out_dir(cfg, world)
+    stop = StopRequest(print if world.master else (lambda *a, **k: None))
+    try:
+        return train_loop(cfg, world, stop)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
+    """`fit` inside its locked run folder, with signals caught."""
     out_dir, ckpt_dir = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoints"
-    prepare_out_dir(cfg, world)
     log = print if world.master else (lambda *a, **k: None)
 
     tokenizer, model = build_model(cfg, world.device)
     log(parameter_report(parameter_groups(model)))
-    train_ds, val_ds, skipped = load_datasets(cfg, tokenizer, model.aligner.config, world, log)
+    train_ds, val_ds, skipped = load_datasets(cfg, tokenizer, model.aligner, world, log)
     opt, params = make_optimizer(model, cfg.train)
     scaler, autocast = mixed_precision(cfg.train, world.device)
-    run = TrainState()
-    resume = find_resume(cfg)
-    if resume is not None:
-        run = load_checkpoint(resume, model, opt, scaler, world)
-        log(f"resumed from {resume} at step {run.step} (global sample {run.consumed})")
-    else:
+    run, candidates = None, resume_candidates(cfg)
+    for path in candidates:
+        try:
+            run = load_checkpoint(path, model, opt, scaler, world)
+        except CheckpointReadError as e:
+            if cfg.train.resume != "auto" or path == candidates[-1]:  # none left to fall back on
+                raise
+            log(f"skipping a checkpoint that cannot be read: {e}")
+            continue
+        log(f"resumed from {path} at step {run.step} (global sample {run.consumed})")
+        break
+    if run is None:
+        run = TrainState()
         torch.manual_seed(cfg.train.seed + world.rank)  # dropout differs across ranks, the same on every run
     step_fn = make_step(model, opt, scaler, params, autocast, world, cfg)  # after a resume: graphs keep its state
     model.train()
-    stop = StopRequest()
     metrics = Metrics(out_dir, world.master)
+    bad_seen: set[tuple] = set()  # samples that failed to decode during training, on this rank
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
 
     save = functools.partial(save_checkpoint, run=run, model=model, opt=opt, scaler=scaler, world=world, cfg=cfg,
@@ -820,6 +921,12 @@ def fit(cfg: Config) -> dict:
         while run.step < cfg.train.max_steps:
             set_lr(opt, lr_factor(run.step, cfg.train))
             micro = [next(loader) for _ in range(cfg.train.grad_accum)]
+            bad = [s for b in micro for s in b.skipped if (s["file"], s["line"]) not in bad_seen]
+            if bad:  # on_error = "skip": listed once, each rank for its own samples
+                bad_seen |= {(s["file"], s["line"]) for s in bad}
+                data.write_skipped(out_dir / "skipped.jsonl", bad)
+                print(f"rank {world.rank}: skipped {len(bad)} sample(s) that failed to decode, first "
+                      f"{bad[0]['file']}:{bad[0]['line']}: {bad[0]['reason']}", flush=True)
             tokens_since += sum(sum(b.lengths) for b in micro) * world.size  # all tokens processed
             out = step_fn([b.to(world.device) for b in micro])
             finite = bool(out.finite)
@@ -846,7 +953,9 @@ def fit(cfg: Config) -> dict:
                             "grad_norm": out.grad_norm.item(), "tokens": int(out.n_tokens.item()),
                             "tokens_per_s": tokens_since / dt, "step_time": dt / cfg.run.log_every,
                             "peak_mem_gib": round(peak_memory_gib(world.device), 3), "bad_steps": run.bad_steps,
-                            "skipped_samples": skipped, **modality_losses(out.stats[1:])}
+                            "skipped_samples": skipped + int(all_sum(torch.tensor(float(len(bad_seen)),
+                                                                                  device=world.device), world)),
+                            **modality_losses(out.stats[1:])}
                 metrics.log(last_row)
                 eta = (cfg.train.max_steps - run.step) * last_row["step_time"]
                 log(f"step {run.step:>6} | loss {last_row['loss']:.4f} | lr {last_row['lr']:.2e} | "
@@ -921,7 +1030,7 @@ def build_cache(cfg: Config) -> None:
     aligner = load_aligner(cfg.model.aligner, device)
     for path in (cfg.data.train_file, cfg.data.val_file):
         if path:
-            ds = make_dataset(cfg, path, tokenizer, aligner.config, use_cache=False)
+            ds = make_dataset(cfg, path, tokenizer, aligner, use_cache=False)
             folder = cache_folder(cfg, path)
             n = data.build_feature_cache(ds, aligner, folder, device, num_workers=cfg.data.num_workers)
             print(f"cached aligner features of {n} samples of {path} in {folder}")

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,7 +111,7 @@ class Validator:
         c = self.cfg
         K = c.model.tokens_per_media
         try:
-            self.ds = train.make_dataset(c, c.data.train_file, self.tokenizer, self.model.aligner.config)
+            self.ds = train.make_dataset(c, c.data.train_file, self.tokenizer, self.model.aligner)
         except data.SampleError as e:
             raise CheckFailed(str(e), "fix or remove that sample, or set data.on_error = \"skip\"") from None
         n = min(len(self.ds), c.train.batch_size)
@@ -237,8 +238,13 @@ class Validator:
             setattr(cfg.train, k, v)
         try:
             return run_train_py(cfg, nproc)
-        except RuntimeError as e:
-            raise CheckFailed(f"{name}: {e}", "run the command by hand to see the whole error") from None
+        except Exception as e:  # a sample's error names the user's file and line, not the subset's
+            subset = str(self.subset())
+            message = re.sub(re.escape(subset) + r":(\d+)",
+                             lambda m: f"{self.ds.path}:{self.ds.examples[int(m.group(1)) - 1].line}", str(e))
+            raise CheckFailed(f"{name}: {message.replace(subset, str(self.ds.path))}",
+                              "fix or remove that sample, or set data.on_error = \"skip\"; or run train.py by hand "
+                              "to see the whole error") from None
 
     def subset(self, n: int = 64) -> Path:
         """The first n samples of the training data, with media paths made absolute."""

@@ -2,6 +2,7 @@
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import wave
 
@@ -117,6 +118,21 @@ BAD = {
                                                {"from": "gpt", "value": "x"}]}, "longer than data.max_len"),
     "escaping path": ({"id": "e", "image": "../outside.npy", "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "leaves the data folder"),
+    "placeholder in a reply": ({"id": "a", "image": "media/train-00001.npy", "conversations": [
+        {"from": "human", "value": "What?"}, {"from": "gpt", "value": "<image> this"}]},
+        "a media placeholder in an assistant reply"),
+    "folder as medium": ({"id": "f", "image": "media", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "is a folder; give a file"),
+    "empty WAV": ({"id": "w", "audio": "media/empty.wav", "conversations": [
+        {"from": "human", "value": "<audio>\nWhat?"}, {"from": "gpt", "value": "x"}]},
+        "the file is empty (0 bytes)"),
+    "truncated WAV": ({"id": "t", "audio": "media/short.wav", "conversations": [
+        {"from": "human", "value": "<audio>\nWhat?"}, {"from": "gpt", "value": "x"}]},
+        "the header promises 3200 bytes"),
+    "float image array": ({"id": "i", "image": "media/float.npy", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "an image .npy holds"),
+    "rank-3 audio array": ({"id": "r3", "audio": "media/cube.npy", "conversations": [
+        {"from": "human", "value": "<audio>\nWhat?"}, {"from": "gpt", "value": "x"}]}, "an audio .npy holds"),
 }
 GOOD = {"id": "g", "conversations": [{"from": "human", "value": "What is one plus one?"},
                                      {"from": "gpt", "value": "two"}]}
@@ -127,13 +143,19 @@ def test_bad_samples_raise_or_are_skipped(tmp_path, demo_dir, case):
     sample, reason = BAD[case]
     (tmp_path / "ds" / "media").mkdir(parents=True)
     path = write_dataset(tmp_path / "ds", [GOOD, sample], demo_dir)
-    (tmp_path / "ds" / "media" / "broken.wav").write_bytes(b"RIFF\x00\x00garbage")
+    media = tmp_path / "ds" / "media"
+    (media / "broken.wav").write_bytes(b"RIFF\x00\x00garbage")
+    (media / "empty.wav").write_bytes(b"")
+    write_wav(media / "short.wav", np.zeros(1600, np.int16), 16000, 2)
+    (media / "short.wav").write_bytes((media / "short.wav").read_bytes()[:-101])  # an odd length, cut short
+    np.save(media / "float.npy", np.zeros((8, 8, 3), np.float32))
+    np.save(media / "cube.npy", np.zeros((2, 2, 100), np.float32))
     np.save(tmp_path / "outside.npy", np.zeros((4, 4, 3), np.uint8))
     tok = load_tokenizer(demo_dir / "llm", chat_format="chatml")
     from model import load_aligner
     acfg = load_aligner(demo_dir / "aligner").config
     kw = dict(tokens_per_media={"image": 16, "audio": 8}, max_len=128)
-    with pytest.raises(data.SampleError, match=reason) as e:
+    with pytest.raises(data.SampleError, match=re.escape(reason)) as e:
         data.ConversationDataset(path, tok, acfg, on_error="raise", **kw)
     assert str(path) in str(e.value) and ":2:" in str(e.value)  # file and line
     ds = data.ConversationDataset(path, tok, acfg, on_error="skip", **kw)

@@ -211,8 +211,8 @@ def run_until_signal(cfg, sig, nproc=1):
     return p.returncode, out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("sig,nproc", [(signal.SIGTERM, 1), (signal.SIGUSR1, 1), (signal.SIGINT, 1),
+                                       (signal.SIGTERM, 2), (signal.SIGUSR1, 2)])
 def test_signal_saves_an_emergency_checkpoint_and_resume_matches(demo_dir, tmp_path, sig, nproc):
     kw = dict(lora={"dropout": 0.0}, train={"max_steps": 40, "grad_accum": 2, "batch_size": 2})
     straight = demo_config(demo_dir, tmp_path / "a", **kw)
@@ -266,7 +266,8 @@ def test_incompatible_checkpoint_is_refused_before_training(demo_dir, tmp_path):
     with pytest.raises(ValueError, match="does not fit this run"):
         train.fit(cfg)
     cfg.lora.rank = 4
-    (tmp_path / "checkpoints" / "step_0000002" / "optimizer.pt").write_bytes(b"truncated")
+    for folder in ("step_0000002", "best"):  # no readable checkpoint left to fall back on
+        (tmp_path / "checkpoints" / folder / "optimizer.pt").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="cannot be read"):
         train.fit(cfg)
     assert (tmp_path / "checkpoints" / "step_0000002" / "trainable.safetensors").read_bytes() == before
