@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import check_tensors, save_tensors
+from model import check_tensors, save_tensors, write_json
 
 PEFT_PREFIX = "base_model.model."
 
@@ -150,6 +150,22 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
+def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's state under its base names (`q_proj.weight`, no adapter tensors) with every adapter folded into
+    its base weight, W + (alpha/r) B @ A computed in fp32, then cast to `dtype` (default: the base weight's). The
+    model is not changed."""
+    wrapped = lora_modules(model)
+    out = {}
+    for name, t in model.state_dict().items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        owner, _, leaf = name.rpartition(".base_layer.")
+        if owner in wrapped and leaf == "weight" and not wrapped[owner].merged:
+            t = (t.float() + wrapped[owner].delta_weight()).to(t.dtype)
+        out[name.replace(".base_layer.", ".")] = t.detach().to(dtype or t.dtype)
+    return out
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors of `model` under our names (`...q_proj.lora_A.weight`)."""
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
@@ -171,7 +187,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | 
         "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "base_model_name_or_path": base_model,
     }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_json(folder / "adapter_config.json", config)
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:

@@ -311,14 +311,15 @@ class LLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
-                 prompt_embeds: list[torch.Tensor] | None = None,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 prompt_embeds: list[torch.Tensor] | None = None, generator: torch.Generator | None = None,
+                 on_token: Callable[[list[int]], None] | None = None) -> list[list[int]]:
         """Generate continuations of a batch of prompts of different lengths, with a KV cache.
 
         Prompts are left-padded; each row's positions start at 0 on its first real token. `temperature=0` is greedy;
         otherwise sampling with optional top-k and top-p (nucleus). A row stops at any of `stop_ids`.
         `prompt_embeds` (one (T_i, H) tensor per prompt) replaces the embedding of the prompt ids, for
-        multimodal prompts. Returns the new tokens of each row, without the stop token.
+        multimodal prompts. `on_token` is called with each row's new token after every step (for streaming).
+        Returns the new tokens of each row, without the stop token.
 
         The prefill runs the prompts in one call, then each decode step one token per row (`forward_cached`)."""
         device = self.lm_head.weight.device
@@ -337,6 +338,8 @@ class LLM(nn.Module):
         done = [False] * B
         for i in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            if on_token is not None:
+                on_token(nxt.tolist())
             for b, token in enumerate(nxt.tolist()):
                 if not done[b]:
                     done[b] = token in stop_ids
@@ -480,13 +483,17 @@ def load_llm(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = 
     return llm.eval()
 
 
-def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = None) -> None:
-    """Write an LLM as a Hugging Face folder (config.json + model.safetensors), e.g. a merged LoRA model."""
+def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = None,
+             state: dict[str, torch.Tensor] | None = None, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write an LLM as a Hugging Face folder: config.json and its weights (`state`, default the LLM's own, under
+    Hugging Face's names), in one model.safetensors or in shards of at most `max_shard_bytes` with
+    model.safetensors.index.json, as transformers writes them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = llm.config
     family = {arch: t for t, arch in MODEL_TYPES.items()}[c.architecture]
-    dtype = llm.lm_head.weight.dtype
+    state = dict(llm.state_dict() if state is None else state)
+    dtype = state["model.embed_tokens.weight"].dtype
     cfg = {"architectures": [c.architecture], "model_type": family, "vocab_size": c.vocab_size,
            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
@@ -494,12 +501,36 @@ def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = No
            "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
            "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
            "attention_bias": c.o_bias or (c.qkv_bias and family != "qwen2"), "mlp_bias": c.mlp_bias,
-           "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."), **(extra_config or {})}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    state = llm.state_dict()
+           "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."), "sliding_window": c.sliding_window,
+           **(extra_config or {})}
+    write_json(folder / "config.json", cfg)
     if c.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    save_tensors(state, folder / "model.safetensors")
+        state.pop("lm_head.weight", None)
+    shards, size = [{}], 0
+    for name, t in state.items():
+        if shards[-1] and size + t.numel() * t.element_size() > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * t.element_size()
+    if len(shards) == 1:
+        save_tensors(shards[0], folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_tensors(shard, folder / name)
+        weight_map |= dict.fromkeys(shard, name)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """A JSON file written under a temporary name and renamed (whole or absent), readable by all."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -879,7 +910,7 @@ def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> None:
     """Write a Phase-1 aligner folder: aligner.json (its architecture) and aligner.safetensors."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "aligner.json").write_text(json.dumps(asdict(aligner.config), indent=2))
+    write_json(folder / "aligner.json", asdict(aligner.config))
     save_tensors(aligner.state_dict(), folder / "aligner.safetensors")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import functools
@@ -41,7 +42,7 @@ import demo
 import lora
 from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer,
                    check_tensors, cross_entropy_chunk, load_aligner, load_llm, load_tokenizer, parameter_report,
-                   save_tensors, weights_hash)
+                   save_aligner, save_llm, save_tensors, weights_hash, write_json)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass per TOML section; every key has a default and a comment
@@ -188,6 +189,17 @@ def check_config(cfg: Config) -> None:
                          "(model.image_tokens / model.audio_tokens); raise data.max_len")
 
 
+def config_from_dict(doc: dict, source: str, cfg: Config | None = None) -> Config:
+    """{section: {key: value}} (a TOML file, or a run's config.json) onto `cfg` (default: the defaults), checked."""
+    cfg = cfg or Config()
+    for section, values in doc.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: {section!r} must be a [section]; sections: model, lora, data, train, run")
+        for key, value in values.items():
+            set_key(cfg, section, key, value, source)
+    return cfg
+
+
 def load_config(path: str | None, overrides: list[str]) -> Config:
     """TOML file, then `--section.key=value` overrides; unknown keys and wrong types are errors."""
     cfg = Config()
@@ -199,11 +211,7 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
             raise FileNotFoundError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: not valid TOML ({e})") from None
-        for section, values in doc.items():
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: {section!r} must be a [section]; sections: model, lora, data, train, run")
-            for key, value in values.items():
-                set_key(cfg, section, key, value, path)
+        config_from_dict(doc, path, cfg)
     for o in overrides:
         if not o.startswith("--") or "=" not in o or "." not in o.split("=", 1)[0]:
             raise ValueError(f"override {o!r}: write --section.key=value")
@@ -244,25 +252,32 @@ def setup_distributed(cfg: Config) -> World:
     return World(rank, local, size, device)
 
 
-def build_model(cfg: Config, device: torch.device) -> tuple[Tokenizer, MultimodalLM]:
-    """Tokenizer, LLM (frozen, with LoRA), frozen aligner and projectors, as the config says."""
+def build_model(cfg: Config, device: torch.device, adapters: bool = True) -> tuple[Tokenizer, MultimodalLM]:
+    """Tokenizer, LLM (frozen, with LoRA unless `adapters` is False), frozen aligner and projectors, as the config
+    says."""
     tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
     llm = load_llm(cfg.model.llm, device, dtype)
     aligner = load_aligner(cfg.model.aligner, device)
-    return tokenizer, assemble(cfg, llm, aligner, {m: tokenizer.media_token_id(m) for m in MODALITIES})
+    media_ids = {m: tokenizer.media_token_id(m) for m in MODALITIES}
+    return tokenizer, assemble(cfg, llm, aligner, media_ids, adapters)
 
 
-def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int]) -> MultimodalLM:
-    """Add projectors and LoRA to a loaded LLM and aligner; set activation checkpointing and compilation."""
+def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int], adapters: bool = True
+             ) -> MultimodalLM:
+    """Add projectors and LoRA (unless `adapters` is False: an LLM with LoRA merged) to a loaded LLM and aligner;
+    set activation checkpointing and compilation."""
     torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
     H, D = llm.config.hidden_size, aligner.config.dim
     K = cfg.model.tokens_per_media
     projectors = nn.ModuleDict({m: Projector(D, cfg.model.projector_hidden or H, H, K[m], cfg.model.projector_mode)
                                 for m in MODALITIES}).to(llm.lm_head.weight.device)
-    targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
-    lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
+    if adapters:
+        targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
+        lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
+    else:
+        llm.requires_grad_(False)
     lora.fuse_qkv(llm)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
     model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
@@ -519,9 +534,9 @@ def find_resume(cfg: Config) -> Path | None:
     return next(iter(resume_candidates(cfg)), None)
 
 
-def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) -> TrainState:
-    """Restore trainable tensors, optimizer state, scaler and this rank's RNGs; check that the checkpoint fits this
-    run first. The optimizer's hyperparameters stay this run's (the schedule sets the learning rate)."""
+def read_checkpoint(path: Path, *names: str) -> list:
+    """state.json and the named files of a checkpoint (`trainable.safetensors`, `optimizer.pt`, `rng.pt`), read
+    whole before anything is restored; a file that cannot be read is a CheckpointReadError naming it."""
     from safetensors.torch import load_file
 
     try:
@@ -529,13 +544,18 @@ def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) 
         missing = [k for k in ("step", "consumed", "best", "bad_steps") if k not in state]
         if missing:
             raise KeyError(f"state.json lacks {missing}")
-        tensors = load_file(str(path / "trainable.safetensors"))
-        other = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        rngs = torch.load(path / "rng.pt", weights_only=False)
+        files = [load_file(str(path / n)) if n.endswith(".safetensors") else
+                 torch.load(path / n, map_location="cpu", weights_only=False) for n in names]
     except Exception as e:
         raise CheckpointReadError(f"{path}: checkpoint cannot be read ({type(e).__name__}: {e}); it may be "
                                   "truncated. Resume from an older one with --train.resume=PATH, or start fresh "
                                   "with --train.resume=none") from None
+    return [state, *files]
+
+
+def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor], model: MultimodalLM) -> None:
+    """Copy a checkpoint's trainable tensors into `model` after checking that it was trained on this base model,
+    with this LoRA scale, and that every tensor fits; a mismatch is a ValueError naming what differs."""
     saved_llm = state.get("llm_config")
     if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(model.llm.config))):
         diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(model.llm.config, k, None))
@@ -554,6 +574,13 @@ def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) 
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(tensors[k])
+
+
+def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) -> TrainState:
+    """Restore trainable tensors, optimizer state, scaler and this rank's RNGs; check that the checkpoint fits this
+    run first. The optimizer's hyperparameters stay this run's (the schedule sets the learning rate)."""
+    state, tensors, other, rngs = read_checkpoint(path, "trainable.safetensors", "optimizer.pt", "rng.pt")
+    restore_trainable(path, state, tensors, model)
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     opt.load_state_dict(other["optimizer"])
     for g, h in zip(opt.param_groups, hyper):
@@ -623,6 +650,11 @@ def duration(seconds: float) -> str:
 # Eval: validation loss (all and per modality) and exact-match accuracy of greedy answers
 
 
+def normalize_answer(text: str) -> str:
+    """What exact-match accuracy compares: the answer without surrounding space, in lower case."""
+    return text.strip().lower()
+
+
 def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     if world.size > 1:
         dist.all_reduce(t)
@@ -665,7 +697,7 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
         with autocast():
             outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=tokenizer.stop_ids)
         for o, (_, answer) in zip(outs, pairs):
-            correct[0] += tokenizer.decode(o).strip().lower() == answer.strip().lower()
+            correct[0] += normalize_answer(tokenizer.decode(o)) == normalize_answer(answer)
             correct[1] += 1
     all_sum(correct, world)
     row["correct"], row["answered"] = int(correct[0]), int(correct[1])
@@ -828,6 +860,17 @@ class RunLock:
         self.file.close()  # closing the file drops the lock
 
 
+def resolved_paths(cfg: Config) -> Config:
+    """The config with its model and data paths absolute, as config.json records it (so that the run's folder can
+    be used from anywhere: generate.load_run)."""
+    cfg = copy.deepcopy(cfg)
+    for section, key in (("model", "llm"), ("model", "aligner"), ("data", "train_file"), ("data", "val_file"),
+                         ("data", "make_demo"), ("data", "feature_cache")):
+        if getattr(getattr(cfg, section), key):
+            setattr(getattr(cfg, section), key, str(Path(getattr(getattr(cfg, section), key)).resolve()))
+    return cfg
+
+
 def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
     """Rank 0 makes out_dir and locks it, clears half-written checkpoints of a crash, writes config.json and the
     demo's assets if asked; the other ranks wait for it, and all stop if it could not. Returns rank 0's lock."""
@@ -843,7 +886,7 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
             if error is None:
                 lock = RunLock(out_dir)
                 clean_leftovers(out_dir / "checkpoints")
-                (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+                write_json(out_dir / "config.json", dataclasses.asdict(resolved_paths(cfg)))
                 if cfg.data.make_demo:
                     demo.ensure_demo(cfg.data.make_demo)
         except Exception as e:
@@ -986,16 +1029,40 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
                 save("emergency", collective=False)
         raise
     if world.master:
-        export(model, out_dir / "export", cfg.model.llm)
-        log(f"exported the adapter (peft format) and projectors to {out_dir / 'export'}")
+        export(model, out_dir / "export", cfg)
+        log(f"exported the adapter (peft format), the merged LLM, projectors and aligner to {out_dir / 'export'}")
     return {**last_row, "stopped": False, "step": run.step}
 
 
-def export(model: MultimodalLM, folder: Path, base_model: str) -> None:
-    """`adapter/` in peft's format (PeftModel.from_pretrained loads it as is) and `projectors.safetensors`.
-    A merged LLM folder: `lora.merge_lora(model.llm)` then `model.save_llm(model.llm, folder)`."""
-    lora.save_adapter(model.llm, folder / "adapter", base_model)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | None = None) -> None:
+    """The run's result as one folder that transformers, peft and mmlora load:
+
+    adapter/                 peft's format; base_model_name_or_path is the base's absolute path
+    merged/                  the LLM with LoRA folded in, a Hugging Face folder (sharded at 5 GB, with its tokenizer
+                             and generation config): AutoModelForCausalLM.from_pretrained loads it
+    projectors.safetensors   the trained projectors
+    aligner/                 a copy of the frozen aligner
+    mmlora.json              the run's config, for `generate.load_run(folder)`
+
+    The model itself is not changed (the merge is computed aside), `dtype` casts the merged weights. Files are
+    written under temporary names and renamed, readable by all."""
+    base = Path(cfg.model.llm).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    lora.save_adapter(model.llm, folder / "adapter", str(base))
+    save_llm(model.llm, folder / "merged", state=lora.merged_state_dict(model.llm, dtype))
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, folder / "merged" / name)
+            os.chmod(folder / "merged" / name, 0o644)
     save_tensors(model.projectors.state_dict(), folder / "projectors.safetensors")
+    save_aligner(model.aligner, folder / "aligner")
+    doc = {"format": "mmlora export 1", "llm": "merged", "aligner": "aligner", "projectors": "projectors.safetensors",
+           "base_model": str(base), "config": dataclasses.asdict(cfg)}
+    write_json(folder / "mmlora.json", doc)
 
 
 def main(argv: list[str] | None = None) -> None:

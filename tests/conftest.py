@@ -157,3 +157,15 @@ def small_bench(device: str, **flags):
     small = model.AlignerConfig(dim=32, image=model.EncoderConfig(32, 1, 2), audio=model.EncoderConfig(32, 1, 2),
                                 image_size=32, patch_size=8)
     return (args, *bench.build(args, device, shape, small))
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_dir, tmp_path_factory):
+    """A short run on the small demo (evaluated at its end on the whole val set), shared by the tests that use a
+    trained model: its out_dir."""
+    import train
+    out = tmp_path_factory.mktemp("trained_run")
+    cfg = demo_config(demo_dir, out, lora={"dropout": 0.0}, train={"max_steps": 6, "gen_samples": 12,
+                                                                   "lr_lora": 2e-2, "lr_projector": 1e-2})
+    train.fit(cfg)
+    return out

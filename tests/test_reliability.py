@@ -235,3 +235,17 @@ def test_validate_names_the_users_file_not_its_subset(demo_dir, tmp_path, monkey
     res = {r["check"]: r for r in validate.validate(cfg, quick=True)}
     assert res["Data pipeline"]["passed"] and not res["Resume"]["passed"]  # the first batch decodes
     assert f"{path}:6: sample 'nan'" in res["Resume"]["detail"] and "subset" not in res["Resume"]["detail"]
+
+
+def test_launch_sh_takes_a_config_path_relative_to_where_it_is_run(demo_dir, tmp_path):
+    cfg = demo_config(demo_dir, tmp_path / "run", train={"max_steps": 1}, run={"device": "cpu"})
+    lines = []
+    for section in ("model", "lora", "data", "train", "run"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in vars(getattr(cfg, section)).items()]
+    (tmp_path / "my.toml").write_text("\n".join(lines) + "\n")
+    r = subprocess.run(["bash", str(ROOT / "launch.sh"), "my.toml"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=180, env={**os.environ, "SKIP_PREFLIGHT": "1", "NPROC_PER_NODE": "1",
+                                         "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert rows(tmp_path / "run")[-1]["step"] == 1

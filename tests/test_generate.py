@@ -1,0 +1,133 @@
+"""generate.py: loading a run or an export folder, one question, chat, predictions with metrics, the export folder
+loaded by transformers and peft, and bad input."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, rows
+
+import generate
+import lora
+
+
+def cli(*args, stdin=None, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], cwd=cwd, input=stdin,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_export_loads_in_transformers_and_peft(trained_run, tmp_path, monkeypatch):
+    """merged/ gives our merged logits in transformers, adapter/ gives them in peft on the base from any working
+    directory, and load_run on the export folder gives the run's own model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "export"
+    assert cli("--run", trained_run, "--export", out).returncode == 0
+    model, tokenizer, cfg = generate.load_run(trained_run)
+    assert any(m.lora_B.weight.abs().max() > 0 for m in lora.lora_modules(model.llm).values())  # trained adapters
+    ids = torch.randint(0, model.llm.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        ours = model.llm(ids)
+        hf = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours, atol=1e-4, rtol=1e-4)
+        monkeypatch.chdir(tmp_path)  # the adapter names its base by an absolute path
+        base = AutoModelForCausalLM.from_pretrained(json.loads((out / "adapter" / "adapter_config.json").read_text())
+                                                    ["base_model_name_or_path"])
+        peft = PeftModel.from_pretrained(base, out / "adapter").eval()
+        torch.testing.assert_close(peft(input_ids=ids).logits, ours, atol=1e-4, rtol=1e-4)
+        exported, _, _ = generate.load_run(out)
+        torch.testing.assert_close(exported.llm(ids), ours, atol=1e-4, rtol=1e-4)
+        assert all(torch.equal(a, b) for a, b in zip(exported.projectors.state_dict().values(),
+                                                     model.projectors.state_dict().values()))
+    for f in out.rglob("*"):
+        assert f.is_dir() or f.stat().st_mode & 0o777 == 0o644, f
+    assert (out / "merged" / "tokenizer.json").is_file() and (out / "mmlora.json").is_file()
+
+
+def test_predict_reproduces_the_eval_accuracy_and_resumes(trained_run, demo_dir, tmp_path):
+    pred = tmp_path / "pred.jsonl"
+    r = cli("--run", trained_run, "--predict", demo_dir / "data" / "val.jsonl", "--out", pred, "--batch_size", 4)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert len(lines) == 12 and {"id", "prediction", "reference", "media"} <= set(lines[0])
+    metrics = json.loads((tmp_path / "pred.metrics.json").read_text())
+    assert metrics["exact_match"] == rows(trained_run, "val")[-1]["accuracy"]
+    assert sum(v["samples"] for v in metrics["by_mix"].values()) == 12 and "exact match" in r.stdout
+    pred.write_text("".join(json.dumps(x) + "\n" for x in lines[:5]))  # an interrupted run
+    assert cli("--run", trained_run, "--predict", demo_dir / "data" / "val.jsonl", "--out", pred,
+               "--resume").returncode == 0
+    ids = [json.loads(x)["id"] for x in pred.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 12
+
+
+def test_a_question_with_media_and_a_chat(trained_run, demo_dir):
+    media = demo_dir / "data" / "media"
+    image = next(media.glob("val-*.npy"))
+    audio = next(media.glob("val-*.wav"))
+    r = cli("--run", trained_run, "--image", image, "--audio", audio, "What is shown? <image> And heard? <audio>",
+            "--max_new_tokens", 4)
+    assert r.returncode == 0 and r.stdout.endswith("\n"), r.stderr  # the answer (this short run's may be empty)
+    r = cli("--run", trained_run, "--chat", "--max_new_tokens", 4,
+            stdin=f"/image {image}\nWhat colour is the shape?\n/audio {audio}\nHow many beeps?\n/reset\nHi\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 3  # one answer per question
+
+
+def test_greedy_answer_equals_the_model_s_generate(trained_run, demo_dir):
+    """The CLI's prompt is the one training's evaluation builds for the same question."""
+    import data
+    model, tokenizer, cfg = generate.load_run(trained_run)
+    ds = data.ConversationDataset(demo_dir / "data" / "val.jsonl", tokenizer, model.aligner.config,
+                                  cfg.model.tokens_per_media, cfg.data.max_len)
+    i = next(i for i, ex in enumerate(ds.examples) if ex.media["image"])
+    item, _ = ds.prompt(i)
+    ex = ds.examples[i]
+    question = ex.messages[0]["content"].replace("<image>\n", "")
+    ours = generate.prompt_item([{"role": "user", "content": generate.user_turn(question, [("image", "x")])}],
+                                [("image", str(ex.media["image"][0]))], tokenizer, model, cfg, 8)
+    assert ours.input_ids == item.input_ids and torch.equal(ours.media["image"].raw, item.media["image"].raw)
+
+
+@pytest.mark.parametrize("case", ["no checkpoint", "does not fit", "missing medium", "more media", "too long",
+                                  "not a run"])
+def test_bad_input_is_one_line_and_exit_code_2(trained_run, demo_dir, tmp_path, capsys, case):
+    args = ["--run", trained_run, "What?"]
+    image = next((demo_dir / "data" / "media").glob("val-*.npy"))
+    if case == "no checkpoint":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "config.json").write_text((trained_run / "config.json").read_text())
+        args, expect = ["--run", tmp_path / "run", "What?"], "no checkpoint there"
+    elif case == "does not fit":
+        cfg = json.loads((trained_run / "config.json").read_text())
+        cfg["lora"]["rank"] = 2
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(cfg))
+        args, expect = ["--run", run, "--checkpoint", trained_run / "checkpoints" / "best", "What?"], \
+            "does not fit this run"
+    elif case == "missing medium":
+        args, expect = args + ["--image", tmp_path / "nope.png"], "nope.png: image file not found"
+    elif case == "more media":
+        args, expect = ["--run", trained_run, "--image", image, "--image", image, "Look: <image>"], \
+            "places 1 <image> but 2 image file(s) are attached"
+    elif case == "too long":
+        args, expect = args + ["--max_new_tokens", 100000], "more than the model's context"
+    else:
+        args, expect = ["--run", tmp_path, "What?"], "neither a run folder"
+    with pytest.raises(SystemExit) as e:  # the CLI's own entry point, in this process
+        generate.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expect in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_token_f1_and_mixes():
+    assert generate.token_f1("a red circle", "A red  square") == pytest.approx(2 / 3)
+    assert generate.token_f1("", "") == 1.0 and generate.token_f1("x", "") == 0.0
+    m = generate.prediction_metrics([{"prediction": "Red ", "reference": "red", "media": {"image": ["a"]}},
+                                     {"prediction": "two", "reference": "one", "media": {"image": [], "audio": []}}])
+    assert m["exact_match"] == 0.5 and m["by_mix"]["image"]["exact_match"] == 1.0 and m["by_mix"]["text"]["f1"] == 0
+    assert copy.deepcopy(m) == json.loads(json.dumps(m))
