@@ -153,6 +153,49 @@ def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool) -> di
     return {"impl": "transformers+peft", **peer.run(torch.bfloat16, batch, seq, ckpt, compile_)}
 
 
+def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]:
+    """Greedy generation of `new` tokens after `prompt` random tokens per row, on Qwen2.5-0.5B's shape (random
+    bf16 weights): LLM.generate as it is, with generate.py's compiled decode step (--compile), and transformers'
+    generate on the same weights. Each is run once untimed (compilation), then timed. Tokens/s counts new tokens;
+    `bandwidth` is the share of the memory-bandwidth limit at which the weights are read once per step
+    (4.8 TB/s)."""
+    import generate
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        llm = LLM(LLMConfig(**QWEN25_05B)).init_weights().to(torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.parameters())
+    prompts = torch.randint(0, 150000, (batch, prompt)).tolist()
+    compiled = generate.CompiledDecode(llm)
+    runs = {"mmlora": lambda: llm.generate(prompts, new),
+            "mmlora --compile": lambda: llm.generate(prompts, new, decode_step=compiled,
+                                                     cache_length=generate.cache_length(prompt, new))}
+    if peer:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        shape = {k: v for k, v in QWEN25_05B.items() if k not in ("architecture", "qkv_bias")}
+        hf = Qwen2ForCausalLM(Qwen2Config(**shape)).to(device="cuda", dtype=torch.bfloat16).eval()
+        missing, unexpected = hf.load_state_dict(llm.state_dict(), strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+        ids = torch.tensor(prompts, device="cuda")
+        runs["transformers generate"] = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                            max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    rows = []
+    for name, fn in runs.items():
+        with torch.no_grad():
+            fn()  # compiles and records what it will
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tps = batch * new / dt
+        rows.append({"impl": name, "batch": batch, "prompt": prompt, "new_tokens": new, "s": round(dt, 3),
+                     "tokens_per_s": round(tps, 1), "ms_per_step": round(dt / new * 1e3, 3),
+                     "bandwidth": round(weight_bytes * (tps / batch) / 4.8e12, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
@@ -211,6 +254,8 @@ def main() -> None:
                     "default with --cuda_graph)")
     ap.add_argument("--cuda_graph", action="store_true", help="the whole step as one CUDA graph (train.cuda_graph)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
+    ap.add_argument("--generate", action="store_true", help="time generation instead (batch 1 and 32, prompt 256, "
+                    "128 new tokens): ours, ours --compile and, with --peer, transformers' generate")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
@@ -224,6 +269,16 @@ def main() -> None:
               f"--model.aligner={args.make_assets}/aligner --model.chat_format=chatml "
               f"--data.train_file={args.make_assets}/data/train.jsonl "
               f"--data.val_file={args.make_assets}/data/val.jsonl")
+        return
+    if args.generate:
+        rows = [r for b in (1, 32) for r in time_generation(b, 256, 128, bool(args.peer))]
+        for b in (1, 32):
+            by = {r["impl"]: r["tokens_per_s"] for r in rows if r["batch"] == b}
+            if "transformers generate" in by:
+                print(f"batch {b}: --compile {by['mmlora --compile'] / by['transformers generate']:.2f}x, plain "
+                      f"{by['mmlora'] / by['transformers generate']:.2f}x transformers' generate", flush=True)
+        with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
+            json.dump(rows, f, indent=1)
         return
     world = train.World(device=torch.device("cuda"))
     if "WORLD_SIZE" in os.environ:

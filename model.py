@@ -136,13 +136,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values of one layer for generation."""
+    """Preallocated keys and values of one layer for generation.
+
+    `update` writes new keys and values at slots start..start+T-1. With `start` an int it returns the slots filled
+    so far; with `start` a (1,) tensor (one new token) it returns the whole cache, whose shapes then never change
+    (what a decode step recorded as a CUDA graph needs): the caller's mask hides the slots not yet written."""
 
     def __init__(self, batch: int, n_kv: int, length: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(batch, n_kv, length, head_dim, device=device, dtype=dtype)
+        self.k = torch.zeros(batch, n_kv, length, head_dim, device=device, dtype=dtype)  # (B, n_kv, S, hd)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_tensor(start):
+            self.k.index_copy_(2, start, k)
+            self.v.index_copy_(2, start, v)
+            return self.k, self.v
         T = k.shape[2]
         self.k[:, :, start:start + T] = k
         self.v[:, :, start:start + T] = v
@@ -268,7 +277,7 @@ class LLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(cache_start, cache_start + T, device=inputs_embeds.device).expand(B, T)
         window = self.config.sliding_window
-        if window is not None and cache_start + T > window:
+        if window is not None and not torch.is_tensor(cache_start) and cache_start + T > window:
             mask = self.sliding_window_mask(mask, position_ids, cache_start + T)
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
@@ -308,11 +317,17 @@ class LLM(nn.Module):
         h = self.hidden_states(x, pos, mask, caches, start)  # (B, T, H)
         return self.lm_head(h[:, -1]).float()  # (B, V)
 
+    def decode_step(self, tokens: torch.Tensor, valid: torch.Tensor, caches: list[KVCache], start: int
+                    ) -> torch.Tensor:
+        """One new token per row, tokens (B, 1), at cache slot `start` -> logits (B, V)."""
+        return self.forward_cached(self.model.embed_tokens(tokens), valid, caches, start)
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
                  prompt_embeds: list[torch.Tensor] | None = None, generator: torch.Generator | None = None,
-                 on_token: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[list[int]], None] | None = None, decode_step: Callable | None = None,
+                 cache_length: int | None = None) -> list[list[int]]:
         """Generate continuations of a batch of prompts of different lengths, with a KV cache.
 
         Prompts are left-padded; each row's positions start at 0 on its first real token. `temperature=0` is greedy;
@@ -321,10 +336,13 @@ class LLM(nn.Module):
         multimodal prompts. `on_token` is called with each row's new token after every step (for streaming).
         Returns the new tokens of each row, without the stop token.
 
-        The prefill runs the prompts in one call, then each decode step one token per row (`forward_cached`)."""
+        The prefill runs the prompts in one call, then each decode step one token per row: `decode_step` (default
+        `LLM.decode_step`; same arguments) may replace it, and `cache_length` (at least prompt + new tokens) sizes
+        the cache, so that a replaced step sees few cache shapes."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
-        valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # cache slots of real tokens
+        S = max(cache_length or 0, P + max_new_tokens)
+        valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # cache slots of real tokens
         ids = torch.zeros(B, P, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -332,7 +350,7 @@ class LLM(nn.Module):
         x = self.model.embed_tokens(ids)  # (B, P, H)
         for b, e in enumerate(prompt_embeds or []):
             x[b, P - e.shape[0]:] = e.to(x.dtype)
-        caches = self.setup_caches(B, P + max_new_tokens, device, x.dtype)
+        caches = self.setup_caches(B, S, device, x.dtype)
         logits = self.forward_cached(x, valid, caches, 0)  # prefill: (B, V)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
@@ -348,7 +366,7 @@ class LLM(nn.Module):
             if all(done) or i == max_new_tokens - 1:
                 break
             valid[:, P + i] = True
-            logits = self.forward_cached(self.model.embed_tokens(nxt[:, None]), valid, caches, P + i)  # decode step
+            logits = (decode_step or self.decode_step)(nxt[:, None], valid, caches, P + i)  # (B, V)
         return out
 
 

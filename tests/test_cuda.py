@@ -73,3 +73,20 @@ def test_two_gpus_with_cuda_graph_equal_ddp(demo_dir, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         losses[graph] = [x["loss"] for x in rows(tmp_path / str(graph))]
     assert len(losses[True]) == 16 and losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def test_compiled_decode_gives_the_plain_tokens():
+    """generate.py --compile: the decode step compiled and replayed as a CUDA graph generates what the plain
+    step generates (fp32, greedy), at batch 1 and 3."""
+    import generate
+    import model
+    torch.manual_seed(0)
+    cfg = model.LLMConfig(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          qkv_bias=True, tie_word_embeddings=True)
+    llm = model.LLM(cfg).cuda().eval()
+    decode = generate.CompiledDecode(llm)
+    for n in ((7,), (5, 11, 8)):
+        prompts = [torch.randint(0, 512, (k,)).tolist() for k in n]
+        for _ in range(2):  # recorded, then replayed
+            assert llm.generate(prompts, 12, decode_step=decode, cache_length=256) == llm.generate(prompts, 12)

@@ -131,3 +131,16 @@ def test_token_f1_and_mixes():
                                      {"prediction": "two", "reference": "one", "media": {"image": [], "audio": []}}])
     assert m["exact_match"] == 0.5 and m["by_mix"]["image"]["exact_match"] == 1.0 and m["by_mix"]["text"]["f1"] == 0
     assert copy.deepcopy(m) == json.loads(json.dumps(m))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_the_fixed_shape_decode_step_equals_the_plain_one(hf_models, family):
+    """generate.py's decode step for --compile (whole cache, slot and positions on the device), run uncompiled:
+    the tokens of LLM.generate's own step, for left-padded prompts of different lengths."""
+    from model import load_llm
+    llm = load_llm(hf_models[family][0])
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (5, 11, 8)]
+
+    def step(tokens, valid, caches, start):
+        return generate.static_decode(llm, tokens, valid, caches, torch.full((1,), start))
+    assert llm.generate(prompts, 10, decode_step=step, cache_length=64) == llm.generate(prompts, 10)
