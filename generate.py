@@ -131,11 +131,12 @@ def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_t
     device = model.llm.lm_head.weight.device
     batch = data.collate([item], tokenizer.pad_id).to(device)
     tokens: list[int] = []
-    shown = ""
+    shown, stopped = "", False
 
     def on_token(new: list[int]) -> None:
-        nonlocal shown
-        if new[0] in tokenizer.stop_ids:
+        nonlocal shown, stopped
+        stopped = stopped or new[0] in tokenizer.stop_ids  # generation may run a few steps past the stop
+        if stopped:
             return
         tokens.append(new[0])
         text = tokenizer.decode(tokens)

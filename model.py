@@ -352,22 +352,20 @@ class LLM(nn.Module):
             x[b, P - e.shape[0]:] = e.to(x.dtype)
         caches = self.setup_caches(B, S, device, x.dtype)
         logits = self.forward_cached(x, valid, caches, 0)  # prefill: (B, V)
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
+        tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
         for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            tokens[:, i] = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             if on_token is not None:
-                on_token(nxt.tolist())
-            for b, token in enumerate(nxt.tolist()):
-                if not done[b]:
-                    done[b] = token in stop_ids
-                    if not done[b]:
-                        out[b].append(token)
-            if all(done) or i == max_new_tokens - 1:
+                on_token(tokens[:, i].tolist())
+            # the host reads the tokens only every 8 steps (or for on_token), so that it can queue the next step
+            # while the GPU runs this one; a finished row's extra tokens are cut below
+            if i == max_new_tokens - 1 or (i % 8 == 7 and torch.isin(tokens[:, :i + 1], stops).any(1).all()):
                 break
             valid[:, P + i] = True
-            logits = (decode_step or self.decode_step)(nxt[:, None], valid, caches, P + i)  # (B, V)
-        return out
+            logits = (decode_step or self.decode_step)(tokens[:, i:i + 1], valid, caches, P + i)  # (B, V)
+        rows = tokens[:, :i + 1].tolist()
+        return [next((row[:j] for j, t in enumerate(row) if t in stop_ids), row) for row in rows]
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
