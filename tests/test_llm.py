@@ -225,3 +225,20 @@ def test_sliding_window_equals_transformers(tokenizer_dir, tmp_path):
     ref = hf.generate(input_ids=ids[:1, :9], attention_mask=torch.ones(1, 9, dtype=torch.long), max_new_tokens=6,
                       do_sample=False, pad_token_id=0)[0, 9:].tolist()
     assert llm.generate([prompt], max_new_tokens=6)[0] == ref
+
+
+def test_save_llm_shards_as_transformers_does(hf_models, tmp_path):
+    """A folder larger than one shard is written as model-0000i-of-0000n.safetensors with its index; transformers
+    and our loader both read it back."""
+    from transformers import AutoModelForCausalLM
+    folder, hf = hf_models["qwen2"]
+    llm = load_llm(folder)
+    model.save_llm(llm, tmp_path / "sharded", max_shard_bytes=100_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and index["metadata"]["total_size"] > 100_000
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        ref = llm(ids)
+        torch.testing.assert_close(load_llm(tmp_path / "sharded")(ids), ref, atol=0, rtol=0)
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+        torch.testing.assert_close(again(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-5)
