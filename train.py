@@ -910,6 +910,33 @@ def load_datasets(cfg: Config, tokenizer: Tokenizer, aligner: Aligner, world: Wo
     return train_ds, val_ds, len(skipped)
 
 
+def list_skipped(micro: list[data.Batch], seen: set[tuple], out_dir: Path, world: World) -> None:
+    """Samples that failed to decode (on_error = "skip": others took their place) go to skipped.jsonl, once
+    each, each rank writing its own."""
+    bad = [s for b in micro for s in b.skipped if (s["file"], s["line"]) not in seen]
+    if bad:
+        seen |= {(s["file"], s["line"]) for s in bad}
+        data.write_skipped(out_dir / "skipped.jsonl", bad)
+        print(f"rank {world.rank}: skipped {len(bad)} sample(s) that failed to decode, first "
+              f"{bad[0]['file']}:{bad[0]['line']}: {bad[0]['reason']}", flush=True)
+
+
+def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int, skipped: int, epoch_size: int,
+              world: World, cfg: Config) -> dict:
+    """The metrics row of the last step (its loss; speed over the steps since the last row), printed by rank 0."""
+    row = {"step": run.step, "epoch": run.consumed / epoch_size, "split": "train",
+           "loss": (out.stats[0] / out.n_tokens).item(), "lr": float(opt.param_groups[1]["lr"]),
+           "grad_norm": out.grad_norm.item(), "tokens": int(out.n_tokens.item()), "tokens_per_s": tokens / elapsed,
+           "step_time": elapsed / cfg.run.log_every, "peak_mem_gib": round(peak_memory_gib(world.device), 3),
+           "bad_steps": run.bad_steps, "skipped_samples": skipped, **modality_losses(out.stats[1:])}
+    if world.master:
+        eta = (cfg.train.max_steps - run.step) * row["step_time"]
+        print(f"step {run.step:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | "
+              f"ETA {duration(eta)} | {'mem' if world.device.type == 'cuda' else 'host mem'} "
+              f"{row['peak_mem_gib']:.2f} GiB")
+    return row
+
+
 def fit(cfg: Config) -> dict:
     """Train as the config says (resuming where `train.resume` points) and export the result; returns the last
     logged row, with "step" and "stopped" (by a signal)."""
@@ -964,12 +991,7 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
         while run.step < cfg.train.max_steps:
             set_lr(opt, lr_factor(run.step, cfg.train))
             micro = [next(loader) for _ in range(cfg.train.grad_accum)]
-            bad = [s for b in micro for s in b.skipped if (s["file"], s["line"]) not in bad_seen]
-            if bad:  # on_error = "skip": listed once, each rank for its own samples
-                bad_seen |= {(s["file"], s["line"]) for s in bad}
-                data.write_skipped(out_dir / "skipped.jsonl", bad)
-                print(f"rank {world.rank}: skipped {len(bad)} sample(s) that failed to decode, first "
-                      f"{bad[0]['file']}:{bad[0]['line']}: {bad[0]['reason']}", flush=True)
+            list_skipped(micro, bad_seen, out_dir, world)
             tokens_since += sum(sum(b.lengths) for b in micro) * world.size  # all tokens processed
             out = step_fn([b.to(world.device) for b in micro])
             finite = bool(out.finite)
@@ -990,20 +1012,10 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
             if finite and (run.step % cfg.run.log_every == 0 or last):
                 if world.device.type == "cuda":
                     torch.cuda.synchronize()
-                dt = time.perf_counter() - t_last
-                last_row = {"step": run.step, "epoch": run.consumed / len(train_ds), "split": "train",
-                            "loss": (out.stats[0] / out.n_tokens).item(), "lr": float(opt.param_groups[1]["lr"]),
-                            "grad_norm": out.grad_norm.item(), "tokens": int(out.n_tokens.item()),
-                            "tokens_per_s": tokens_since / dt, "step_time": dt / cfg.run.log_every,
-                            "peak_mem_gib": round(peak_memory_gib(world.device), 3), "bad_steps": run.bad_steps,
-                            "skipped_samples": skipped + int(all_sum(torch.tensor(float(len(bad_seen)),
-                                                                                  device=world.device), world)),
-                            **modality_losses(out.stats[1:])}
+                skipped_now = skipped + int(all_sum(torch.tensor(float(len(bad_seen)), device=world.device), world))
+                last_row = train_row(run, out, opt, time.perf_counter() - t_last, tokens_since, skipped_now,
+                                     len(train_ds), world, cfg)
                 metrics.log(last_row)
-                eta = (cfg.train.max_steps - run.step) * last_row["step_time"]
-                log(f"step {run.step:>6} | loss {last_row['loss']:.4f} | lr {last_row['lr']:.2e} | "
-                    f"{last_row['tokens_per_s']:,.0f} tok/s | ETA {duration(eta)} | "
-                    f"{'mem' if world.device.type == 'cuda' else 'host mem'} {last_row['peak_mem_gib']:.2f} GiB")
                 t_last, tokens_since = time.perf_counter(), 0
             if finite and val_ds is not None and (last or cfg.train.eval_every
                                                   and run.step % cfg.train.eval_every == 0):
