@@ -7,7 +7,8 @@
 
 The LLM keeps Hugging Face module names (`model.layers.0.self_attn.q_proj`, ...) so that a checkpoint loads by
 plain copy and a LoRA adapter exports to peft's format without renaming. Sections, top to bottom:
-LLM config and blocks -> loading -> tokenizer and chat formats -> aligner -> projectors -> MultimodalLM.
+LLM config and blocks -> loading -> tokenizer and chat formats -> aligner -> Hugging Face towers (CLIP, SigLIP,
+Whisper) -> projectors -> MultimodalLM.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -834,15 +836,26 @@ class ImageEncoder(nn.Module):
         return x[:, 1:], x[:, 0]  # tokens (B, N, W), pooled (B, W)
 
 
-def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int) -> torch.Tensor:
-    """Triangular HTK-mel filters (n_freqs, n_mels) over the one-sided STFT bins."""
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, scale: str = "htk") -> torch.Tensor:
+    """Triangular mel filters (n_freqs, n_mels) over the one-sided STFT bins: on the HTK mel scale, or "slaney":
+    Slaney's scale (linear below 1 kHz, logarithmic above) with area-normalised filters, as librosa and Whisper."""
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
-    mels = torch.linspace(0, 2595.0 * math.log10(1.0 + sample_rate / 2 / 700.0), n_mels + 2)
-    hz = 700.0 * (10 ** (mels / 2595.0) - 1.0)
+    if scale == "htk":
+        mels = torch.linspace(0, 2595.0 * math.log10(1.0 + sample_rate / 2 / 700.0), n_mels + 2)
+        hz = 700.0 * (10 ** (mels / 2595.0) - 1.0)
+    else:
+        top = sample_rate / 2
+        top = top * 3.0 / 200.0 if top < 1000.0 else 15.0 + math.log(top / 1000.0) * 27.0 / math.log(6.4)
+        mels = torch.linspace(0.0, top, n_mels + 2, dtype=torch.float64)
+        hz = torch.where(mels < 15.0, mels * 200.0 / 3.0, 1000.0 * torch.exp((mels - 15.0) * math.log(6.4) / 27.0))
+        freqs = freqs.double()
     lower, center, upper = hz[:-2], hz[1:-1], hz[2:]
     up = (freqs[:, None] - lower) / (center - lower)
     down = (upper - freqs[:, None]) / (upper - center)
-    return torch.clamp(torch.minimum(up, down), min=0.0)
+    filters = torch.clamp(torch.minimum(up, down), min=0.0)
+    if scale != "htk":
+        filters = filters * (2.0 / (upper - lower))
+    return filters.float()
 
 
 class AudioEncoder(nn.Module):
@@ -928,6 +941,247 @@ def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "aligner.json", asdict(aligner.config))
     save_tensors(aligner.state_dict(), folder / "aligner.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face towers: CLIP / SigLIP vision and Whisper audio encoders, read from their folders, with their
+# preprocessing (Hugging Face names throughout, so weights load by plain copy)
+
+
+class TowerAttention(nn.Module):
+    """Bidirectional multi-head attention with q/k/v/out projections (CLIP, SigLIP, Whisper's encoder)."""
+
+    def __init__(self, width: int, heads: int, k_bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width, bias=k_bias)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, W = x.shape
+        q, k, v = (p(x).view(B, N, self.heads, W // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, heads, N, W/heads)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, W))
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:  # CLIP's activation
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
+class TowerMLP(nn.Module):
+    def __init__(self, width: int, inner: int, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(width, inner), nn.Linear(inner, width), act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionLayer(nn.Module):
+    """A pre-LN encoder layer of CLIP / SigLIP's vision transformer."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        W, eps = c["hidden_size"], c.get("layer_norm_eps", 1e-5)
+        self.layer_norm1 = nn.LayerNorm(W, eps=eps)
+        self.self_attn = TowerAttention(W, c["num_attention_heads"])
+        self.layer_norm2 = nn.LayerNorm(W, eps=eps)
+        self.mlp = TowerMLP(W, c["intermediate_size"], ACTIVATIONS[c.get("hidden_act", "quick_gelu")])
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTower(nn.Module):
+    """CLIP's or SigLIP's vision transformer: `tower(pixel_values (B, 3, S, S)) -> (B, N, width)`, transformers'
+    `hidden_states[layer]` (CLIP's N counts its class token first; SigLIP has none). For the last layer SigLIP's
+    post-layernorm is applied, as its `last_hidden_state` is; CLIP's `last_hidden_state` has none."""
+
+    def __init__(self, c: dict, family: str, layer: int = -1):
+        super().__init__()
+        W, P, S = c["hidden_size"], c["patch_size"], c["image_size"]
+        self.family, self.layer = family, layer
+        self.embeddings = nn.Module()
+        self.embeddings.patch_embedding = nn.Conv2d(3, W, P, stride=P, bias=family == "siglip")
+        n = (S // P) ** 2 + (family == "clip")
+        self.embeddings.position_embedding = nn.Embedding(n, W)
+        if family == "clip":
+            self.embeddings.class_embedding = nn.Parameter(torch.zeros(W))
+            self.pre_layrnorm = nn.LayerNorm(W, eps=c.get("layer_norm_eps", 1e-5))
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(VisionLayer(c) for _ in range(c["num_hidden_layers"]))
+        self.post_layernorm = nn.LayerNorm(W, eps=c.get("layer_norm_eps", 1e-5))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        e = self.embeddings
+        x = e.patch_embedding(pixels.to(e.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, W)
+        if self.family == "clip":
+            x = torch.cat([e.class_embedding.expand(x.shape[0], 1, -1), x], 1)  # (B, 1 + N, W)
+        x = x + e.position_embedding.weight
+        if self.family == "clip":
+            x = self.pre_layrnorm(x)
+        layers = self.encoder.layers
+        stop = self.layer % (len(layers) + 1)  # hidden_states[i] is the output of the first i layers
+        for layer in layers[:stop]:
+            x = layer(x)
+        return self.post_layernorm(x) if self.family == "siglip" and stop == len(layers) else x
+
+
+class WhisperLayer(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        W = c["d_model"]
+        self.self_attn_layer_norm = nn.LayerNorm(W)
+        self.self_attn = TowerAttention(W, c["encoder_attention_heads"], k_bias=False)
+        self.final_layer_norm = nn.LayerNorm(W)
+        self.fc1 = nn.Linear(W, c["encoder_ffn_dim"])
+        self.fc2 = nn.Linear(c["encoder_ffn_dim"], W)
+        self.act = ACTIVATIONS[c.get("activation_function", "gelu")]
+
+    def forward(self, x):
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperTower(nn.Module):
+    """Whisper's encoder: `tower(input_features (B, n_mels, 3000)) -> (B, 1500, d_model)`, transformers'
+    `WhisperEncoder` last_hidden_state."""
+
+    def __init__(self, c: dict):
+        super().__init__()
+        W = c["d_model"]
+        self.conv1 = nn.Conv1d(c["num_mel_bins"], W, 3, padding=1)
+        self.conv2 = nn.Conv1d(W, W, 3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(c["max_source_positions"], W)
+        self.layers = nn.ModuleList(WhisperLayer(c) for _ in range(c["encoder_layers"]))
+        self.layer_norm = nn.LayerNorm(W)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.conv1(features.to(self.conv1.weight.dtype)))  # (B, W, 3000)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, 1500, W)
+        x = x + self.embed_positions.weight[: x.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+VISION_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+
+
+def tower_weights(folder: Path, anchor: str) -> tuple[list[Path], str, dict[str, tuple]]:
+    """The weight files of a Hugging Face folder, the prefix of the tower's keys in them (found from `anchor`, a
+    key suffix only the tower has: `CLIPModel` and `CLIPVisionModel` name it differently) and the tower's keys
+    with their shapes, read from the headers only."""
+    from safetensors import safe_open
+
+    files = safetensors_files(folder)
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            shapes |= {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+    prefix = next((k[: -len(anchor)] for k in sorted(shapes) if k.endswith(anchor)), None)
+    if prefix is None:
+        raise ValueError(f"{folder}: no tensor named *{anchor}; is it a CLIP / SigLIP / Whisper folder?")
+    return files, prefix, {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def load_tower(module: nn.Module, folder: Path, anchor: str, device, dtype, ignore: tuple[str, ...] = ()) -> None:
+    """Copy the tower's tensors (only those: a Whisper decoder or a CLIP text model is never read) into `module`,
+    after checking every key and shape."""
+    from safetensors import safe_open
+
+    files, prefix, found = tower_weights(folder, anchor)
+    found = {k: v for k, v in found.items() if not k.startswith(ignore)}
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_tensors(expected, found, f"{folder}: the tower's weights (keys {prefix}*) do not fit its config.json")
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                name = key[len(prefix):]
+                if key.startswith(prefix) and name in expected:
+                    set_tensor(module, name, sf.get_tensor(key).to(device=device, dtype=dtype))
+
+
+def load_vision_tower(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, layer: int = -1
+                      ) -> VisionTower:
+    """A CLIP (`CLIPVisionModel`, or the vision part of a `CLIPModel` folder) or SigLIP (`SiglipVisionModel`,
+    `SiglipModel`) vision tower from a Hugging Face folder, single or sharded safetensors; frozen, in eval mode.
+    `layer` picks the hidden state it returns (-2, the one before the last, is what LLaVA feeds its projector)."""
+    folder = Path(path)
+    cfg = read_json(folder / "config.json", "a Hugging Face model folder needs config.json")
+    family = VISION_TYPES.get(cfg.get("model_type"))
+    if family is None:
+        raise ValueError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not a supported vision "
+                         f"tower; supported: {', '.join(VISION_TYPES)}")
+    c = cfg.get("vision_config", cfg)
+    with torch.device("meta"):
+        tower = VisionTower(c, family, layer)
+    load_tower(tower, folder, "embeddings.patch_embedding.weight", device or "cpu", dtype,
+               ignore=("head.", "embeddings.position_ids"))
+    return tower.requires_grad_(False).eval()
+
+
+def load_audio_tower(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None) -> WhisperTower:
+    """Whisper's encoder from a `WhisperModel` / `WhisperForConditionalGeneration` folder (the decoder's weights
+    are not read); frozen, in eval mode."""
+    folder = Path(path)
+    cfg = read_json(folder / "config.json", "a Hugging Face model folder needs config.json")
+    if cfg.get("model_type") != "whisper":
+        raise ValueError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not a supported audio "
+                         "tower; supported: whisper")
+    with torch.device("meta"):
+        tower = WhisperTower(cfg)
+    load_tower(tower, folder, "conv1.weight", device or "cpu", dtype)
+    return tower.requires_grad_(False).eval()
+
+
+def image_processor(path: str | os.PathLike):
+    """The folder's `preprocessor_config.json` as a function: uint8 (3, H, W) -> float (3, S, S), resized (bicubic:
+    the shortest edge, or to a fixed size), centre-cropped, rescaled and normalised as CLIPImageProcessor and
+    SiglipImageProcessor do, in torch."""
+    p = read_json(Path(path) / "preprocessor_config.json", "an image tower's folder needs preprocessor_config.json")
+    size = p.get("size", {})
+    crop = p.get("crop_size", {}) if p.get("do_center_crop", False) else {}
+    mean = torch.tensor(p.get("image_mean", (0.5, 0.5, 0.5))).view(3, 1, 1)
+    std = torch.tensor(p.get("image_std", (0.5, 0.5, 0.5))).view(3, 1, 1)
+
+    def process(image: torch.Tensor) -> torch.Tensor:
+        x = image.float()[None]  # (1, 3, H, W), 0..255
+        H, W = x.shape[-2:]
+        if p.get("do_resize", True):
+            if "shortest_edge" in size:
+                s = size["shortest_edge"]
+                out = (s, int(s * W / H)) if H <= W else (int(s * H / W), s)
+            else:
+                out = (size["height"], size["width"])
+            for hw in ((H, out[1]), out):  # width, then height, each pass rounded to 8 bits, as Pillow resamples
+                x = F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp(0, 255).round()
+        if crop:
+            top, left = (x.shape[-2] - crop["height"]) // 2, (x.shape[-1] - crop["width"]) // 2
+            x = x[..., top:top + crop["height"], left:left + crop["width"]]
+        if p.get("do_rescale", True):
+            x = x * p.get("rescale_factor", 1 / 255)
+        return ((x[0] - mean) / std) if p.get("do_normalize", True) else x[0]
+    return process
+
+
+def whisper_log_mel(wave: torch.Tensor, n_mels: int = 80, sample_rate: int = 16000, n_fft: int = 400,
+                    hop_length: int = 160, seconds: int = 30) -> torch.Tensor:
+    """WhisperFeatureExtractor in torch: (num_samples,) at 16 kHz, cut or zero-padded to 30 s -> log-mel
+    (n_mels, 3000) on Slaney's scale, floored 8 (log10 units) below its maximum and scaled to about [-1, 1]."""
+    n = seconds * sample_rate
+    wave = F.pad(wave[:n].float(), (0, max(0, n - wave.shape[0])))
+    spec = torch.stft(wave, n_fft, hop_length, window=torch.hann_window(n_fft), return_complex=True)
+    power = spec[..., :-1].abs() ** 2  # (n_freqs, 3000)
+    mel = (mel_filterbank(n_fft, n_mels, sample_rate, "slaney").T @ power).clamp(min=1e-10).log10()
+    return (torch.maximum(mel, mel.max() - 8.0) + 4.0) / 4.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
