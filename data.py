@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import MODALITIES, AlignerConfig, Tokenizer, save_tensors, weights_hash
+from model import MODALITIES, AlignerConfig, Tokenizer, image_processor, save_tensors, weights_hash
 
 PLACEHOLDERS = {"image": "<image>", "audio": "<audio>"}
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -225,7 +225,10 @@ def load_image(path: str | Path) -> torch.Tensor:
 
 
 def preprocess_image(image: torch.Tensor, cfg: AlignerConfig) -> torch.Tensor:
-    """uint8 (3, H, W) -> float (3, S, S): resized to the aligner's `image_size`, normalised with its mean/std."""
+    """uint8 (3, H, W) -> float (3, S, S): resized to the aligner's `image_size`, normalised with its mean/std; for a
+    Hugging Face tower, as its folder's preprocessor_config.json says."""
+    if cfg.image.hf:
+        return image_processor(cfg.image.hf)(image)
     x = image[None].float() / 255.0
     x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False, antialias=True)
     mean, std = torch.tensor(cfg.image_mean).view(1, 3, 1, 1), torch.tensor(cfg.image_std).view(1, 3, 1, 1)

@@ -17,7 +17,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -752,10 +752,12 @@ def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> T
 
 @dataclass
 class EncoderConfig:
-    width: int = 128
+    width: int = 128  # our own encoder's shape (unused with `hf`)
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+    hf: str = ""  # a Hugging Face folder used as this encoder instead: CLIP / SigLIP (image), Whisper (audio)
+    layer: int = -1  # with `hf`, an image tower's hidden state to use (-2: LLaVA's choice)
 
 
 @dataclass
@@ -773,6 +775,10 @@ class AlignerConfig:
     n_fft: int = 400
     hop_length: int = 160
     n_mels: int = 40
+
+    def __post_init__(self):
+        if self.audio.hf:  # Whisper hears 30-second windows at 16 kHz
+            self.sample_rate, self.clip_seconds = 16000, 30.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlignerConfig":
@@ -915,11 +921,17 @@ class Aligner(nn.Module):
     def __init__(self, cfg: AlignerConfig):
         super().__init__()
         self.config = cfg
-        self.image = ModalityTower(ImageEncoder(cfg), cfg.image.width, cfg.dim)
-        self.audio = ModalityTower(AudioEncoder(cfg), cfg.audio.width, cfg.dim)
+        for m, ours in (("image", ImageEncoder), ("audio", AudioEncoder)):
+            c = getattr(cfg, m)
+            encoder = TowerEncoder(c.hf, c.layer, m, cfg.n_mels) if c.hf else ours(cfg)
+            setattr(self, m, ModalityTower(encoder, encoder.width if c.hf else c.width, cfg.dim))
 
     def train(self, mode: bool = True) -> "Aligner":
         return super().train(False)  # frozen: always in eval mode
+
+    def tower_keys(self) -> set[str]:
+        """The state of Hugging Face towers, which stays in their folders (aligner.safetensors holds the rest)."""
+        return {k for k in self.state_dict() if ".encoder.tower." in k}
 
 
 def load_aligner(path: str | os.PathLike, device="cpu") -> Aligner:
@@ -930,7 +942,7 @@ def load_aligner(path: str | os.PathLike, device="cpu") -> Aligner:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: not found; a Phase-1 aligner folder needs aligner.safetensors")
     aligner = Aligner(cfg).to(device)  # small next to the LLM: built in place, then overwritten
-    load_state_streaming(aligner, [weights], device, torch.float32)
+    load_state_streaming(aligner, [weights], device, torch.float32, skip=tuple(aligner.tower_keys()))
     aligner.requires_grad_(False)
     return aligner.eval()
 
@@ -940,7 +952,8 @@ def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "aligner.json", asdict(aligner.config))
-    save_tensors(aligner.state_dict(), folder / "aligner.safetensors")
+    towers = aligner.tower_keys()
+    save_tensors({k: v for k, v in aligner.state_dict().items() if k not in towers}, folder / "aligner.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1142,6 +1155,29 @@ def load_audio_tower(path: str | os.PathLike, device=None, dtype: torch.dtype | 
     return tower.requires_grad_(False).eval()
 
 
+class TowerEncoder(nn.Module):
+    """A Hugging Face tower as one of the aligner's encoders, frozen: (tokens (B, N, width), pooled (B, width)) in
+    fp32. Image towers give their patch tokens (CLIP's class token is dropped, as LLaVA does); Whisper takes
+    16 kHz waveforms (B, 480000) and computes their log-mel first. Pooled is the tokens' mean."""
+
+    def __init__(self, path: str, layer: int, modality: str, n_mels: int):
+        super().__init__()
+        self.modality = modality
+        self.tower = load_vision_tower(path, layer=layer) if modality == "image" else load_audio_tower(path)
+        self.width = self.tower.post_layernorm.normalized_shape[0] if modality == "image" else \
+            self.tower.layer_norm.normalized_shape[0]
+        self.n_mels = self.tower.conv1.in_channels if modality == "audio" else 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.modality == "audio":
+            x = torch.stack([whisper_log_mel(w.cpu(), self.n_mels) for w in x]).to(x.device)  # (B, n_mels, 3000)
+        tokens = self.tower(x).float()  # (B, N, width)
+        if self.modality == "image" and self.tower.family == "clip":
+            tokens = tokens[:, 1:]
+        return tokens, tokens.mean(1)
+
+
+@lru_cache(maxsize=8)
 def image_processor(path: str | os.PathLike):
     """The folder's `preprocessor_config.json` as a function: uint8 (3, H, W) -> float (3, S, S), resized (bicubic:
     the shortest edge, or to a fixed size), centre-cropped, rescaled and normalised as CLIPImageProcessor and

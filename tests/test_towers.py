@@ -119,3 +119,35 @@ def test_whisper_log_mel_equals_the_feature_extractor(n_mels):
     got = model.whisper_log_mel(torch.from_numpy(wave), n_mels)
     assert got.shape == ref.shape == (n_mels, 3000)
     assert (got - ref).abs().max() < 1e-3
+
+
+def test_a_phase_2_run_on_an_aligner_of_hugging_face_towers(demo_dir, tmp_path):
+    """aligner.json names a CLIP folder (layer -2) and a Whisper folder; aligner.safetensors holds only the heads.
+    load_aligner reads both kinds, the towers stay frozen, and train.py trains projectors and LoRA on the demo's
+    images and clips through them."""
+    import transformers
+    from conftest import demo_config
+
+    import train
+    clip, _ = vision_folder(tmp_path / "clip", "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                                    ).save_pretrained(clip)
+    torch.manual_seed(0)
+    transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80)).save_pretrained(tmp_path / "whisper")
+    cfg = model.AlignerConfig(dim=16, image=model.EncoderConfig(hf=str(clip), layer=-2),
+                              audio=model.EncoderConfig(hf=str(tmp_path / "whisper")))
+    assert (cfg.sample_rate, cfg.clip_seconds) == (16000, 30.0)  # Whisper's window
+    model.save_aligner(model.Aligner(cfg), tmp_path / "aligner")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "aligner" / "aligner.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["audio.head.bias", "audio.head.weight", "image.head.bias", "image.head.weight"]
+    aligner = model.load_aligner(tmp_path / "aligner")
+    tokens, pooled = aligner.image(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 16, 16) and pooled.shape == (2, 16)  # 16 patches, CLIP's class token dropped
+    assert not any(p.requires_grad for p in aligner.parameters())
+    run = demo_config(demo_dir, tmp_path / "run", model={"aligner": str(tmp_path / "aligner")},
+                      train={"max_steps": 2, "batch_size": 2})
+    run.data.val_file = ""
+    assert train.fit(run)["step"] == 2
