@@ -236,9 +236,19 @@ def preprocess_image(image: torch.Tensor, cfg: AlignerConfig) -> torch.Tensor:
 
 
 def preprocess_audio(wav: torch.Tensor, cfg: AlignerConfig) -> torch.Tensor:
-    """(num_samples,) at the aligner's rate -> (clip_seconds * sample_rate,), cut or zero-padded."""
+    """(num_samples,) at the aligner's rate -> consecutive windows of `clip_seconds`, the last zero-padded:
+    (windows, clip_seconds * sample_rate). A clip never gets cut: each window becomes K tokens of its own."""
     n = int(cfg.sample_rate * cfg.clip_seconds)
-    return F.pad(wav[:n], (0, max(0, n - wav.shape[0])))
+    windows = max(1, -(-wav.shape[0] // n))
+    return F.pad(wav, (0, windows * n - wav.shape[0])).view(windows, n)
+
+
+def audio_samples(path: Path, cfg: AlignerConfig) -> int:
+    """A clip's length in samples at the aligner's rate, from its header (a `.npy` is at the aligner's rate)."""
+    if path.suffix.lower() == ".npy":
+        return max(check_npy(path, "audio").shape)
+    info = wav_info(path)
+    return math.ceil(info.data_bytes // (info.channels * info.bits // 8) * cfg.sample_rate / info.rate)
 
 
 def check_media(path: Path, modality: str) -> None:
@@ -348,20 +358,31 @@ def resolve_media(root: Path, rel: str, allow_outside: bool) -> Path:
 
 
 def encode_conversation(messages: list[dict], tok: Tokenizer, tokens_per_media: dict[str, int], max_len: int,
-                        truncate: bool, add_generation_prompt: bool = False
+                        truncate: bool, add_generation_prompt: bool = False, blocks: dict[str, list[int]] | None = None
                         ) -> tuple[list[int], list[int], dict[str, int]]:
-    """Render a conversation, expand each placeholder to K media tokens and build shifted labels: labels[t] is
-    the target of position t (token t+1 when it belongs to an assistant reply, else -100).
+    """Render a conversation, expand each placeholder to K media tokens (times its medium's `blocks`, in the order
+    of the placeholders: a long clip's windows) and build shifted labels: labels[t] is the target of position t
+    (token t+1 when it belongs to an assistant reply, else -100).
 
     A sequence longer than `max_len` is an error unless `truncate`; truncation never cuts a block of media tokens
-    (it cuts before the block). Returns ids, labels and the number of media of each modality kept."""
+    (it cuts before the block). Returns ids, labels and the number of media blocks of each modality kept."""
     used = [m for m in MODALITIES if any(PLACEHOLDERS[m] in x["content"] for x in messages)]
     media_ids = {m: tok.media_token_id(m) for m in used}
+    seen = dict.fromkeys(used, 0)
+
+    def expand(m: str, text: str) -> str:
+        parts = text.split(PLACEHOLDERS[m])
+        out = parts[0]
+        for part in parts[1:]:
+            n = (blocks or {}).get(m, [])[seen[m]] if seen[m] < len((blocks or {}).get(m, [])) else 1
+            out += tok.backend.id_to_token(media_ids[m]) * (tokens_per_media[m] * n) + part
+            seen[m] += 1
+        return out
     msgs = []
     for x in messages:
         content = x["content"]
         for m in used:
-            content = content.replace(PLACEHOLDERS[m], tok.backend.id_to_token(media_ids[m]) * tokens_per_media[m])
+            content = expand(m, content)
         msgs.append({"role": x["role"], "content": content})
     ids, is_reply = tok.render(msgs, add_generation_prompt)
     if len(ids) > max_len:
@@ -496,6 +517,7 @@ class Example:
     labels: list[int]
     media: dict[str, list[Path]]  # modality -> files, in order of their placeholders
     messages: list[dict]
+    blocks: dict[str, list[int]] = field(default_factory=dict)  # audio -> windows of each file (K tokens each)
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -510,7 +532,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | Path, tok: Tokenizer, aligner_config: AlignerConfig,
                  tokens_per_media: dict[str, int], max_len: int, truncate: bool = False, on_error: str = "raise",
                  allow_outside_paths: bool = False, feature_cache: str | Path | None = None,
-                 aligner_hash: str | None = None):
+                 aligner_hash: str | None = None, max_audio_windows: int = 1):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path, self.root = Path(path), Path(path).parent
@@ -518,7 +540,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{self.path}: dataset file not found")
         self.tok, self.aligner_config, self.tokens_per_media = tok, aligner_config, tokens_per_media
         self.max_len, self.truncate, self.allow_outside = max_len, truncate, allow_outside_paths
-        self.on_error = on_error
+        self.on_error, self.max_audio_windows = on_error, max_audio_windows
         self.cache = FeatureCache(feature_cache, aligner_hash) if feature_cache else None
         self.examples: list[Example] = []
         self.skipped: list[dict] = []
@@ -555,13 +577,32 @@ class ConversationDataset(torch.utils.data.Dataset):
                             raise ValueError(f"cannot decode {m} file {f}: {e}") from None
             if self.cache is not None:
                 self.cache.check(sid, [f for m in MODALITIES for f in files[m]])
+            blocks = {"audio": [self.windows(f) for f in files["audio"]]}
             ids, labels, counts = encode_conversation(messages, self.tok, self.tokens_per_media, self.max_len,
-                                                      self.truncate)
+                                                      self.truncate, blocks=blocks)
         except ValueError as e:
             raise SampleError(self.path, line, sid, str(e)) from None
         if all(x == -100 for x in labels):
             raise SampleError(self.path, line, sid, "no supervised tokens (no assistant reply within data.max_len)")
-        return Example(sid, line, ids, labels, {m: files[m][:counts.get(m, 0)] for m in MODALITIES}, messages)
+        kept = {"image": counts.get("image", 0), "audio": 0}
+        while sum(blocks["audio"][:kept["audio"]]) < counts.get("audio", 0):  # whole clips: windows -> files
+            kept["audio"] += 1
+        return Example(sid, line, ids, labels, {m: files[m][:kept[m]] for m in MODALITIES}, messages,
+                       {"audio": blocks["audio"][:kept["audio"]]})
+
+    def windows(self, path: Path) -> int:
+        """A clip's windows, or a ValueError naming its duration if it has more than `max_audio_windows`."""
+        c = self.aligner_config
+        try:
+            samples = audio_samples(path, c)
+        except Exception as e:
+            raise ValueError(f"cannot decode audio file {path}: {e}") from None
+        n = max(1, -(-samples // int(c.sample_rate * c.clip_seconds)))
+        if n > self.max_audio_windows:
+            raise ValueError(f"audio file {path} lasts {samples / c.sample_rate:.1f} s: {n} windows of "
+                             f"{c.clip_seconds:g} s, more than data.max_audio_windows = {self.max_audio_windows}; "
+                             "raise it, or cut the clip")
+        return n
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -571,8 +612,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         for j in range(i, i + len(self.examples)):  # with on_error = "skip", the next good sample takes its place
             ex = self.examples[j % len(self.examples)]
             try:
-                item = self.with_media(Item(ex.id, ex.input_ids, ex.labels), ex,
-                                       {m: len(ex.media[m]) for m in MODALITIES})
+                counts = {"image": len(ex.media["image"]), "audio": sum(ex.blocks.get("audio", []))}
+                item = self.with_media(Item(ex.id, ex.input_ids, ex.labels), ex, counts)
             except SampleError as e:
                 if self.on_error == "raise":
                     raise
@@ -583,8 +624,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         raise ValueError(f"{self.path}: no sample decodes ({len(skipped)} skipped; the first: {skipped[0]['reason']})")
 
     def with_media(self, item: Item, ex: Example, counts: dict[str, int]) -> Item:
-        """Add the first `counts[m]` media of each modality (decoded, or features from the cache) to `item`, with
-        the positions of their placeholder tokens, so that the model never has to search the batch for them."""
+        """Add the first `counts[m]` media blocks of each modality (images; a clip's windows), decoded or features
+        from the cache, to `item`, with the positions of their placeholder tokens, so that the model never has to
+        search the batch for them."""
         for m in MODALITIES:
             if not counts[m]:
                 continue
@@ -594,7 +636,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 tokens, pooled = self.cache.get(ex.id, m, counts[m])
                 item.media[m] = Media(slots, tokens=tokens, pooled=pooled)
             else:
-                item.media[m] = Media(slots, raw=torch.stack([self.load(m, f, ex) for f in ex.media[m][:counts[m]]]))
+                item.media[m] = Media(slots, raw=torch.cat([self.load(m, f, ex) for f in ex.media[m]])[:counts[m]])
         return item
 
     def prompt(self, i: int) -> tuple[Item, str] | None:
@@ -603,7 +645,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         ex = self.examples[i]
         last = max(j for j, m in enumerate(ex.messages) if m["role"] == "assistant")
         ids, _, counts = encode_conversation(ex.messages[:last], self.tok, self.tokens_per_media, self.max_len,
-                                             truncate=True, add_generation_prompt=True)
+                                             truncate=True, add_generation_prompt=True, blocks=ex.blocks)
         try:
             item = self.with_media(Item(ex.id, ids, [-100] * len(ids)), ex, {m: counts.get(m, 0) for m in MODALITIES})
         except SampleError:
@@ -613,10 +655,11 @@ class ConversationDataset(torch.utils.data.Dataset):
         return item, ex.messages[last]["content"]
 
     def load(self, modality: str, path: Path, ex: Example) -> torch.Tensor:
+        """One medium as blocks for the aligner: an image (1, 3, S, S), a clip's windows (W, samples)."""
         c = self.aligner_config
         try:
             if modality == "image":
-                return preprocess_image(load_image(path), c)
+                return preprocess_image(load_image(path), c)[None]
             return preprocess_audio(load_audio(path, c.sample_rate), c)
         except Exception as e:
             raise SampleError(self.path, ex.line, ex.id, f"cannot decode {modality} file {path}: {e}") from None

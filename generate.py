@@ -103,25 +103,33 @@ def user_turn(text: str, media: list[tuple[str, str]]) -> str:
 def prompt_item(messages: list[dict], media: list[tuple[str, str]], tokenizer: Tokenizer, model: MultimodalLM,
                 cfg: train.Config, max_new_tokens: int) -> data.Item:
     """The conversation so far, ending with the generation prompt, with its media decoded in placeholder order."""
+    c = model.aligner.config
+    raw = {}
+    for m in MODALITIES:
+        files = [Path(p) for kind, p in media if kind == m]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: {m} file not found")
+        if m == "image":
+            raw[m] = [data.preprocess_image(data.load_image(f), c)[None] for f in files]  # (1, 3, S, S) each
+        else:
+            raw[m] = [data.preprocess_audio(data.load_audio(f, c.sample_rate), c) for f in files]  # (W, n) each
+        for f, x in zip(files, raw[m]):
+            if len(x) > cfg.data.max_audio_windows:
+                raise ValueError(f"{f} fills {len(x)} windows of {c.clip_seconds:g} s, more than "
+                                 f"data.max_audio_windows = {cfg.data.max_audio_windows}; cut the clip")
     context = model.llm.config.max_position_embeddings
     ids, _, counts = data.encode_conversation(messages, tokenizer, cfg.model.tokens_per_media, 10**9, False,
-                                              add_generation_prompt=True)
+                                              add_generation_prompt=True,
+                                              blocks={m: [len(x) for x in raw[m]] for m in MODALITIES})
     if len(ids) + max_new_tokens > context:
         raise ValueError(f"the prompt is {len(ids)} tokens and {max_new_tokens} new ones are asked for, more than "
                          f"the model's context of {context}; shorten the question or lower --max_new_tokens")
     item = data.Item("prompt", ids, [-100] * len(ids))
-    c = model.aligner.config
     for m in MODALITIES:
-        files = [Path(p) for kind, p in media if kind == m]
-        if not files:
-            continue
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: {m} file not found")
-        decode = (lambda f: data.preprocess_image(data.load_image(f), c)) if m == "image" else \
-            (lambda f: data.preprocess_audio(data.load_audio(f, c.sample_rate), c))
-        slots = torch.tensor([t for t, x in enumerate(ids) if x == model.media_token_ids[m]])
-        item.media[m] = data.Media(slots, raw=torch.stack([decode(f) for f in files]))
+        if raw[m]:
+            slots = torch.tensor([t for t, x in enumerate(ids) if x == model.media_token_ids[m]])
+            item.media[m] = data.Media(slots, raw=torch.cat(raw[m]))
     return item
 
 
@@ -238,7 +246,8 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, path: 
     batched, writing one JSON line per sample as it goes; `resume` skips the ids already in `out`. Samples that
     cannot be used are listed and skipped. Returns the metrics, also written to `<out stem>.metrics.json`."""
     ds = data.ConversationDataset(path, tokenizer, model.aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
-                                  truncate=True, on_error="skip", allow_outside_paths=True)
+                                  truncate=True, on_error="skip", allow_outside_paths=True,
+                                  max_audio_windows=cfg.data.max_audio_windows)
     for s in ds.skipped:
         print(f"skipped {s['file']}:{s['line']}: sample {s['id']!r}: {s['reason']}", file=sys.stderr)
     done = set()

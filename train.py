@@ -86,6 +86,7 @@ class DataConfig:
     feature_cache: str = ""  # folder of cached aligner features (train.py --build_feature_cache makes it)
     num_workers: int = 0  # DataLoader worker processes per rank
     pad_multiple: int = 8  # pad rows to a multiple of this many tokens (64 keeps compiled shapes few)
+    max_audio_windows: int = 1  # a clip longer than the aligner's window becomes up to this many windows of K tokens
 
 
 @dataclass
@@ -138,7 +139,8 @@ CHOICES = {("model", "dtype"): ("auto", "float32", "bfloat16"), ("model", "proje
            ("run", "device"): ("auto", "cpu", "cuda")}
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
             ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
-            ("run", "log_every"), ("data", "pad_multiple"), ("train", "keep_last"), ("train", "max_bad_steps")}
+            ("run", "log_every"), ("data", "pad_multiple"), ("train", "keep_last"), ("train", "max_bad_steps"),
+            ("data", "max_audio_windows")}
 NON_NEGATIVE = {("train", "lr_projector"), ("train", "lr_lora"), ("train", "weight_decay"), ("train", "warmup_steps"),
                 ("train", "grad_clip"), ("lora", "dropout"), ("train", "eval_every"), ("train", "save_every"),
                 ("train", "eval_samples"), ("train", "gen_samples"), ("data", "num_workers")}
@@ -372,7 +374,7 @@ def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner: Aligner,
     cache = cache_folder(cfg, path) if use_cache else None
     return data.ConversationDataset(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
                                     cfg.data.truncate, cfg.data.on_error, cfg.data.allow_outside_paths, cache,
-                                    weights_hash(aligner) if cache else None)
+                                    weights_hash(aligner) if cache else None, cfg.data.max_audio_windows)
 
 
 # ----------------------------------------------------------------------------------------------------------------

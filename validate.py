@@ -132,7 +132,8 @@ class Validator:
                                   "check the chat format (model.chat_format) and data.encode_conversation")
         for m in MODALITIES:
             placeholders = (b.input_ids == self.model.media_token_ids[m]).flatten().nonzero()[:, 0]
-            count = sum(len(self.ds.examples[i].media[m]) for i in range(n))
+            count = sum(sum(ex.blocks[m]) if m in ex.blocks else len(ex.media[m])  # a long clip's windows
+                        for ex in self.ds.examples[:n])
             if len(placeholders) != count * K[m]:
                 raise CheckFailed(f"{len(placeholders)} {m} placeholder tokens for {count} {m} inputs of {K[m]}",
                                   "check the placeholders of the data")

@@ -384,3 +384,28 @@ def test_image_preprocessing_equals_pillow(size):
     ref = np.asarray(Image.fromarray(img).resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255.0
     ref = (ref - np.array(cfg.image_mean)) / np.array(cfg.image_std)
     assert np.abs(ours - ref).max() < 1.0 / 255.0 / min(cfg.image_std)
+
+
+def test_long_audio_becomes_windows_of_k_tokens_each(demo_dir, tmp_path):
+    """A clip longer than the aligner's window (1 s in the demo) is never cut: it becomes consecutive windows, each
+    with its K placeholder tokens, up to data.max_audio_windows; beyond, an error that names its duration."""
+    tok = load_tokenizer(demo_dir / "llm", chat_format="chatml")
+    from model import load_aligner
+    acfg = load_aligner(demo_dir / "aligner").config
+    wave_ = (np.sin(np.arange(40000) * 0.05) * 20000).astype(np.int16)  # 2.5 s at 16 kHz
+    (tmp_path / "media").mkdir()
+    write_wav(tmp_path / "media" / "long.wav", wave_, 16000, 2)
+    sample = {"id": "long", "audio": "media/long.wav", "conversations": [
+        {"from": "human", "value": "<audio>\nHow many beeps are there?"}, {"from": "gpt", "value": "one"}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(sample) + "\n")
+    ds = data.ConversationDataset(tmp_path / "d.jsonl", tok, acfg, {"image": 16, "audio": 8}, 128,
+                                  max_audio_windows=3)
+    assert ds.examples[0].blocks == {"audio": [3]}
+    item = ds[0]
+    assert item.input_ids.count(tok.media_token_id("audio")) == 3 * 8 and len(item.media["audio"].slots) == 24
+    raw = item.media["audio"].raw
+    assert raw.shape == (3, 16000)
+    np.testing.assert_allclose(raw.flatten()[:40000].numpy(), wave_ / 32768.0, atol=1e-6)
+    assert raw.flatten()[40000:].abs().max() == 0  # the last window zero-padded
+    with pytest.raises(data.SampleError, match=r"lasts 2.5 s: 3 windows of 1 s, more than data.max_audio_windows = 2"):
+        data.ConversationDataset(tmp_path / "d.jsonl", tok, acfg, {"image": 16, "audio": 8}, 128, max_audio_windows=2)
