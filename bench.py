@@ -7,6 +7,7 @@
     python bench.py --seq 512 --compile --cuda_graph                  # the same, the whole step as one graph
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under torchrun
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
+    python bench.py --make_assets /tmp/qwen-towers --towers           # ... and SigLIP / Whisper-shaped towers
 
 The step is train.py's own (`train.make_step`, its optimizer and AMP setup, batches from `data.collate`) on
 a model of Qwen2.5-0.5B's shape with random weights (frozen base in bf16, LoRA r=16 on q,k,v,o and projectors
@@ -23,6 +24,7 @@ import importlib.util
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,8 @@ import torch.distributed as dist
 import data
 import demo
 import train
-from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM
+from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
+                   save_tensors, write_json)
 
 PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -153,6 +156,37 @@ def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool) -> di
     return {"impl": "transformers+peft", **peer.run(torch.bfloat16, batch, seq, ckpt, compile_)}
 
 
+# SigLIP-so400m-patch14-384's vision tower and Whisper-small's encoder: the shapes of
+# configs/qwen2.5-0.5b-siglip-whisper.toml
+SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                     num_attention_heads=16, image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh",
+                     layer_norm_eps=1e-6)
+WHISPER_SMALL = dict(model_type="whisper", d_model=768, encoder_layers=12, encoder_attention_heads=12,
+                     encoder_ffn_dim=3072, num_mel_bins=80, max_source_positions=1500, activation_function="gelu")
+
+
+def write_random_towers(folder: str, vision: dict = SIGLIP_SO400M, audio: dict = WHISPER_SMALL) -> tuple[str, str]:
+    """Hugging Face folders of a SigLIP-so400m-shaped vision tower and a Whisper-small-shaped encoder with random
+    bf16 weights (the keys as SiglipVisionModel and WhisperModel write them) and their preprocessing configs."""
+    out = []
+    for name, cfg, build, prefix, pre in (
+            ("siglip", vision, lambda c: VisionTower(c, "siglip"), "vision_model.",
+             {"do_resize": True, "size": {"height": vision["image_size"], "width": vision["image_size"]},
+              "resample": 3, "do_rescale": True,
+              "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}),
+            ("whisper", audio, WhisperTower, "encoder.",
+             {"feature_size": 80, "sampling_rate": 16000, "hop_length": 160, "chunk_length": 30, "n_fft": 400})):
+        path = os.path.join(folder, name)
+        os.makedirs(path, exist_ok=True)
+        torch.manual_seed(0)
+        tower = build(cfg).to(torch.bfloat16)
+        save_tensors({prefix + k: v for k, v in tower.state_dict().items()}, os.path.join(path, "model.safetensors"))
+        write_json(Path(path) / "config.json", cfg)
+        write_json(Path(path) / "preprocessor_config.json", pre)
+        out.append(path)
+    return out[0], out[1]
+
+
 def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]:
     """Greedy generation of `new` tokens after `prompt` random tokens per row, on Qwen2.5-0.5B's shape (random
     bf16 weights): LLM.generate as it is, with generate.py's compiled decode step (--compile), and transformers'
@@ -242,6 +276,8 @@ def main() -> None:
     ap.add_argument("--grid", choices=list(GRIDS), help="a set of workloads (else the one given by the flags)")
     ap.add_argument("--make_assets", metavar="DIR", help="write the demo data with a random Qwen2.5-0.5B-shaped LLM "
                     "and a seed-sized aligner to DIR (for train.py runs on GPU), then exit")
+    ap.add_argument("--towers", action="store_true", help="with --make_assets: the aligner on SigLIP-so400m- and "
+                    "Whisper-small-shaped towers (random weights), for configs/qwen2.5-0.5b-siglip-whisper.toml")
     ap.add_argument("--peer", help="path of hf_peft_baseline.py, to run the peer on the same shapes")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
@@ -263,9 +299,15 @@ def main() -> None:
     if args.pack and args.multimodal:
         ap.error("--pack and --multimodal are separate workloads")
     if args.make_assets:
+        aligner_config, config = SEED_ALIGNER, "configs/qwen2.5-0.5b.toml"
+        if args.towers:
+            siglip, whisper = write_random_towers(args.make_assets)
+            aligner_config = AlignerConfig(dim=1024, image=EncoderConfig(hf=siglip, layer=-2),
+                                           audio=EncoderConfig(hf=whisper))
+            config = "configs/qwen2.5-0.5b-siglip-whisper.toml"
         demo.make_demo(args.make_assets, pretrain_steps=0, llm_config=LLMConfig(**QWEN25_05B),
-                       aligner_config=SEED_ALIGNER, log=print)
-        print(f"python train.py --config configs/qwen2.5-0.5b.toml --model.llm={args.make_assets}/llm "
+                       aligner_config=aligner_config, log=print)
+        print(f"python train.py --config {config} --model.llm={args.make_assets}/llm "
               f"--model.aligner={args.make_assets}/aligner --model.chat_format=chatml "
               f"--data.train_file={args.make_assets}/data/train.jsonl "
               f"--data.val_file={args.make_assets}/data/val.jsonl")
