@@ -53,21 +53,45 @@ def build(args, device, shape: dict = QWEN25_05B, aligner_config: AlignerConfig 
     cfg.train.cuda_graph = args.cuda_graph
     cfg.train.compile = (args.compile_mode or ("default" if args.cuda_graph else "reduce-overhead")) \
         if args.compile else "none"
+    if getattr(args, "towers", False):
+        cfg.model.image_tokens, cfg.model.audio_tokens = 81, 50  # as configs/qwen2.5-0.5b-siglip-whisper.toml
+        folder = "/tmp/mmlora-bench-towers"
+        if not os.path.isdir(folder):
+            write_random_towers(folder)
+        aligner_config = AlignerConfig(dim=1024, image=EncoderConfig(hf=f"{folder}/siglip", layer=-2),
+                                       audio=EncoderConfig(hf=f"{folder}/whisper"))
     torch.manual_seed(0)
     with torch.device(device):
         llm = LLM(LLMConfig(**shape)).init_weights().to(torch.bfloat16)
-        aligner = Aligner(aligner_config).requires_grad_(False).eval()
+    aligner = Aligner(aligner_config).to(device).requires_grad_(False).eval()
     media_ids = {"image": shape["vocab_size"] - 2, "audio": shape["vocab_size"] - 1}
     return cfg, train.assemble(cfg, llm, aligner, media_ids)
 
 
+def media_shapes(model: MultimodalLM) -> dict[str, tuple[tuple, int]]:
+    """Per modality, one medium's raw shape and the aligner's token count for it (our encoders or HF towers)."""
+    c, out = model.aligner.config, {}
+    image, audio = model.aligner.image.encoder, model.aligner.audio.encoder
+    if c.image.hf:
+        S, P = image.tower.image_size, image.tower.embeddings.patch_embedding.stride[0]
+        out["image"] = ((3, S, S), (S // P) ** 2)
+    else:
+        out["image"] = ((3, c.image_size, c.image_size), c.num_patches)
+    samples = int(c.sample_rate * c.clip_seconds)
+    out["audio"] = ((samples,), audio.tower.embed_positions.num_embeddings if c.audio.hf else c.num_audio_tokens)
+    return out
+
+
 def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Batch:
-    """B rows of `seq` tokens through `data.collate`, the second half of each document labelled; optionally 2 images
-    + 1 clip per row (raw, or features as the cache stores them), or rows packed with documents of T/8 to T/2."""
+    """B rows of `seq` tokens through `data.collate`, the second half of each document labelled; optionally media
+    per row, 2 images and 1 clip (1 image with --towers), raw or as the feature cache stores them; or rows packed
+    with documents of T/8 to T/2."""
     B, T, V = args.batch, args.seq, model.llm.config.vocab_size - 16
     c = model.aligner.config
     K = {m: p.num_tokens for m, p in model.projectors.items()}
-    starts = {"image": [1, 2 + K["image"]], "audio": [3 + 2 * K["image"]]}  # two image blocks, one audio block
+    images = 1 if getattr(args, "towers", False) else 2
+    starts = {"image": [1 + i * (1 + K["image"]) for i in range(images)], "audio": [1 + images * (1 + K["image"])]}
+    shapes = media_shapes(model)
     items = []
     for _ in range(B):
         left = T
@@ -77,20 +101,18 @@ def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Ba
             labels = [-100] * (n // 2) + ids[n // 2 + 1:] + [-100]
             item = data.Item(str(len(items)), ids, labels)
             if args.multimodal:  # the media blocks in the prompt half
-                counts = {"image": 2, "audio": 1}
+                counts = {"image": images, "audio": 1}
                 for m, first in starts.items():
                     slots = [s + k for s in first for k in range(K[m])]
                     for t in slots:
                         ids[t] = model.media_token_ids[m]
                     slots = torch.tensor(slots)
+                    raw_shape, n_tokens = shapes[m]
                     if args.cache:
-                        n_tokens = c.num_patches if m == "image" else c.num_audio_tokens
                         item.media[m] = data.Media(slots, tokens=torch.randn(counts[m], n_tokens, c.dim),
                                                    pooled=torch.randn(counts[m], c.dim))
                     else:
-                        raw = torch.randn(2, 3, c.image_size, c.image_size) if m == "image" else \
-                            torch.randn(1, int(c.sample_rate * c.clip_seconds)) * 0.1
-                        item.media[m] = data.Media(slots, raw=raw)
+                        item.media[m] = data.Media(slots, raw=torch.randn(counts[m], *raw_shape) * 0.1)
             items.append(item)
             left -= n
     return data.collate(items, 0, pack=args.pack, max_len=T).to(device)
@@ -143,6 +165,7 @@ def time_ours(args, world: train.World) -> dict:
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
             "cuda_graph": args.cuda_graph,
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
+            "towers": getattr(args, "towers", False),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
             "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -233,7 +256,7 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]
 def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
-            "cuda_graph": False, **flags}
+            "cuda_graph": False, "towers": False, **flags}
 
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
@@ -246,6 +269,9 @@ GRIDS = {
               (workload(512, multimodal=True, cache=True, cuda_graph=True), []),
               (workload(512, cuda_graph=True), []), (workload(2048, pack=True, cuda_graph=True), [])],
     "ddp": [(workload(512, cuda_graph=True), [(False, False)]), (workload(2048, cuda_graph=True), [(False, True)])],
+    "towers": [(workload(1024, cuda_graph=True, towers=True), []),
+               (workload(1024, multimodal=True, cuda_graph=True, towers=True), []),
+               (workload(1024, multimodal=True, cache=True, cuda_graph=True, towers=True), [])],
 }
 
 
@@ -276,8 +302,8 @@ def main() -> None:
     ap.add_argument("--grid", choices=list(GRIDS), help="a set of workloads (else the one given by the flags)")
     ap.add_argument("--make_assets", metavar="DIR", help="write the demo data with a random Qwen2.5-0.5B-shaped LLM "
                     "and a seed-sized aligner to DIR (for train.py runs on GPU), then exit")
-    ap.add_argument("--towers", action="store_true", help="with --make_assets: the aligner on SigLIP-so400m- and "
-                    "Whisper-small-shaped towers (random weights), for configs/qwen2.5-0.5b-siglip-whisper.toml")
+    ap.add_argument("--towers", action="store_true", help="the aligner on SigLIP-so400m- and Whisper-small-shaped "
+                    "towers (random weights; with --make_assets, for configs/qwen2.5-0.5b-siglip-whisper.toml)")
     ap.add_argument("--peer", help="path of hf_peft_baseline.py, to run the peer on the same shapes")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)

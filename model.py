@@ -1020,7 +1020,7 @@ class VisionTower(nn.Module):
     def __init__(self, c: dict, family: str, layer: int = -1):
         super().__init__()
         W, P, S = c["hidden_size"], c["patch_size"], c["image_size"]
-        self.family, self.layer = family, layer
+        self.family, self.layer, self.image_size = family, layer, S
         self.embeddings = nn.Module()
         self.embeddings.patch_embedding = nn.Conv2d(3, W, P, stride=P, bias=family == "siglip")
         n = (S // P) ** 2 + (family == "clip")
@@ -1166,11 +1166,13 @@ class TowerEncoder(nn.Module):
         self.tower = load_vision_tower(path, layer=layer) if modality == "image" else load_audio_tower(path)
         self.width = self.tower.post_layernorm.normalized_shape[0] if modality == "image" else \
             self.tower.layer_norm.normalized_shape[0]
-        self.n_mels = self.tower.conv1.in_channels if modality == "audio" else 0
+        if modality == "audio":
+            filters = mel_filterbank(400, self.tower.conv1.in_channels, 16000, "slaney")
+            self.register_buffer("mel_filters", filters, persistent=False)  # (n_freqs, n_mels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.modality == "audio":
-            x = torch.stack([whisper_log_mel(w.cpu(), self.n_mels) for w in x]).to(x.device)  # (B, n_mels, 3000)
+            x = whisper_log_mel(x, self.mel_filters.shape[1], filters=self.mel_filters)  # (B, n_mels, 3000)
         tokens = self.tower(x).float()  # (B, N, width)
         if self.modality == "image" and self.tower.family == "clip":
             tokens = tokens[:, 1:]
@@ -1209,15 +1211,18 @@ def image_processor(path: str | os.PathLike):
 
 
 def whisper_log_mel(wave: torch.Tensor, n_mels: int = 80, sample_rate: int = 16000, n_fft: int = 400,
-                    hop_length: int = 160, seconds: int = 30) -> torch.Tensor:
-    """WhisperFeatureExtractor in torch: (num_samples,) at 16 kHz, cut or zero-padded to 30 s -> log-mel
-    (n_mels, 3000) on Slaney's scale, floored 8 (log10 units) below its maximum and scaled to about [-1, 1]."""
+                    hop_length: int = 160, seconds: int = 30, filters: torch.Tensor | None = None) -> torch.Tensor:
+    """WhisperFeatureExtractor in torch: (num_samples,) or (B, num_samples) at 16 kHz, cut or zero-padded to 30 s
+    -> log-mel (..., n_mels, 3000) on Slaney's scale, floored 8 (log10 units) below each clip's maximum and scaled
+    to about [-1, 1]. `filters` (n_freqs, n_mels), on the wave's device, saves computing them on each call."""
     n = seconds * sample_rate
-    wave = F.pad(wave[:n].float(), (0, max(0, n - wave.shape[0])))
-    spec = torch.stft(wave, n_fft, hop_length, window=torch.hann_window(n_fft), return_complex=True)
-    power = spec[..., :-1].abs() ** 2  # (n_freqs, 3000)
-    mel = (mel_filterbank(n_fft, n_mels, sample_rate, "slaney").T @ power).clamp(min=1e-10).log10()
-    return (torch.maximum(mel, mel.max() - 8.0) + 4.0) / 4.0
+    wave = F.pad(wave[..., :n].float(), (0, max(0, n - wave.shape[-1])))
+    window = torch.hann_window(n_fft, device=wave.device)
+    spec = torch.stft(wave, n_fft, hop_length, window=window, return_complex=True)
+    power = spec[..., :-1].abs() ** 2  # (..., n_freqs, 3000)
+    filters = mel_filterbank(n_fft, n_mels, sample_rate, "slaney").to(wave.device) if filters is None else filters
+    mel = (filters.T @ power).clamp(min=1e-10).log10()  # (..., n_mels, 3000)
+    return (torch.maximum(mel, mel.amax(dim=(-2, -1), keepdim=True) - 8.0) + 4.0) / 4.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
