@@ -184,7 +184,6 @@ class CompiledDecode:
         self.llm = llm
         self.step = torch.compile(static_decode, mode="reduce-overhead", fullgraph=True)
         self.marked: set[int] = set()
-        self.calls: dict[tuple, int] = {}
 
     def __call__(self, tokens: torch.Tensor, valid: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         for c in caches:
@@ -193,14 +192,7 @@ class CompiledDecode:
                 torch._dynamo.mark_static_address(c.v)
                 self.marked |= {id(c.k), id(c.v)}
         slot = torch.full((1,), start, dtype=torch.long, device=tokens.device)
-        key = tuple(valid.shape)
-        self.calls[key] = self.calls.get(key, 0) + 1
-        if self.calls[key] <= 2:  # the first calls of a shape compile and record, with every guard checked
-            return self.step(self.llm, tokens, valid, caches, slot).clone()
-        # later ones skip Dynamo's guards (on every parameter of the model and every cache) but those that tell
-        # the compiled shapes apart: checking them all would cost the host time on every token
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return self.step(self.llm, tokens, valid, caches, slot).clone()  # the graph's output is reused next step
+        return self.step(self.llm, tokens, valid, caches, slot).clone()  # the graph's output is reused next step
 
 
 def cache_length(prompt: int, new: int, bucket: int = 256) -> int:
