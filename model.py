@@ -1086,6 +1086,15 @@ class WhisperTower(nn.Module):
 
 
 VISION_TYPES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip"}
+# transformers' defaults for keys a config.json may leave out (google/siglip2-* folders give only a few keys)
+TOWER_DEFAULTS = {
+    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+    "whisper": dict(d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536, num_mel_bins=80,
+                    max_source_positions=1500, activation_function="gelu"),
+}
 
 
 def tower_weights(folder: Path, anchor: str) -> tuple[list[Path], str, dict[str, tuple]]:
@@ -1133,7 +1142,7 @@ def load_vision_tower(path: str | os.PathLike, device=None, dtype: torch.dtype |
     if family is None:
         raise ValueError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not a supported vision "
                          f"tower; supported: {', '.join(VISION_TYPES)}")
-    c = cfg.get("vision_config", cfg)
+    c = {**TOWER_DEFAULTS[family], **cfg.get("vision_config", cfg)}
     with torch.device("meta"):
         tower = VisionTower(c, family, layer)
     load_tower(tower, folder, "embeddings.patch_embedding.weight", device or "cpu", dtype,
@@ -1150,7 +1159,7 @@ def load_audio_tower(path: str | os.PathLike, device=None, dtype: torch.dtype | 
         raise ValueError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not a supported audio "
                          "tower; supported: whisper")
     with torch.device("meta"):
-        tower = WhisperTower(cfg)
+        tower = WhisperTower({**TOWER_DEFAULTS["whisper"], **cfg})
     load_tower(tower, folder, "conv1.weight", device or "cpu", dtype)
     return tower.requires_grad_(False).eval()
 

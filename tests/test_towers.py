@@ -171,3 +171,13 @@ def test_random_towers_for_gpu_runs_load_as_hugging_face_folders(tmp_path):
     from conftest import ROOT
     cfg = train.load_config(str(ROOT / "configs" / "qwen2.5-0.5b-siglip-whisper.toml"), [])
     assert cfg.data.max_audio_windows == 4 and cfg.model.image_tokens == 81
+
+
+@pytest.mark.parametrize("family,config", [("clip", "CLIPVisionConfig"), ("siglip", "SiglipVisionConfig"),
+                                           ("whisper", "WhisperConfig")])
+def test_keys_a_config_leaves_out_take_transformers_defaults(family, config):
+    """Folders such as google/siglip2-base-patch16-512 list only a few keys of their vision config."""
+    import transformers
+    ref = getattr(transformers, config)().to_dict()
+    for key, value in model.TOWER_DEFAULTS[family].items():
+        assert ref[key] == value, key
