@@ -183,14 +183,13 @@ class CompiledDecode:
             raise ValueError("--compile does not support a sliding-window model; leave --compile out")
         self.llm = llm
         self.step = torch.compile(static_decode, mode="reduce-overhead", fullgraph=True)
-        self.marked: set[int] = set()
 
     def __call__(self, tokens: torch.Tensor, valid: torch.Tensor, caches: list, start: int) -> torch.Tensor:
         for c in caches:
-            if id(c.k) not in self.marked:  # the recorded graph writes these in place
+            if not getattr(c, "static", False):  # the recorded graph writes these in place
                 torch._dynamo.mark_static_address(c.k)
                 torch._dynamo.mark_static_address(c.v)
-                self.marked |= {id(c.k), id(c.v)}
+                c.static = True
         slot = torch.full((1,), start, dtype=torch.long, device=tokens.device)
         return self.step(self.llm, tokens, valid, caches, slot).clone()  # the graph's output is reused next step
 
