@@ -235,11 +235,15 @@ def preprocess_image(image: torch.Tensor, cfg: AlignerConfig) -> torch.Tensor:
     return ((x - mean) / std)[0]
 
 
+def audio_windows(samples: int, cfg: AlignerConfig) -> int:
+    """How many windows of the aligner's `clip_seconds` a clip of `samples` (at its rate) fills."""
+    return max(1, -(-samples // int(cfg.sample_rate * cfg.clip_seconds)))
+
+
 def preprocess_audio(wav: torch.Tensor, cfg: AlignerConfig) -> torch.Tensor:
     """(num_samples,) at the aligner's rate -> consecutive windows of `clip_seconds`, the last zero-padded:
     (windows, clip_seconds * sample_rate). A clip never gets cut: each window becomes K tokens of its own."""
-    n = int(cfg.sample_rate * cfg.clip_seconds)
-    windows = max(1, -(-wav.shape[0] // n))
+    n, windows = int(cfg.sample_rate * cfg.clip_seconds), audio_windows(wav.shape[0], cfg)
     return F.pad(wav, (0, windows * n - wav.shape[0])).view(windows, n)
 
 
@@ -251,14 +255,11 @@ def audio_samples(path: Path, cfg: AlignerConfig) -> int:
     return math.ceil(info.data_bytes // (info.channels * info.bits // 8) * cfg.sample_rate / info.rate)
 
 
-def check_media(path: Path, modality: str) -> None:
-    """What can be checked before training without decoding much: a WAV's header against its size, a `.npy`'s
-    shape and dtype; images are decoded. A missing or undecodable file is then found before the first step."""
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        check_npy(path, modality)
-    elif modality == "audio":
-        wav_info(path)
+def check_image(path: Path) -> None:
+    """An image checked before training: a `.npy`'s shape and dtype from its header, PNG/JPEG decoded, so that a
+    missing or undecodable file is found before the first step (audio headers are read by `audio_samples`)."""
+    if path.suffix.lower() == ".npy":
+        check_npy(path, "image")
     else:
         load_image(path)
 
@@ -370,11 +371,12 @@ def encode_conversation(messages: list[dict], tok: Tokenizer, tokens_per_media: 
     media_ids = {m: tok.media_token_id(m) for m in used}
     seen = dict.fromkeys(used, 0)
 
-    def expand(m: str, text: str) -> str:
+    def expand(m: str, text: str) -> str:  # each placeholder of `m` in turn, K tokens per block of its medium
+        counts = (blocks or {}).get(m, [])
         parts = text.split(PLACEHOLDERS[m])
         out = parts[0]
         for part in parts[1:]:
-            n = (blocks or {}).get(m, [])[seen[m]] if seen[m] < len((blocks or {}).get(m, [])) else 1
+            n = counts[seen[m]] if seen[m] < len(counts) else 1
             out += tok.backend.id_to_token(media_ids[m]) * (tokens_per_media[m] * n) + part
             seen[m] += 1
         return out
@@ -569,15 +571,15 @@ class ConversationDataset(torch.utils.data.Dataset):
                 if n != len(paths):
                     raise ValueError(f"{n} {PLACEHOLDERS[m]} placeholders but {len(paths)} {m} files given")
                 files[m] = [resolve_media(self.root, p, self.allow_outside) for p in paths]
-                if self.cache is None:
+                if self.cache is None and m == "image":
                     for f in files[m]:
                         try:
-                            check_media(f, m)
+                            check_image(f)
                         except Exception as e:  # any decoder failure is this sample's error
-                            raise ValueError(f"cannot decode {m} file {f}: {e}") from None
+                            raise ValueError(f"cannot decode image file {f}: {e}") from None
             if self.cache is not None:
                 self.cache.check(sid, [f for m in MODALITIES for f in files[m]])
-            blocks = {"audio": [self.windows(f) for f in files["audio"]]}
+            blocks = {"audio": [self.windows(f) for f in files["audio"]]}  # also checks each clip's header
             ids, labels, counts = encode_conversation(messages, self.tok, self.tokens_per_media, self.max_len,
                                                       self.truncate, blocks=blocks)
         except ValueError as e:
@@ -597,7 +599,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             samples = audio_samples(path, c)
         except Exception as e:
             raise ValueError(f"cannot decode audio file {path}: {e}") from None
-        n = max(1, -(-samples // int(c.sample_rate * c.clip_seconds)))
+        n = audio_windows(samples, c)
         if n > self.max_audio_windows:
             raise ValueError(f"audio file {path} lasts {samples / c.sample_rate:.1f} s: {n} windows of "
                              f"{c.clip_seconds:g} s, more than data.max_audio_windows = {self.max_audio_windows}; "

@@ -78,7 +78,7 @@ def checkpoint_folder(run: Path, checkpoint: str) -> Path:
     elif checkpoint == "best" and (ckpt / "best" / "state.json").is_file():
         path = ckpt / "best"
     else:
-        path = train.find_resume(train.config_from_dict({"run": {"out_dir": str(run)}}, "run"))
+        path = next(iter(train.checkpoints_in(ckpt)), None)
     if path is None or not (path / "state.json").is_file():
         raise FileNotFoundError(f"{path or ckpt}: no checkpoint there; train first, or give --checkpoint PATH "
                                 "(a checkpoints/step_* folder)")

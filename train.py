@@ -522,7 +522,11 @@ def resume_candidates(cfg: Config) -> list[Path]:
         if not (p / "state.json").is_file():
             raise FileNotFoundError(f"{p}: not a checkpoint folder (no state.json); give a checkpoints/step_* folder")
         return [p]
-    ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
+    return checkpoints_in(Path(cfg.run.out_dir) / "checkpoints")
+
+
+def checkpoints_in(ckpt_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run's folder: the one `latest` names first, then the others, newest first."""
     if not ckpt_dir.is_dir():
         return []
     complete = sorted((p for p in ckpt_dir.glob("[!.]*") if (p / "state.json").is_file()), key=checkpoint_step,
