@@ -334,7 +334,7 @@ def main() -> None:
         demo.make_demo(args.make_assets, pretrain_steps=0, llm_config=LLMConfig(**QWEN25_05B),
                        aligner_config=aligner_config, log=print)
         print(f"python train.py --config {config} --model.llm={args.make_assets}/llm "
-              f"--model.aligner={args.make_assets}/aligner --model.chat_format=chatml "
+              f"--model.aligner={args.make_assets}/aligner-init --model.chat_format=chatml "
               f"--data.train_file={args.make_assets}/data/train.jsonl "
               f"--data.val_file={args.make_assets}/data/val.jsonl")
         return

@@ -1,5 +1,5 @@
 """Data of mmlora: conversations -> tokens, labels and media; media decoding; the typed `Batch`; collate and
-packing; the feature cache.
+packing; the feature cache; Phase 1's pairs (`PairDataset`, `PairBatch`, `collate_pairs`).
 
     ds = ConversationDataset("data/train.jsonl", tokenizer, aligner_config, tokens_per_media={"image": 16, "audio": 8})
     batch = collate([ds[0], ds[1]], pad_id=tokenizer.pad_id)          # a Batch; or pack=True, max_len=...
@@ -465,6 +465,15 @@ class Batch:
     def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this on each batch
         return self.apply(lambda t: t.pin_memory())
 
+    def count(self) -> torch.Tensor:
+        """What the loss is averaged over: the labelled tokens. () float32."""
+        return self.label_weight.sum()
+
+    def groups(self) -> torch.Tensor:
+        """(3, S) bool: the samples that are text-only, hold an image, hold audio (GROUPS["instruct"]), for the
+        loss of each."""
+        return torch.stack([~self.modality.any(1), self.modality[:, 0], self.modality[:, 1]])
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor of the batch, in a fixed order (the inputs of a recorded CUDA graph)."""
         fixed = [self.input_ids, self.labels, self.label_index, self.label_weight, self.sample_index, self.modality]
@@ -535,26 +544,12 @@ class ConversationDataset(torch.utils.data.Dataset):
                  tokens_per_media: dict[str, int], max_len: int, truncate: bool = False, on_error: str = "raise",
                  allow_outside_paths: bool = False, feature_cache: str | Path | None = None,
                  aligner_hash: str | None = None, max_audio_windows: int = 1):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path, self.root = Path(path), Path(path).parent
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: dataset file not found")
         self.tok, self.aligner_config, self.tokens_per_media = tok, aligner_config, tokens_per_media
         self.max_len, self.truncate, self.allow_outside = max_len, truncate, allow_outside_paths
         self.on_error, self.max_audio_windows = on_error, max_audio_windows
         self.cache = FeatureCache(feature_cache, aligner_hash) if feature_cache else None
-        self.examples: list[Example] = []
-        self.skipped: list[dict] = []
-        for line, record in read_records(self.path):
-            try:
-                self.examples.append(self.encode(line, record))
-            except SampleError as e:
-                if on_error == "raise":
-                    raise
-                self.skipped.append({"file": e.file, "line": e.line, "id": e.sample_id, "reason": e.reason})
-        if not self.examples:
-            raise ValueError(f"{self.path}: no usable samples ({len(self.skipped)} skipped)")
+        self.examples, self.skipped = encode_file(self.path, on_error, self.encode)
 
     def encode(self, line: int, record) -> Example:
         if isinstance(record, SampleError):
@@ -610,20 +605,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Item:
-        skipped = []
-        for j in range(i, i + len(self.examples)):  # with on_error = "skip", the next good sample takes its place
-            ex = self.examples[j % len(self.examples)]
-            try:
-                counts = {"image": len(ex.media["image"]), "audio": sum(ex.blocks.get("audio", []))}
-                item = self.with_media(Item(ex.id, ex.input_ids, ex.labels), ex, counts)
-            except SampleError as e:
-                if self.on_error == "raise":
-                    raise
-                skipped.append({"file": e.file, "line": e.line, "id": e.sample_id, "reason": e.reason})
-                continue
-            item.skipped = skipped
-            return item
-        raise ValueError(f"{self.path}: no sample decodes ({len(skipped)} skipped; the first: {skipped[0]['reason']})")
+        def decode(ex: Example) -> Item:
+            counts = {"image": len(ex.media["image"]), "audio": sum(ex.blocks.get("audio", []))}
+            return self.with_media(Item(ex.id, ex.input_ids, ex.labels), ex, counts)
+        return decode_or_skip(self, i, decode)
 
     def with_media(self, item: Item, ex: Example, counts: dict[str, int]) -> Item:
         """Add the first `counts[m]` media blocks of each modality (images; a clip's windows), decoded or features
@@ -665,6 +650,43 @@ class ConversationDataset(torch.utils.data.Dataset):
             return preprocess_audio(load_audio(path, c.sample_rate), c)
         except Exception as e:
             raise SampleError(self.path, ex.line, ex.id, f"cannot decode {modality} file {path}: {e}") from None
+
+
+def encode_file(path: Path, on_error: str, encode) -> tuple[list, list[dict]]:
+    """`encode(line, record)` of every record of a data file: (examples, skipped). A bad record (a SampleError)
+    stops with its file and line (on_error = "raise"), or is left out and listed (on_error = "skip")."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset file not found")
+    examples, skipped = [], []
+    for line, record in read_records(path):
+        try:
+            examples.append(encode(line, record))
+        except SampleError as e:
+            if on_error == "raise":
+                raise
+            skipped.append({"file": e.file, "line": e.line, "id": e.sample_id, "reason": e.reason})
+    if not examples:
+        raise ValueError(f"{path}: no usable samples ({len(skipped)} skipped)")
+    return examples, skipped
+
+
+def decode_or_skip(ds, i: int, decode):
+    """`decode(ds.examples[i])`; with `ds.on_error == "skip"`, the next example that decodes takes the place of one
+    that does not, and the item's `skipped` lists those passed over."""
+    skipped = []
+    for j in range(i, i + len(ds.examples)):
+        try:
+            item = decode(ds.examples[j % len(ds.examples)])
+        except SampleError as e:
+            if ds.on_error == "raise":
+                raise
+            skipped.append({"file": e.file, "line": e.line, "id": e.sample_id, "reason": e.reason})
+            continue
+        item.skipped = skipped
+        return item
+    raise ValueError(f"{ds.path}: no sample decodes ({len(skipped)} skipped; the first: {skipped[0]['reason']})")
 
 
 def write_skipped(path: str | Path, skipped: list[dict]) -> None:
@@ -830,3 +852,151 @@ class FeatureCache:
         h = self.handles[shard]
         key = f"{sample_id}/{modality}"
         return h.get_tensor(f"{key}/tokens")[:count], h.get_tensor(f"{key}/pooled")[:count]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Phase-1 pairs: {"image": ..., "text": ...}, {"audio": ..., "text": ...}, {"image": ..., "audio": ...}
+
+PAIR_KINDS = (("image", "text"), ("audio", "text"), ("image", "audio"))  # each kind's two sides, in this order
+
+
+@dataclass
+class PairExample:
+    id: str
+    line: int
+    kind: int  # index into PAIR_KINDS
+    files: dict[str, Path]  # "image" / "audio" -> its file
+    text: str | None
+    text_ids: list[int] | None  # the text's tokens (at most max_len)
+    keys: tuple[str, str]  # what each side is (the text, or the medium's path; or the pair's "group"): pairs that
+    # share one are right answers for each other in retrieval
+
+
+@dataclass
+class PairItem:
+    """One decoded pair, as `collate_pairs` takes it."""
+    id: str
+    kind: int
+    media: dict[str, torch.Tensor]  # "image": (3, S, S) float32, "audio": (samples,) float32, as the aligner takes
+    text_ids: list[int] | None
+    keys: tuple[str, str]  # as PairExample's
+    skipped: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class PairBatch:
+    """B Phase-1 pairs. Each side of a pair is one row of the batch's embeddings, which the model stacks as
+    [images; clips; texts]: `left` and `right` index that stack."""
+    kind: torch.Tensor  # (B,) int64: index into PAIR_KINDS
+    left: torch.Tensor  # (B,) int64: each pair's first side (image, audio or image), a row of the stack
+    right: torch.Tensor  # (B,) int64: its second side (text, text or audio)
+    media: dict[str, torch.Tensor]  # "image": (Ni, 3, S, S), "audio": (Na, samples) float32, those present
+    text_ids: torch.Tensor | None  # (Nt, L) int64, right-padded
+    text_lengths: torch.Tensor | None  # (Nt,) int64: tokens of each text
+    ids: list[str]  # (B,)
+    skipped: list[dict] = field(default_factory=list)
+
+    def apply(self, fn) -> "PairBatch":
+        def f(t):
+            return None if t is None else fn(t)
+        return replace(self, kind=fn(self.kind), left=fn(self.left), right=fn(self.right),
+                       media={m: fn(x) for m, x in self.media.items()}, text_ids=f(self.text_ids),
+                       text_lengths=f(self.text_lengths))
+
+    def to(self, device: torch.device | str) -> "PairBatch":
+        return self.apply(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "PairBatch":
+        return self.apply(lambda t: t.pin_memory())
+
+    def count(self) -> torch.Tensor:
+        """What the loss is averaged over: the pairs. () float32."""
+        return torch.ones_like(self.kind, dtype=torch.float32).sum()
+
+    def groups(self) -> torch.Tensor:
+        """(3, B) bool: the pairs of each kind (GROUPS["align"]), for the loss of each."""
+        return self.kind[None] == torch.arange(len(PAIR_KINDS), device=self.kind.device)[:, None]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """A Phase-1 pair file (JSONL or JSON list), checked when built as `ConversationDataset` is: each record holds
+    exactly two of "image", "audio", "text" (paths relative to the file), and a bad one obeys `on_error`. A clip
+    gives the aligner its first window; a text is cut to `max_len` tokens. An optional "group" names pairs that
+    are right answers for each other in retrieval (an image and a clip of the same count); without it, pairs are
+    when they share a side (two images with one caption)."""
+
+    def __init__(self, path: str | Path, tok: Tokenizer, aligner_config: AlignerConfig, max_len: int,
+                 on_error: str = "raise", allow_outside_paths: bool = False):
+        self.path, self.root = Path(path), Path(path).parent
+        self.tok, self.aligner_config, self.max_len = tok, aligner_config, max_len
+        self.on_error, self.allow_outside = on_error, allow_outside_paths
+        self.examples, self.skipped = encode_file(self.path, on_error, self.encode)
+
+    def encode(self, line: int, record) -> PairExample:
+        if isinstance(record, SampleError):
+            raise record
+        if not isinstance(record, dict):
+            raise SampleError(self.path, line, None, f"a pair is a JSON object, got {type(record).__name__}")
+        sid = str(record.get("id", f"line{line}"))
+        try:
+            sides = tuple(k for k in ("image", "audio", "text") if k in record)
+            if sides not in PAIR_KINDS:
+                raise ValueError(f"a pair holds exactly two of image, audio, text (image+text, audio+text or "
+                                 f"image+audio); this one has {', '.join(sides) or 'none'}")
+            files = {}
+            for m in sides:
+                if not isinstance(record[m], str) or (m == "text" and not record[m].strip()):
+                    raise ValueError(f"'{m}' must be a {'non-empty text' if m == 'text' else 'path'}")
+                if m != "text":
+                    files[m] = f = resolve_media(self.root, record[m], self.allow_outside)
+                    try:
+                        check_image(f) if m == "image" else audio_samples(f, self.aligner_config)
+                    except Exception as e:
+                        raise ValueError(f"cannot decode {m} file {f}: {e}") from None
+            text_ids = self.tok.encode(record["text"])[:self.max_len] if "text" in record else None
+        except ValueError as e:
+            raise SampleError(self.path, line, sid, str(e)) from None
+        group = record.get("group")
+        keys = (f"group {group}",) * 2 if group is not None else \
+            tuple(record[m] if m == "text" else str(files[m]) for m in sides)
+        return PairExample(sid, line, PAIR_KINDS.index(sides), files, record.get("text"), text_ids, keys)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> PairItem:
+        return decode_or_skip(self, i, self.decode)
+
+    def decode(self, ex: PairExample) -> PairItem:
+        c = self.aligner_config
+        media = {}
+        for m, path in ex.files.items():
+            try:
+                media[m] = preprocess_image(load_image(path), c) if m == "image" else \
+                    preprocess_audio(load_audio(path, c.sample_rate), c)[0]
+            except Exception as e:
+                raise SampleError(self.path, ex.line, ex.id, f"cannot decode {m} file {path}: {e}") from None
+        return PairItem(ex.id, ex.kind, media, ex.text_ids, ex.keys)
+
+
+def collate_pairs(items: list[PairItem], pad_id: int) -> PairBatch:
+    """Stack pairs: their images, clips and texts (right-padded) each in batch order, and where each pair's sides
+    sit in the model's stack of embeddings [images; clips; texts]."""
+    rows: dict[str, list[int]] = {"image": [], "audio": [], "text": []}  # modality -> the pairs that have it
+    for i, it in enumerate(items):
+        for m in PAIR_KINDS[it.kind]:
+            rows[m].append(i)
+    first = {"image": 0, "audio": len(rows["image"]), "text": len(rows["image"]) + len(rows["audio"])}
+    row_of = {(m, i): first[m] + r for m in rows for r, i in enumerate(rows[m])}
+    left = torch.tensor([row_of[PAIR_KINDS[it.kind][0], i] for i, it in enumerate(items)])
+    right = torch.tensor([row_of[PAIR_KINDS[it.kind][1], i] for i, it in enumerate(items)])
+    media = {m: torch.stack([items[i].media[m] for i in rows[m]]) for m in MODALITIES if rows[m]}
+    text_ids = text_lengths = None
+    if rows["text"]:
+        texts = [items[i].text_ids for i in rows["text"]]
+        text_lengths = torch.tensor([len(t) for t in texts])
+        text_ids = torch.full((len(texts), int(text_lengths.max())), pad_id, dtype=torch.long)
+        for r, t in enumerate(texts):
+            text_ids[r, :len(t)] = torch.tensor(t)
+    return PairBatch(torch.tensor([it.kind for it in items]), left, right, media, text_ids, text_lengths,
+                     [it.id for it in items], [s for it in items for s in it.skipped])

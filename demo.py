@@ -1,10 +1,13 @@
-"""The embedded demo, "shapes and tones": its data, its tokenizer and its tiny LLM, made on first use.
+"""The embedded demo, "shapes and tones": its data, its tokenizer, its tiny LLM and its aligner, made on first use.
 
-    demo.ensure_demo(".cache/demo")   # data/{train,val}.jsonl + media, llm/ (tokenizer + weights), aligner/
+    demo.ensure_demo(".cache/demo")   # data/ (conversations, Phase-1 pairs, media), llm/ (tokenizer + weights),
+                                      # aligner-init/ (random), then Phase 1 -> align/aligner/
 
-Images of a coloured shape in one quadrant (32x32), one-second clips of high or low beeps, and short questions
-about them with one-word answers. Everything is generated from a seed, so two machines make the same assets.
-`configs/demo.toml` sets `data.make_demo`, so the README's first command makes them before it trains.
+Images of a coloured shape in one quadrant (32x32), or of one to three shapes; one-second clips of high or low
+beeps; short questions about them with one-word answers, and Phase-1 pairs that describe them ("a red circle at
+the top left", "three fast high beeps", an image of three shapes with a clip of three beeps). Everything is
+generated from a seed, so two machines make the same assets. `configs/demo.toml` sets `data.make_demo`, so the
+README's first command makes them, aligns the encoders with Phase 1 (configs/demo-align.toml), then trains.
 """
 from __future__ import annotations
 
@@ -95,6 +98,80 @@ def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
         w.writeframes(samples.tobytes())
 
 
+def draw_count(rng: np.random.Generator, count: int, size: int = 32) -> tuple[np.ndarray, str, str]:
+    """A (size, size, 3) uint8 image of `count` small shapes of one kind and colour in distinct quadrants, with
+    that kind and colour."""
+    shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+    img = np.zeros((size, size, 3), np.uint8)
+    for place in rng.choice(PLACES, count, replace=False):
+        one = draw_shape(rng, shape, colour, str(place), size)
+        img = np.maximum(img, one)  # each drawing adds its shape; the backgrounds' noise overlaps
+    return img, shape, colour
+
+
+def random_tones(rng: np.random.Generator, count: int | None = None) -> tuple[np.ndarray, int, str, str]:
+    """A clip of random beeps (or `count` of them) with its count, pitch and rhythm."""
+    count = int(rng.integers(1, 4)) if count is None else count
+    pitch, rhythm = str(rng.choice(["high", "low"])), str(rng.choice(["fast", "slow"]))
+    return make_tones(rng, count, pitch, rhythm), count, pitch, rhythm
+
+
+def beeps(count: int, pitch: str, rhythm: str) -> str:
+    """What a clip sounds like, in words: "three fast high beeps", "one low beep"."""
+    return f"{NUMBERS[count]} {pitch} beep" if count == 1 else f"{NUMBERS[count]} {rhythm} {pitch} beeps"
+
+
+def demo_pair(rng: np.random.Generator, i: int, media: Path, split: str) -> dict:
+    """One Phase-1 pair: an image with its description, a clip with its description, or an image of N shapes with
+    a clip of N beeps."""
+    kind = rng.choice(["image-text", "audio-text", "image-audio"], p=[0.4, 0.4, 0.2])
+    pair: dict = {"id": f"pair-{split}-{i:05d}"}
+    stem = f"media/pair-{split}-{i:05d}"
+    if kind != "audio-text":
+        if kind == "image-text" and rng.random() < 0.5:  # one shape, described with where it is
+            shape, colour, place = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(PLACES)
+            img, text = draw_shape(rng, shape, colour, place), f"a {colour} {shape} at the {place}"
+        else:
+            count = int(rng.integers(1, 4))
+            img, shape, colour = draw_count(rng, count)
+            text = f"{NUMBERS[count]} {colour} {shape}{'s' if count > 1 else ''}"
+        np.save(media.parent / f"{stem}.npy", img)
+        pair["image"] = f"{stem}.npy"
+        if kind == "image-text":
+            pair["text"] = text
+    if kind != "image-text":
+        wave, count, pitch, rhythm = random_tones(rng, count if kind == "image-audio" else None)
+        write_wav(media.parent / f"{stem}.wav", wave, 16000)
+        pair["audio"] = f"{stem}.wav"
+        if kind == "audio-text":
+            pair["text"] = beeps(count, pitch, rhythm)
+        else:
+            pair["group"] = NUMBERS[count]  # in retrieval, any image and clip of one count match
+    return pair
+
+
+COUNT_QUESTION = "How many are there?"
+
+
+def transfer_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> dict:
+    """The cross-modal transfer test: training asks about images only (how many shapes, of which kind and colour);
+    validation asks the same "how many?" about clips of beeps, which Phase 2 never hears."""
+    stem = f"media/transfer-{split}-{i:05d}"
+    if split == "train":
+        count = int(rng.integers(1, 4))
+        img, shape, colour = draw_count(rng, count)
+        np.save(media.parent / f"{stem}.npy", img)
+        q, a = [(COUNT_QUESTION, NUMBERS[count]), (IMAGE_QUESTIONS["shape"], shape),
+                (IMAGE_QUESTIONS["colour"], colour)][int(rng.choice(3, p=[0.6, 0.2, 0.2]))]
+        return {"id": f"transfer-{split}-{i:05d}", "image": f"{stem}.npy",
+                "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
+    wave, count, _, _ = random_tones(rng)
+    write_wav(media.parent / f"{stem}.wav", wave, 16000)
+    return {"id": f"transfer-{split}-{i:05d}", "audio": [f"{stem}.wav"],
+            "conversations": [{"from": "human", "value": "<audio>\n" + COUNT_QUESTION},
+                              {"from": "gpt", "value": NUMBERS[count]}]}
+
+
 def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> dict:
     """One conversation of the demo: about an image, a clip, both (two turns), or text only."""
     kind = rng.choice(["image", "audio", "both", "text"], p=[0.35, 0.35, 0.2, 0.1])
@@ -122,24 +199,43 @@ def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> di
     return sample
 
 
-def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int = 120,
-              pretrain_steps: int = 800, llm_config=None, aligner_config=None, log=lambda msg: None) -> Path:
-    """Make the demo's data, tokenizer, tiny LLM and aligner in `folder` (deterministic for a seed). The LLM is
-    briefly pretrained on the demo's text so LoRA adapts a model that knows the language; the aligner is random
-    (not Phase-1 trained): its frozen features still carry what the questions ask, and the projectors learn to read
-    them. `llm_config` / `aligner_config` give other shapes (bench.py: Qwen2.5-0.5B's, stored in bf16, random
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int = 120, n_pairs: int | None = None,
+              n_transfer: int | None = None, pretrain_steps: int = 800, llm_config=None, aligner_config=None,
+              log=lambda msg: None) -> Path:
+    """Make the demo's data, tokenizer, tiny LLM and initial aligner in `folder` (deterministic for a seed).
+
+    data/: train/val.jsonl (conversations), pairs_train/val.jsonl (Phase-1 pairs; `n_pairs` defaults to two
+    thirds of `n_train`), transfer_train/val.jsonl (the cross-modal transfer test; `n_transfer`: a third) and their
+    media. The LLM is briefly pretrained on the demo's text so LoRA adapts a
+    model that knows the language. aligner-init/ is a random aligner, the starting point of Phase 1 (`ensure_demo`
+    runs it). `llm_config` / `aligner_config` give other shapes (bench.py: Qwen2.5-0.5B's, stored in bf16, random
     weights for GPU runs of train.py). `log` receives a line per stage. Returns `folder`."""
     folder = Path(folder)
-    log(f"demo: writing {n_train} + {n_val} conversations with their images and clips to {folder / 'data'}")
+    n_pairs = n_train * 2 // 3 if n_pairs is None else n_pairs
+    n_transfer = n_train // 3 if n_transfer is None else n_transfer
+    log(f"demo: writing {n_train} + {n_val} conversations, {n_pairs} + {n_val} Phase-1 pairs and {n_transfer} + "
+        f"{n_val} transfer-test samples with their images and clips to {folder / 'data'}")
     media = folder / "data" / "media"
     media.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     splits = {"train": [demo_sample(rng, i, media, "train") for i in range(n_train)],
               "val": [demo_sample(rng, i, media, "val") for i in range(n_val)]}
     for split, samples in splits.items():
-        (folder / "data" / f"{split}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        write_jsonl(folder / "data" / f"{split}.jsonl", samples)
+    for split, n in (("train", n_pairs), ("val", n_val)):
+        write_jsonl(folder / "data" / f"pairs_{split}.jsonl", [demo_pair(rng, i, media, split) for i in range(n)])
+    for split, n in (("train", n_transfer), ("val", n_val)):
+        write_jsonl(folder / "data" / f"transfer_{split}.jsonl",
+                    [transfer_sample(rng, i, media, split) for i in range(n)])
     texts = [t["value"].replace("<image>\n", "").replace("<audio>\n", "")
              for s in splits["train"] for t in s["conversations"]]
+    texts += [f"{NUMBERS[n]} {c} {s}s" for n in range(2, 4) for c in COLOURS for s in SHAPES]  # the pairs' words
+    texts += [beeps(n, p, r) for n in range(1, 4) for p in ("high", "low") for r in ("fast", "slow")]
+    texts += [COUNT_QUESTION, "at the"]
     llm_dir = folder / "llm"
     log("demo: training a byte-level BPE tokenizer on their text")
     train_tokenizer(texts, llm_dir, vocab_size=400)
@@ -165,8 +261,8 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
     acfg = aligner_config or AlignerConfig(dim=64, image=EncoderConfig(64, 2, 4), audio=EncoderConfig(64, 2, 4),
                                            image_size=32, patch_size=8, sample_rate=16000, clip_seconds=1.0,
                                            n_fft=400, hop_length=160, n_mels=40)
-    log("demo: writing a random aligner (image and audio encoders)")
-    save_aligner(Aligner(acfg), folder / "aligner")
+    log("demo: writing a random aligner (image and audio encoders), Phase 1's starting point")
+    save_aligner(Aligner(acfg), folder / "aligner-init")
     (folder / "READY").write_text("demo assets complete\n")
     return folder
 
@@ -197,11 +293,29 @@ def pretrain(llm, sequences: list[list[int]], steps: int, seed: int, batch: int 
     llm.eval()
 
 
-def ensure_demo(folder: str | Path, **kw) -> Path:
-    """Make the demo assets in `folder` unless a complete set is already there, saying what it makes."""
+ALIGN_CONFIG = Path(__file__).parent / "configs" / "demo-align.toml"
+
+
+def ensure_demo(folder: str | Path, phase1: bool = True, device: torch.device | None = None, **kw) -> Path:
+    """Make the demo assets in `folder` unless a complete set is already there, saying what it makes; with
+    `phase1`, also align the demo's encoders (Phase 1, configs/demo-align.toml, into `folder`/align/: an
+    interrupted run resumes there, in one process on `device`) unless its aligner is there."""
     folder = Path(folder)
     if not (folder / "READY").is_file():
         print(f"demo: first run, making the demo's assets in {folder} (about a minute; later runs reuse them)",
               flush=True)
         make_demo(folder, log=lambda msg: print(msg, flush=True), **kw)
+    if phase1 and not (folder / "align" / "DONE").is_file():
+        import train  # train.py imports this module
+
+        print(f"demo: Phase 1, aligning the demo's image and audio encoders with the LLM's text ({ALIGN_CONFIG.name}, "
+              f"into {folder / 'align'})", flush=True)
+        d = folder / "data"
+        cfg = train.load_config(str(ALIGN_CONFIG), [
+            f"--model.llm={folder / 'llm'}", f"--model.aligner={folder / 'aligner-init'}",
+            f"--data.train_file={d / 'pairs_train.jsonl'}", f"--data.val_file={d / 'pairs_val.jsonl'}",
+            "--data.make_demo=", f"--run.out_dir={folder / 'align'}"])
+        if train.fit(cfg, train.World(device=device or torch.device("cpu"))).get("stopped"):  # even under torchrun
+            raise RuntimeError(f"demo: Phase 1 was stopped; run the command again to resume it in {folder / 'align'}")
+        (folder / "align" / "DONE").write_text("Phase 1 complete\n")
     return folder

@@ -432,13 +432,19 @@ def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: st
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write tensors (any device, any layout) to one safetensors file, with the metadata transformers expects;
-    written under a temporary name and renamed, so the file is whole or absent, and readable by all (0644)."""
+    written under a temporary name and renamed, so the file is whole or absent, and readable by all (0644).
+    Tensors that share memory (a module used twice) are written as copies."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        out[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v
+        seen.add(v.untyped_storage().data_ptr())
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        save_file(out, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -934,15 +940,20 @@ class Aligner(nn.Module):
         return {k for k in self.state_dict() if ".encoder.tower." in k}
 
 
-def load_aligner(path: str | os.PathLike, device="cpu") -> Aligner:
-    """Read a Phase-1 checkpoint folder (aligner.json + aligner.safetensors); returned frozen and in eval mode."""
+def load_aligner(path: str | os.PathLike, device="cpu", init_missing: bool = False) -> Aligner:
+    """Read a Phase-1 aligner folder (aligner.json + aligner.safetensors), or a Phase-1 run's folder (its
+    `aligner/`); returned frozen and in eval mode. With `init_missing` (the start of Phase 1), a folder holding
+    aligner.json alone gives a freshly initialised aligner (Hugging Face towers still load from their folders)."""
     folder = Path(path)
+    if not (folder / "aligner.json").is_file() and (folder / "aligner" / "aligner.json").is_file():
+        folder = folder / "aligner"  # a Phase-1 run's folder
     cfg = AlignerConfig.from_dict(read_json(folder / "aligner.json", "a Phase-1 aligner folder needs aligner.json"))
     weights = folder / "aligner.safetensors"
-    if not weights.is_file():
+    if not weights.is_file() and not init_missing:
         raise FileNotFoundError(f"{weights}: not found; a Phase-1 aligner folder needs aligner.safetensors")
     aligner = Aligner(cfg).to(device)  # small next to the LLM: built in place, then overwritten
-    load_state_streaming(aligner, [weights], device, torch.float32, skip=tuple(aligner.tower_keys()))
+    if weights.is_file():
+        load_state_streaming(aligner, [weights], device, torch.float32, skip=tuple(aligner.tower_keys()))
     aligner.requires_grad_(False)
     return aligner.eval()
 

@@ -1,6 +1,9 @@
-"""Phase-2 training of mmlora: projectors + LoRA on multimodal conversations, in one torchrun-driven DDP loop.
+"""Training of mmlora, both phases in one torchrun-driven DDP loop: Phase 2 (train.phase = "instruct") trains
+projectors + LoRA on multimodal conversations; Phase 1 (train.phase = "align", align.py) trains the aligner on
+image-text, audio-text and image-audio pairs.
 
     python train.py --config configs/demo.toml                                  # one process (CPU or one GPU)
+    python train.py --config configs/demo-align.toml                            # Phase 1 -> <out_dir>/aligner/
     torchrun --nproc_per_node=8 train.py --config configs/qwen2.5-0.5b.toml     # DDP; or: bash launch.sh CONFIG
     python train.py --config configs/demo.toml --train.max_steps=20 --run.out_dir=runs/x   # overrides
 
@@ -8,8 +11,9 @@ Read top to bottom: config -> model -> data stream -> checkpoints -> metrics -> 
 (`fit`) -> the whole-step CUDA graph, an opt-in wrapper around the step (`GraphedStep`).
 Every optimizer step consumes `batch_size * grad_accum * world_size` samples of one global stream (epoch-seeded
 permutations, concatenated), so the data position is one number and a resume on any number of ranks continues
-from the same global sample. The loss of a step is summed over tokens and divided by the labelled tokens of the
-whole step on all ranks, so 1 rank and N ranks with the same global batch compute the same gradient.
+from the same global sample. The loss of a step is summed over tokens (Phase 1: pairs) and divided by the labelled
+tokens (pairs) of the whole step on all ranks, so 1 rank and N ranks with the same global batch compute the same
+gradient.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import align
 import data
 import demo
 import lora
@@ -51,13 +56,15 @@ from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector
 @dataclass
 class ModelConfig:
     llm: str = ".cache/demo/llm"  # Hugging Face folder of the LLM (config.json, safetensors, tokenizer.json)
-    aligner: str = ".cache/demo/aligner"  # Phase-1 aligner folder (aligner.json + aligner.safetensors)
+    aligner: str = ".cache/demo/align/aligner"  # Phase-1 aligner folder (aligner.json + aligner.safetensors)
     chat_format: str = ""  # "" = from tokenizer_config.json's template or the family; or chatml, qwen2.5, llama3, ...
     dtype: str = "auto"  # frozen LLM weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
     image_tokens: int = 16  # K: LLM tokens per image
     audio_tokens: int = 8  # K: LLM tokens per audio clip
     projector_hidden: int = 0  # width of the projector's middle layer; 0 = the LLM's hidden size
     projector_mode: str = "pool"  # pool: N encoder tokens pooled to K; pooled: the pooled embedding repeated K times
+    shared_projector: bool = False  # one projector for images and audio (ImageBind-LLM's design: what it learns on
+    # one modality applies to the other through the aligned space); needs image_tokens == audio_tokens
     loss_chunk: int = 4096  # labelled positions per lm_head chunk in the loss
 
     @property
@@ -91,11 +98,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    phase: str = "instruct"  # instruct: Phase 2 (projectors + LoRA on conversations); align: Phase 1 (the aligner
+    # on pairs, align.py), which writes <out_dir>/aligner/
     batch_size: int = 8  # samples per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps in all
     lr_projector: float = 1e-3  # peak learning rate of the projectors
     lr_lora: float = 2e-4  # peak learning rate of the LoRA adapters
+    lr_aligner: float = 1e-3  # Phase 1: peak learning rate of the aligner's heads (and encoders) and the text head
+    align_encoders: bool = False  # Phase 1: train our own encoders too, not only the heads (HF towers stay frozen)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 50  # linear warmup, then cosine decay to min_lr_ratio * peak
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
@@ -133,7 +144,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-CHOICES = {("model", "dtype"): ("auto", "float32", "bfloat16"), ("model", "projector_mode"): ("pool", "pooled"),
+CHOICES = {("train", "phase"): ("instruct", "align"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
+           ("model", "projector_mode"): ("pool", "pooled"),
            ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
            ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
            ("run", "device"): ("auto", "cpu", "cuda")}
@@ -141,7 +153,8 @@ POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), 
             ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
             ("run", "log_every"), ("data", "pad_multiple"), ("train", "keep_last"), ("train", "max_bad_steps"),
             ("data", "max_audio_windows")}
-NON_NEGATIVE = {("train", "lr_projector"), ("train", "lr_lora"), ("train", "weight_decay"), ("train", "warmup_steps"),
+NON_NEGATIVE = {("train", "lr_projector"), ("train", "lr_lora"), ("train", "lr_aligner"), ("train", "weight_decay"),
+                ("train", "warmup_steps"),
                 ("train", "grad_clip"), ("lora", "dropout"), ("train", "eval_every"), ("train", "save_every"),
                 ("train", "eval_samples"), ("train", "gen_samples"), ("data", "num_workers")}
 
@@ -185,6 +198,12 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
     if cfg.train.cuda_graph:
         GraphedStep.check_config(cfg)
+    if cfg.train.phase == "align" and cfg.data.feature_cache:
+        raise ValueError("train.phase = \"align\" trains the aligner, so its features cannot come from a cache: "
+                         "set data.feature_cache = \"\"")
+    if cfg.model.shared_projector and cfg.model.image_tokens != cfg.model.audio_tokens:
+        raise ValueError(f"model.shared_projector gives images and audio one projector, so model.image_tokens "
+                         f"({cfg.model.image_tokens}) and model.audio_tokens ({cfg.model.audio_tokens}) must be equal")
     longest = max(cfg.model.image_tokens, cfg.model.audio_tokens)
     if cfg.data.max_len <= longest:
         raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
@@ -254,13 +273,18 @@ def setup_distributed(cfg: Config) -> World:
     return World(rank, local, size, device)
 
 
-def build_model(cfg: Config, device: torch.device, adapters: bool = True) -> tuple[Tokenizer, MultimodalLM]:
+def build_model(cfg: Config, device: torch.device, adapters: bool = True
+                ) -> tuple[Tokenizer, MultimodalLM | align.AlignModel]:
     """Tokenizer, LLM (frozen, with LoRA unless `adapters` is False), frozen aligner and projectors, as the config
-    says."""
+    says; in Phase 1 (train.phase = "align") the aligner to train, on the frozen LLM (`align.AlignModel`)."""
     tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
     llm = load_llm(cfg.model.llm, device, dtype)
+    if cfg.train.phase == "align":
+        aligner = load_aligner(cfg.model.aligner, device, init_missing=True)
+        torch.manual_seed(cfg.train.seed)  # the same text head on every rank
+        return tokenizer, align.AlignModel(aligner, llm, cfg.train.align_encoders).to(device)
     aligner = load_aligner(cfg.model.aligner, device)
     media_ids = {m: tokenizer.media_token_id(m) for m in MODALITIES}
     return tokenizer, assemble(cfg, llm, aligner, media_ids, adapters)
@@ -273,8 +297,11 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
     torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
     H, D = llm.config.hidden_size, aligner.config.dim
     K = cfg.model.tokens_per_media
-    projectors = nn.ModuleDict({m: Projector(D, cfg.model.projector_hidden or H, H, K[m], cfg.model.projector_mode)
-                                for m in MODALITIES}).to(llm.lm_head.weight.device)
+    projectors = {m: Projector(D, cfg.model.projector_hidden or H, H, K[m], cfg.model.projector_mode)
+                  for m in MODALITIES}
+    if cfg.model.shared_projector:
+        projectors = {m: projectors["image"] for m in MODALITIES}
+    projectors = nn.ModuleDict(projectors).to(llm.lm_head.weight.device)
     if adapters:
         targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
         lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
@@ -309,8 +336,12 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
         layer.compile(mode=None if cfg.compile == "default" else cfg.compile, dynamic=dynamic)
 
 
-def parameter_groups(model: MultimodalLM) -> dict[str, list[nn.Parameter]]:
+def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[nn.Parameter]]:
     """The parts of the model as the parameter report shows them."""
+    if isinstance(model, align.AlignModel):
+        return {"aligner": list(model.aligner.parameters()), "text head": [*model.text_head.parameters(),
+                                                                           model.logit_scale],
+                "llm": list(model.llm.parameters())}
     named = list(model.llm.named_parameters())
     return {"aligner": list(model.aligner.parameters()), "projectors": list(model.projectors.parameters()),
             "llm": [p for n, p in named if ".lora_" not in n], "lora": [p for n, p in named if ".lora_" in n]}
@@ -353,13 +384,19 @@ class StreamSampler(torch.utils.data.Sampler):
             pos += global_batch
 
 
-def make_loader(ds: data.ConversationDataset, cfg: Config, world: World, tokenizer: Tokenizer, start: int):
+def make_loader(ds: data.ConversationDataset | data.PairDataset, cfg: Config, world: World, tokenizer: Tokenizer,
+                start: int):
     sampler = StreamSampler(len(ds), cfg.train.batch_size, cfg.train.grad_accum, world, cfg.train.seed, start)
     pack, max_len, multiple = cfg.data.pack, cfg.data.max_len, cfg.data.pad_multiple
+    if isinstance(ds, data.PairDataset):
+        def collate(items):
+            return data.collate_pairs(items, tokenizer.pad_id)
+    else:
+        def collate(items):
+            return data.collate(items, tokenizer.pad_id, pack, max_len, multiple)
     return torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=world.device.type == "cuda",
-        collate_fn=lambda items: data.collate(items, tokenizer.pad_id, pack, max_len, multiple),
-        generator=torch.Generator())  # its own generator: creating the loader must not draw from the global RNG
+        collate_fn=collate, generator=torch.Generator())  # own generator: making it must not draw from the global RNG
 
 
 def cache_folder(cfg: Config, path: str) -> Path | None:
@@ -368,9 +405,12 @@ def cache_folder(cfg: Config, path: str) -> Path | None:
 
 
 def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner: Aligner,
-                 use_cache: bool = True) -> data.ConversationDataset:
+                 use_cache: bool = True) -> data.ConversationDataset | data.PairDataset:
     """A data file as the config says: K tokens per media, max_len, truncation, on_error, paths, and the feature
-    cache (checked against this aligner's weights)."""
+    cache (checked against this aligner's weights); in Phase 1, a pair file."""
+    if cfg.train.phase == "align":
+        return data.PairDataset(path, tokenizer, aligner.config, cfg.data.max_len, cfg.data.on_error,
+                                cfg.data.allow_outside_paths)
     cache = cache_folder(cfg, path) if use_cache else None
     return data.ConversationDataset(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
                                     cfg.data.truncate, cfg.data.on_error, cfg.data.allow_outside_paths, cache,
@@ -442,33 +482,41 @@ class CheckpointReadError(ValueError):
     one is tried."""
 
 
-def write_checkpoint(ckpt_dir: Path, name: str, model: MultimodalLM, opt, scaler, state: dict, rngs: list) -> Path:
-    """Write checkpoint `name` atomically: a crash at any moment leaves either the old or the new one whole.
-
-    Files go to a temporary folder, are fsynced, and the folder is renamed into place; then `latest` is
-    replaced (os.replace is atomic) to name it, except for `best`, which is a copy kept aside."""
-    tmp = ckpt_dir / f".tmp-{name}-{os.getpid()}"
+def write_folder(final: Path, write) -> None:
+    """`write(tmp)` fills a temporary folder beside `final`, whose files are fsynced, and the folder then takes
+    `final`'s place by renames: a crash at any moment leaves the old folder or the new one whole. A folder that
+    cannot be written is a CheckpointWriteError, and the old one stays."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_tensors(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
-        torch.save(rngs, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"cannot write checkpoint {name} in {ckpt_dir}: {e}. The previous checkpoint is "
-                                   "intact; free space or make run.out_dir writable, then resume") from None
-    final = ckpt_dir / name
-    old = ckpt_dir / f".old-{name}-{os.getpid()}"
+        raise CheckpointWriteError(f"cannot write {final}: {e}. The previous checkpoint is intact; free space or "
+                                   "make run.out_dir writable, then resume") from None
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(final.parent)
+
+
+def write_checkpoint(ckpt_dir: Path, name: str, model: nn.Module, opt, scaler, state: dict, rngs: list) -> Path:
+    """Write checkpoint `name` atomically (`write_folder`), then replace `latest` (os.replace is atomic) to name
+    it, except for `best`, which is a copy kept aside."""
+    def write(tmp: Path) -> None:
+        save_tensors(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(rngs, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    final = ckpt_dir / name
+    write_folder(final, write)
     if name != "best":
         latest_tmp = ckpt_dir / f".latest-{os.getpid()}"
         latest_tmp.write_text(name + "\n")
@@ -491,6 +539,8 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
                  "bad_steps": run.bad_steps, "world_size": world.size, "lr_factor": lr_factor(run.step, cfg.train),
                  "llm_config": dataclasses.asdict(model.llm.config), "config": dataclasses.asdict(cfg)}
         write_checkpoint(ckpt_dir, name, model, opt, scaler, state, rngs)
+        if isinstance(model, align.AlignModel) and name != "best":  # Phase 1's result, as of this checkpoint
+            write_folder(Path(cfg.run.out_dir) / "aligner", lambda tmp: align.save_result(model, tmp, cfg.model.llm))
         if name.startswith("step_"):
             for old in sorted(ckpt_dir.glob("step_*"))[:-cfg.train.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -569,7 +619,7 @@ def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor],
                          "use the model.llm it was trained with, or --train.resume=none")
     alphas = {m.alpha for m in lora.lora_modules(model.llm).values()}
     saved_alpha = state.get("config", {}).get("lora", {}).get("alpha")
-    if saved_alpha is not None and alphas != {saved_alpha}:
+    if saved_alpha is not None and alphas and alphas != {saved_alpha}:
         raise ValueError(f"{path}: checkpoint was trained with lora.alpha = {saved_alpha}, this run has "
                          f"{sorted(alphas)}: its adapters would be scaled wrongly; use lora.alpha = {saved_alpha}, "
                          "or --train.resume=none")
@@ -600,43 +650,48 @@ def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics: metrics.csv and metrics.jsonl, one row per logged step and per eval, written by rank 0
 
-METRIC_FIELDS = ["step", "epoch", "split", "loss", "loss_text", "loss_image", "loss_audio", "lr", "grad_norm",
-                 "tokens", "tokens_per_s", "step_time", "peak_mem_gib", "accuracy", "bad_steps", "skipped_samples"]
+# the groups of samples whose loss is logged apart (Batch.groups, PairBatch.groups), and what a step counts
+GROUPS = {"instruct": ("text", "image", "audio"), "align": tuple(f"{a}_{b}" for a, b in data.PAIR_KINDS)}
+UNITS = {"instruct": "tokens", "align": "pairs"}
+RECALLS = [f"r{k}_{x}_{y}" for k in (1, 5) for a, b in data.PAIR_KINDS for x, y in ((a, b), (b, a))]
+
+
+def metric_fields(phase: str) -> list[str]:
+    unit = UNITS[phase]
+    return ["step", "epoch", "split", "loss", *(f"loss_{g}" for g in GROUPS[phase]), "lr", "grad_norm", unit,
+            f"{unit}_per_s", "step_time", "peak_mem_gib", *(["accuracy"] if phase == "instruct" else RECALLS),
+            "bad_steps", "skipped_samples"]
 
 
 class Metrics:
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, out_dir: Path, enabled: bool, fields: list[str]):
+        self.enabled, self.fields = enabled, fields
         if enabled:
             new = not (out_dir / "metrics.csv").exists()
             self.csv_file = open(out_dir / "metrics.csv", "a", newline="")
-            self.csv = csv.DictWriter(self.csv_file, METRIC_FIELDS)
+            self.csv = csv.DictWriter(self.csv_file, fields)
             if new:
                 self.csv.writeheader()
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
 
     def log(self, row: dict) -> None:
         if self.enabled:
-            self.csv.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
+            self.csv.writerow({k: row.get(k, "") for k in self.fields})
             self.jsonl.write(json.dumps(row) + "\n")
             self.csv_file.flush()
             self.jsonl.flush()
 
 
-KINDS = ("text", "image", "audio")
-
-
-def modality_sums(out: LossOutput, modality: torch.Tensor) -> torch.Tensor:
-    """(6,): summed loss and labelled tokens of the batch's samples that are text-only, hold an image, hold audio."""
-    kinds = torch.stack([~modality.any(1), modality[:, 0], modality[:, 1]])  # (3, S)
-    sums = [torch.where(kinds, x, 0.0).sum(1) for x in (out.sample_loss, out.sample_tokens)]  # no host read
+def group_sums(out: LossOutput, groups: torch.Tensor) -> torch.Tensor:
+    """(6,): summed loss and count of each of the batch's 3 groups of samples (`groups` (3, S) bool)."""
+    sums = [torch.where(groups, x, 0.0).sum(1) for x in (out.sample_loss, out.sample_tokens)]  # no host read
     return torch.stack(sums, 1).flatten()
 
 
-def modality_losses(sums: torch.Tensor) -> dict:
-    """Mean loss per kind of sample from `modality_sums` (None where the batch had none of that kind)."""
-    return {f"loss_{k}": (sums[2 * j] / sums[2 * j + 1]).item() if sums[2 * j + 1] > 0 else None
-            for j, k in enumerate(KINDS)}
+def group_losses(sums: torch.Tensor, phase: str) -> dict:
+    """Mean loss per group from `group_sums` (None where the batch had none of that group)."""
+    return {f"loss_{g}": (sums[2 * j] / sums[2 * j + 1]).item() if sums[2 * j + 1] > 0 else None
+            for j, g in enumerate(GROUPS[phase])}
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -672,6 +727,31 @@ def any_rank(flag: bool, world: World) -> bool:
     return flag if world.size == 1 else all_sum(torch.full((), float(flag), device=world.device), world).item() > 0
 
 
+class GatherRows(torch.autograd.Function):
+    """All ranks' rows (world * B, ...) in rank order; the backward sums the gradient over the ranks and gives
+    each rank that of its own rows, so the loss of every rank reaches each rank's inputs (open_clip's all-gather
+    with gradient; an all-reduce, which gloo and NCCL both have)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, world: World) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world.size)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.world = x.shape[0], world
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = ctx.world.rank * ctx.rows
+        return grad[start:start + ctx.rows], None
+
+
+def gather_rows(x: torch.Tensor, world: World) -> tuple[torch.Tensor, int]:
+    """`AlignModel.gather` under torchrun: (all ranks' rows, where this rank's start)."""
+    return GatherRows.apply(x, world), world.rank * x.shape[0]
+
+
 @torch.compiler.set_stance("force_eager")  # compiled layers run eager here: the shapes change from call to call
 @torch.no_grad()
 def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, world: World, tokenizer: Tokenizer,
@@ -688,11 +768,11 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
         batch = data.collate(items, tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple).to(world.device)
         with autocast():
             out = model(batch)
-        sums += modality_sums(out, batch.modality)
+        sums += group_sums(out, batch.groups())
         loss_sum += torch.stack([out.sample_loss.sum(), out.sample_tokens.sum()])
     all_sum(sums, world)
     all_sum(loss_sum, world)
-    row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **modality_losses(sums)}
+    row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **group_losses(sums, "instruct")}
     correct = torch.zeros(2, device=world.device)
     gen = list(range(world.rank, min(len(ds), cfg.train.gen_samples), world.size))
     for s in range(0, len(gen), cfg.train.batch_size):
@@ -712,15 +792,65 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
     return row
 
 
+@torch.no_grad()
+def evaluate_align(model: align.AlignModel, ds: data.PairDataset, cfg: Config, world: World, tokenizer: Tokenizer,
+                   autocast) -> dict:
+    """Phase 1's validation, over all ranks: the contrastive loss with the whole validation set as one batch (all
+    and per kind of pair), and recall@1 and @5 in both directions of each kind ("r1_image_text": image -> text)."""
+    model.eval()
+    n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
+    share = -(-n // world.size)  # pairs per rank, the last ones repeated to make the shares equal
+    mine = [min(i, n - 1) for i in range(world.rank * share, (world.rank + 1) * share)]
+    sides, keys = [], []
+    for s in range(0, len(mine), cfg.train.batch_size):
+        items = [ds[i] for i in mine[s:s + cfg.train.batch_size]]
+        batch = data.collate_pairs(items, tokenizer.pad_id).to(world.device)
+        with autocast():
+            left, right = model.embed(batch)
+        sides.append(torch.cat([left, right, batch.kind[:, None].float()], 1))  # (b, 2D + 1)
+        keys += [it.keys for it in items]
+    rows = torch.cat(sides)
+    if world.size > 1:
+        parts = [torch.empty_like(rows) for _ in range(world.size)]
+        dist.all_gather(parts, rows)
+        rows = torch.cat(parts)
+        all_keys = [None] * world.size
+        dist.all_gather_object(all_keys, keys)
+        keys = [k for part in all_keys for k in part]
+    D = model.aligner.config.dim
+    left, right, kind = rows[:n, :D], rows[:n, D:2 * D], rows[:n, 2 * D].long()
+    losses = align.contrastive_loss(left, right, kind, model.scale())  # (n,)
+    ones = torch.ones_like(losses)
+    groups = kind[None] == torch.arange(len(data.PAIR_KINDS), device=kind.device)[:, None]  # (3, n)
+    sums = group_sums(LossOutput(losses.sum(), ones.sum(), losses, ones), groups)
+    model.train()
+    return {"loss": losses.mean().item(), **group_losses(sums, "align"),
+            **align.retrieval_metrics(left, right, kind, keys[:n])}
+
+
+def eval_summary(row: dict) -> str:
+    """The log line's part of an eval row: accuracy, or Phase 1's recall@1 in each direction."""
+    if "accuracy" in row:
+        return "accuracy " + ("n/a" if row["accuracy"] is None else
+                              f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['answered']})")
+    recalls = [f"{k[3:].replace('_', '->')} {100 * v:.0f}%" for k, v in row.items() if k.startswith("r1_")]
+    return "recall@1 " + ", ".join(recalls)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The training step
 
 
-def make_optimizer(model: MultimodalLM, cfg: TrainConfig):
-    """Fused AdamW over the trainable parameters: projectors and LoRA, each with its own learning rate."""
-    groups = [{"params": list(model.projectors.parameters()), "lr": cfg.lr_projector, "peak": cfg.lr_projector},
-              {"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": cfg.lr_lora,
-               "peak": cfg.lr_lora}]
+def make_optimizer(model: MultimodalLM | align.AlignModel, cfg: TrainConfig):
+    """Fused AdamW over the trainable parameters: projectors and LoRA, each with its own learning rate; in Phase 1
+    the aligner's trainable part, the text head and the temperature."""
+    if isinstance(model, align.AlignModel):
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr_aligner,
+                   "peak": cfg.lr_aligner}]
+    else:
+        groups = [{"params": list(model.projectors.parameters()), "lr": cfg.lr_projector, "peak": cfg.lr_projector},
+                  {"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": cfg.lr_lora,
+                   "peak": cfg.lr_lora}]
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True)
     return opt, [p for g in groups for p in g["params"]]
 
@@ -757,22 +887,32 @@ def forward_backward(model: nn.Module, micro: list[data.Batch], scaler, autocast
 
     Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks (times the
     world size, since the gradients are averaged over the ranks: by DDP, with `no_sync` on every micro-batch but
-    the last). Every trainable parameter gets a gradient, zero for a projector whose modality the micro-batch
-    lacks: DDP expects one from every parameter at every step."""
+    the last). Every trainable parameter gets a gradient, zero for those the micro-batch does not reach
+    (`idle_parameters`): DDP expects one from every parameter at every step. The count the loss is divided by is
+    `Batch.count` (labelled tokens) or `PairBatch.count` (pairs)."""
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    n_tok = all_sum(sum(b.label_weight.sum() for b in micro), world)
+    n_tok = all_sum(sum(b.count() for b in micro), world)
     stats = torch.zeros(7, device=world.device)
     for i, b in enumerate(micro):
         last = i == len(micro) - 1
         with (model.no_sync() if raw is not model and not last else contextlib.nullcontext()), autocast():
             out = model(b)
-            unused = sum(0.0 * p.sum() for m, proj in raw.projectors.items() if m not in b.media
-                         for p in proj.parameters())
+            unused = sum(0.0 * p.sum() for p in idle_parameters(raw, b))
             loss = (out.loss_sum + unused) * world.size / n_tok
         scaler.scale(loss).backward()
         stats[0] += out.loss_sum.detach().float()
-        stats[1:] += modality_sums(out, b.modality)
+        stats[1:] += group_sums(out, b.groups())
     return stats, n_tok
+
+
+def idle_parameters(model: MultimodalLM | align.AlignModel, b: data.Batch | data.PairBatch) -> list[nn.Parameter]:
+    """The trainable parameters a micro-batch does not reach: the projector (Phase 2) or tower (Phase 1) of a
+    modality it lacks."""
+    if isinstance(model, align.AlignModel):
+        present, parts = set(b.media) | ({"text"} if b.text_ids is not None else set()), model.towers()
+    else:
+        present, parts = set(b.media), model.projectors
+    return [p for m, part in parts.items() if m not in present for p in part.parameters() if p.requires_grad]
 
 
 def update(opt, scaler, params: list[nn.Parameter], grad_clip: float, stats: torch.Tensor, world: World
@@ -893,8 +1033,8 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
                 lock = RunLock(out_dir)
                 clean_leftovers(out_dir / "checkpoints")
                 write_json(out_dir / "config.json", dataclasses.asdict(resolved_paths(cfg)))
-                if cfg.data.make_demo:
-                    demo.ensure_demo(cfg.data.make_demo)
+                if cfg.data.make_demo:  # Phase 2 on the demo needs its aligner from Phase 1
+                    demo.ensure_demo(cfg.data.make_demo, phase1=cfg.train.phase == "instruct", device=world.device)
         except Exception as e:
             error = e
             if lock is not None:
@@ -930,23 +1070,25 @@ def list_skipped(micro: list[data.Batch], seen: set[tuple], out_dir: Path, world
 def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int, skipped: int, epoch_size: int,
               world: World, cfg: Config) -> dict:
     """The metrics row of the last step (its loss; speed over the steps since the last row), printed by rank 0."""
+    unit = UNITS[cfg.train.phase]
     row = {"step": run.step, "epoch": run.consumed / epoch_size, "split": "train",
-           "loss": (out.stats[0] / out.n_tokens).item(), "lr": float(opt.param_groups[1]["lr"]),
-           "grad_norm": out.grad_norm.item(), "tokens": int(out.n_tokens.item()), "tokens_per_s": tokens / elapsed,
+           "loss": (out.stats[0] / out.n_tokens).item(), "lr": float(opt.param_groups[-1]["lr"]),
+           "grad_norm": out.grad_norm.item(), unit: int(out.n_tokens.item()), f"{unit}_per_s": tokens / elapsed,
            "step_time": elapsed / cfg.run.log_every, "peak_mem_gib": round(peak_memory_gib(world.device), 3),
-           "bad_steps": run.bad_steps, "skipped_samples": skipped, **modality_losses(out.stats[1:])}
+           "bad_steps": run.bad_steps, "skipped_samples": skipped, **group_losses(out.stats[1:], cfg.train.phase)}
     if world.master:
         eta = (cfg.train.max_steps - run.step) * row["step_time"]
-        print(f"step {run.step:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {row['tokens_per_s']:,.0f} tok/s | "
+        speed = f"{row[f'{unit}_per_s']:,.0f} {'tok' if unit == 'tokens' else unit}/s"
+        print(f"step {run.step:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {speed} | "
               f"ETA {duration(eta)} | {'mem' if world.device.type == 'cuda' else 'host mem'} "
               f"{row['peak_mem_gib']:.2f} GiB")
     return row
 
 
-def fit(cfg: Config) -> dict:
+def fit(cfg: Config, world: World | None = None) -> dict:
     """Train as the config says (resuming where `train.resume` points) and export the result; returns the last
-    logged row, with "step" and "stopped" (by a signal)."""
-    world = setup_distributed(cfg)
+    logged row, with "step" and "stopped" (by a signal). `world` defaults to torchrun's processes."""
+    world = world or setup_distributed(cfg)
     lock = prepare_out_dir(cfg, world)
     stop = StopRequest(print if world.master else (lambda *a, **k: None))
     try:
@@ -963,6 +1105,9 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
     log = print if world.master else (lambda *a, **k: None)
 
     tokenizer, model = build_model(cfg, world.device)
+    phase1 = isinstance(model, align.AlignModel)
+    if phase1 and world.size > 1:
+        model.gather = functools.partial(gather_rows, world=world)  # negatives from every rank
     log(parameter_report(parameter_groups(model)))
     train_ds, val_ds, skipped = load_datasets(cfg, tokenizer, model.aligner, world, log)
     opt, params = make_optimizer(model, cfg.train)
@@ -983,7 +1128,7 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
         torch.manual_seed(cfg.train.seed + world.rank)  # dropout differs across ranks, the same on every run
     step_fn = make_step(model, opt, scaler, params, autocast, world, cfg)  # after a resume: graphs keep its state
     model.train()
-    metrics = Metrics(out_dir, world.master)
+    metrics = Metrics(out_dir, world.master, metric_fields(cfg.train.phase))
     bad_seen: set[tuple] = set()  # samples that failed to decode during training, on this rank
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
 
@@ -998,7 +1143,7 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
             set_lr(opt, lr_factor(run.step, cfg.train))
             micro = [next(loader) for _ in range(cfg.train.grad_accum)]
             list_skipped(micro, bad_seen, out_dir, world)
-            tokens_since += sum(sum(b.lengths) for b in micro) * world.size  # all tokens processed
+            tokens_since += sum(len(b.ids) if phase1 else sum(b.lengths) for b in micro) * world.size  # all processed
             out = step_fn([b.to(world.device) for b in micro])
             finite = bool(out.finite)
             run.consumed += global_batch  # after the step: a crash inside it re-reads its samples on resume
@@ -1025,11 +1170,9 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
                 t_last, tokens_since = time.perf_counter(), 0
             if finite and val_ds is not None and (last or cfg.train.eval_every
                                                   and run.step % cfg.train.eval_every == 0):
-                row = evaluate(model, val_ds, cfg, world, tokenizer, autocast)
+                row = (evaluate_align if phase1 else evaluate)(model, val_ds, cfg, world, tokenizer, autocast)
                 metrics.log({"step": run.step, "epoch": run.consumed / len(train_ds), "split": "val", **row})
-                accuracy = "n/a" if row["accuracy"] is None else \
-                    f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['answered']})"
-                log(f"eval step {run.step} | val loss {row['loss']:.4f} | accuracy {accuracy}")
+                log(f"eval step {run.step} | val loss {row['loss']:.4f} | {eval_summary(row)}")
                 last_row = {**last_row, "val": row}
                 if row["loss"] < run.best:
                     run.best = row["loss"]
@@ -1046,7 +1189,9 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
             with contextlib.suppress(Exception):
                 save("emergency", collective=False)
         raise
-    if world.master:
+    if phase1:
+        log(f"Phase 1's aligner (for Phase 2's model.aligner) is in {out_dir / 'aligner'}")
+    elif world.master:
         export(model, out_dir / "export", cfg)
         log(f"exported the adapter (peft format), the merged LLM, projectors and aligner to {out_dir / 'export'}")
     return {**last_row, "stopped": False, "step": run.step}
@@ -1171,6 +1316,8 @@ class GraphedStep:
         if cfg.data.pack:
             raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
                              "set data.pack = false with it")
+        if cfg.train.phase == "align":
+            raise ValueError("train.cuda_graph records Phase 2's step; set it to false with train.phase = \"align\"")
 
     def step(self, micro: list[data.Batch]) -> StepOutput:
         """The step as it is recorded: `train_step` with the gradients averaged by hand instead of by DDP."""

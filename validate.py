@@ -53,6 +53,7 @@ class Validator:
         self.device = torch.device("cuda" if gpu else "cpu")  # a GPU node checks on its GPU
         self.rtol = 1e-3 if gpu else 1e-5  # bf16 autocast on GPU; fp32 on CPU
         self.scratch = Path(tempfile.mkdtemp(prefix="mmlora-validate-"))
+        self.phase1 = cfg.train.phase == "align"  # Phase 1: the aligner on pairs (align.py)
         self.results: list[dict] = []
 
     def run(self, name: str, fn, needs: tuple[str, ...] = ()) -> None:
@@ -81,8 +82,9 @@ class Validator:
             if not Path(path).exists() and not self.cfg.data.make_demo:
                 raise CheckFailed(f"{key} = {path!r} does not exist", f"set {key} to an existing path")
         if self.cfg.data.make_demo:
-            demo.ensure_demo(self.cfg.data.make_demo)
-        return (f"{self.cfg.lora.targets} r={self.cfg.lora.rank}, batch {self.cfg.train.batch_size}, checked eager "
+            demo.ensure_demo(self.cfg.data.make_demo, phase1=self.cfg.train.phase == "instruct", device=self.device)
+        what = "Phase 1 (align)" if self.phase1 else f"{self.cfg.lora.targets} r={self.cfg.lora.rank}"
+        return (f"{what}, batch {self.cfg.train.batch_size}, checked eager "
                 f"(train.compile = {self.compile!r}, train.cuda_graph = {self.cuda_graph} when training)")
 
     def model_init(self) -> str:
@@ -92,6 +94,8 @@ class Validator:
 
     def freezing(self) -> str:
         groups = train.parameter_groups(self.model)
+        if self.phase1:
+            return self.freezing_phase1(groups)
         for part in ("aligner", "llm"):
             trainable = [p for p in groups[part] if p.requires_grad]
             if trainable:
@@ -107,6 +111,19 @@ class Validator:
             raise CheckFailed(f"LoRA has {got:,} parameters, r*(in+out) gives {expected:,}", "check lora.py")
         return f"LoRA {got:,}, projectors {sum(p.numel() for p in groups['projectors']):,}"
 
+    def freezing_phase1(self, groups: dict) -> str:
+        if any(p.requires_grad for p in groups["llm"]):
+            raise CheckFailed("the LLM has trainable parameters in Phase 1",
+                              "it embeds the text frozen: check align.py")
+        heads = [p for m in MODALITIES for p in getattr(self.model.aligner, m).head.parameters()]
+        if not all(p.requires_grad for p in heads + groups["text head"]):
+            raise CheckFailed("the aligner's heads or the text head are frozen", "check align.AlignModel")
+        towers = [p for n, p in self.model.aligner.named_parameters() if ".encoder.tower." in n and p.requires_grad]
+        if towers:
+            raise CheckFailed("a Hugging Face tower is trainable", "HF towers stay frozen: check align.AlignModel")
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return f"{trainable:,} trainable (heads{', encoders' if self.cfg.train.align_encoders else ''}, text head)"
+
     def data_pipeline(self) -> str:
         c = self.cfg
         K = c.model.tokens_per_media
@@ -115,6 +132,8 @@ class Validator:
         except data.SampleError as e:
             raise CheckFailed(str(e), "fix or remove that sample, or set data.on_error = \"skip\"") from None
         n = min(len(self.ds), c.train.batch_size)
+        if self.phase1:
+            return self.pairs_pipeline(n)
         self.batch = data.collate([self.ds[i] for i in range(n)], self.tokenizer.pad_id, c.data.pack,
                                   c.data.max_len).to(self.device)
         b = self.batch
@@ -141,13 +160,25 @@ class Validator:
                 raise CheckFailed(f"the collator's {m} slots are not the placeholder positions", "check data.collate")
         return f"{len(self.ds)} samples, batch {tuple(b.input_ids.shape)}, {len(b.label_index)} labels"
 
+    def pairs_pipeline(self, n: int) -> str:
+        items = [self.ds[i] for i in range(n)]
+        self.batch = b = data.collate_pairs(items, self.tokenizer.pad_id).to(self.device)
+        stack = [(m, i) for m in ("image", "audio", "text") for i, it in enumerate(items)
+                 if (it.text_ids is not None if m == "text" else m in it.media)]
+        for i, it in enumerate(items):
+            a, c = data.PAIR_KINDS[it.kind]
+            if stack[b.left[i]] != (a, i) or stack[b.right[i]] != (c, i):
+                raise CheckFailed(f"pair {it.id}: its sides do not index its own media", "check data.collate_pairs")
+        kinds = ", ".join(f"{int((b.kind == k).sum())} {a}-{c}" for k, (a, c) in enumerate(data.PAIR_KINDS))
+        return f"{len(self.ds)} pairs; a batch of {n}: {kinds}"
+
     def forward(self) -> str:
         with torch.no_grad():
             out = self.model(self.batch)
         loss = (out.loss_sum / out.n_tokens).item()
         if not torch.isfinite(torch.tensor(loss)):
             raise CheckFailed(f"loss is {loss}", "check the model's weights and the data")
-        per = train.modality_losses(train.modality_sums(out, self.batch.modality))
+        per = train.group_losses(train.group_sums(out, self.batch.groups()), self.cfg.train.phase)
         return f"loss {loss:.4f}; " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None)
 
     def training_step(self) -> str:
@@ -172,7 +203,7 @@ class Validator:
         optimizer."""
         cfg = copy.deepcopy(self.cfg)
         if lr is not None:
-            cfg.train.lr_projector = cfg.train.lr_lora = lr
+            cfg.train.lr_projector = cfg.train.lr_lora = cfg.train.lr_aligner = lr
         opt, params = train.make_optimizer(model, cfg.train)
         scaler, autocast = train.mixed_precision(cfg.train, self.device)
         return train.make_step(model, opt, scaler, params, autocast, train.World(device=self.device), cfg), opt
@@ -204,7 +235,7 @@ class Validator:
     def metrics(self) -> str:
         folder = self.scratch / "metrics"
         folder.mkdir()
-        m = train.Metrics(folder, True)
+        m = train.Metrics(folder, True, train.metric_fields(self.cfg.train.phase))
         m.log({"step": 1, "split": "train", "loss": 1.5, "lr": 1e-4})
         m.log({"step": 1, "split": "val", "loss": 1.4, "accuracy": 0.5})
         rows = list(csv.DictReader(open(folder / "metrics.csv")))
@@ -216,17 +247,19 @@ class Validator:
     def short_run(self) -> str:
         steps = 20 if self.quick else 60
         _, model = train.build_model(self.cfg, self.device)
-        step, opt = self.step(model, lr=3e-3)
+        step, opt = self.step(model, lr=1e-2 if self.phase1 else 3e-3)
         model.train()
         losses = []
         for _ in range(steps):
             out = step([self.batch])
             opt.zero_grad(set_to_none=True)
             losses.append((out.stats[0] / out.n_tokens).item())
-        if not losses[-1] < 0.5 * losses[0]:
+        # Phase 1's loss has a floor above 0 where a batch holds alike pairs (one caption, two images)
+        target = 0.75 if self.phase1 else 0.5
+        if not losses[-1] < target * losses[0]:
             raise CheckFailed(f"loss went {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps on one batch, "
-                              "not below half", "check learning rates, frozen parameters and labels")
-        return f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps on one batch (< 0.5x)"
+                              f"not below {target:g}x", "check learning rates, frozen parameters and labels")
+        return f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps on one batch (< {target:g}x)"
 
     def run_train(self, name: str, nproc: int, **train_keys) -> list[dict]:
         """train.py on the first samples of the data, with `train_keys` set; its training rows."""
@@ -250,6 +283,11 @@ class Validator:
     def subset(self, n: int = 64) -> Path:
         """The first n samples of the training data, with media paths made absolute."""
         path = self.scratch / "subset.jsonl"
+        if not path.exists() and self.phase1:
+            with open(path, "w") as f:
+                for ex in self.ds.examples[:n]:
+                    sides = {m: str(p) for m, p in ex.files.items()} | ({"text": ex.text} if ex.text else {})
+                    f.write(json.dumps({"id": ex.id, **sides}) + "\n")
         if not path.exists():
             with open(path, "w") as f:
                 for ex in self.ds.examples[:n]:

@@ -89,7 +89,8 @@ def demo_config(demo_dir, out_dir, **sections):
     """A train.Config on the small demo; `sections` override keys: demo_config(d, o, train={"max_steps": 4})."""
     import train
     cfg = train.Config()
-    cfg.model.llm, cfg.model.aligner, cfg.model.chat_format = str(demo_dir / "llm"), str(demo_dir / "aligner"), "chatml"
+    cfg.model.llm, cfg.model.aligner = str(demo_dir / "llm"), str(demo_dir / "aligner-init")
+    cfg.model.chat_format = "chatml"
     cfg.data.train_file, cfg.data.val_file = str(demo_dir / "data/train.jsonl"), str(demo_dir / "data/val.jsonl")
     cfg.data.max_len = 128
     cfg.lora.rank, cfg.lora.dropout = 4, 0.1
@@ -101,6 +102,15 @@ def demo_config(demo_dir, out_dir, **sections):
             setattr(getattr(cfg, section), k, v)
     train.check_config(cfg)
     return cfg
+
+
+def align_config(demo_dir, out_dir, **sections):
+    """A Phase-1 train.Config on the small demo's pairs; `sections` as in `demo_config`."""
+    train_keys = {"phase": "align", "align_encoders": True, "batch_size": 6, "lr_aligner": 5e-3,
+                  **sections.pop("train", {})}
+    data_keys = {"train_file": str(demo_dir / "data/pairs_train.jsonl"),
+                 "val_file": str(demo_dir / "data/pairs_val.jsonl"), "max_len": 32, **sections.pop("data", {})}
+    return demo_config(demo_dir, out_dir, train=train_keys, data=data_keys, **sections)
 
 
 QWEN25_05B_CONFIG = {

@@ -153,7 +153,7 @@ def test_bad_samples_raise_or_are_skipped(tmp_path, demo_dir, case):
     np.save(tmp_path / "outside.npy", np.zeros((4, 4, 3), np.uint8))
     tok = load_tokenizer(demo_dir / "llm", chat_format="chatml")
     from model import load_aligner
-    acfg = load_aligner(demo_dir / "aligner").config
+    acfg = load_aligner(demo_dir / "aligner-init").config
     kw = dict(tokens_per_media={"image": 16, "audio": 8}, max_len=128)
     with pytest.raises(data.SampleError, match=re.escape(reason)) as e:
         data.ConversationDataset(path, tok, acfg, on_error="raise", **kw)
@@ -264,7 +264,7 @@ def test_demo_is_deterministic(tmp_path):
                 for p in sorted(folder.rglob("*")) if p.is_file()}
     a = digest(demo.make_demo(tmp_path / "a", seed=3, n_train=10, n_val=4, pretrain_steps=2))
     b = digest(demo.make_demo(tmp_path / "b", seed=3, n_train=10, n_val=4, pretrain_steps=2))
-    assert a == b and "llm/model.safetensors" in a and "aligner/aligner.safetensors" in a
+    assert a == b and "llm/model.safetensors" in a and "aligner-init/aligner.safetensors" in a
     c = digest(demo.make_demo(tmp_path / "c", seed=4, n_train=10, n_val=4, pretrain_steps=2))
     assert c["data/train.jsonl"] != a["data/train.jsonl"]
 
@@ -391,7 +391,7 @@ def test_long_audio_becomes_windows_of_k_tokens_each(demo_dir, tmp_path):
     with its K placeholder tokens, up to data.max_audio_windows; beyond, an error that names its duration."""
     tok = load_tokenizer(demo_dir / "llm", chat_format="chatml")
     from model import load_aligner
-    acfg = load_aligner(demo_dir / "aligner").config
+    acfg = load_aligner(demo_dir / "aligner-init").config
     wave_ = (np.sin(np.arange(40000) * 0.05) * 20000).astype(np.int16)  # 2.5 s at 16 kHz
     (tmp_path / "media").mkdir()
     write_wav(tmp_path / "media" / "long.wav", wave_, 16000, 2)

@@ -149,7 +149,7 @@ def test_nan_gradient_is_skipped_and_counted(demo_dir, tmp_path, monkeypatch):
 
 def dataset(path, demo_dir, **kw):
     tok = load_tokenizer(demo_dir / "llm", chat_format="chatml")
-    acfg = load_aligner(demo_dir / "aligner").config
+    acfg = load_aligner(demo_dir / "aligner-init").config
     return data.ConversationDataset(path, tok, acfg, {"image": 16, "audio": 8}, 128, **kw)
 
 

@@ -168,7 +168,7 @@ def test_a_stale_feature_cache_is_refused(demo_dir, tmp_path):
 
 def test_a_byte_order_mark_is_accepted_and_json_lists_give_lines(demo_dir, tmp_path):
     tok = model.load_tokenizer(demo_dir / "llm", chat_format="chatml")
-    acfg = model.load_aligner(demo_dir / "aligner").config
+    acfg = model.load_aligner(demo_dir / "aligner-init").config
     good = {"id": "g", "messages": [{"role": "user", "content": "one plus one?"}, {"role": "assistant",
                                                                                   "content": "two"}]}
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")

@@ -16,7 +16,7 @@ import train
 
 def test_unknown_key_lists_the_known_ones(tmp_path):
     (tmp_path / "c.toml").write_text("[train]\nbatch_sise = 4\n")
-    known = r"unknown key train.batch_sise; known keys of \[train\]: batch_size, grad_accum"
+    known = r"unknown key train.batch_sise; known keys of \[train\]: phase, batch_size, grad_accum"
     with pytest.raises(ValueError, match=known):
         train.load_config(str(tmp_path / "c.toml"), [])
     with pytest.raises(ValueError, match="unknown section"):
