@@ -6,6 +6,7 @@
     python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours (per-layer graphs)
     python bench.py --seq 512 --compile --cuda_graph                  # the same, the whole step as one graph
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under torchrun
+    torchrun --nproc_per_node=2 bench.py --grid fsdp --peer ...       # 7B ddp vs fsdp (and the peer), 72B fsdp
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
     python bench.py --make_assets /tmp/qwen-towers --towers           # ... and SigLIP / Whisper-shaped towers
 
@@ -39,13 +40,20 @@ PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                   num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
                   rope_theta=1e6, tie_word_embeddings=True, qkv_bias=True)
+# Qwen2.5-7B's and Qwen2.5-72B's shapes, for train.strategy = "fsdp" (--shape 7b / 72b)
+QWEN25_7B = dict(QWEN25_05B, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False)
+QWEN25_72B = dict(QWEN25_7B, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8)
+SHAPES = {"0.5b": QWEN25_05B, "7b": QWEN25_7B, "72b": QWEN25_72B}
 # an aligner of ~86M parameters: what the replaced system's 588.5M total holds beside the LLM and projectors
 SEED_ALIGNER = AlignerConfig(dim=1024, image=EncoderConfig(768, 6, 12), audio=EncoderConfig(768, 6, 12),
                              image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
 
 
-def build(args, device, shape: dict = QWEN25_05B, aligner_config: AlignerConfig = SEED_ALIGNER
-          ) -> tuple[train.Config, MultimodalLM]:
+def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig = SEED_ALIGNER,
+          world: train.World | None = None) -> tuple[train.Config, MultimodalLM]:
+    shape = shape or SHAPES[getattr(args, "shape", "0.5b")]
     cfg = train.Config()
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, 0.05
     cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
@@ -60,12 +68,27 @@ def build(args, device, shape: dict = QWEN25_05B, aligner_config: AlignerConfig 
             write_random_towers(folder)
         aligner_config = AlignerConfig(dim=1024, image=EncoderConfig(hf=f"{folder}/siglip", layer=-2),
                                        audio=EncoderConfig(hf=f"{folder}/whisper"))
+    sharded = getattr(args, "fsdp", False)
+    if sharded:
+        cfg.train.strategy = "fsdp"
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("meta" if sharded else device):  # sharded: each rank makes only its shards, below
         llm = LLM(LLMConfig(**shape)).init_weights().to(torch.bfloat16)
     aligner = Aligner(aligner_config).to(device).requires_grad_(False).eval()
     media_ids = {"image": shape["vocab_size"] - 2, "audio": shape["vocab_size"] - 1}
-    return cfg, train.assemble(cfg, llm, aligner, media_ids)
+    model = train.assemble(cfg, llm, aligner, media_ids)
+    if sharded:
+        train.materialize_sharded(model, cfg.train, world, random_shards)
+    return cfg, model
+
+
+@torch.no_grad()
+def random_shards(llm: LLM) -> None:
+    """Hugging Face's initialisation (as `LLM.init_weights`) of each rank's shards of a sharded base."""
+    for n, p in llm.named_parameters():
+        if ".lora_" not in n:
+            local = p.to_local()
+            local.fill_(1.0) if "norm" in n else local.zero_() if n.endswith("bias") else local.normal_(0.0, 0.02)
 
 
 def media_shapes(model: MultimodalLM) -> dict[str, tuple[tuple, int]]:
@@ -128,7 +151,7 @@ def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
 
 
 def time_ours(args, world: train.World) -> dict:
-    cfg, model = build(args, world.device)
+    cfg, model = build(args, world.device, world=world)
     opt, params = train.make_optimizer(model, cfg.train)
     scaler, autocast = train.mixed_precision(cfg.train, world.device)
     run_step = train.make_step(model, opt, scaler, params, autocast, world, cfg)
@@ -148,14 +171,14 @@ def time_ours(args, world: train.World) -> dict:
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    if args.profile and world.master:
+    if args.profile:  # every rank steps (their collectives pair up); rank 0 prints
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(3):
                 run_step([batches[i]])
                 opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
-        for key in ("cuda_time_total", "self_cpu_time_total"):  # where the GPU's time goes, and the host's
+        for key in ("cuda_time_total", "self_cpu_time_total") if world.master else ():  # the GPU's time, the host's
             print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
     med = sorted(times)[len(times) // 2]
     b = batches[0]
@@ -163,7 +186,7 @@ def time_ours(args, world: train.World) -> dict:
     labelled = float((b.labels != -100).sum()) / tokens
     fpt = flops_per_token(model, args.seq, labelled)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
-            "cuda_graph": args.cuda_graph,
+            "cuda_graph": args.cuda_graph, "shape": args.shape, "strategy": "fsdp" if args.fsdp else "ddp",
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
             "towers": getattr(args, "towers", False),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
@@ -172,11 +195,17 @@ def time_ours(args, world: train.World) -> dict:
             "loss": round((out.stats[0] / out.n_tokens).item(), 4)}
 
 
-def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool) -> dict:
+def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape: str = "0.5b") -> dict:
+    """The peer's step on the same shapes; another model shape than 0.5B needs a copy of the peer whose `run`
+    takes `shape` (a Qwen2Config's keys)."""
     spec = importlib.util.spec_from_file_location("hf_peft_baseline", path)
     peer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peer)
-    return {"impl": "transformers+peft", **peer.run(torch.bfloat16, batch, seq, ckpt, compile_)}
+    extra = {}
+    if shape != "0.5b":
+        extra["shape"] = {k: v for k, v in SHAPES[shape].items() if k not in ("architecture", "qkv_bias")}
+    row = peer.run(torch.bfloat16, batch, seq, ckpt, compile_, **extra)
+    return {"impl": "transformers+peft", "shape": shape, **row}
 
 
 # SigLIP-so400m-patch14-384's vision tower and Whisper-small's encoder: the shapes of
@@ -256,7 +285,7 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]
 def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
-            "cuda_graph": False, "towers": False, **flags}
+            "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, **flags}
 
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
@@ -269,6 +298,13 @@ GRIDS = {
               (workload(512, multimodal=True, cache=True, cuda_graph=True), []),
               (workload(512, cuda_graph=True), []), (workload(2048, pack=True, cuda_graph=True), [])],
     "ddp": [(workload(512, cuda_graph=True), [(False, False)]), (workload(2048, cuda_graph=True), [(False, True)])],
+    # under torchrun (2 GPUs): 7B-shaped base, ddp beside fsdp, and the peer under DDP; fsdp72: a 72B-shaped base
+    # (145 GB of bf16 weights, more than one GPU holds) with fsdp
+    # (layers compiled with Inductor's default mode: FSDP's gathered weights move from step to step, which per-layer
+    # CUDA graphs would record again at every step)
+    "fsdp": [(workload(2048, ckpt=True, shape="7b", compile_mode="default", steps=8, warmup=3), [(True, False)]),
+             (workload(2048, ckpt=True, shape="7b", fsdp=True, compile_mode="default", steps=8, warmup=3), [])],
+    "fsdp72": [(workload(2048, ckpt=True, shape="72b", fsdp=True, compile_mode="default", steps=3, warmup=2), [])],
     "towers": [(workload(1024, cuda_graph=True, towers=True), []),
                (workload(1024, multimodal=True, cuda_graph=True, towers=True), []),
                (workload(1024, multimodal=True, cache=True, cuda_graph=True, towers=True), [])],
@@ -318,6 +354,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
     ap.add_argument("--generate", action="store_true", help="time generation instead (batch 1 and 32, prompt 256, "
                     "128 new tokens): ours, ours --compile and, with --peer, transformers' generate")
+    ap.add_argument("--shape", choices=list(SHAPES), default="0.5b", help="the LLM's shape (Qwen2.5's)")
+    ap.add_argument("--fsdp", action="store_true", help="train.strategy = fsdp (under torchrun)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
@@ -369,7 +407,7 @@ def main() -> None:
         rows.append(ours)
         for ckpt, compile_ in peers if args.peer else []:
             try:
-                r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_)
+                r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape)
             except Exception as e:  # report and go on, as the peer's own script does
                 r = {"impl": "transformers+peft", "grad_ckpt": ckpt, "compile": compile_, "error": repr(e)[:300]}
             torch.cuda.empty_cache()

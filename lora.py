@@ -37,6 +37,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base_layer = base_layer
         dev = base_layer.weight.device
+        if dev.type == "meta":  # a base without memory yet (FSDP's loading): the adapters are made for real, on the
+            dev = torch.device("cpu")  # CPU, and sharding places them
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=dev, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))

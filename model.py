@@ -491,14 +491,21 @@ def set_tensor(module: nn.Module, key: str, t: torch.Tensor) -> None:
         owner._buffers[name] = t
 
 
-def load_llm(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> LLM:
-    """Build an LLM from a Hugging Face folder (config.json + safetensors), on the meta device, then stream weights."""
+def llm_skeleton(path: str | os.PathLike) -> tuple[LLM, list[Path]]:
+    """The LLM of a Hugging Face folder built on the meta device (shapes, no memory), and its safetensors files."""
     folder = Path(path)
     cfg = LLMConfig.from_hf(read_json(folder / "config.json", "a Hugging Face model folder needs config.json"),
                             str(folder / "config.json"))
     files = safetensors_files(folder)
     with torch.device("meta"):
         llm = LLM(cfg)
+    return llm, files
+
+
+def load_llm(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None) -> LLM:
+    """Build an LLM from a Hugging Face folder (config.json + safetensors), on the meta device, then stream weights."""
+    llm, files = llm_skeleton(path)
+    cfg = llm.config
     skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     load_state_streaming(llm, files, device, dtype, skip)
     if cfg.tie_word_embeddings:

@@ -45,9 +45,9 @@ import align
 import data
 import demo
 import lora
-from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer,
-                   check_tensors, cross_entropy_chunk, load_aligner, load_llm, load_tokenizer, parameter_report,
-                   save_aligner, save_llm, save_tensors, weights_hash, write_json)
+from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, check_tensors,
+                   cross_entropy_chunk, llm_skeleton, load_aligner, load_llm, load_tokenizer, parameter_report,
+                   rope_inv_freq, save_aligner, save_llm, save_tensors, weights_hash, write_json)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass per TOML section; every key has a default and a comment
@@ -117,6 +117,10 @@ class TrainConfig:
     # max-autotune (searched Triton matmul kernels, CUDA graphs per layer), max-autotune-no-cudagraphs
     cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32;
     # see GraphedStep)
+    strategy: str = "ddp"  # ddp: every rank holds the whole model; fsdp: torch's FSDP2 shards the LLM's weights over
+    # the ranks (each decoder layer a unit), for bases too big for one GPU (torchrun with 2 or more ranks)
+    fsdp_reshard_after_forward: bool = True  # fsdp: free each layer's gathered weights after its forward (less
+    # memory; the backward gathers them again)
     eval_every: int = 200  # steps between evaluations (0 = only at the end)
     eval_samples: int = 0  # validation samples for the loss (0 = all)
     gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
@@ -148,7 +152,7 @@ CHOICES = {("train", "phase"): ("instruct", "align"), ("model", "dtype"): ("auto
            ("model", "projector_mode"): ("pool", "pooled"),
            ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
            ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-           ("run", "device"): ("auto", "cpu", "cuda")}
+           ("run", "device"): ("auto", "cpu", "cuda"), ("train", "strategy"): ("ddp", "fsdp")}
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
             ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
             ("run", "log_every"), ("data", "pad_multiple"), ("train", "keep_last"), ("train", "max_bad_steps"),
@@ -198,6 +202,16 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
     if cfg.train.cuda_graph:
         GraphedStep.check_config(cfg)
+    if cfg.train.strategy == "fsdp" and cfg.train.cuda_graph:
+        raise ValueError("train.strategy = \"fsdp\" gathers and frees weights with collectives around each layer, "
+                         "which a recorded step cannot hold: set train.cuda_graph = false with it")
+    if cfg.train.strategy == "fsdp" and cfg.train.compile in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"train.compile = \"{cfg.train.compile}\" records each layer as a CUDA graph, and FSDP's "
+                         "gathered weights move from step to step (every step would record again): use \"default\" "
+                         "or \"max-autotune-no-cudagraphs\" with train.strategy = \"fsdp\"")
+    if cfg.train.strategy == "fsdp" and cfg.train.phase == "align":
+        raise ValueError("train.strategy = \"fsdp\" shards Phase 2's LLM; Phase 1 trains the aligner's small heads "
+                         "with the LLM frozen and runs with ddp: set train.strategy = \"ddp\"")
     if cfg.train.phase == "align" and cfg.data.feature_cache:
         raise ValueError("train.phase = \"align\" trains the aligner, so its features cannot come from a cache: "
                          "set data.feature_cache = \"\"")
@@ -273,13 +287,16 @@ def setup_distributed(cfg: Config) -> World:
     return World(rank, local, size, device)
 
 
-def build_model(cfg: Config, device: torch.device, adapters: bool = True
+def build_model(cfg: Config, device: torch.device, adapters: bool = True, world: World | None = None
                 ) -> tuple[Tokenizer, MultimodalLM | align.AlignModel]:
     """Tokenizer, LLM (frozen, with LoRA unless `adapters` is False), frozen aligner and projectors, as the config
-    says; in Phase 1 (train.phase = "align") the aligner to train, on the frozen LLM (`align.AlignModel`)."""
+    says; in Phase 1 (train.phase = "align") the aligner to train, on the frozen LLM (`align.AlignModel`). With
+    train.strategy = "fsdp", the model sharded over `world` (`build_sharded`)."""
     tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    if cfg.train.strategy == "fsdp":
+        return tokenizer, build_sharded(cfg, world or World(device=device), tokenizer, dtype)
     llm = load_llm(cfg.model.llm, device, dtype)
     if cfg.train.phase == "align":
         aligner = load_aligner(cfg.model.aligner, device, init_missing=True)
@@ -301,7 +318,7 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
                   for m in MODALITIES}
     if cfg.model.shared_projector:
         projectors = {m: projectors["image"] for m in MODALITIES}
-    projectors = nn.ModuleDict(projectors).to(llm.lm_head.weight.device)
+    projectors = nn.ModuleDict(projectors).to(next(aligner.parameters()).device)
     if adapters:
         targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
         lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
@@ -321,7 +338,7 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
     logits. With `train.compile`, each decoder layer is compiled (one graph, shared by all layers: same code, same
     shapes). Evaluation and generation run them eager (`evaluate` sets torch.compiler's "force_eager" stance),
     since their shapes change from call to call."""
-    if model.llm.lm_head.weight.is_cuda:
+    if next(model.aligner.parameters()).is_cuda:  # (the LLM may still be on the meta device, to be sharded)
         model.chunk_loss = torch.compile(cross_entropy_chunk, dynamic=True)
     if cfg.compile == "none":
         return
@@ -332,8 +349,12 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
     # dropout through ATen's generator rather than Inductor's: the compiled layers draw the masks the eager layers
     # draw (so compiled and eager steps agree), and the step is faster (BENCHMARKS.md)
     torch._inductor.config.fallback_random = True
+    mode = None if cfg.compile == "default" else cfg.compile
     for layer in model.llm.model.layers:
-        layer.compile(mode=None if cfg.compile == "default" else cfg.compile, dynamic=dynamic)
+        if cfg.strategy == "fsdp":  # the layer's forward only: FSDP's hooks on the layer stay outside the compiled code
+            layer.forward = torch.compile(layer.forward, mode=mode, dynamic=dynamic)
+        else:
+            layer.compile(mode=mode, dynamic=dynamic)
 
 
 def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[nn.Parameter]]:
@@ -348,8 +369,43 @@ def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[n
 
 
 def trainable_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
-    """What a checkpoint stores: the trainable tensors (projectors + LoRA), by their names in the model."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """What a checkpoint stores: the trainable tensors (projectors + LoRA), by their names in the model, whole
+    (under FSDP each is gathered from its shards: every rank must call this)."""
+    return {n: whole(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as one piece: an FSDP shard (a DTensor) gathered from every rank; any other as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def optimizer_state(model: nn.Module, opt) -> dict:
+    """The optimizer's state by parameter name, each tensor whole (`whole`), so that a checkpoint resumes under
+    either strategy and on any number of ranks."""
+    sd = opt.state_dict()  # "state" is keyed by each parameter's place in the groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    return {"state": {order[i]: {k: whole(v) for k, v in st.items()} for i, st in sd["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(model: nn.Module, opt, saved: dict) -> None:
+    """`optimizer_state`'s output into `opt`, each tensor cut to this rank's shard where the parameter is one."""
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    current = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    saved_names = [n for g in saved["param_groups"] for n in g["params"]]
+    if sorted(current) != sorted(saved_names) or len(opt.param_groups) != len(saved["param_groups"]):
+        differ = sorted(set(current) ^ set(saved_names))
+        raise KeyError(f"the optimizer state is for other parameters ({differ[:3]}) or groups than this model's")
+    state = {i: {k: shard_of(params[n], v) for k, v in saved["state"][n].items()}
+             for i, n in enumerate(current) if n in saved["state"]}
+    groups, first = [], 0
+    for g, saved_group in zip(opt.param_groups, saved["param_groups"]):  # matched by position, as torch does
+        groups.append({**saved_group, "params": list(range(first, first + len(g["params"])))})
+        first += len(g["params"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,12 +563,14 @@ def write_folder(final: Path, write) -> None:
     fsync_dir(final.parent)
 
 
-def write_checkpoint(ckpt_dir: Path, name: str, model: nn.Module, opt, scaler, state: dict, rngs: list) -> Path:
-    """Write checkpoint `name` atomically (`write_folder`), then replace `latest` (os.replace is atomic) to name
-    it, except for `best`, which is a copy kept aside."""
+def write_checkpoint(ckpt_dir: Path, name: str, tensors: dict[str, torch.Tensor], optimizer: dict, scaler,
+                     state: dict, rngs: list) -> Path:
+    """Write checkpoint `name` (the trainable tensors, the optimizer's state as `optimizer_state` gives it, the
+    scaler's, the run's and every rank's RNGs) atomically (`write_folder`), then replace `latest` (os.replace is
+    atomic) to name it, except for `best`, which is a copy kept aside."""
     def write(tmp: Path) -> None:
-        save_tensors(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+        save_tensors(tensors, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer, "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rngs, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     final = ckpt_dir / name
@@ -533,12 +591,13 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
     rngs = [rng_state()] + [None] * (world.size - 1)
     if world.size > 1 and collective:
         dist.all_gather_object(rngs, rng_state())
+    tensors, optimizer = trainable_state(model), optimizer_state(model, opt)  # under FSDP, gathered by all ranks
     if world.master:
         ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
         state = {"step": run.step, "consumed": run.consumed, "epoch": run.consumed // epoch_size, "best": run.best,
                  "bad_steps": run.bad_steps, "world_size": world.size, "lr_factor": lr_factor(run.step, cfg.train),
                  "llm_config": dataclasses.asdict(model.llm.config), "config": dataclasses.asdict(cfg)}
-        write_checkpoint(ckpt_dir, name, model, opt, scaler, state, rngs)
+        write_checkpoint(ckpt_dir, name, tensors, optimizer, scaler, state, rngs)
         if isinstance(model, align.AlignModel) and name != "best":  # Phase 1's result, as of this checkpoint
             write_folder(Path(cfg.run.out_dir) / "aligner", lambda tmp: align.save_result(model, tmp, cfg.model.llm))
         if name.startswith("step_"):
@@ -623,13 +682,13 @@ def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor],
         raise ValueError(f"{path}: checkpoint was trained with lora.alpha = {saved_alpha}, this run has "
                          f"{sorted(alphas)}: its adapters would be scaled wrongly; use lora.alpha = {saved_alpha}, "
                          "or --train.resume=none")
-    expected = trainable_state(model)
+    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
     check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
                   f"{path}: checkpoint does not fit this run (different LoRA rank/targets, base model or projectors?); "
                   "use the config it was trained with, or --train.resume=none")
     with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(tensors[k])
+        for k, p in expected.items():
+            p.copy_(shard_of(p, tensors[k].to(p.device)))
 
 
 def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) -> TrainState:
@@ -638,7 +697,11 @@ def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) 
     state, tensors, other, rngs = read_checkpoint(path, "trainable.safetensors", "optimizer.pt", "rng.pt")
     restore_trainable(path, state, tensors, model)
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    opt.load_state_dict(other["optimizer"])
+    try:
+        load_optimizer_state(model, opt, other["optimizer"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: the optimizer state does not fit this run ({e}); resume with the config it was "
+                         "trained with, or start fresh with --train.resume=none") from None
     for g, h in zip(opt.param_groups, hyper):
         g.update(h)
     scaler.load_state_dict(other["scaler"])
@@ -759,32 +822,47 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
     """Validation loss (all and per kind of sample) and the exact-match accuracy of greedy answers, over all ranks:
     {"loss", "loss_text", "loss_image", "loss_audio", "accuracy", "correct", "answered"}."""
     model.eval()
+    # under FSDP every rank runs every forward and decode step, since the ranks gather each layer's weights
+    # together: each runs as many batches as the rank with the most (a spare one on a sample whose result is
+    # dropped), and generation runs all max_new_tokens steps, the answers cut at the stop tokens after
+    sharded = hasattr(model, "unshard")
     n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
     mine = list(range(world.rank, n, world.size))
+    rounds = range(0, -(-n // world.size), cfg.train.batch_size)
     sums = torch.zeros(6, device=world.device)  # loss and tokens of text-only, image, audio samples
     loss_sum = torch.zeros(2, device=world.device)
-    for s in range(0, len(mine), cfg.train.batch_size):
-        items = [ds[i] for i in mine[s:s + cfg.train.batch_size]]
-        batch = data.collate(items, tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple).to(world.device)
+    for s in rounds:
+        idx = mine[s:s + cfg.train.batch_size]
+        if not idx and not sharded:
+            break
+        batch = data.collate([ds[i] for i in idx or [0]], tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple)
         with autocast():
-            out = model(batch)
-        sums += group_sums(out, batch.groups())
-        loss_sum += torch.stack([out.sample_loss.sum(), out.sample_tokens.sum()])
+            out = model(batch.to(world.device))
+        if idx:
+            sums += group_sums(out, batch.groups().to(world.device))
+            loss_sum += torch.stack([out.sample_loss.sum(), out.sample_tokens.sum()])
     all_sum(sums, world)
     all_sum(loss_sum, world)
     row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **group_losses(sums, "instruct")}
     correct = torch.zeros(2, device=world.device)
-    gen = list(range(world.rank, min(len(ds), cfg.train.gen_samples), world.size))
-    for s in range(0, len(gen), cfg.train.batch_size):
+    n_gen = min(len(ds), cfg.train.gen_samples)
+    gen = list(range(world.rank, n_gen, world.size))
+    if sharded:
+        model.unshard()  # generation calls the model's parts directly, past the hooks that gather their weights
+    for s in range(0, -(-n_gen // world.size), cfg.train.batch_size):
         pairs = [p for p in map(ds.prompt, gen[s:s + cfg.train.batch_size]) if p is not None]
-        if not pairs:
+        if not pairs and not sharded:
             continue
-        batch = data.collate([p for p, _ in pairs], tokenizer.pad_id).to(world.device)
+        spare = pairs or [next(p for p in map(ds.prompt, range(len(ds))) if p is not None)]
+        batch = data.collate([p for p, _ in spare], tokenizer.pad_id).to(world.device)
         with autocast():
-            outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=tokenizer.stop_ids)
+            outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=() if sharded else tokenizer.stop_ids)
         for o, (_, answer) in zip(outs, pairs):
+            o = next((o[:j] for j, t in enumerate(o) if t in tokenizer.stop_ids), o)
             correct[0] += normalize_answer(tokenizer.decode(o)) == normalize_answer(answer)
             correct[1] += 1
+    if sharded:
+        model.reshard()
     all_sum(correct, world)
     row["correct"], row["answered"] = int(correct[0]), int(correct[1])
     row["accuracy"] = row["correct"] / row["answered"] if row["answered"] else None
@@ -866,8 +944,8 @@ def mixed_precision(cfg: TrainConfig, device: torch.device):
 
 
 def data_parallel(model: MultimodalLM, world: World) -> nn.Module:
-    """The model as the step calls it: wrapped in DDP under torchrun, as it is on one process."""
-    if world.size == 1:
+    """The model as the step calls it: wrapped in DDP under torchrun, as it is on one process or sharded (FSDP)."""
+    if world.size == 1 or hasattr(model, "set_requires_gradient_sync"):  # FSDP2 syncs its own gradients
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda"
                                                else None)
@@ -886,16 +964,15 @@ def forward_backward(model: nn.Module, micro: list[data.Batch], scaler, autocast
     """Gradients of one optimizer step over its micro-batches: (stats (7,), labelled tokens).
 
     Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks (times the
-    world size, since the gradients are averaged over the ranks: by DDP, with `no_sync` on every micro-batch but
-    the last). Every trainable parameter gets a gradient, zero for those the micro-batch does not reach
-    (`idle_parameters`): DDP expects one from every parameter at every step. The count the loss is divided by is
-    `Batch.count` (labelled tokens) or `PairBatch.count` (pairs)."""
+    world size, since the gradients are averaged over the ranks, after the last micro-batch only:
+    `gradient_sync`). Every trainable parameter gets a gradient, zero for those the micro-batch does not reach
+    (`idle_parameters`): DDP and FSDP expect one from every parameter at every step. The count the loss is divided
+    by is `Batch.count` (labelled tokens) or `PairBatch.count` (pairs)."""
     raw = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     n_tok = all_sum(sum(b.count() for b in micro), world)
     stats = torch.zeros(7, device=world.device)
     for i, b in enumerate(micro):
-        last = i == len(micro) - 1
-        with (model.no_sync() if raw is not model and not last else contextlib.nullcontext()), autocast():
+        with gradient_sync(model, i == len(micro) - 1), autocast():
             out = model(b)
             unused = sum(0.0 * p.sum() for p in idle_parameters(raw, b))
             loss = (out.loss_sum + unused) * world.size / n_tok
@@ -921,7 +998,7 @@ def update(opt, scaler, params: list[nn.Parameter], grad_clip: float, stats: tor
     step is skipped on the device (fused AdamW's `found_inf`); with fp16 the scaler skips overflowing steps
     itself. Returns the gradient norm and `finite`."""
     scaler.unscale_(opt)
-    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = whole(nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
     all_sum(stats, world)  # a non-finite loss on any rank makes the sum non-finite on every rank
     # the same on every rank without another collective: the summed loss and the all-reduced gradients agree
     finite = torch.isfinite(stats[0]) & (torch.isfinite(grad_norm) | scaler.is_enabled())
@@ -1104,7 +1181,7 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
     out_dir, ckpt_dir = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoints"
     log = print if world.master else (lambda *a, **k: None)
 
-    tokenizer, model = build_model(cfg, world.device)
+    tokenizer, model = build_model(cfg, world.device, world=world)
     phase1 = isinstance(model, align.AlignModel)
     if phase1 and world.size > 1:
         model.gather = functools.partial(gather_rows, world=world)  # negatives from every rank
@@ -1191,6 +1268,9 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
         raise
     if phase1:
         log(f"Phase 1's aligner (for Phase 2's model.aligner) is in {out_dir / 'aligner'}")
+    elif cfg.train.strategy == "fsdp":  # the merged LLM would not fit one rank: export it from the checkpoint
+        log(f"export: python generate.py --run {out_dir} --export {out_dir / 'export'} (loads the base on one device "
+            "or the CPU)")
     elif world.master:
         export(model, out_dir / "export", cfg)
         log(f"exported the adapter (peft format), the merged LLM, projectors and aligner to {out_dir / 'export'}")
@@ -1388,6 +1468,124 @@ def average_gradients(params: list[nn.Parameter], world: World) -> None:
     for p in params:
         p.grad.copy_(flat[i:i + p.numel()].view_as(p))
         i += p.numel()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP2 (train.strategy = "fsdp"): the LLM's weights sharded over the ranks with torch's `fully_shard`
+#
+# Each decoder layer is one unit: its weights live as row shards (dim 0) on the ranks, are gathered just before the
+# layer runs and freed after (forward and backward), and its LoRA gradients are reduce-scattered back to the shards.
+# The rest of the model (embeddings, final norm, lm_head, projectors) is the root unit, gathered for the whole
+# forward. The aligner stays whole on every rank and frozen. Frozen base weights and fp32 LoRA share a unit: the
+# mixed-precision policy gathers both in the base's dtype, and reduces gradients in fp32 into the fp32 shards that
+# AdamW updates. Checkpoints hold whole tensors (`trainable_state`, `optimizer_state`), so they resume under either
+# strategy, on any number of ranks.
+
+
+def build_sharded(cfg: Config, world: World, tokenizer: Tokenizer, dtype: torch.dtype) -> MultimodalLM:
+    """`build_model` under FSDP, with no whole copy of the base anywhere: the LLM is built on the meta device,
+    LoRA, projectors and aligner are made as `assemble` makes them (LoRA on the CPU: its base has no device yet),
+    the model is sharded, and each rank reads only its rows of each base weight from the safetensors files, one
+    file at a time."""
+    if world.size < 2:
+        raise ValueError("train.strategy = \"fsdp\" shards the model over torchrun's processes: run it under torchrun "
+                         "with 2 or more (bash launch.sh CONFIG), or use train.strategy = \"ddp\" on one process")
+    llm, files = llm_skeleton(cfg.model.llm)
+    llm.to(dtype)
+    aligner = load_aligner(cfg.model.aligner, world.device)
+    model = assemble(cfg, llm, aligner, {m: tokenizer.media_token_id(m) for m in MODALITIES})
+    materialize_sharded(model, cfg.train, world, lambda sharded_llm: read_shards(sharded_llm, files))
+    return model
+
+
+def materialize_sharded(model: MultimodalLM, cfg: TrainConfig, world: World, fill_base) -> None:
+    """Shard a model whose LLM base is on the meta device (`shard_model`), give each rank the memory of its
+    shards, copy in what was already made (LoRA, projectors, aligner), and let `fill_base(llm)` fill the base's
+    shards (`read_shards`, or bench.py's random weights)."""
+    made = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta}
+    shard_model(model, cfg, world)
+    model.to_empty(device=world.device)  # every tensor gets (uninitialised) memory: the rank's shards, the rest whole
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, t in made.items():
+            tensors[name].copy_(shard_of(tensors[name], t.to(world.device)))
+        model.llm.inv_freq.copy_(rope_inv_freq(model.llm.config))
+        fill_base(model.llm)
+
+
+def shard_model(model: MultimodalLM, cfg: TrainConfig, world: World) -> None:
+    """Make each decoder layer, the input embeddings (when lm_head has weights of its own), then the whole model,
+    an FSDP2 unit over all ranks (the aligner left out)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    base = model.llm.lm_head.weight.dtype
+    policy = MixedPrecisionPolicy(param_dtype=None if base == torch.float32 else base, reduce_dtype=torch.float32)
+    for layer in model.llm.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    if not model.llm.config.tie_word_embeddings:  # gathered only while the tokens are embedded
+        fully_shard(model.llm.model.embed_tokens, mesh=mesh, mp_policy=policy)
+    root = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=torch.float32,
+                                cast_forward_inputs=False)  # the batch's media and label weights keep their dtypes
+    fully_shard(model, mesh=mesh, mp_policy=root, ignored_params=set(model.aligner.parameters()))
+
+
+def shard_rows(t: torch.Tensor) -> tuple[int, int]:
+    """(first row, rows) of this rank's shard of a parameter: FSDP2 cuts dim 0 into world-size chunks of
+    ceil(n / world) rows, the last ones shorter or empty."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor) or t.dim() == 0:
+        return 0, t.shape[0] if t.dim() else 0
+    chunk = -(-t.shape[0] // t.device_mesh.size())
+    return t.device_mesh.get_local_rank() * chunk, t.to_local().shape[0]
+
+
+def shard_of(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` (a whole tensor of `param`'s shape) as `param` holds it: this rank's rows as a DTensor like it, or
+    whole."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor) or full.dim() == 0:
+        return full
+    first, rows = shard_rows(param)
+    return DTensor.from_local(full[first:first + rows].contiguous(), param.device_mesh, param.placements,
+                              shape=param.shape, stride=param.stride())
+
+
+def read_shards(llm: LLM, files: list[Path]) -> None:
+    """Each rank copies its rows of every base weight from the safetensors files (one file at a time, only those
+    rows read), after checking the files' names and shapes against the model's."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    params = {n.replace(".base_layer.", "."): p for n, p in llm.named_parameters() if ".lora_" not in n}
+    found = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            found |= {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+    skip = ("lm_head.weight",) if llm.config.tie_word_embeddings else ()
+    check_tensors({k: tuple(p.shape) for k, p in params.items()}, found, f"{files[0].parent}: checkpoint does not "
+                  "fit the model config (is the folder for another model family or size?)", skip)
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                p = params[key]
+                local = p.to_local() if isinstance(p, DTensor) else p
+                first, rows = shard_rows(p)
+                part = sf.get_slice(key)[first:first + rows] if p.dim() else sf.get_tensor(key)
+                local.copy_(part.to(local.dtype))
+
+
+def gradient_sync(model: nn.Module, last: bool):
+    """The context of a micro-batch's backward: under DDP `no_sync` but for the last micro-batch; under FSDP its
+    gradient sync turned off the same way; on one process, nothing."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if last else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

@@ -214,7 +214,8 @@ class Validator:
         scaler, _ = train.mixed_precision(self.cfg.train, self.device)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path = train.write_checkpoint(folder, "step_0000001", self.model, opt, scaler,
+            path = train.write_checkpoint(folder, "step_0000001", train.trainable_state(self.model),
+                                          train.optimizer_state(self.model, opt), scaler,
                                           {"step": 1, "consumed": 0, "best": 0.0, "bad_steps": 0}, [train.rng_state()])
         except OSError as e:
             raise CheckFailed(f"cannot write a checkpoint in {folder}: {e}",

@@ -75,6 +75,22 @@ def test_two_gpus_with_cuda_graph_equal_ddp(demo_dir, tmp_path):
     assert len(losses[True]) == 16 and losses[True] == pytest.approx(losses[False], rel=1e-3)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp_on_two_gpus_equals_ddp_in_bf16(demo_dir, tmp_path):
+    """train.strategy = "fsdp" on 2 GPUs (NCCL, a bf16 base with fp32 LoRA: the mixed-precision policy) logs the
+    losses of ddp on 2 GPUs, within bf16's tolerance, and evaluates alike."""
+    out = {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = demo_config(demo_dir, tmp_path / strategy, lora={"dropout": 0.0},
+                          train={"max_steps": 8, "batch_size": 2, "strategy": strategy, "eval_every": 8},
+                          model={"dtype": "bfloat16"}, run={"device": "cuda"})
+        r = torchrun(cli_args(cfg), 2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[strategy] = [x["loss"] for x in rows(tmp_path / strategy)], rows(tmp_path / strategy, "val")[-1]
+    assert len(out["fsdp"][0]) == 8 and out["fsdp"][0] == pytest.approx(out["ddp"][0], rel=2e-2)
+    assert out["fsdp"][1]["loss"] == pytest.approx(out["ddp"][1]["loss"], rel=2e-2)
+
+
 def test_compiled_decode_gives_the_plain_tokens():
     """generate.py --compile: the decode step compiled and replayed as a CUDA graph generates what the plain
     step generates (fp32, greedy), at batch 1 and 3."""

@@ -353,3 +353,9 @@ def test_bench_table_gives_the_ratios_to_the_peer():
                         "tok/s, 30.40 GiB | 1.64x | 0.53x |")
     assert lines[3].startswith("| 8 x 2048, activation checkpointing |") and "peer eager: error: OutOfMemoryError()" \
         in lines[3] and lines[3].endswith("| - | - |")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = train.load_config(str(path), [])
+    assert cfg.run.out_dir
