@@ -49,6 +49,9 @@ class Validator:
         self.cfg, self.quick = copy.deepcopy(cfg), quick
         self.compile, self.cuda_graph = cfg.train.compile, cfg.train.cuda_graph
         self.cfg.train.compile, self.cfg.train.cuda_graph = "none", False
+        # the checks in this process hold the whole model; train.strategy = "fsdp" is checked by the runs under
+        # torchrun (Distributed, Resume)
+        self.strategy, self.cfg.train.strategy = cfg.train.strategy, "ddp"
         gpu = cfg.run.device != "cpu" and torch.cuda.is_available()
         self.device = torch.device("cuda" if gpu else "cpu")  # a GPU node checks on its GPU
         self.rtol = 1e-3 if gpu else 1e-5  # bf16 autocast on GPU; fp32 on CPU
@@ -299,24 +302,27 @@ class Validator:
     def distributed(self) -> str:
         b = max(1, self.cfg.train.batch_size // 2)
         one = self.run_train("one-rank", 1, batch_size=2 * b, max_steps=2, grad_accum=1, eval_every=0, save_every=0)
-        two = self.run_train("two-ranks", 2, batch_size=b, max_steps=2, grad_accum=1, eval_every=0, save_every=0)
+        two = self.run_train("two-ranks", 2, batch_size=b, max_steps=2, grad_accum=1, eval_every=0, save_every=0,
+                             strategy=self.strategy)
         for x, y in zip(one, two):
             if abs(x["loss"] - y["loss"]) > self.rtol * abs(x["loss"]):
-                raise CheckFailed(f"step {x['step']}: 2 ranks loss {y['loss']} vs 1 rank {x['loss']}",
-                                  "check the loss normalisation and the data shards of train.py")
-        return f"2 ranks == 1 rank over {len(one)} steps (loss {one[-1]['loss']:.4f}, rtol {self.rtol})"
+                raise CheckFailed(f"step {x['step']}: 2 ranks ({self.strategy}) loss {y['loss']} vs 1 rank "
+                                  f"{x['loss']}", "check the loss normalisation and the data shards of train.py")
+        return (f"2 ranks ({self.strategy}) == 1 rank over {len(one)} steps (loss {one[-1]['loss']:.4f}, "
+                f"rtol {self.rtol})")
 
     def resume(self) -> str:
-        const = {"min_lr_ratio": 1.0, "warmup_steps": 0, "eval_every": 0, "save_every": 1}
-        straight = self.run_train("straight", 1, max_steps=3, **const)
-        self.run_train("resumed", 1, max_steps=2, **const)
-        resumed = self.run_train("resumed", 1, max_steps=3, **const)
+        const = {"min_lr_ratio": 1.0, "warmup_steps": 0, "eval_every": 0, "save_every": 1, "strategy": self.strategy}
+        nproc = 2 if self.strategy == "fsdp" else 1  # FSDP shards over 2 or more ranks
+        straight = self.run_train("straight", nproc, max_steps=3, **const)
+        self.run_train("resumed", nproc, max_steps=2, **const)
+        resumed = self.run_train("resumed", nproc, max_steps=3, **const)
         a, b = straight[-1]["loss"], resumed[-1]["loss"]
         if (a != b) if self.device.type == "cpu" else abs(a - b) > self.rtol * abs(a):
             raise CheckFailed(f"loss after resume {resumed[-1]['loss']} != {straight[-1]['loss']} straight",
                               "check what train.write_checkpoint stores (RNG, optimizer, data position)")
         same = "identical" if a == b else f"within {self.rtol:g}"
-        return f"stop at 2, resume: step 3 loss {same} ({a:.6f})"
+        return f"stop at 2, resume: step 3 loss {same} ({a:.6f}{', 2 ranks, fsdp' if nproc == 2 else ''})"
 
 
 def run_train_py(cfg: train.Config, nproc: int) -> list[dict]:
