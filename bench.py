@@ -7,6 +7,7 @@
     python bench.py --seq 512 --compile --cuda_graph                  # the same, the whole step as one graph
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under torchrun
     torchrun --nproc_per_node=2 bench.py --grid fsdp --peer ...       # 7B ddp vs fsdp (and the peer), 72B fsdp
+    torchrun --nproc_per_node=2 bench.py --load_sharded HF_DIR       # each rank's peak host memory, sharded load
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
     python bench.py --make_assets /tmp/qwen-towers --towers           # ... and SigLIP / Whisper-shaped towers
 
@@ -34,7 +35,7 @@ import data
 import demo
 import train
 from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
-                   save_tensors, write_json)
+                   llm_skeleton, save_tensors, write_json)
 
 PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -193,6 +194,29 @@ def time_ours(args, world: train.World) -> dict:
             "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "loss": round((out.stats[0] / out.n_tokens).item(), 4)}
+
+
+def load_sharded(folder: str) -> None:
+    """Load an LLM folder as train.strategy = "fsdp" does (meta-device build, LoRA, sharding, each rank reading its
+    rows) on this process's rank, and print the rank's peak host memory (RSS) beside the bytes of its shards."""
+    import resource
+
+    cfg = train.Config()
+    cfg.train.strategy, cfg.lora.dropout, cfg.run.device = "fsdp", 0.0, "cpu"
+    world = train.setup_distributed(cfg)
+    t0 = time.perf_counter()
+    llm, files = llm_skeleton(folder)
+    llm.to(torch.bfloat16)
+    small = AlignerConfig(dim=64, image=EncoderConfig(64, 1, 2), audio=EncoderConfig(64, 1, 2))
+    vocab = llm.config.vocab_size
+    model = train.assemble(cfg, llm, Aligner(small), {"image": vocab - 2, "audio": vocab - 1})
+    train.materialize_sharded(model, cfg.train, world, lambda sharded: train.read_shards(sharded, files))
+    held = sum(p.to_local().numel() * p.element_size() for p in model.llm.parameters()) / 2**30
+    whole = sum(p.numel() * p.element_size() for p in model.llm.parameters()) / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"rank {world.rank}: peak host memory {peak:.2f} GiB while loading; its shards {held:.2f} GiB of "
+          f"{whole:.2f} GiB; {time.perf_counter() - t0:.0f} s", flush=True)
+    dist.destroy_process_group()
 
 
 def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape: str = "0.5b") -> dict:
@@ -356,12 +380,17 @@ def main() -> None:
                     "128 new tokens): ours, ours --compile and, with --peer, transformers' generate")
     ap.add_argument("--shape", choices=list(SHAPES), default="0.5b", help="the LLM's shape (Qwen2.5's)")
     ap.add_argument("--fsdp", action="store_true", help="train.strategy = fsdp (under torchrun)")
+    ap.add_argument("--load_sharded", metavar="HF_DIR", help="under torchrun (CPU gloo, or GPUs): load the LLM folder "
+                    "sharded as train.strategy = fsdp does, print each rank's peak host memory, then exit")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
     args = ap.parse_args()
     if args.pack and args.multimodal:
         ap.error("--pack and --multimodal are separate workloads")
+    if args.load_sharded:
+        load_sharded(args.load_sharded)
+        return
     if args.make_assets:
         aligner_config, config = SEED_ALIGNER, "configs/qwen2.5-0.5b.toml"
         if args.towers:
