@@ -551,12 +551,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.cache = FeatureCache(feature_cache, aligner_hash) if feature_cache else None
         self.examples, self.skipped = encode_file(self.path, on_error, self.encode)
 
-    def encode(self, line: int, record) -> Example:
-        if isinstance(record, SampleError):
-            raise record
-        if not isinstance(record, dict):
-            raise SampleError(self.path, line, None, f"a sample is a JSON object, got {type(record).__name__}")
-        sid = str(record.get("id", f"line{line}"))
+    def encode(self, line: int, record: dict, sid: str) -> Example:
         try:
             messages = to_messages(record)
             files = {}
@@ -653,8 +648,9 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 def encode_file(path: Path, on_error: str, encode) -> tuple[list, list[dict]]:
-    """`encode(line, record)` of every record of a data file: (examples, skipped). A bad record (a SampleError)
-    stops with its file and line (on_error = "raise"), or is left out and listed (on_error = "skip")."""
+    """`encode(line, record, sample_id)` of every record (a JSON object) of a data file: (examples, skipped). A
+    bad record (a SampleError) stops with its file and line (on_error = "raise"), or is left out and listed
+    (on_error = "skip")."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
     if not path.is_file():
@@ -662,7 +658,11 @@ def encode_file(path: Path, on_error: str, encode) -> tuple[list, list[dict]]:
     examples, skipped = [], []
     for line, record in read_records(path):
         try:
-            examples.append(encode(line, record))
+            if isinstance(record, SampleError):  # a line that is not JSON
+                raise record
+            if not isinstance(record, dict):
+                raise SampleError(path, line, None, f"a sample is a JSON object, got {type(record).__name__}")
+            examples.append(encode(line, record, str(record.get("id", f"line{line}"))))
         except SampleError as e:
             if on_error == "raise":
                 raise
@@ -932,12 +932,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.on_error, self.allow_outside = on_error, allow_outside_paths
         self.examples, self.skipped = encode_file(self.path, on_error, self.encode)
 
-    def encode(self, line: int, record) -> PairExample:
-        if isinstance(record, SampleError):
-            raise record
-        if not isinstance(record, dict):
-            raise SampleError(self.path, line, None, f"a pair is a JSON object, got {type(record).__name__}")
-        sid = str(record.get("id", f"line{line}"))
+    def encode(self, line: int, record: dict, sid: str) -> PairExample:
         try:
             sides = tuple(k for k in ("image", "audio", "text") if k in record)
             if sides not in PAIR_KINDS:
