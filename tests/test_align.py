@@ -140,11 +140,18 @@ def test_phase1_learns_and_writes_an_aligner_phase2_loads(demo_dir, tmp_path):
     # the heads and encoders of the last checkpoint are the aligner's
     w = final_weights(tmp_path / "p1")
     torch.testing.assert_close(after.state_dict()["image.head.weight"], w["aligner.image.head.weight"])
-    # Phase 2 takes the aligner folder, or the Phase-1 run's folder, as model.aligner
-    for aligner in (folder, tmp_path / "p1"):
+    # Phase 2 takes the aligner folder, or the Phase-1 run's folder, as model.aligner, and builds its feature cache
+    # from either: training from the cache gives the losses of training from raw media
+    losses = {}
+    for aligner, cache in ((folder, ""), (tmp_path / "p1", str(tmp_path / "cache"))):
         out = tmp_path / f"p2-{aligner.name}"
-        train.fit(demo_config(demo_dir, out, model={"aligner": str(aligner)}, train={"max_steps": 2}))
-        assert rows(out)[-1]["step"] == 2
+        cfg = demo_config(demo_dir, out, model={"aligner": str(aligner)}, lora={"dropout": 0.0},
+                          data={"feature_cache": cache}, train={"max_steps": 2})
+        if cache:
+            train.build_cache(cfg)
+        train.fit(cfg)
+        losses[cache] = [r["loss"] for r in rows(out)]
+    assert len(losses[""]) == 2 and losses[str(tmp_path / "cache")] == pytest.approx(losses[""], rel=1e-5)
 
 
 def test_phase1_resume_is_exact(demo_dir, tmp_path):
