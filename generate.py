@@ -51,9 +51,13 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     else:
         raise FileNotFoundError(f"{folder}: neither a run folder (config.json) nor an export folder (mmlora.json); "
                                 "give the run.out_dir of a training run or a folder written by --export")
+    if cfg.train.phase == "align":
+        raise ValueError(f"{folder} is a Phase-1 run (train.phase = \"align\"): it made the aligner in "
+                         f"{folder / 'aligner'}, for Phase 2's model.aligner; give a Phase-2 run or export here")
     cfg.run.device = device or cfg.run.device
     cfg.model.dtype = dtype or "auto"
     cfg.train.compile, cfg.train.cuda_graph, cfg.train.activation_checkpointing = "none", False, False
+    cfg.train.strategy = "ddp"  # a run trained sharded (fsdp) is used whole, on one device
     use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     target = torch.device("cuda" if use_cuda else "cpu")
     if export.is_file():

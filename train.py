@@ -588,6 +588,10 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
     """Checkpoint `name` of the run (rank 0 writes; every rank's RNG state goes in), then drop old periodic ones.
     `collective=False` (after an exception) lets rank 0 save alone, without the other ranks' RNG states, since a
     collective could hang on a failed peer."""
+    if not collective and hasattr(model, "unshard"):  # FSDP: gathering the shards needs every rank
+        print(f"rank {world.rank}: no emergency checkpoint alone under FSDP (its shards are gathered by all ranks); "
+              "the last checkpoint stands", flush=True)
+        return
     rngs = [rng_state()] + [None] * (world.size - 1)
     if world.size > 1 and collective:
         dist.all_gather_object(rngs, rng_state())

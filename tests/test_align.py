@@ -11,6 +11,7 @@ from conftest import ROOT, align_config, cli_args, demo_config, final_weights, r
 
 import align
 import data
+import generate
 import train
 from model import load_aligner, load_tokenizer
 
@@ -152,6 +153,8 @@ def test_phase1_learns_and_writes_an_aligner_phase2_loads(demo_dir, tmp_path):
         train.fit(cfg)
         losses[cache] = [r["loss"] for r in rows(out)]
     assert len(losses[""]) == 2 and losses[str(tmp_path / "cache")] == pytest.approx(losses[""], rel=1e-5)
+    with pytest.raises(ValueError, match="is a Phase-1 run"):
+        generate.load_run(tmp_path / "p1")
 
 
 def test_phase1_resume_is_exact(demo_dir, tmp_path):

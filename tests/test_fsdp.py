@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import cli_args, demo_config, final_weights, rows, torchrun
 
+import generate
 import train
 
 
@@ -29,6 +30,10 @@ def test_two_sharded_ranks_train_as_one(demo_dir, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
     va, vb = rows(tmp_path / "one", "val")[-1], rows(tmp_path / "two", "val")[-1]
     assert vb["loss"] == pytest.approx(va["loss"], rel=1e-5) and vb["answered"] == va["answered"] == 4
+    # a run trained sharded is used whole: generate.load_run gives the 1-rank run's model
+    (ma, _, _), (mb, _, _) = (generate.load_run(tmp_path / r, "latest", device="cpu") for r in ("one", "two"))
+    for k, v in ma.state_dict().items():
+        torch.testing.assert_close(mb.state_dict()[k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoints_move_between_strategies_and_rank_counts(demo_dir, tmp_path):
