@@ -59,6 +59,7 @@ def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, 0.05
     cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
     cfg.train.activation_checkpointing = args.ckpt
+    cfg.train.activation_memory_budget = getattr(args, "memory_budget", 1.0)
     cfg.train.cuda_graph = args.cuda_graph
     cfg.train.compile = (args.compile_mode or ("default" if args.cuda_graph else "reduce-overhead")) \
         if args.compile else "none"
@@ -188,6 +189,7 @@ def time_ours(args, world: train.World) -> dict:
     fpt = flops_per_token(model, args.seq, labelled)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
             "cuda_graph": args.cuda_graph, "shape": args.shape, "strategy": "fsdp" if args.fsdp else "ddp",
+            "memory_budget": args.memory_budget,
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
             "towers": getattr(args, "towers", False),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
@@ -219,7 +221,8 @@ def load_sharded(folder: str) -> None:
     dist.destroy_process_group()
 
 
-def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape: str = "0.5b") -> dict:
+def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape: str = "0.5b", liger: bool = False
+              ) -> dict:
     """The peer's step on the same shapes; another model shape than 0.5B needs a copy of the peer whose `run`
     takes `shape` (a Qwen2Config's keys)."""
     spec = importlib.util.spec_from_file_location("hf_peft_baseline", path)
@@ -228,7 +231,7 @@ def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape
     extra = {}
     if shape != "0.5b":
         extra["shape"] = {k: v for k, v in SHAPES[shape].items() if k not in ("architecture", "qkv_bias")}
-    row = peer.run(torch.bfloat16, batch, seq, ckpt, compile_, **extra)
+    row = peer.run(torch.bfloat16, batch, seq, ckpt, compile_, liger=liger, **extra)
     return {"impl": "transformers+peft", "shape": shape, **row}
 
 
@@ -309,7 +312,7 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]
 def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
-            "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, **flags}
+            "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "memory_budget": 1.0, **flags}
 
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
@@ -317,6 +320,11 @@ GRIDS = {
     "main": [(workload(512, cuda_graph=True), [(False, False), (False, True)]),
              (workload(2048, cuda_graph=True), [(False, False), (False, True)]),
              (workload(2048, ckpt=True, cuda_graph=True), [(True, False), (True, True)])],
+    # activation memory: the compiler's recomputation budget beside Liger's kernels (needs the liger-kernel wheel)
+    "memory": [(workload(512, cuda_graph=True), [(False, False, True)]),
+               (workload(512, cuda_graph=True, memory_budget=0.75), []),
+               (workload(2048, cuda_graph=True), [(False, False, True)]),
+               (workload(2048, cuda_graph=True, memory_budget=0.75), [])],
     "layers": [(workload(512), []), (workload(2048), []), (workload(2048, ckpt=True), [])],
     "extra": [(workload(512, compile=False), []), (workload(512, multimodal=True, cuda_graph=True), []),
               (workload(512, multimodal=True, cache=True, cuda_graph=True), []),
@@ -348,7 +356,7 @@ def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
     lines = ["| workload | mmlora | peer | tokens/s vs peer | memory vs peer |", "|---|---|---|---|---|"]
     for ours, peer in pairs:
         shape = f"{ours['batch']} x {ours['seq']}" + (", activation checkpointing" if ours["grad_ckpt"] else "")
-        which = "peer " + ("compiled" if peer["compile"] else "eager")
+        which = "peer " + ("compiled" if peer["compile"] else "eager") + (" + Liger" if peer.get("liger") else "")
         ratios = ["-", "-"]
         if "error" not in ours and "error" not in peer:
             ratios = [f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x",
@@ -382,6 +390,7 @@ def main() -> None:
     ap.add_argument("--fsdp", action="store_true", help="train.strategy = fsdp (under torchrun)")
     ap.add_argument("--load_sharded", metavar="HF_DIR", help="under torchrun (CPU gloo, or GPUs): load the LLM folder "
                     "sharded as train.strategy = fsdp does, print each rank's peak host memory, then exit")
+    ap.add_argument("--memory_budget", type=float, default=1.0, help="train.activation_memory_budget (with --compile)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
@@ -434,9 +443,9 @@ def main() -> None:
         if world.master:
             print(json.dumps(ours), flush=True)
         rows.append(ours)
-        for ckpt, compile_ in peers if args.peer else []:
+        for ckpt, compile_, *liger in peers if args.peer else []:  # (ckpt, compile[, liger])
             try:
-                r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape)
+                r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape, bool(liger and liger[0]))
             except Exception as e:  # report and go on, as the peer's own script does
                 r = {"impl": "transformers+peft", "grad_ckpt": ckpt, "compile": compile_, "error": repr(e)[:300]}
             torch.cuda.empty_cache()

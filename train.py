@@ -117,6 +117,8 @@ class TrainConfig:
     # max-autotune (searched Triton matmul kernels, CUDA graphs per layer), max-autotune-no-cudagraphs
     cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32;
     # see GraphedStep)
+    activation_memory_budget: float = 1.0  # with train.compile: below 1, the compiler saves fewer activations for the
+    # backward and recomputes cheap elementwise work there (norms, activations, RoPE) instead: less memory, more work
     strategy: str = "ddp"  # ddp: every rank holds the whole model; fsdp: torch's FSDP2 shards the LLM's weights over
     # the ranks (each decoder layer a unit), for bases too big for one GPU (torchrun with 2 or more ranks)
     fsdp_reshard_after_forward: bool = True  # fsdp: free each layer's gathered weights after its forward (less
@@ -196,6 +198,8 @@ def check_config(cfg: Config) -> None:
     for s, k in NON_NEGATIVE:
         if getattr(getattr(cfg, s), k) < 0:
             raise ValueError(f"{s}.{k} = {getattr(getattr(cfg, s), k)}; it must be >= 0")
+    if not 0.0 <= cfg.train.activation_memory_budget <= 1.0:
+        raise ValueError(f"train.activation_memory_budget = {cfg.train.activation_memory_budget}; it must be in [0, 1]")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
     if cfg.lora.dropout >= 1.0:
@@ -349,6 +353,7 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
     # dropout through ATen's generator rather than Inductor's: the compiled layers draw the masks the eager layers
     # draw (so compiled and eager steps agree), and the step is faster (BENCHMARKS.md)
     torch._inductor.config.fallback_random = True
+    torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
     mode = None if cfg.compile == "default" else cfg.compile
     for layer in model.llm.model.layers:
         if cfg.strategy == "fsdp":  # the layer's forward only: FSDP's hooks on the layer stay outside the compiled code

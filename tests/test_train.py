@@ -34,6 +34,9 @@ def test_unknown_key_lists_the_known_ones(tmp_path):
     ("--train.cuda_graph=true --train.compile=max-autotune", "use \"default\" or \"max-autotune-no-cudagraphs\""),
     ("--train.cuda_graph=true --train.amp=fp16", "cannot record fp16's loss scaling"),
     ("--train.cuda_graph=true --data.pack=true", "set data.pack = false with it"),
+    ("--train.activation_memory_budget=1.5", "train.activation_memory_budget = 1.5; it must be in"),
+    ("--train.strategy=fsdp --train.compile=reduce-overhead", "use \"default\" or \"max-autotune-no-cudagraphs\" with"),
+    ("--train.phase=align --train.cuda_graph=true", "set it to false with train.phase"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
