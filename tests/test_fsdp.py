@@ -1,6 +1,7 @@
 """train.strategy = "fsdp" (torch's FSDP2) on CPU gloo ranks: 2 sharded ranks train as 1 rank, checkpoints move
 between strategies and rank counts, each rank reads only its rows of the base, and bad setups are clear errors."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,18 +10,34 @@ from conftest import cli_args, demo_config, final_weights, rows, torchrun
 
 import generate
 import train
+from model import load_llm, save_llm
 
 
 def losses(out_dir):
     return [r["loss"] for r in rows(out_dir)]
 
 
+def untied_llm(demo_dir, folder):
+    """The demo's LLM with an lm_head of its own (as 7B-and-larger bases have), in `folder`."""
+    llm = load_llm(demo_dir / "llm")
+    llm.config.tie_word_embeddings = False
+    state = {k: v.clone() for k, v in llm.state_dict().items()}  # lm_head.weight: a copy of the embeddings
+    save_llm(llm, folder, state=state)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_dir / "llm" / f, folder / f)
+    return str(folder)
+
+
 def test_two_sharded_ranks_train_as_one(demo_dir, tmp_path):
-    """4 steps with grad_accum 2 and an eval: losses and final weights of 1 rank (ddp) and 2 ranks (fsdp)."""
+    """4 steps with grad_accum 2 and an eval: losses and final weights of 1 rank (ddp) and 2 ranks (fsdp), on an
+    LLM whose input embeddings are an FSDP unit of their own (untied from lm_head)."""
     keys = {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "eval_every": 4, "gen_samples": 4}
-    one = demo_config(demo_dir, tmp_path / "one", lora={"dropout": 0.0}, train={**keys, "batch_size": 4})
+    llm = untied_llm(demo_dir, tmp_path / "llm")
+    one = demo_config(demo_dir, tmp_path / "one", model={"llm": llm}, lora={"dropout": 0.0},
+                      train={**keys, "batch_size": 4})
     train.fit(one)
-    two = demo_config(demo_dir, tmp_path / "two", lora={"dropout": 0.0}, train={**keys, "strategy": "fsdp"})
+    two = demo_config(demo_dir, tmp_path / "two", model={"llm": llm}, lora={"dropout": 0.0},
+                      train={**keys, "strategy": "fsdp"})
     res = torchrun(cli_args(two), 2)
     assert res.returncode == 0, res.stderr[-3000:]
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
