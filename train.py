@@ -8,7 +8,8 @@ image-text, audio-text and image-audio pairs.
     python train.py --config configs/demo.toml --train.max_steps=20 --run.out_dir=runs/x   # overrides
 
 Read top to bottom: config -> model -> data stream -> checkpoints -> metrics -> eval -> the step -> the loop
-(`fit`) -> the whole-step CUDA graph, an opt-in wrapper around the step (`GraphedStep`).
+(`fit`) -> the whole-step CUDA graph, an opt-in wrapper around the step (`GraphedStep`) -> FSDP2, the opt-in
+sharding of the LLM over the ranks (train.strategy = "fsdp": `build_sharded`).
 Every optimizer step consumes `batch_size * grad_accum * world_size` samples of one global stream (epoch-seeded
 permutations, concatenated), so the data position is one number and a resume on any number of ranks continues
 from the same global sample. The loss of a step is summed over tokens (Phase 1: pairs) and divided by the labelled
