@@ -300,7 +300,22 @@ def ensure_demo(folder: str | Path, phase1: bool = True, device: torch.device | 
     """Make the demo assets in `folder` unless a complete set is already there, saying what it makes; with
     `phase1`, also align the demo's encoders (Phase 1, configs/demo-align.toml, into `folder`/align/: an
     interrupted run resumes there, in one process on `device`) unless its aligner is there."""
+    import fcntl
+
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:  # one process makes the assets; another started meanwhile waits
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"demo: another process is making the demo's assets in {folder}; waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        make_missing(folder, phase1, device, **kw)
+    return folder
+
+
+def make_missing(folder: Path, phase1: bool, device: torch.device | None, **kw) -> None:
+    """`ensure_demo`'s work, under its lock: the assets, then Phase 1, unless they are there."""
     if not (folder / "READY").is_file():
         print(f"demo: first run, making the demo's assets in {folder} (about a minute; later runs reuse them)",
               flush=True)
@@ -318,4 +333,3 @@ def ensure_demo(folder: str | Path, phase1: bool = True, device: torch.device | 
         if train.fit(cfg, train.World(device=device or torch.device("cpu"))).get("stopped"):  # even under torchrun
             raise RuntimeError(f"demo: Phase 1 was stopped; run the command again to resume it in {folder / 'align'}")
         (folder / "align" / "DONE").write_text("Phase 1 complete\n")
-    return folder

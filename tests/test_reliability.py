@@ -250,3 +250,23 @@ def test_launch_sh_takes_a_config_path_relative_to_where_it_is_run(demo_dir, tmp
                                          "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert rows(tmp_path / "run")[-1]["step"] == 1
+
+
+def test_a_second_first_run_waits_for_the_demo_being_made(tmp_path):
+    """While one process makes the demo's assets (here: this test holds its lock), another waits for it instead of
+    writing the same files, then goes on."""
+    import fcntl
+
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    holder = open(folder / ".lock", "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import demo; "
+            "demo.ensure_demo(sys.argv[2], phase1=False, n_train=24, n_val=4, pretrain_steps=2)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(folder)], stdout=subprocess.PIPE, text=True)
+    assert "waiting for it" in proc.stdout.readline()
+    time.sleep(0.5)
+    assert proc.poll() is None and not (folder / "READY").exists()  # still waiting, nothing written
+    holder.close()  # the lock is released
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "first run, making" in out and (folder / "READY").is_file()
