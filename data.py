@@ -915,7 +915,12 @@ class PairBatch:
 
     def groups(self) -> torch.Tensor:
         """(3, B) bool: the pairs of each kind (GROUPS["align"]), for the loss of each."""
-        return self.kind[None] == torch.arange(len(PAIR_KINDS), device=self.kind.device)[:, None]
+        return kind_groups(self.kind)
+
+
+def kind_groups(kind: torch.Tensor) -> torch.Tensor:
+    """Pair kinds (N,) -> (len(PAIR_KINDS), N) bool: which pairs are of each kind."""
+    return kind[None] == torch.arange(len(PAIR_KINDS), device=kind.device)[:, None]
 
 
 class PairDataset(torch.utils.data.Dataset):

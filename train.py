@@ -594,7 +594,7 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
     """Checkpoint `name` of the run (rank 0 writes; every rank's RNG state goes in), then drop old periodic ones.
     `collective=False` (after an exception) lets rank 0 save alone, without the other ranks' RNG states, since a
     collective could hang on a failed peer."""
-    if not collective and hasattr(model, "unshard"):  # FSDP: gathering the shards needs every rank
+    if not collective and is_sharded(model):  # FSDP: gathering the shards needs every rank
         print(f"rank {world.rank}: no emergency checkpoint alone under FSDP (its shards are gathered by all ranks); "
               "the last checkpoint stands", flush=True)
         return
@@ -835,7 +835,7 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
     # under FSDP every rank runs every forward and decode step, since the ranks gather each layer's weights
     # together: each runs as many batches as the rank with the most (a spare one on a sample whose result is
     # dropped), and generation runs all max_new_tokens steps, the answers cut at the stop tokens after
-    sharded = hasattr(model, "unshard")
+    sharded = is_sharded(model)
     n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
     mine = list(range(world.rank, n, world.size))
     rounds = range(0, -(-n // world.size), cfg.train.batch_size)
@@ -899,9 +899,7 @@ def evaluate_align(model: align.AlignModel, ds: data.PairDataset, cfg: Config, w
         keys += [it.keys for it in items]
     rows = torch.cat(sides)
     if world.size > 1:
-        parts = [torch.empty_like(rows) for _ in range(world.size)]
-        dist.all_gather(parts, rows)
-        rows = torch.cat(parts)
+        rows = GatherRows.apply(rows, world)
         all_keys = [None] * world.size
         dist.all_gather_object(all_keys, keys)
         keys = [k for part in all_keys for k in part]
@@ -909,8 +907,7 @@ def evaluate_align(model: align.AlignModel, ds: data.PairDataset, cfg: Config, w
     left, right, kind = rows[:n, :D], rows[:n, D:2 * D], rows[:n, 2 * D].long()
     losses = align.contrastive_loss(left, right, kind, model.scale())  # (n,)
     ones = torch.ones_like(losses)
-    groups = kind[None] == torch.arange(len(data.PAIR_KINDS), device=kind.device)[:, None]  # (3, n)
-    sums = group_sums(LossOutput(losses.sum(), ones.sum(), losses, ones), groups)
+    sums = group_sums(LossOutput(losses.sum(), ones.sum(), losses, ones), data.kind_groups(kind))
     model.train()
     return {"loss": losses.mean().item(), **group_losses(sums, "align"),
             **align.retrieval_metrics(left, right, kind, keys[:n])}
@@ -955,7 +952,7 @@ def mixed_precision(cfg: TrainConfig, device: torch.device):
 
 def data_parallel(model: MultimodalLM, world: World) -> nn.Module:
     """The model as the step calls it: wrapped in DDP under torchrun, as it is on one process or sharded (FSDP)."""
-    if world.size == 1 or hasattr(model, "set_requires_gradient_sync"):  # FSDP2 syncs its own gradients
+    if world.size == 1 or is_sharded(model):  # FSDP2 syncs its own gradients
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda"
                                                else None)
@@ -1541,6 +1538,12 @@ def shard_model(model: MultimodalLM, cfg: TrainConfig, world: World) -> None:
     fully_shard(model, mesh=mesh, mp_policy=root, ignored_params=set(model.aligner.parameters()))
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was made an FSDP2 unit (`shard_model`)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
 def shard_rows(t: torch.Tensor) -> tuple[int, int]:
     """(first row, rows) of this rank's shard of a parameter: FSDP2 cuts dim 0 into world-size chunks of
     ceil(n / world) rows, the last ones shorter or empty."""
@@ -1593,7 +1596,7 @@ def gradient_sync(model: nn.Module, last: bool):
     gradient sync turned off the same way; on one process, nothing."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if last else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+    if is_sharded(model):
         model.set_requires_gradient_sync(last)
     return contextlib.nullcontext()
 
