@@ -1327,10 +1327,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
-    if args.build_feature_cache:
-        build_cache(cfg)
-        return
-    result = fit(cfg)
+    try:
+        if args.build_feature_cache:
+            build_cache(cfg)
+            return
+        result = fit(cfg)
+    except (ValueError, FileNotFoundError, CheckpointWriteError) as e:  # bad input: a sample, a file, a checkpoint,
+        print(f"error: {e}", file=sys.stderr, flush=True)  # a setup; each names what is at fault and what to do
+        sys.exit(2)
     if dist.is_initialized():
         dist.destroy_process_group()
     if result.get("stopped"):

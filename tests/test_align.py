@@ -204,3 +204,13 @@ def test_phase1_config_errors(demo_dir, tmp_path):
         align_config(demo_dir, tmp_path, data={"feature_cache": str(tmp_path / "c")})
     with pytest.raises(ValueError, match="shared_projector.*must be equal"):
         demo_config(demo_dir, tmp_path, model={"shared_projector": True, "image_tokens": 4, "audio_tokens": 8})
+
+
+def test_a_bad_pair_stops_train_py_with_one_line(demo_dir, tmp_path, capsys):
+    path = write_pairs(tmp_path, [{"image": "missing.npy", "text": "a red circle"}])
+    cfg = align_config(demo_dir, tmp_path / "run", data={"train_file": str(path), "val_file": ""})
+    with pytest.raises(SystemExit) as e:
+        train.main(cli_args(cfg))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {path}:1: ") and "missing.npy not found" in err
