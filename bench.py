@@ -268,10 +268,11 @@ def write_random_towers(folder: str, vision: dict = SIGLIP_SO400M, audio: dict =
 
 def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]:
     """Greedy generation of `new` tokens after `prompt` random tokens per row, on Qwen2.5-0.5B's shape (random
-    bf16 weights): LLM.generate as it is, with generate.py's compiled decode step (--compile), and transformers'
-    generate on the same weights. Each is run once untimed (compilation), then timed. Tokens/s counts new tokens;
-    `bandwidth` is the share of the memory-bandwidth limit at which the weights are read once per step
-    (4.8 TB/s)."""
+    bf16 weights): LLM.generate as it is, with generate.py's recorded decoder (--compile: 8 steps per CUDA graph,
+    and 1 to show what recording several steps brings), and transformers' generate on the same weights. Each is
+    run once untimed (compilation, recording), then timed. Tokens/s counts new tokens; `bandwidth` is the share of
+    the memory-bandwidth limit at which the weights are read once per step (4.8 TB/s). `gpu_ms_per_step` is one
+    recorded graph's replay alone, timed on the GPU, per step: the floor the host's overhead sits on."""
     import generate
 
     torch.manual_seed(0)
@@ -279,10 +280,10 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]
         llm = LLM(LLMConfig(**QWEN25_05B)).init_weights().to(torch.bfloat16).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.parameters())
     prompts = torch.randint(0, 150000, (batch, prompt)).tolist()
-    compiled = generate.CompiledDecode(llm)
+    decoders = {steps: generate.GraphDecoder(llm, steps) for steps in (8, 1)}
     runs = {"mmlora": lambda: llm.generate(prompts, new),
-            "mmlora --compile": lambda: llm.generate(prompts, new, decode_step=compiled,
-                                                     cache_length=generate.cache_length(prompt, new))}
+            "mmlora --compile": lambda: llm.generate(prompts, new, decoder=decoders[8]),
+            "mmlora --compile, 1 step a graph": lambda: llm.generate(prompts, new, decoder=decoders[1])}
     if peer:
         from transformers import Qwen2Config, Qwen2ForCausalLM
         shape = {k: v for k, v in QWEN25_05B.items() if k not in ("architecture", "qkv_bias")}
@@ -305,6 +306,17 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]
         rows.append({"impl": name, "batch": batch, "prompt": prompt, "new_tokens": new, "s": round(dt, 3),
                      "tokens_per_s": round(tps, 1), "ms_per_step": round(dt / new * 1e3, 3),
                      "bandwidth": round(weight_bytes * (tps / batch) / 4.8e12, 3)})
+        if name.startswith("mmlora --compile"):
+            decoder = decoders[8 if name == "mmlora --compile" else 1]
+            graph, _, slot, _ = next(iter(decoder.graphs.values()))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                slot.fill_(prompt)  # stay inside the cache
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            rows[-1]["gpu_ms_per_step"] = round(start.elapsed_time(end) / (20 * decoder.steps), 3)
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -156,7 +156,7 @@ def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_t
             stream(text[len(shown):])
             shown = text
     out = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=on_token,
-                         **generation_kw(sampling, batch, max_new_tokens))[0]
+                         **sampling)[0]
     text = tokenizer.decode(out)
     if stream is not None and text.startswith(shown):
         stream(text[len(shown):])
@@ -164,7 +164,7 @@ def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The fast decode step (--compile): opt-in, a replacement for LLM.decode_step
+# The fast decoder (--compile): opt-in, a replacement for LLM.decode
 
 
 def static_decode(llm, tokens: torch.Tensor, valid: torch.Tensor, caches: list, slot: torch.Tensor) -> torch.Tensor:
@@ -175,38 +175,79 @@ def static_decode(llm, tokens: torch.Tensor, valid: torch.Tensor, caches: list, 
     return llm.lm_head(h[:, -1]).float()  # (B, V)
 
 
-class CompiledDecode:
-    """The decode step compiled and replayed as a CUDA graph (torch.compile's "reduce-overhead", as gpt-fast does):
-    one launch per token where the eager step launches a few hundred kernels, which is what bounds generation at
-    small batches. Pass it as `LLM.generate(..., decode_step=CompiledDecode(llm), cache_length=...)`. The caches
-    stay at one address (marked static), the new slot and the positions are read on the device, and each shape
-    (batch, cache length) is compiled once: round cache lengths up (`cache_length`) to keep them few."""
+class GraphDecoder:
+    """LLM.decode with fixed shapes, `steps` decode steps recorded as one CUDA graph. The eager step launches a few
+    hundred small kernels per token, so at small batches the host sets the pace; replayed, the recorded steps cost
+    the host one launch and one read of the tokens per `steps` tokens (gpt-fast records one step with
+    torch.compile's "reduce-overhead"; several per graph leave the host less to do). The step's kernels are
+    Inductor's (torch.compile, once per batch size and cache length). The cache slot and the positions live on the
+    device, and the caches and the mask of valid slots are buffers the decoder owns, one set per (batch, cache
+    length), so that a recorded graph always finds them at the same address; cache lengths are rounded up to
+    `bucket` to keep the shapes few. Sampling is recorded too: it draws from the default CUDA generator, so seed
+    that (torch.manual_seed) rather than passing a generator.
 
-    def __init__(self, llm):
+    Use: `llm.generate(prompts, n, decoder=GraphDecoder(llm))`. `record=False` runs the same steps eagerly,
+    neither compiled nor recorded (what the CPU tests check)."""
+
+    def __init__(self, llm, steps: int = 8, bucket: int = 256, record: bool = True):
         if llm.config.sliding_window is not None:
             raise ValueError("--compile does not support a sliding-window model; leave --compile out")
-        self.llm = llm
-        self.step = torch.compile(static_decode, mode="reduce-overhead", fullgraph=True)
+        self.llm, self.steps, self.bucket, self.record = llm, steps, bucket, record
+        self.step = torch.compile(static_decode, fullgraph=True) if record else static_decode
+        self.shapes: dict = {}  # (B, S, dtype) -> (valid (B, S), caches)
+        self.graphs: dict = {}  # (B, S, dtype, sampling) -> (graph, token (B, 1), slot (1,), out (B, steps))
 
-    def __call__(self, tokens: torch.Tensor, valid: torch.Tensor, caches: list, start: int) -> torch.Tensor:
-        for c in caches:
-            if not getattr(c, "static", False):  # the recorded graph writes these in place
-                torch._dynamo.mark_static_address(c.k)
-                torch._dynamo.mark_static_address(c.v)
-                c.static = True
-        slot = torch.full((1,), start, dtype=torch.long, device=tokens.device)
-        return self.step(self.llm, tokens, valid, caches, slot).clone()  # the graph's output is reused next step
+    def buffers(self, B: int, S: int, device, dtype) -> tuple[torch.Tensor, list]:
+        S = -(-S // self.bucket) * self.bucket
+        if (B, S, dtype) not in self.shapes:
+            self.shapes[B, S, dtype] = (torch.zeros(B, S, dtype=torch.bool, device=device),
+                                        self.llm.setup_caches(B, S, device, dtype))
+        return self.shapes[B, S, dtype]
 
+    def run(self, token: torch.Tensor, valid: torch.Tensor, caches: list, slot: torch.Tensor, out: torch.Tensor,
+            pick) -> None:
+        """The steps as recorded: from token (B, 1) at cache slot `slot` (1,), write the next tokens to out (B, n)."""
+        for j in range(out.shape[1]):
+            valid.index_fill_(1, slot, True)
+            token = pick(self.step(self.llm, token, valid, caches, slot))[:, None]  # (B, 1)
+            out[:, j:j + 1] = token
+            slot.add_(1)
 
-def cache_length(prompt: int, new: int, bucket: int = 256) -> int:
-    return -(-(prompt + new) // bucket) * bucket
+    def __call__(self, token: torch.Tensor, valid: torch.Tensor, caches: list, start: int, n: int, pick
+                 ) -> torch.Tensor:
+        device = token.device
+        if not self.record:
+            out = torch.empty(token.shape[0], n, dtype=torch.long, device=device)
+            self.run(token, valid, caches, torch.full((1,), start, device=device), out, pick)
+            return out
+        if pick.keywords["generator"] is not None:
+            raise ValueError("a recorded decoder samples with the default CUDA generator: seed it with "
+                             "torch.manual_seed and pass no generator")
+        key = (*valid.shape, caches[0].k.dtype, tuple(pick.keywords.items()))
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(token, valid, caches, start, pick)
+        graph, token_in, slot, out = self.graphs[key]
+        token_in.copy_(token)
+        slot.fill_(start)
+        graph.replay()
+        return out.clone()  # the next replay writes `out` again
 
-
-def generation_kw(sampling: dict, batch: data.Batch, max_new_tokens: int) -> dict:
-    """`sampling` for MultimodalLM.generate, with a cache length rounded up where the decode step is compiled."""
-    if "decode_step" not in sampling:
-        return sampling
-    return {**sampling, "cache_length": cache_length(max(batch.lengths), max_new_tokens)}
+    def capture(self, token: torch.Tensor, valid: torch.Tensor, caches: list, start: int, pick) -> tuple:
+        token_in, slot = token.clone(), torch.full((1,), start, device=token.device)
+        out = torch.zeros(token.shape[0], self.steps, dtype=torch.long, device=token.device)
+        before = valid.clone()
+        side = torch.cuda.Stream()  # compile and warm up off the main stream, as recording wants
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # these steps write the cache slots that the replay then writes again
+                slot.fill_(start)
+                self.run(token_in, valid, caches, slot, out, pick)
+        torch.cuda.current_stream().wait_stream(side)
+        valid.copy_(before)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.run(token_in, valid, caches, slot, out, pick)
+        return graph, token_in, slot, out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +314,7 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, path: 
                 continue
             batch = data.collate([item for _, item, _ in pairs], tokenizer.pad_id).to(device)
             outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids,
-                                  **generation_kw(sampling, batch, max_new_tokens))
+                                  **sampling)
             for (i, _, reference), o in zip(pairs, outs):
                 ex = ds.examples[i]
                 row = {"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
@@ -364,12 +405,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"exported to {args.export}: adapter/ (peft), merged/ (transformers), projectors, aligner")
             return
         model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype)
-        generator = torch.Generator(device=model.llm.lm_head.weight.device).manual_seed(args.seed)
-        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "generator": generator}
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
         if args.compile:
             if not model.llm.lm_head.weight.is_cuda:
                 raise ValueError("--compile replays CUDA graphs: it needs a GPU")
-            sampling["decode_step"] = CompiledDecode(model.llm)
+            torch.manual_seed(args.seed)
+            sampling["decoder"] = GraphDecoder(model.llm)
+        else:
+            sampling["generator"] = torch.Generator(model.llm.lm_head.weight.device).manual_seed(args.seed)
         if args.predict:
             args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
             metrics = predict(model, tokenizer, cfg, args.predict, Path(args.out), args.batch_size,

@@ -324,27 +324,45 @@ class LLM(nn.Module):
         """One new token per row, tokens (B, 1), at cache slot `start` -> logits (B, V)."""
         return self.forward_cached(self.model.embed_tokens(tokens), valid, caches, start)
 
+    def decode(self, token: torch.Tensor, valid: torch.Tensor, caches: list[KVCache], start: int, n: int,
+               pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`n` decode steps after `token` (B, 1), the last token so far, whose keys go to cache slot `start`:
+        returns the next n tokens (B, n), each picked from its logits (B, V) by `pick`."""
+        new = []
+        for j in range(n):
+            valid[:, start + j] = True
+            token = pick(self.decode_step(token, valid, caches, start + j))[:, None]  # (B, 1)
+            new.append(token)
+        return torch.cat(new, 1)
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
                  prompt_embeds: list[torch.Tensor] | None = None, generator: torch.Generator | None = None,
-                 on_token: Callable[[list[int]], None] | None = None, decode_step: Callable | None = None,
-                 cache_length: int | None = None) -> list[list[int]]:
+                 on_token: Callable[[list[int]], None] | None = None, decoder=None) -> list[list[int]]:
         """Generate continuations of a batch of prompts of different lengths, with a KV cache.
 
         Prompts are left-padded; each row's positions start at 0 on its first real token. `temperature=0` is greedy;
         otherwise sampling with optional top-k and top-p (nucleus). A row stops at any of `stop_ids`.
         `prompt_embeds` (one (T_i, H) tensor per prompt) replaces the embedding of the prompt ids, for
-        multimodal prompts. `on_token` is called with each row's new token after every step (for streaming).
+        multimodal prompts. `on_token` is called with each row's new token as it comes (for streaming).
         Returns the new tokens of each row, without the stop token.
 
-        The prefill runs the prompts in one call, then each decode step one token per row: `decode_step` (default
-        `LLM.decode_step`; same arguments) may replace it, and `cache_length` (at least prompt + new tokens) sizes
-        the cache, so that a replaced step sees few cache shapes."""
+        The prefill runs the prompts in one call; then the decode steps make the tokens a few at a time (one at a
+        time for `on_token`), with `LLM.decode`. `decoder` may replace it: an object with `steps` (tokens per call),
+        `buffers(B, S, device, dtype) -> (valid, caches)` for at least S cache slots, and `LLM.decode`'s call
+        (generate.GraphDecoder records its steps as one CUDA graph)."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
-        S = max(cache_length or 0, P + max_new_tokens)
-        valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # cache slots of real tokens
+        n = decoder.steps if decoder is not None else 1 if on_token else 8
+        S = P + -(-(max_new_tokens - 1) // n) * n  # the prompt and every decode step's slot
+        dtype = self.model.embed_tokens.weight.dtype
+        if decoder is not None:
+            valid, caches = decoder.buffers(B, S, device, dtype)
+            valid.zero_()
+        else:
+            valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # cache slots of real tokens
+            caches = self.setup_caches(B, S, device, dtype)
         ids = torch.zeros(B, P, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -352,26 +370,31 @@ class LLM(nn.Module):
         x = self.model.embed_tokens(ids)  # (B, P, H)
         for b, e in enumerate(prompt_embeds or []):
             x[b, P - e.shape[0]:] = e.to(x.dtype)
-        caches = self.setup_caches(B, S, device, x.dtype)
-        logits = self.forward_cached(x, valid, caches, 0)  # prefill: (B, V)
-        tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        tokens = pick(self.forward_cached(x, valid, caches, 0))[:, None]  # prefill, then its token: (B, 1)
         stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        for i in range(max_new_tokens):
-            tokens[:, i] = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+        shown = 0
+        while True:
             if on_token is not None:
-                on_token(tokens[:, i].tolist())
-            # the host reads the tokens only every 8 steps (or for on_token), so that it can queue the next step
-            # while the GPU runs this one; a finished row's extra tokens are cut below
-            if i == max_new_tokens - 1 or (i % 8 == 7 and torch.isin(tokens[:, :i + 1], stops).any(1).all()):
+                for t in tokens[:, shown:max_new_tokens].T.tolist():
+                    on_token(t)
+                shown = tokens.shape[1]
+            # the host reads the tokens once per call of `decode`, so that it queues the next steps while the GPU
+            # runs these; a finished row's extra tokens are cut below
+            if tokens.shape[1] >= max_new_tokens or torch.isin(tokens, stops).any(1).all():
                 break
-            valid[:, P + i] = True
-            logits = (decode_step or self.decode_step)(tokens[:, i:i + 1], valid, caches, P + i)  # (B, V)
-        rows = tokens[:, :i + 1].tolist()
+            count = tokens.shape[1]
+            new = (decoder or self.decode)(tokens[:, -1:], valid, caches, P + count - 1, n, pick)  # (B, n)
+            tokens = torch.cat([tokens, new], 1)
+        rows = tokens[:, :max_new_tokens].tolist()
         return [next((row[:j] for j, t in enumerate(row) if t in stop_ids), row) for row in rows]
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
-    """Pick the next token from logits (B, V): argmax at temperature 0, else top-k / top-p sampling."""
+    """Pick the next token from logits (B, V): argmax at temperature 0, else top-k / top-p sampling.
+
+    A draw is the argmax of the kept logits plus Gumbel noise, which picks each token with its softmax probability
+    (the Gumbel-max trick); unlike torch.multinomial it never waits on the GPU, so a CUDA graph can record it."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -383,7 +406,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    u = torch.rand(logits.shape, device=logits.device, generator=generator).clamp_(min=1e-20)
+    return (logits - (-u.log()).log()).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

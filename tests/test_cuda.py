@@ -91,9 +91,9 @@ def test_fsdp_on_two_gpus_equals_ddp_in_bf16(demo_dir, tmp_path):
     assert out["fsdp"][1]["loss"] == pytest.approx(out["ddp"][1]["loss"], rel=2e-2)
 
 
-def test_compiled_decode_gives_the_plain_tokens():
-    """generate.py --compile: the decode step compiled and replayed as a CUDA graph generates what the plain
-    step generates (fp32, greedy), at batch 1 and 3."""
+def test_recorded_decoder_gives_the_plain_tokens():
+    """generate.py --compile: decode steps compiled and replayed as one CUDA graph generate what the plain steps
+    generate (fp32, greedy), at batch 1 and 3, for several answers in a row; sampling with top_k=1 is greedy."""
     import generate
     import model
     torch.manual_seed(0)
@@ -101,8 +101,9 @@ def test_compiled_decode_gives_the_plain_tokens():
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                           qkv_bias=True, tie_word_embeddings=True)
     llm = model.LLM(cfg).cuda().eval()
-    decode = generate.CompiledDecode(llm)
+    decoder = generate.GraphDecoder(llm)
     for n in ((7,), (5, 11, 8)):
-        prompts = [torch.randint(0, 512, (k,)).tolist() for k in n]
         for _ in range(2):  # recorded, then replayed
-            assert llm.generate(prompts, 12, decode_step=decode, cache_length=256) == llm.generate(prompts, 12)
+            prompts = [torch.randint(0, 512, (k,)).tolist() for k in n]
+            assert llm.generate(prompts, 12, decoder=decoder) == llm.generate(prompts, 12)
+    assert llm.generate(prompts, 12, decoder=decoder, temperature=1.0, top_k=1) == llm.generate(prompts, 12)

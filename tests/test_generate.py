@@ -134,13 +134,17 @@ def test_token_f1_and_mixes():
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_the_fixed_shape_decode_step_equals_the_plain_one(hf_models, family):
-    """generate.py's decode step for --compile (whole cache, slot and positions on the device), run uncompiled:
-    the tokens of LLM.generate's own step, for left-padded prompts of different lengths."""
+def test_the_recorded_decoders_steps_equal_the_plain_ones(hf_models, family):
+    """generate.py's decoder for --compile (whole cache, slot and positions on the device, several steps per call),
+    run eagerly: the tokens of LLM.generate's own steps, for left-padded prompts of different lengths, greedy, with
+    streaming, and sampled (the same generator state gives the same draws)."""
     from model import load_llm
     llm = load_llm(hf_models[family][0])
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (5, 11, 8)]
-
-    def step(tokens, valid, caches, start):
-        return generate.static_decode(llm, tokens, valid, caches, torch.full((1,), start))
-    assert llm.generate(prompts, 10, decode_step=step, cache_length=64) == llm.generate(prompts, 10)
+    decoder = generate.GraphDecoder(llm, steps=4, bucket=16, record=False)
+    assert llm.generate(prompts, 10, decoder=decoder) == llm.generate(prompts, 10)
+    streamed = []
+    assert llm.generate(prompts[:1], 7, decoder=decoder, on_token=streamed.append) == [[t[0] for t in streamed]]
+    sampled = [llm.generate(prompts, 9, temperature=0.8, top_k=50, top_p=0.9, decoder=d,
+                            generator=torch.Generator().manual_seed(3)) for d in (decoder, None)]
+    assert sampled[0] == sampled[1]

@@ -115,6 +115,17 @@ def test_sampling_respects_top_k_and_stops(hf_models):
     assert draws == {1}  # top-p 0.5 keeps only the most likely token
 
 
+def test_sampling_draws_each_token_with_its_probability():
+    """The Gumbel-max draw: over 20,000 draws each token's share is its softmax probability at the temperature,
+    within 0.015; top-k 2 leaves the two most likely, renormalised."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(20000, 4)
+    for temperature, top_k in ((1.0, 0), (0.5, 0), (1.0, 2)):
+        counts = torch.bincount(model.sample(logits, temperature, top_k, 1.0, g), minlength=4) / 20000
+        kept = logits[0] if top_k == 0 else logits[0].masked_fill(logits[0] < 1.0, float("-inf"))
+        assert torch.allclose(counts, (kept / temperature).softmax(-1), atol=0.015), (temperature, top_k, counts)
+
+
 # Official chat templates (from each family's tokenizer_config.json), rendered by transformers as the oracle.
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
