@@ -212,8 +212,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(H, inner, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(inner, H, bias=cfg.mlp_bias)
 
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections of x (B, T, H): two (B, T, inner). generate.GraphDecoder replaces this method
+        on an instance with one matmul over both weights."""
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):

@@ -135,16 +135,23 @@ def test_token_f1_and_mixes():
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 def test_the_recorded_decoders_steps_equal_the_plain_ones(hf_models, family):
-    """generate.py's decoder for --compile (whole cache, slot and positions on the device, several steps per call),
-    run eagerly: the tokens of LLM.generate's own steps, for left-padded prompts of different lengths, greedy, with
-    streaming, and sampled (the same generator state gives the same draws)."""
+    """generate.py's decoder for --compile (LoRA merged, q/k/v and gate/up as one matmul each, whole cache, slot and
+    positions on the device, several steps per call), run eagerly: the tokens of LLM.generate's own steps with the
+    adapters unmerged, for left-padded prompts of different lengths, greedy, streamed, and sampled (the same
+    generator state gives the same draws)."""
     from model import load_llm
     llm = load_llm(hf_models[family][0])
+    lora.apply_lora(llm, rank=4, alpha=8.0)
+    for m in lora.lora_modules(llm).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (5, 11, 8)]
+    greedy = llm.generate(prompts, 10)
+    sampled = llm.generate(prompts, 9, temperature=0.8, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(3))
     decoder = generate.GraphDecoder(llm, steps=4, bucket=16, record=False)
-    assert llm.generate(prompts, 10, decoder=decoder) == llm.generate(prompts, 10)
+    assert all(m.merged for m in lora.lora_modules(llm).values())
+    assert llm.generate(prompts, 10, decoder=decoder) == greedy
     streamed = []
     assert llm.generate(prompts[:1], 7, decoder=decoder, on_token=streamed.append) == [[t[0] for t in streamed]]
-    sampled = [llm.generate(prompts, 9, temperature=0.8, top_k=50, top_p=0.9, decoder=d,
-                            generator=torch.Generator().manual_seed(3)) for d in (decoder, None)]
-    assert sampled[0] == sampled[1]
+    assert streamed[:7] == [[t] for t in greedy[0][:7]]
+    assert llm.generate(prompts, 9, temperature=0.8, top_k=50, top_p=0.9, decoder=decoder,
+                        generator=torch.Generator().manual_seed(3)) == sampled
