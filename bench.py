@@ -329,9 +329,13 @@ def workload(seq: int, **flags) -> dict:
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
 GRIDS = {
-    "main": [(workload(512, cuda_graph=True), [(False, False), (False, True)]),
-             (workload(2048, cuda_graph=True), [(False, False), (False, True)]),
-             (workload(2048, ckpt=True, cuda_graph=True), [(True, False), (True, True)])],
+    "main": [(workload(512, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
+             (workload(2048, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
+             (workload(2048, ckpt=True, cuda_graph=True), [(True, False), (True, True)]),
+             # packed rows (documents of 256 to 1024 tokens): train.py compiles the layers, no whole-step graph
+             (workload(2048, pack=True), []),
+             # the plain step, as people first run and read it, beside the peer eager of the first row
+             (workload(512, compile=False), [])],
     # activation memory: the compiler's recomputation budget beside Liger's kernels (needs the liger-kernel wheel)
     "memory": [(workload(512, cuda_graph=True), [(False, False, True)]),
                (workload(512, cuda_graph=True, memory_budget=0.75), []),
@@ -340,7 +344,11 @@ GRIDS = {
     "layers": [(workload(512), []), (workload(2048), []), (workload(2048, ckpt=True), [])],
     "extra": [(workload(512, compile=False), []), (workload(512, multimodal=True, cuda_graph=True), []),
               (workload(512, multimodal=True, cache=True, cuda_graph=True), []),
-              (workload(512, cuda_graph=True), []), (workload(2048, pack=True, cuda_graph=True), [])],
+              (workload(512, cuda_graph=True), []), (workload(2048, pack=True), [])],
+    # packed rows beside unpacked ones at equal tokens (whole-step graph, and layers compiled as packed rows run),
+    # and the plain step beside the peer eager
+    "pack": [(workload(2048, cuda_graph=True), []), (workload(2048), []), (workload(2048, pack=True), []),
+             (workload(512, compile=False), [(False, False)])],
     "ddp": [(workload(512, cuda_graph=True), [(False, False)]), (workload(2048, cuda_graph=True), [(False, True)])],
     # under torchrun (2 GPUs): 7B-shaped base, ddp beside fsdp, and the peer under DDP; fsdp72: a 72B-shaped base
     # (145 GB of bf16 weights, more than one GPU holds) with fsdp

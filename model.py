@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
@@ -160,10 +161,13 @@ class KVCache:
         return self.k[:, :, :start + T], self.v[:, :, :start + T]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Causal attention: `mask` None (plain causal: SDPA's fused kernels) or a bool (B, 1, T, S)
-    tensor."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None
+           ) -> torch.Tensor:
+    """Causal attention: `mask` None (plain causal: SDPA's fused kernels), a bool (B, 1, T, S) tensor, or a
+    flex-attention BlockMask (`document_block_mask`)."""
     gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -1361,6 +1365,23 @@ class LossOutput:
     sample_tokens: torch.Tensor  # (S,) float32: each sample's labelled tokens
 
 
+def document_mask(doc: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each sample of packed rows: doc (B, T), the sample of each position -> (B, 1, T, T)."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def document_block_mask(doc: torch.Tensor) -> BlockMask:
+    """`document_mask` as flex attention's BlockMask: compiled, flex attention skips the blocks of 128 x 128 that
+    the mask hides (those across samples, beside those above the diagonal) rather than computing and masking them."""
+
+    def same_sample_causal(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+    B, T = doc.shape
+    return create_block_mask(same_sample_causal, B, None, T, T, device=doc.device)
+
+
 class MultimodalLM(nn.Module):
     """Frozen aligner + trainable projectors + LLM (frozen base, LoRA adapters).
 
@@ -1373,6 +1394,8 @@ class MultimodalLM(nn.Module):
         self.media_token_ids = media_token_ids
         self.loss_chunk = loss_chunk
         self.chunk_loss = cross_entropy_chunk  # one chunk of the loss; a caller may put a compiled version here
+        # packed rows' mask: dense for SDPA; a caller compiling the layers may put `document_block_mask` here
+        self.document_mask = document_mask
 
     def media_embeds(self, batch: Batch, modality: str) -> torch.Tensor:
         """Projected features (N, K, H) of the batch's media of one modality, from cached features or raw media."""
@@ -1397,14 +1420,9 @@ class MultimodalLM(nn.Module):
             x = x.flatten(0, 1).index_put((slots,), feats.flatten(0, 1).to(x.dtype)).view_as(x)
         return x
 
-    def attention_mask(self, batch: Batch) -> torch.Tensor | None:
+    def attention_mask(self, batch: Batch) -> torch.Tensor | BlockMask | None:
         """None (causal) for padded batches; for packed ones a document mask: no attention across samples."""
-        if batch.doc_ids is None:
-            return None
-        doc = batch.doc_ids  # (B, T)
-        T = doc.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
-        return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+        return None if batch.doc_ids is None else self.document_mask(batch.doc_ids)
 
     def forward(self, batch: Batch) -> LossOutput:
         # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t.

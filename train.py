@@ -41,14 +41,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.attention.flex_attention import BlockMask
 
 import align
 import data
 import demo
 import lora
 from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, check_tensors,
-                   cross_entropy_chunk, llm_skeleton, load_aligner, load_llm, load_tokenizer, parameter_report,
-                   rope_inv_freq, save_aligner, save_llm, save_tensors, weights_hash, write_json)
+                   cross_entropy_chunk, document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm,
+                   load_tokenizer, parameter_report, rope_inv_freq, save_aligner, save_llm, save_tensors, weights_hash,
+                   write_json)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config: one dataclass per TOML section; every key has a default and a comment
@@ -347,6 +349,8 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
         model.chunk_loss = torch.compile(cross_entropy_chunk, dynamic=True)
     if cfg.compile == "none":
         return
+    if next(model.aligner.parameters()).is_cuda:  # compiled, flex attention skips what packed rows' masks hide
+        model.document_mask = training_document_mask
     dynamic = None
     if cfg.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones with the
         dynamic = False  # recomputation inside; one compilation per batch shape, not eager after Dynamo's default 8
@@ -361,6 +365,12 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
             layer.forward = torch.compile(layer.forward, mode=mode, dynamic=dynamic)
         else:
             layer.compile(mode=mode, dynamic=dynamic)
+
+
+def training_document_mask(doc: torch.Tensor) -> torch.Tensor | BlockMask:
+    """Packed rows' mask where the layers are compiled: a BlockMask for the training step's flex attention; the
+    dense mask for evaluation, which runs the layers eager (flex attention uncompiled computes every score)."""
+    return document_block_mask(doc) if torch.is_grad_enabled() else document_mask(doc)
 
 
 def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[nn.Parameter]]:

@@ -107,3 +107,31 @@ def test_recorded_decoder_gives_the_plain_tokens():
             prompts = [torch.randint(0, 512, (k,)).tolist() for k in n]
             assert llm.generate(prompts, 12, decoder=decoder) == llm.generate(prompts, 12)
     assert llm.generate(prompts, 12, decoder=decoder, temperature=1.0, top_k=1) == llm.generate(prompts, 12)
+
+
+def test_packed_rows_in_compiled_layers_equal_the_dense_mask():
+    """Packed rows where the layers are compiled (flex attention on a block mask) give the losses and gradient
+    norms of eager layers with the dense document mask (no dropout), step after step."""
+    world = train.World(device=torch.device("cuda"))
+    results = []
+    for compile_ in (False, True):
+        args, cfg, mm = small_bench("cuda", pack=True, compile=compile_)
+        for m in mm.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        opt, params = train.make_optimizer(mm, cfg.train)
+        scaler, autocast = train.mixed_precision(cfg.train, world.device)
+        run_step = train.make_step(mm, opt, scaler, params, autocast, world, cfg)
+        g = torch.Generator().manual_seed(0)
+        batches = [bench.make_batch(args, mm, world.device, g) for _ in range(3)]
+        assert all(b.doc_ids is not None for b in batches)
+        mm.train()
+        steps = []
+        for b in batches:
+            out = run_step([b])
+            steps.append(((out.stats[0] / out.n_tokens).item(), out.grad_norm.item()))
+            opt.zero_grad(set_to_none=True)
+        results.append(steps)
+        torch.compiler.reset()
+    for a, b in zip(*results):
+        assert b[0] == pytest.approx(a[0], rel=2e-3) and b[1] == pytest.approx(a[1], rel=2e-2)

@@ -14,7 +14,7 @@ from conftest import demo_config
 import data
 import demo
 import train
-from model import MODALITIES, load_tokenizer
+from model import MODALITIES, document_block_mask, load_tokenizer
 
 
 def write_wav(path, samples: np.ndarray, rate: int, width: int, channels: int = 1):
@@ -208,6 +208,8 @@ def test_media_that_do_not_match_their_placeholders_are_a_clear_error(demo_dir, 
 
 
 def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path):
+    """Packed rows with the dense document mask, and with flex attention's block mask (what compiled layers on a
+    GPU use), give each sample the loss it has alone in a padded row."""
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
     mm.eval()
     items = [ds[i] for i in range(10)]
@@ -215,6 +217,9 @@ def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path)
         plain = mm(data.collate(items, tok.pad_id))
         packed_batch = data.collate(items, tok.pad_id, pack=True, max_len=128)
         packed = mm(packed_batch)
+        mm.document_mask = document_block_mask
+        blocks = mm(packed_batch)
+    torch.testing.assert_close(blocks.sample_loss, plain.sample_loss, atol=1e-5, rtol=1e-5)
     assert packed_batch.input_ids.shape[0] < 10  # several samples share a row
     for m in MODALITIES:  # the collator's flat positions are the placeholders and the labels, packed too
         assert torch.equal(packed_batch.media[m].slots, (packed_batch.input_ids == mm.media_token_ids[m]).flatten()
