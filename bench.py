@@ -324,7 +324,8 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]
 def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
-            "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "memory_budget": 1.0, **flags}
+            "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "memory_budget": 1.0,
+            "compile_mode": "", **flags}
 
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
@@ -332,8 +333,8 @@ GRIDS = {
     "main": [(workload(512, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
              (workload(2048, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
              (workload(2048, ckpt=True, cuda_graph=True), [(True, False), (True, True)]),
-             # packed rows (documents of 256 to 1024 tokens): train.py compiles the layers, no whole-step graph
-             (workload(2048, pack=True), []),
+             # packed rows (documents of 256 to 1024 tokens): the layers compiled, no whole-step graph
+             (workload(2048, pack=True, compile_mode="default"), []),
              # the plain step, as people first run and read it, beside the peer eager of the first row
              (workload(512, compile=False), [])],
     # activation memory: the compiler's recomputation budget beside Liger's kernels (needs the liger-kernel wheel)
@@ -344,10 +345,11 @@ GRIDS = {
     "layers": [(workload(512), []), (workload(2048), []), (workload(2048, ckpt=True), [])],
     "extra": [(workload(512, compile=False), []), (workload(512, multimodal=True, cuda_graph=True), []),
               (workload(512, multimodal=True, cache=True, cuda_graph=True), []),
-              (workload(512, cuda_graph=True), []), (workload(2048, pack=True), [])],
+              (workload(512, cuda_graph=True), []), (workload(2048, pack=True, compile_mode="default"), [])],
     # packed rows beside unpacked ones at equal tokens (whole-step graph, and layers compiled as packed rows run),
     # and the plain step beside the peer eager
-    "pack": [(workload(2048, cuda_graph=True), []), (workload(2048), []), (workload(2048, pack=True), []),
+    "pack": [(workload(2048, cuda_graph=True), []), (workload(2048, compile_mode="default"), []),
+             (workload(2048, pack=True, compile_mode="default"), []),
              (workload(512, compile=False), [(False, False)])],
     "ddp": [(workload(512, cuda_graph=True), [(False, False)]), (workload(2048, cuda_graph=True), [(False, True)])],
     # under torchrun (2 GPUs): 7B-shaped base, ddp beside fsdp, and the peer under DDP; fsdp72: a 72B-shaped base

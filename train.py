@@ -349,7 +349,9 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
         model.chunk_loss = torch.compile(cross_entropy_chunk, dynamic=True)
     if cfg.compile == "none":
         return
-    if next(model.aligner.parameters()).is_cuda:  # compiled, flex attention skips what packed rows' masks hide
+    # compiled, flex attention skips what packed rows' masks hide; not in the modes that record each layer as a CUDA
+    # graph, which would record it again at every step (each step's block mask is made of new tensors)
+    if next(model.aligner.parameters()).is_cuda and cfg.compile in ("default", "max-autotune-no-cudagraphs"):
         model.document_mask = training_document_mask
     dynamic = None
     if cfg.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones with the
