@@ -1372,14 +1372,33 @@ def document_mask(doc: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
-def document_block_mask(doc: torch.Tensor) -> BlockMask:
+def document_block_mask(doc: torch.Tensor, block: int = 128) -> BlockMask:
     """`document_mask` as flex attention's BlockMask: compiled, flex attention skips the blocks of 128 x 128 that
-    the mask hides (those across samples, beside those above the diagonal) rather than computing and masking them."""
+    the mask hides (those across samples, beside those above the diagonal) rather than computing and masking them.
+
+    The blocks are read off each block's first and last sample id (a few small ops on (B, T/128) tensors, where
+    `create_block_mask` evaluates the mask at every one of the B*T*T positions): samples follow each other along a
+    row, so the ids only grow once padding's -1 is numbered after them."""
 
     def same_sample_causal(b, h, q, kv):
         return (doc[b, q] == doc[b, kv]) & (q >= kv)
     B, T = doc.shape
-    return create_block_mask(same_sample_causal, B, None, T, T, device=doc.device)
+    if T % block:
+        return create_block_mask(same_sample_causal, B, None, T, T, device=doc.device)
+    ids = torch.where(doc < 0, doc.max() + 1, doc).view(B, T // block, block)
+    first, last = ids[..., 0], ids[..., -1]  # (B, n) the first and last sample of each block
+    lower = torch.ones(T // block, T // block, dtype=torch.bool, device=doc.device).tril()  # (n_q, n_kv)
+    # kv block j <= q block i holds a key for some query of block i when its last sample reaches block i's first;
+    # every pair is allowed when both blocks lie in one sample, j before i (the diagonal blocks need causality)
+    some = (last[:, None, :] >= first[:, :, None]) & lower  # (B, n_q, n_kv)
+    full = (first[:, None, :] == last[:, :, None]) & lower.tril(-1)
+    partial = some & ~full
+
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The count (B, 1, n_q) and the indices (B, 1, n_q, n_kv), chosen ones first, of each row's kv blocks."""
+        indices = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)
+        return blocks.sum(-1, dtype=torch.int32)[:, None], indices.to(torch.int32)[:, None]
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block, mask_mod=same_sample_causal)
 
 
 class MultimodalLM(nn.Module):

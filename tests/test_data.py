@@ -207,6 +207,28 @@ def test_media_that_do_not_match_their_placeholders_are_a_clear_error(demo_dir, 
         mm(dataclasses.replace(batch, media={**batch.media, "audio": dataclasses.replace(audio, raw=audio.raw[1:])}))
 
 
+def test_document_block_mask_matches_flex_attentions_own():
+    """The block mask read off each block's first and last sample equals create_block_mask's, which evaluates the
+    document mask at every position: the same partial and full blocks, for rows of many sample lengths ending in
+    padding or not."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    g = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        rows = []
+        for _ in range(3):
+            row, filled = [], 512 - int(torch.randint(0, 200, (1,), generator=g)) * (trial % 2)
+            while len(row) < filled:
+                row += [len(set(row))] * min(filled - len(row), int(torch.randint(1, 300, (1,), generator=g)))
+            rows.append(row + [-1] * (512 - len(row)))
+        doc = torch.tensor(rows)
+        ref = create_block_mask(lambda b, h, q, kv: (doc[b, q] == doc[b, kv]) & (q >= kv), 3, None, 512, 512,
+                                device="cpu")
+        ours = document_block_mask(doc)
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+        for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+            assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+
+
 def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path):
     """Packed rows with the dense document mask, and with flex attention's block mask (what compiled layers on a
     GPU use), give each sample the loss it has alone in a padded row."""
