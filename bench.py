@@ -21,6 +21,7 @@ to `bench_*.json`; with `--peer`, a closing Markdown table gives ours beside eac
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
@@ -35,7 +36,7 @@ import data
 import demo
 import train
 from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
-                   llm_skeleton, save_tensors, write_json)
+                   llm_skeleton, sample, save_tensors, write_json)
 
 PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -266,13 +267,14 @@ def write_random_towers(folder: str, vision: dict = SIGLIP_SO400M, audio: dict =
     return out[0], out[1]
 
 
-def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]:
+def time_generation(batch: int, prompt: int, new: int, peer: bool, profile: bool = False) -> list[dict]:
     """Greedy generation of `new` tokens after `prompt` random tokens per row, on Qwen2.5-0.5B's shape (random
     bf16 weights): LLM.generate as it is, with generate.py's recorded decoder (--compile: 8 steps per CUDA graph,
     and 1 to show what recording several steps brings), and transformers' generate on the same weights. Each is
     run once untimed (compilation, recording), then timed. Tokens/s counts new tokens; `bandwidth` is the share of
     the memory-bandwidth limit at which the weights are read once per step (4.8 TB/s). `gpu_ms_per_step` is one
-    recorded graph's replay alone, timed on the GPU, per step: the floor the host's overhead sits on."""
+    recorded graph's replay alone, timed on the GPU, per step: the floor the host's overhead sits on. `profile`
+    prints the kernels of 8 decode steps run through the compiled step without recording them."""
     import generate
 
     torch.manual_seed(0)
@@ -318,6 +320,17 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool) -> list[dict]
             torch.cuda.synchronize()
             rows[-1]["gpu_ms_per_step"] = round(start.elapsed_time(end) / (20 * decoder.steps), 3)
         print(json.dumps(rows[-1]), flush=True)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        decoder = decoders[8]
+        valid, caches = next(iter(decoder.shapes.values()))
+        token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+        out = torch.zeros(batch, decoder.steps, dtype=torch.long, device="cuda")
+        pick = functools.partial(sample, temperature=0.0, top_k=0, top_p=1.0, generator=None)
+        with torch.no_grad(), torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decoder.run(token, valid, caches, torch.full((1,), prompt, device="cuda"), out, pick)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
     return rows
 
 
@@ -437,7 +450,7 @@ def main() -> None:
               f"--data.val_file={args.make_assets}/data/val.jsonl")
         return
     if args.generate:
-        rows = [r for b in (1, 32) for r in time_generation(b, 256, 128, bool(args.peer))]
+        rows = [r for b in (1, 32) for r in time_generation(b, 256, 128, bool(args.peer), args.profile)]
         for b in (1, 32):
             by = {r["impl"]: r["tokens_per_s"] for r in rows if r["batch"] == b}
             if "transformers generate" in by:

@@ -28,3 +28,6 @@ scaler, autocast = train.mixed_precision(cfg.train, world.device)
 train.forward_backward(train.data_parallel(model, world), [batch], scaler, autocast, world)
 if world.master:
     torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, os.environ["GRADS_OUT"])
+if torch.distributed.is_initialized():  # an orderly exit: gloo's threads end before the process does
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
