@@ -9,22 +9,29 @@ import train
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def steps_without_dropout(**flags):
+    """bench.py's small model on the GPU (`flags` as in small_bench) with dropout off, so that two setups draw
+    nothing random: the model, its optimizer, train.py's step and 3 batches."""
+    world = train.World(device=torch.device("cuda"))
+    args, cfg, mm = small_bench("cuda", **flags)
+    for m in mm.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    opt, params = train.make_optimizer(mm, cfg.train)
+    scaler, autocast = train.mixed_precision(cfg.train, world.device)
+    run_step = train.make_step(mm, opt, scaler, params, autocast, world, cfg)
+    g = torch.Generator().manual_seed(0)
+    return mm, opt, run_step, [bench.make_batch(args, mm, world.device, g) for _ in range(3)]
+
+
 @pytest.mark.parametrize("compile_", [False, True])
 def test_cuda_graph_steps_equal_plain_steps(compile_):
     """train.cuda_graph: the warm-up step, the recorded one and the replays give the losses, gradient norms and
     weights of plain steps (no dropout, so that both draw nothing random), with media spliced from the cache."""
-    world = train.World(device=torch.device("cuda"))
     results = []
     for graph in (False, True):
-        args, cfg, mm = small_bench("cuda", multimodal=True, cache=True, cuda_graph=graph, compile=compile_)
-        for m in mm.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        opt, params = train.make_optimizer(mm, cfg.train)
-        scaler, autocast = train.mixed_precision(cfg.train, world.device)
-        run_step = train.make_step(mm, opt, scaler, params, autocast, world, cfg)
-        g = torch.Generator().manual_seed(0)
-        batches = [bench.make_batch(args, mm, world.device, g) for _ in range(3)]
+        mm, opt, run_step, batches = steps_without_dropout(multimodal=True, cache=True, cuda_graph=graph,
+                                                           compile=compile_)
         before = {k: v.detach().clone() for k, v in train.trainable_state(mm).items()}
         mm.train()
         losses = []
@@ -112,18 +119,9 @@ def test_recorded_decoder_gives_the_plain_tokens():
 def test_packed_rows_in_compiled_layers_equal_the_dense_mask():
     """Packed rows where the layers are compiled (flex attention on a block mask) give the losses and gradient
     norms of eager layers with the dense document mask (no dropout), step after step."""
-    world = train.World(device=torch.device("cuda"))
     results = []
     for compile_ in (False, True):
-        args, cfg, mm = small_bench("cuda", pack=True, compile=compile_, compile_mode="default")
-        for m in mm.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        opt, params = train.make_optimizer(mm, cfg.train)
-        scaler, autocast = train.mixed_precision(cfg.train, world.device)
-        run_step = train.make_step(mm, opt, scaler, params, autocast, world, cfg)
-        g = torch.Generator().manual_seed(0)
-        batches = [bench.make_batch(args, mm, world.device, g) for _ in range(3)]
+        mm, opt, run_step, batches = steps_without_dropout(pack=True, compile=compile_, compile_mode="default")
         assert all(b.doc_ids is not None for b in batches)
         mm.train()
         steps = []
