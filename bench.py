@@ -62,6 +62,7 @@ def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig
     cfg.train.activation_checkpointing = args.ckpt
     cfg.train.activation_memory_budget = getattr(args, "memory_budget", 1.0)
     cfg.train.cuda_graph = args.cuda_graph
+    cfg.model.loss_chunk = getattr(args, "loss_chunk", 0) or cfg.model.loss_chunk
     cfg.train.compile = (args.compile_mode or ("default" if args.cuda_graph else "reduce-overhead")) \
         if args.compile else "none"
     if getattr(args, "towers", False):
@@ -190,7 +191,7 @@ def time_ours(args, world: train.World) -> dict:
     fpt = flops_per_token(model, args.seq, labelled)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
             "cuda_graph": args.cuda_graph, "shape": args.shape, "strategy": "fsdp" if args.fsdp else "ddp",
-            "memory_budget": args.memory_budget,
+            "memory_budget": args.memory_budget, "loss_chunk": cfg.model.loss_chunk,
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
             "towers": getattr(args, "towers", False),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
@@ -338,7 +339,7 @@ def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
             "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "memory_budget": 1.0,
-            "compile_mode": "", **flags}
+            "compile_mode": "", "loss_chunk": 0, **flags}
 
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
@@ -350,11 +351,16 @@ GRIDS = {
              (workload(2048, pack=True, compile_mode="default"), []),
              # the plain step, as people first run and read it, beside the peer eager of the first row
              (workload(512, compile=False), [])],
-    # activation memory: the compiler's recomputation budget beside Liger's kernels (needs the liger-kernel wheel)
+    # activation memory: the compiler's recomputation budget, and the loss's chunks of labelled rows (one chunk's
+    # logits and their gradient are the step's largest temporary), beside Liger's kernels (needs the liger wheel)
     "memory": [(workload(512, cuda_graph=True), [(False, False, True)]),
                (workload(512, cuda_graph=True, memory_budget=0.75), []),
+               (workload(512, cuda_graph=True, loss_chunk=1024), []),
+               (workload(512, cuda_graph=True, loss_chunk=512), []),
                (workload(2048, cuda_graph=True), [(False, False, True)]),
-               (workload(2048, cuda_graph=True, memory_budget=0.75), [])],
+               (workload(2048, cuda_graph=True, memory_budget=0.75), []),
+               (workload(2048, cuda_graph=True, loss_chunk=1024), []),
+               (workload(2048, cuda_graph=True, loss_chunk=512), [])],
     "layers": [(workload(512), []), (workload(2048), []), (workload(2048, ckpt=True), [])],
     "extra": [(workload(512, compile=False), []), (workload(512, multimodal=True, cuda_graph=True), []),
               (workload(512, multimodal=True, cache=True, cuda_graph=True), []),
@@ -426,6 +432,7 @@ def main() -> None:
     ap.add_argument("--load_sharded", metavar="HF_DIR", help="under torchrun (CPU gloo, or GPUs): load the LLM folder "
                     "sharded as train.strategy = fsdp does, print each rank's peak host memory, then exit")
     ap.add_argument("--memory_budget", type=float, default=1.0, help="train.activation_memory_budget (with --compile)")
+    ap.add_argument("--loss_chunk", type=int, default=0, help="model.loss_chunk (default: the config's)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
