@@ -185,14 +185,14 @@ class OneMatmul:
 
     def __init__(self, layers: list[nn.Linear]):
         self.sizes = [layer.out_features for layer in layers]
-        for name in ("weight", "bias"):
-            parts = [getattr(layer, name) for layer in layers]
-            whole = None if parts[0] is None else torch.cat([p.detach() for p in parts])  # (sum out, in) or (sum out,)
-            start = 0
-            for p in parts if whole is not None else ():
-                p.data = whole[start:start + p.shape[0]]
-                start += p.shape[0]
-            setattr(self, name, whole)
+        self.weight = self.one_tensor([layer.weight for layer in layers])  # (sum out, in)
+        self.bias = None if layers[0].bias is None else self.one_tensor([layer.bias for layer in layers])
+
+    def one_tensor(self, parts: list[nn.Parameter]) -> torch.Tensor:
+        whole = torch.cat([p.detach() for p in parts])
+        for p, view in zip(parts, whole.split(self.sizes)):
+            p.data = view
+        return whole
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
@@ -202,13 +202,10 @@ def prepare_for_decoding(llm) -> None:
     """Merge the LoRA adapters into their base weights, and give each layer's q, k, v and its gate, up weights one
     storage each, run as one matmul (`OneMatmul`). The model computes what it did (the merged model), in place."""
     lora.merge_lora(llm)
-
-    def base(m: nn.Module) -> nn.Linear:
-        return m.base_layer if isinstance(m, lora.LoRALinear) else m
     for layer in llm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv = OneMatmul([base(attn.q_proj), base(attn.k_proj), base(attn.v_proj)])
-        mlp.gate_up = OneMatmul([base(mlp.gate_proj), base(mlp.up_proj)])
+        attn.qkv = OneMatmul([lora.base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+        mlp.gate_up = OneMatmul([lora.base_linear(m) for m in (mlp.gate_proj, mlp.up_proj)])
 
 
 class GraphDecoder:

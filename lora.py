@@ -73,6 +73,11 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+def base_linear(m: nn.Module) -> nn.Linear:
+    """The frozen linear layer of `m`: its base layer if LoRA wraps it, else `m` itself."""
+    return m.base_layer if isinstance(m, LoRALinear) else m
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -115,7 +120,7 @@ class FusedQKV:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not torch.is_grad_enabled():
             return tuple(layer(x) for layer in self.layers)
-        bases = [m.base_layer if isinstance(m, LoRALinear) else m for m in self.layers]
+        bases = [base_linear(m) for m in self.layers]
         bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases])
         y = F.linear(x, torch.cat([b.weight for b in bases]), bias)  # (B, T, q + k + v)
         ys = list(y.split([b.out_features for b in bases], dim=-1))

@@ -393,8 +393,7 @@ class LLM(nn.Module):
             # runs these; a finished row's extra tokens are cut below
             if tokens.shape[1] >= max_new_tokens or torch.isin(tokens, stops).any(1).all():
                 break
-            count = tokens.shape[1]
-            new = (decoder or self.decode)(tokens[:, -1:], valid, caches, P + count - 1, n, pick)  # (B, n)
+            new = (decoder or self.decode)(tokens[:, -1:], valid, caches, P + tokens.shape[1] - 1, n, pick)  # (B, n)
             tokens = torch.cat([tokens, new], 1)
         rows = tokens[:, :max_new_tokens].tolist()
         return [next((row[:j] for j, t in enumerate(row) if t in stop_ids), row) for row in rows]
@@ -1413,7 +1412,8 @@ class MultimodalLM(nn.Module):
         self.media_token_ids = media_token_ids
         self.loss_chunk = loss_chunk
         self.chunk_loss = cross_entropy_chunk  # one chunk of the loss; a caller may put a compiled version here
-        # packed rows' mask: dense for SDPA; a caller compiling the layers may put `document_block_mask` here
+        # packed rows' mask: dense for SDPA; a caller compiling the layers may put one giving flex attention's
+        # `document_block_mask` here (train.training_document_mask)
         self.document_mask = document_mask
 
     def media_embeds(self, batch: Batch, modality: str) -> torch.Tensor:

@@ -345,13 +345,14 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
     logits. With `train.compile`, each decoder layer is compiled (one graph, shared by all layers: same code, same
     shapes). Evaluation and generation run them eager (`evaluate` sets torch.compiler's "force_eager" stance),
     since their shapes change from call to call."""
-    if next(model.aligner.parameters()).is_cuda:  # (the LLM may still be on the meta device, to be sharded)
+    on_gpu = next(model.aligner.parameters()).is_cuda  # (the LLM may still be on the meta device, to be sharded)
+    if on_gpu:
         model.chunk_loss = torch.compile(cross_entropy_chunk, dynamic=True)
     if cfg.compile == "none":
         return
     # compiled, flex attention skips what packed rows' masks hide; not in the modes that record each layer as a CUDA
     # graph, which would record it again at every step (each step's block mask is made of new tensors)
-    if next(model.aligner.parameters()).is_cuda and cfg.compile in ("default", "max-autotune-no-cudagraphs"):
+    if on_gpu and cfg.compile in ("default", "max-autotune-no-cudagraphs"):
         model.document_mask = training_document_mask
     dynamic = None
     if cfg.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones with the
