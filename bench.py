@@ -155,6 +155,7 @@ def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
 
 
 def time_ours(args, world: train.World) -> dict:
+    before = torch.cuda.memory_allocated()  # what earlier workloads still hold does not count as this one's
     cfg, model = build(args, world.device, world=world)
     opt, params = train.make_optimizer(model, cfg.train)
     scaler, autocast = train.mixed_precision(cfg.train, world.device)
@@ -196,7 +197,7 @@ def time_ours(args, world: train.World) -> dict:
             "towers": getattr(args, "towers", False),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
             "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_mem_gib": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
             "loss": round((out.stats[0] / out.n_tokens).item(), 4)}
 
 
@@ -233,7 +234,10 @@ def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape
     extra = {}
     if shape != "0.5b":
         extra["shape"] = {k: v for k, v in SHAPES[shape].items() if k not in ("architecture", "qkv_bias")}
+    before = torch.cuda.memory_allocated()  # held by earlier workloads of ours, not the peer's
     row = peer.run(torch.bfloat16, batch, seq, ckpt, compile_, liger=liger, **extra)
+    if "peak_mem_gib" in row:
+        row["peak_mem_gib"] = round(row["peak_mem_gib"] - before / 2**30, 2)
     return {"impl": "transformers+peft", "shape": shape, **row}
 
 
@@ -351,16 +355,17 @@ GRIDS = {
              (workload(2048, pack=True, compile_mode="default"), []),
              # the plain step, as people first run and read it, beside the peer eager of the first row
              (workload(512, compile=False), [])],
-    # activation memory: the compiler's recomputation budget, and the loss's chunks of labelled rows (one chunk's
-    # logits and their gradient are the step's largest temporary), beside Liger's kernels (needs the liger wheel)
-    "memory": [(workload(512, cuda_graph=True), [(False, False, True)]),
-               (workload(512, cuda_graph=True, memory_budget=0.75), []),
+    # activation memory: the loss's chunks of labelled rows (one chunk's logits and their gradient are the step's
+    # largest temporary) beside Liger's kernels (needs the liger wheel); train.activation_memory_budget's rows are
+    # in BENCHMARKS.md
+    "memory": [(workload(512, cuda_graph=True, loss_chunk=4096), [(False, False, True)]),
                (workload(512, cuda_graph=True, loss_chunk=1024), []),
                (workload(512, cuda_graph=True, loss_chunk=512), []),
-               (workload(2048, cuda_graph=True), [(False, False, True)]),
-               (workload(2048, cuda_graph=True, memory_budget=0.75), []),
+               (workload(512, cuda_graph=True, loss_chunk=256), []),
+               (workload(2048, cuda_graph=True, loss_chunk=4096), [(False, False, True)]),
                (workload(2048, cuda_graph=True, loss_chunk=1024), []),
-               (workload(2048, cuda_graph=True, loss_chunk=512), [])],
+               (workload(2048, cuda_graph=True, loss_chunk=512), []),
+               (workload(2048, cuda_graph=True, loss_chunk=256), [])],
     "layers": [(workload(512), []), (workload(2048), []), (workload(2048, ckpt=True), [])],
     "extra": [(workload(512, compile=False), []), (workload(512, multimodal=True, cuda_graph=True), []),
               (workload(512, multimodal=True, cache=True, cuda_graph=True), []),

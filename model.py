@@ -134,7 +134,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, nh, T, hd), cos/sin (B, 1, T, hd)
+    # x (B, T, nh, hd), cos/sin (B, T, 1, hd)
     return x * cos + rotate_half(x) * sin
 
 
@@ -200,8 +200,10 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, nh, T, hd)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, n_kv, T, hd)
+        # RoPE in the (B, T, heads, hd) layout, then a transposed view: attention's output keeps that layout, so
+        # that o_proj reads it without a copy
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, nh, T, hd)
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, n_kv, T, hd)
         if cache is not None:
             k, v = cache.update(k, v, cache_start)  # (B, n_kv, S, hd)
         y = attend(q, k, v, mask)  # (B, nh, T, hd)
@@ -276,7 +278,7 @@ class LLM(nn.Module):
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[:, :, None].float() * self.inv_freq.float()  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def hidden_states(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None,
@@ -1323,7 +1325,7 @@ def cross_entropy_chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, 
     if not need_grad:
         return loss, None
     p = torch.exp(logits - lse[:, None])  # softmax
-    p = p - F.one_hot(t, logits.shape[1]).to(p.dtype)
+    p = p - (torch.arange(logits.shape[1], device=t.device) == t[:, None]).to(p.dtype)  # minus the one-hot targets
     return loss, (p.to(weight.dtype) @ weight).float()
 
 
@@ -1406,7 +1408,7 @@ class MultimodalLM(nn.Module):
     `forward(batch)` takes a `data.Batch` and returns a `LossOutput`; `generate(batch)` answers prompts."""
 
     def __init__(self, llm: LLM, aligner: Aligner, projectors: nn.ModuleDict, media_token_ids: dict[str, int],
-                 loss_chunk: int = 4096):
+                 loss_chunk: int = 512):
         super().__init__()
         self.llm, self.aligner, self.projectors = llm, aligner, projectors
         self.media_token_ids = media_token_ids

@@ -68,7 +68,8 @@ class ModelConfig:
     projector_mode: str = "pool"  # pool: N encoder tokens pooled to K; pooled: the pooled embedding repeated K times
     shared_projector: bool = False  # one projector for images and audio (ImageBind-LLM's design: what it learns on
     # one modality applies to the other through the aligned space); needs image_tokens == audio_tokens
-    loss_chunk: int = 4096  # labelled positions per lm_head chunk in the loss
+    loss_chunk: int = 512  # labelled positions per lm_head chunk in the loss: one chunk's logits (chunk x vocab) and
+    # their gradient are the step's largest temporary; smaller chunks read the lm_head weight more often (BENCHMARKS.md)
 
     @property
     def tokens_per_media(self) -> dict[str, int]:
