@@ -178,10 +178,57 @@ def static_decode(llm, tokens: torch.Tensor, valid: torch.Tensor, caches: list, 
     return llm.lm_head(h[:, -1]).float()  # (B, V)
 
 
+try:  # Triton comes with torch's CUDA builds; without it (a CPU install) the decoder uses F.linear throughout
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                              for n, k, w in ((1, 512, 4), (2, 512, 2), (4, 256, 4), (8, 256, 4), (16, 128, 8))],
+                     key=["N", "K"])
+    @triton.jit
+    def one_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        """y = w @ x (+ b) for one row x (K,) and w (N, K), in fp32: each program makes BLOCK_N outputs."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            x = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < K),
+                        other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    @torch.library.triton_op("mmlora::one_row_linear", mutates_args=())
+    def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear of one row x (K,) by weight (N, K): (N,)."""
+        N, K = weight.shape
+        y = x.new_empty(N)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        torch.library.wrap_triton(one_row_kernel)[grid](x, weight, weight if bias is None else bias, y, N, K,
+                                                        HAS_BIAS=bias is not None)
+        return y
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear; for one row on the GPU (a decode step at batch 1), a Triton kernel that spreads the weight's
+    rows over all the GPU's cores: cuBLAS's kernels for one row leave most of them idle on these small weights."""
+    if triton is not None and x.is_cuda and x.numel() == x.shape[-1] and weight.is_contiguous():
+        return one_row_linear(x.reshape(-1), weight, bias).view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
+
+
 class OneMatmul:
     """Linear layers that read the same input, run as one matmul: their weights (and biases) become views of one
     tensor, which the matmul reads in place. At one token per row a decode step's matmuls are too small to use the
-    GPU's bandwidth, so one matmul over q, k and v (or gate and up) is faster than three (or two)."""
+    GPU's bandwidth, so one matmul over q, k and v (or gate and up) is faster than three (or two). A single layer
+    is a OneMatmul too, so that every matmul of the step goes through `decode_linear`."""
 
     def __init__(self, layers: list[nn.Linear]):
         self.sizes = [layer.out_features for layer in layers]
@@ -189,23 +236,29 @@ class OneMatmul:
         self.bias = None if layers[0].bias is None else self.one_tensor([layer.bias for layer in layers])
 
     def one_tensor(self, parts: list[nn.Parameter]) -> torch.Tensor:
+        if len(parts) == 1:
+            return parts[0].detach()
         whole = torch.cat([p.detach() for p in parts])
         for p, view in zip(parts, whole.split(self.sizes)):
             p.data = view
         return whole
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return decode_linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 def prepare_for_decoding(llm) -> None:
     """Merge the LoRA adapters into their base weights, and give each layer's q, k, v and its gate, up weights one
-    storage each, run as one matmul (`OneMatmul`). The model computes what it did (the merged model), in place."""
+    storage each, run as one matmul (`OneMatmul`); every matmul of the step then goes through `decode_linear`. The
+    model computes what it did (the merged model), in place."""
     lora.merge_lora(llm)
     for layer in llm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv = OneMatmul([lora.base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
         mlp.gate_up = OneMatmul([lora.base_linear(m) for m in (mlp.gate_proj, mlp.up_proj)])
+        for m in (attn.o_proj, mlp.down_proj):
+            m.forward = lambda x, one=OneMatmul([lora.base_linear(m)]): one(x)[0]
+    llm.lm_head.forward = lambda x, one=OneMatmul([llm.lm_head]): one(x)[0]
 
 
 class GraphDecoder:
