@@ -411,6 +411,19 @@ def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
     return "\n".join(lines)
 
 
+def peer_row(args, ckpt: bool, compile_: bool, liger: bool, world: train.World) -> dict:
+    """One peer row on the workload's shapes, printed; an error is reported as the row, as the peer's script does."""
+    try:
+        r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape, liger)
+    except Exception as e:
+        r = {"impl": "transformers+peft", "grad_ckpt": ckpt, "compile": compile_, "liger": liger,
+             "error": repr(e)[:300]}
+    torch.cuda.empty_cache()
+    if world.master:
+        print(json.dumps(r), flush=True)
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", choices=list(GRIDS), help="a set of workloads (else the one given by the flags)")
@@ -477,7 +490,7 @@ def main() -> None:
     if world.master:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {world.size}", flush=True)
     work = GRIDS[args.grid] if args.grid else [({k: getattr(args, k) for k in workload(0)}, [])]
-    rows, pairs = [], []
+    rows, pairs, liger_rows = [], [], []
     for flags, peers in work:
         vars(args).update(flags)
         try:
@@ -491,15 +504,17 @@ def main() -> None:
             print(json.dumps(ours), flush=True)
         rows.append(ours)
         for ckpt, compile_, *liger in peers if args.peer else []:  # (ckpt, compile[, liger])
-            try:
-                r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape, bool(liger and liger[0]))
-            except Exception as e:  # report and go on, as the peer's own script does
-                r = {"impl": "transformers+peft", "grad_ckpt": ckpt, "compile": compile_, "error": repr(e)[:300]}
-            torch.cuda.empty_cache()
-            if world.master:
-                print(json.dumps(r), flush=True)
-            rows.append(r)
-            pairs.append((ours, r))
+            if liger and liger[0]:  # Liger patches transformers' model classes for the whole process: its rows
+                liger_rows.append((ours, dict(vars(args)), ckpt, compile_))  # run after every plain peer row
+                continue
+            rows.append(peer_row(args, ckpt, compile_, False, world))
+            pairs.append((ours, rows[-1]))
+    for ours, flags, ckpt, compile_ in liger_rows:
+        vars(args).update(flags)
+        rows.append(peer_row(args, ckpt, compile_, True, world))
+        pairs.append((ours, rows[-1]))
+    order = {id(r): i for i, r in enumerate(rows)}
+    pairs.sort(key=lambda pair: order[id(pair[0])])  # each workload's peer rows together again
     if world.master and pairs:
         print(ratio_table(pairs), flush=True)
     if world.master:
