@@ -217,9 +217,11 @@ if triton is not None:
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear; for one row on the GPU (a decode step at batch 1), a Triton kernel that spreads the weight's
-    rows over all the GPU's cores: cuBLAS's kernels for one row leave most of them idle on these small weights."""
-    if triton is not None and x.is_cuda and x.numel() == x.shape[-1] and weight.is_contiguous():
+    """F.linear; for one row on the GPU (a decode step at batch 1) in compiled code, a Triton kernel that spreads
+    the weight's rows over all the GPU's cores: cuBLAS's kernels for one row leave most of them idle on these small
+    weights. Eager calls keep F.linear, whose launch costs the host less."""
+    if (triton is not None and torch.compiler.is_compiling() and x.is_cuda and x.numel() == x.shape[-1]
+            and weight.is_contiguous()):
         return one_row_linear(x.reshape(-1), weight, bias).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 

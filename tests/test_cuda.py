@@ -116,6 +116,23 @@ def test_recorded_decoder_gives_the_plain_tokens():
     assert llm.generate(prompts, 12, decoder=decoder, temperature=1.0, top_k=1) == llm.generate(prompts, 12)
 
 
+def test_one_row_matmul_kernel_equals_linear():
+    """The recorded decoder's one-row matmul (Triton, in compiled code) gives F.linear's output, with and without
+    a bias, in bf16 and fp32, on sizes that are not multiples of its blocks."""
+    import torch.nn.functional as F
+
+    import generate
+    step = torch.compile(generate.decode_linear, fullgraph=True, dynamic=False)
+    for (N, K), dtype, bias in [((1152, 896), torch.bfloat16, True), ((896, 4864), torch.bfloat16, False),
+                                ((101, 37), torch.float32, True), ((9728, 896), torch.float32, False)]:
+        torch._dynamo.reset()
+        x = torch.randn(1, 1, K, device="cuda", dtype=dtype)
+        w = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
+        b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+        torch.testing.assert_close(step(x, w, b), F.linear(x, w, b), rtol=tol, atol=tol)
+
+
 def test_packed_rows_in_compiled_layers_equal_the_dense_mask():
     """Packed rows where the layers are compiled (flex attention on a block mask) give the losses and gradient
     norms of eager layers with the dense document mask (no dropout), step after step."""
