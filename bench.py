@@ -5,6 +5,7 @@
     python bench.py --grid layers                                     # ours there with per-layer graphs
     python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours (per-layer graphs)
     python bench.py --seq 512 --compile --cuda_graph                  # the same, the whole step as one graph
+    python bench.py --seq 512 --compile --cuda_graph --memory_trace   # ... and what is live at its memory peak
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under torchrun
     torchrun --nproc_per_node=2 bench.py --grid fsdp --peer ...       # 7B ddp vs fsdp (and the peer), 72B fsdp
     torchrun --nproc_per_node=2 bench.py --load_sharded HF_DIR       # each rank's peak host memory, sharded load
@@ -167,6 +168,10 @@ def time_ours(args, world: train.World) -> dict:
     model.train()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()  # before the warm-up: CUDA graphs allocate their memory when recorded
+    held = torch.cuda.memory_allocated() - before  # this workload's weights, optimizer state and batches
+    trace = getattr(args, "memory_trace", False)
+    if trace:
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     times = []
     for i in range(args.warmup + args.steps):
         torch.cuda.synchronize()
@@ -176,6 +181,11 @@ def time_ours(args, world: train.World) -> dict:
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    if trace:
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        if world.master:
+            print(peak_report(snapshot, torch.cuda.current_device(), held), flush=True)
     if args.profile:  # every rank steps (their collectives pair up); rank 0 prints
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -199,6 +209,45 @@ def time_ours(args, world: train.World) -> dict:
             "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
             "peak_mem_gib": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
             "loss": round((out.stats[0] / out.n_tokens).item(), 4)}
+
+
+OUR_FILES = ("model.py", "lora.py", "train.py", "data.py", "bench.py", "generate.py", "align.py")
+
+
+def peak_at(snapshot: dict, device: int) -> tuple[int, dict[str, list[int]]]:
+    """Replay a memory snapshot's trace (`torch.cuda.memory._snapshot()` after `_record_memory_history`) to its
+    highest point: the bytes allocated there above what was allocated before the recording began, and the blocks
+    live there (their sizes), grouped by the innermost frame in this project's files that allocated them."""
+    def where(frames: list[dict]) -> str:
+        ours = [f for f in frames if f["filename"].rsplit("/", 1)[-1] in OUR_FILES and "site-packages" not in
+                f["filename"]]
+        f = ours[0] if ours else frames[0] if frames else {"filename": "?", "line": 0, "name": "?"}
+        return f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}"
+
+    live, now, peak, at_peak = {}, 0, 0, {}
+    for ev in snapshot["device_traces"][device]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], where(ev.get("frames", [])))
+            now += ev["size"]
+            if now > peak:
+                peak, at_peak = now, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            now -= live.pop(ev["addr"])[0]
+    groups: dict[str, list[int]] = {}
+    for size, key in at_peak.values():
+        groups.setdefault(key, []).append(size)
+    return peak, groups
+
+
+def peak_report(snapshot: dict, device: int, held: int, top: int = 12) -> str:
+    """`peak_at` as lines: the peak's traced bytes above the `held` bytes of the workload before its first step,
+    then the largest groups of blocks live there (MiB, count, where)."""
+    peak, groups = peak_at(snapshot, device)
+    lines = [f"memory trace: {peak / 2**30:.2f} GiB allocated at the peak, above the {held / 2**30:.2f} GiB held "
+             "before the first step (weights, optimizer state, batches)"]
+    for key, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        lines.append(f"  {sum(sizes) / 2**20:9.1f} MiB {len(sizes):5d} blocks  {key}")
+    return "\n".join(lines)
 
 
 def load_sharded(folder: str) -> None:
@@ -448,6 +497,8 @@ def main() -> None:
                     "default with --cuda_graph)")
     ap.add_argument("--cuda_graph", action="store_true", help="the whole step as one CUDA graph (train.cuda_graph)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
+    ap.add_argument("--memory_trace", action="store_true", help="record the allocator's history over the steps and "
+                    "print what is live at the peak, by where in our code it was allocated")
     ap.add_argument("--generate", action="store_true", help="time generation instead (batch 1 and 32, prompt 256, "
                     "128 new tokens): ours, ours --compile and, with --peer, transformers' generate")
     ap.add_argument("--shape", choices=list(SHAPES), default="0.5b", help="the LLM's shape (Qwen2.5's)")

@@ -378,3 +378,25 @@ def test_bench_table_gives_the_ratios_to_the_peer():
 def test_every_shipped_config_loads(path):
     cfg = train.load_config(str(path), [])
     assert cfg.run.out_dir
+
+
+def test_memory_trace_finds_the_peak_and_who_allocated_it():
+    """bench.py --memory_trace: the snapshot's trace replayed to its highest point, the blocks live there grouped by
+    the innermost frame in our files (torch's own frames skipped), frees counted only once completed."""
+    import bench
+
+    def alloc(addr, size, *frames):
+        return {"action": "alloc", "addr": addr, "size": size,
+                "frames": [{"filename": f, "line": n, "name": "fn"} for f, n in frames]}
+    torch_frame = ("/venv/lib/python3.11/site-packages/torch/nn/functional.py", 7)
+    trace = [alloc(1, 100, torch_frame, ("/repo/model.py", 10)),
+             alloc(2, 50, ("/repo/lora.py", 5)),
+             {"action": "free_requested", "addr": 1, "size": 100},  # not yet reusable: still counted
+             alloc(3, 30, ("/repo/model.py", 10)),
+             {"action": "free_completed", "addr": 1, "size": 100},
+             alloc(4, 40, ("/repo/model.py", 10)),
+             {"action": "free_completed", "addr": 2, "size": 50}]
+    peak, groups = bench.peak_at({"device_traces": [[], trace]}, device=1)
+    assert peak == 180 and groups == {"model.py:10 fn": [100, 30], "lora.py:5 fn": [50]}
+    report = bench.peak_report({"device_traces": [trace]}, 0, held=2**30)
+    assert "1.00 GiB held" in report and report.splitlines()[1].split()[-2:] == ["model.py:10", "fn"]
