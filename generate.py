@@ -158,8 +158,7 @@ def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_t
         if stream is not None and text.startswith(shown):
             stream(text[len(shown):])
             shown = text
-    out = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=on_token,
-                         **sampling)[0]
+    out = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=on_token, **sampling)[0]
     text = tokenizer.decode(out)
     if stream is not None and text.startswith(shown):
         stream(text[len(shown):])
@@ -229,8 +228,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class OneMatmul:
     """Linear layers that read the same input, run as one matmul: their weights (and biases) become views of one
     tensor, which the matmul reads in place. At one token per row a decode step's matmuls are too small to use the
-    GPU's bandwidth, so one matmul over q, k and v (or gate and up) is faster than three (or two). A single layer
-    is a OneMatmul too, so that every matmul of the step goes through `decode_linear`."""
+    GPU's bandwidth, so one matmul over q, k and v (or gate and up) is faster than three (or two)."""
 
     def __init__(self, layers: list[nn.Linear]):
         self.sizes = [layer.out_features for layer in layers]
@@ -238,8 +236,6 @@ class OneMatmul:
         self.bias = None if layers[0].bias is None else self.one_tensor([layer.bias for layer in layers])
 
     def one_tensor(self, parts: list[nn.Parameter]) -> torch.Tensor:
-        if len(parts) == 1:
-            return parts[0].detach()
         whole = torch.cat([p.detach() for p in parts])
         for p, view in zip(parts, whole.split(self.sizes)):
             p.data = view
@@ -258,9 +254,9 @@ def prepare_for_decoding(llm) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv = OneMatmul([lora.base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
         mlp.gate_up = OneMatmul([lora.base_linear(m) for m in (mlp.gate_proj, mlp.up_proj)])
-        for m in (attn.o_proj, mlp.down_proj):
-            m.forward = lambda x, one=OneMatmul([lora.base_linear(m)]): one(x)[0]
-    llm.lm_head.forward = lambda x, one=OneMatmul([llm.lm_head]): one(x)[0]
+    alone = [m for layer in llm.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    for m in [*alone, llm.lm_head]:  # the step's other matmuls, one weight each
+        m.forward = lambda x, base=lora.base_linear(m): decode_linear(x, base.weight, base.bias)
 
 
 class GraphDecoder:
@@ -403,8 +399,7 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, path: 
             if not pairs:
                 continue
             batch = data.collate([item for _, item, _ in pairs], tokenizer.pad_id).to(device)
-            outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids,
-                                  **sampling)
+            outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
             for (i, _, reference), o in zip(pairs, outs):
                 ex = ds.examples[i]
                 row = {"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
