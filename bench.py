@@ -160,6 +160,7 @@ def time_ours(args, world: train.World) -> dict:
     cfg, model = build(args, world.device, world=world)
     opt, params = train.make_optimizer(model, cfg.train)
     scaler, autocast = train.mixed_precision(cfg.train, world.device)
+    train.store_for_autocast(model.aligner, autocast)
     run_step = train.make_step(model, opt, scaler, params, autocast, world, cfg)
     g = torch.Generator().manual_seed(0)
     batches = [make_batch(args, model, world.device, g) for _ in range(3)]

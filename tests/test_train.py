@@ -311,6 +311,32 @@ def test_seed_setup_parameter_report():
     assert "2,162,688" in report and f"{total:,}" in report
 
 
+def test_the_frozen_aligner_stored_for_autocast_gives_the_same_features_and_exports_its_own(demo_dir, tmp_path):
+    """With its matmul weights stored in bf16, the aligner's features under bf16 autocast are bit-identical, and the
+    export still holds the aligner's fp32 weights, read from its folder."""
+    import model
+    cfg = demo_config(demo_dir, tmp_path / "run", train={"amp": "bf16"})
+    _, mm = train.build_model(cfg, torch.device("cpu"))
+    _, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
+    c, g = mm.aligner.config, torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, c.image_size, c.image_size, generator=g)
+    wave = torch.randn(2, int(c.sample_rate * c.clip_seconds), generator=g) * 0.1
+
+    def features():
+        with torch.no_grad(), autocast():
+            return [*mm.aligner.image(pixels), *mm.aligner.audio(wave)]
+    before = features()
+    train.store_for_autocast(mm.aligner, autocast)
+    dtypes = {n: p.dtype for n, p in mm.aligner.named_parameters()}
+    assert dtypes["image.head.weight"] == dtypes["audio.encoder.conv1.weight"] == torch.bfloat16
+    assert dtypes["image.encoder.pos_embed"] == dtypes["image.encoder.norm.weight"] == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(before, features()))
+    train.export(mm, tmp_path / "export", cfg)
+    source = model.load_aligner(cfg.model.aligner).state_dict()
+    exported = model.load_aligner(tmp_path / "export" / "aligner").state_dict()
+    assert source.keys() == exported.keys() and all(torch.equal(source[k], exported[k]) for k in source)
+
+
 def test_demo_assets_with_another_llm_shape_train(tmp_path):
     """make_demo with a given LLM shape (bench.py --make_assets uses Qwen2.5-0.5B's) gives a trainable setup."""
     import demo
