@@ -19,10 +19,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model import check_tensors, save_tensors, write_json
 
 PEFT_PREFIX = "base_model.model."
+
+
+def lora_down(x: torch.Tensor, weight: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
+    """A(dropout(x)): (..., in) -> (..., r). In compiled training the dropout is recomputed in the backward, with the
+    same random numbers, from x (which the backward keeps anyway) instead of keeping its mask and dropout(x): three
+    bytes an element of x, fused into the backward's kernels. Eager, the recomputation's bookkeeping would cost more
+    host time than the memory is worth."""
+    if torch.compiler.is_compiling() and isinstance(dropout, nn.Dropout) and dropout.training \
+            and torch.is_grad_enabled():
+        return checkpoint(dropout_linear, x, weight, dropout.p, use_reentrant=False)
+    return F.linear(dropout(x), weight)
+
+
+def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    return F.linear(F.dropout(x, p, training=True), weight)
 
 
 class LoRALinear(nn.Module):
@@ -53,7 +69,7 @@ class LoRALinear(nn.Module):
             return out
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
             x = x.to(self.lora_A.weight.dtype)
-        return out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(out.dtype)
+        return out + (self.lora_B(lora_down(x, self.lora_A.weight, self.lora_dropout)) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in), fp32
@@ -130,7 +146,7 @@ class FusedQKV:
             if not torch.is_autocast_enabled(x.device.type):
                 x = x.to(first.lora_A.weight.dtype)
             a = torch.cat([self.layers[i].lora_A.weight for i in lora])  # (sum r, in)
-            hs = F.linear(first.lora_dropout(x), a).split([self.layers[i].rank for i in lora], dim=-1)  # (B, T, r)
+            hs = lora_down(x, a, first.lora_dropout).split([self.layers[i].rank for i in lora], dim=-1)  # (B, T, r)
             for i, h in zip(lora, hs):
                 m = self.layers[i]
                 ys[i] = ys[i] + (m.lora_B(h) * m.scaling).to(ys[i].dtype)
