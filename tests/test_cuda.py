@@ -150,3 +150,31 @@ def test_packed_rows_in_compiled_layers_equal_the_dense_mask():
         torch.compiler.reset()
     for a, b in zip(*results):
         assert b[0] == pytest.approx(a[0], rel=2e-3) and b[1] == pytest.approx(a[1], rel=2e-2)
+
+
+def test_recorded_compiled_dropout_recomputes_each_replay_s_mask():
+    """In a recorded step (train.cuda_graph with compiled layers), the backward's recomputed LoRA dropout is the
+    forward's at every replay, and each replay draws a new mask (A the identity: the output's zeros are the mask)."""
+    import lora
+    x, w = torch.randn(64, 128, device="cuda", requires_grad=True), torch.eye(128, device="cuda", requires_grad=True)
+    c, drop, down = torch.randn(64, 128, device="cuda"), torch.nn.Dropout(0.5).train(), torch.compile(lora.lora_down)
+
+    def step():
+        y = down(x, w, drop)
+        return (y, *torch.autograd.grad((y * c).sum(), (x, w)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled and warmed up before recording, as GraphedStep does
+        step(), step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        y, gx, gw = (t.clone() for t in out)
+        masks.append(y != 0)
+        torch.testing.assert_close(gx, torch.where(masks[-1], c * 2, 0.0))
+        torch.testing.assert_close(gw, c.T @ y)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
