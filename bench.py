@@ -369,8 +369,8 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool, profile: bool
                      "tokens_per_s": round(tps, 1), "ms_per_step": round(dt / new * 1e3, 3),
                      "bandwidth": round(weight_bytes * (tps / batch) / 4.8e12, 3)})
         if name.startswith("mmlora --compile"):
-            decoder = decoders[8 if name == "mmlora --compile" else 1]
-            graph, _, slot, _ = next(iter(decoder.graphs.values()))
+            timed = decoders[8 if name == "mmlora --compile" else 1]
+            graph, _, slot, _ = next(iter(timed.graphs.values()))
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(20):
@@ -378,17 +378,17 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool, profile: bool
                 graph.replay()
             end.record()
             torch.cuda.synchronize()
-            rows[-1]["gpu_ms_per_step"] = round(start.elapsed_time(end) / (20 * decoder.steps), 3)
+            rows[-1]["gpu_ms_per_step"] = round(start.elapsed_time(end) / (20 * timed.steps), 3)
         print(json.dumps(rows[-1]), flush=True)
     if profile:
         from torch.profiler import ProfilerActivity
-        decoder = decoders[8]
-        valid, caches = next(iter(decoder.shapes.values()))
+        timed = decoders[8]
+        valid, caches = next(iter(timed.shapes.values()))
         token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-        out = torch.zeros(batch, decoder.steps, dtype=torch.long, device="cuda")
+        out = torch.zeros(batch, timed.steps, dtype=torch.long, device="cuda")
         pick = functools.partial(sample, temperature=0.0, top_k=0, top_p=1.0, generator=None)
         with torch.no_grad(), torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decoder.run(token, valid, caches, torch.full((1,), prompt, device="cuda"), out, pick)
+            timed.run(token, valid, caches, torch.full((1,), prompt, device="cuda"), out, pick)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
     return rows

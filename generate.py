@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import sys
 import time
@@ -186,77 +187,129 @@ except ImportError:
 if triton is not None:
     @triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                               for n, k, w in ((1, 512, 4), (2, 512, 2), (4, 256, 4), (8, 256, 4), (16, 128, 8))],
-                     key=["N", "K"])
+                     key=["N", "K", "NORM", "SWIGLU"])
     @triton.jit
-    def one_row_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    def one_row_kernel(x_ptr, w_ptr, b_ptr, norm_ptr, r_ptr, y_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
+                       NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-        """y = w @ x (+ b) for one row x (K,) and w (N, K), in fp32: each program makes BLOCK_N outputs."""
+        """y = w @ f(x) (+ b) (+ r) for one row and w (N, K), in fp32: each program makes BLOCK_N outputs. f is
+        RMSNorm with weight `norm` (NORM), SwiGLU of x = [gate | up] (2K,) (SWIGLU), else none; each rounds where
+        model.RMSNorm and model.MLP round."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        if NORM:  # every program sums x's squares itself: x is small, and the kernel needs no other to finish
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+                squares += xk * xk
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-            x = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
+            if SWIGLU:
+                up = tl.load(x_ptr + K + ks, mask=ks < K, other=0.0)
+                gate = x.to(tl.float32)
+                x = (gate * tl.sigmoid(gate)).to(up.dtype) * up
+            if NORM:
+                x = (x.to(tl.float32) * rstd).to(x.dtype) * tl.load(norm_ptr + ks, mask=ks < K, other=0.0)
             w = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < K),
                         other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if RESIDUAL:  # the matmul's output rounds to the output's dtype first, as an add after F.linear does
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + rows, mask=rows < N).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @torch.library.triton_op("mmlora::one_row_linear", mutates_args=())
-    def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """F.linear of one row x (K,) by weight (N, K): (N,)."""
+    def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       norm_weight: torch.Tensor | None, eps: float, swiglu: bool,
+                       residual: torch.Tensor | None) -> torch.Tensor:
+        """`decode_linear` of one row x (K,), or (2K,) with `swiglu`, by weight (N, K): (N,)."""
         N, K = weight.shape
         y = x.new_empty(N)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        torch.library.wrap_triton(one_row_kernel)[grid](x, weight, weight if bias is None else bias, y, N, K,
-                                                        HAS_BIAS=bias is not None)
+        torch.library.wrap_triton(one_row_kernel)[grid](
+            x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
+            y if residual is None else residual, y, N, K, eps, HAS_BIAS=bias is not None,
+            NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None)
         return y
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear; for one row on the GPU (a decode step at batch 1) in compiled code, a Triton kernel that spreads
-    the weight's rows over all the GPU's cores: cuBLAS's kernels for one row leave most of them idle on these small
-    weights. Eager calls keep F.linear, whose launch costs the host less."""
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  norm: nn.Module | None = None, swiglu: bool = False, residual: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """F.linear(f(x), weight, bias) (+ residual), where f is the RMSNorm `norm`, or SwiGLU of x = [gate | up]
+    (..., 2K) with `swiglu`, or nothing. For one row on the GPU (a decode step at batch 1) in compiled code, one
+    Triton kernel does it all, spreading the weight's rows over all the GPU's cores: cuBLAS's kernels for one row
+    leave most of them idle on these small weights, and a decode step's norms, activations and adds are each a
+    kernel launch of their own otherwise. Eager calls keep torch's ops, whose launches cost the host less."""
     if (triton is not None and torch.compiler.is_compiling() and x.is_cuda and x.numel() == x.shape[-1]
             and weight.is_contiguous()):
-        return one_row_linear(x.reshape(-1), weight, bias).view(*x.shape[:-1], -1)
-    return F.linear(x, weight, bias)
+        y = one_row_linear(x.reshape(-1), weight, bias, None if norm is None else norm.weight,
+                           0.0 if norm is None else norm.eps, swiglu,
+                           None if residual is None else residual.reshape(-1))
+        return y.view(*x.shape[:-1], -1)
+    if norm is not None:
+        x = norm(x)
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual + y
 
 
-class OneMatmul:
-    """Linear layers that read the same input, run as one matmul: their weights (and biases) become views of one
-    tensor, which the matmul reads in place. At one token per row a decode step's matmuls are too small to use the
-    GPU's bandwidth, so one matmul over q, k and v (or gate and up) is faster than three (or two)."""
+def one_tensor(parts: list[nn.Parameter]) -> torch.Tensor:
+    """The parts concatenated along dim 0; each part becomes a view of the whole, which a matmul then reads in
+    place."""
+    whole = torch.cat([p.detach() for p in parts])
+    for p, view in zip(parts, whole.split([len(p) for p in parts])):
+        p.data = view
+    return whole
 
-    def __init__(self, layers: list[nn.Linear]):
-        self.sizes = [layer.out_features for layer in layers]
-        self.weight = self.one_tensor([layer.weight for layer in layers])  # (sum out, in)
-        self.bias = None if layers[0].bias is None else self.one_tensor([layer.bias for layer in layers])
 
-    def one_tensor(self, parts: list[nn.Parameter]) -> torch.Tensor:
-        whole = torch.cat([p.detach() for p in parts])
-        for p, view in zip(parts, whole.split(self.sizes)):
-            p.data = view
-        return whole
+class NormQKV:
+    """`Attention.qkv` for decoding: the layer's input RMSNorm, then one matmul over the q, k and v weights (one
+    storage). At one token per row a decode step's matmuls are too small to use the GPU's bandwidth, so one matmul
+    is faster than three."""
+
+    def __init__(self, norm: nn.Module, layers: list[nn.Linear]):
+        self.norm, self.sizes = norm, [layer.out_features for layer in layers]
+        self.weight = one_tensor([layer.weight for layer in layers])  # (q + k + v, H)
+        self.bias = None if layers[0].bias is None else one_tensor([layer.bias for layer in layers])
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return decode_linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return decode_linear(x, self.weight, self.bias, norm=self.norm).split(self.sizes, dim=-1)
+
+
+def decode_block(layer, x, cos, sin, mask=None, cache=None, cache_start=0):
+    """`DecoderLayer.block` for decoding (`prepare_for_decoding` sets it on each layer): the same computation, with
+    each RMSNorm, the SwiGLU and each residual add done by the matmul beside it (`decode_linear`), so that at batch
+    1 a layer is four matmul kernels around attention. The input norm is inside `attn.qkv` (`NormQKV`)."""
+    o, down = lora.base_linear(layer.self_attn.o_proj), lora.base_linear(layer.mlp.down_proj)
+    y = layer.self_attn.heads(x, cos, sin, mask, cache, cache_start)  # (B, T, nh*hd)
+    x = decode_linear(y, o.weight, o.bias, residual=x)  # (B, T, H)
+    gate_up = decode_linear(x, layer.gate_up_weight, layer.gate_up_bias, norm=layer.post_attention_layernorm)
+    return decode_linear(gate_up, down.weight, down.bias, swiglu=True, residual=x)  # (B, T, H)
 
 
 def prepare_for_decoding(llm) -> None:
-    """Merge the LoRA adapters into their base weights, and give each layer's q, k, v and its gate, up weights one
-    storage each, run as one matmul (`OneMatmul`); every matmul of the step then goes through `decode_linear`. The
-    model computes what it did (the merged model), in place."""
+    """Merge the LoRA adapters into their base weights, give each layer's q, k, v and its gate, up weights one
+    storage each, and run each layer as `decode_block`, the lm_head through `decode_linear`. The model computes
+    what it did (the merged model), in place."""
     lora.merge_lora(llm)
     for layer in llm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv = OneMatmul([lora.base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
-        mlp.gate_up = OneMatmul([lora.base_linear(m) for m in (mlp.gate_proj, mlp.up_proj)])
-    alone = [m for layer in llm.model.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
-    for m in [*alone, llm.lm_head]:  # the step's other matmuls, one weight each
-        m.forward = lambda x, base=lora.base_linear(m): decode_linear(x, base.weight, base.bias)
+        attn.qkv = NormQKV(layer.input_layernorm, [lora.base_linear(m) for m in (attn.q_proj, attn.k_proj,
+                                                                                  attn.v_proj)])
+        gate, up = lora.base_linear(mlp.gate_proj), lora.base_linear(mlp.up_proj)
+        layer.gate_up_weight = one_tensor([gate.weight, up.weight])  # (2 inner, H)
+        layer.gate_up_bias = None if gate.bias is None else one_tensor([gate.bias, up.bias])
+        layer.block = functools.partial(decode_block, layer)
+    head = lora.base_linear(llm.lm_head)
+    llm.lm_head.forward = lambda x: decode_linear(x, head.weight, head.bias)
 
 
 class GraphDecoder:
@@ -264,15 +317,15 @@ class GraphDecoder:
     hundred small kernels per token, so at small batches the host sets the pace; replayed, the recorded steps cost
     the host one launch and one read of the tokens per `steps` tokens (gpt-fast records one step with
     torch.compile's "reduce-overhead"; several per graph leave the host less to do). The step's kernels are
-    Inductor's (torch.compile, once per batch size and cache length). The cache slot and the positions live on the
-    device, and the caches and the mask of valid slots are buffers the decoder owns, one set per (batch, cache
-    length), so that a recorded graph always finds them at the same address; cache lengths are rounded up to
-    `bucket` to keep the shapes few. Sampling is recorded too: it draws from the default CUDA generator, so seed
-    that (torch.manual_seed) rather than passing a generator.
+    Inductor's and, at batch 1, `decode_linear`'s (torch.compile, once per batch size and cache length). The cache
+    slot and the positions live on the device, and the caches and the mask of valid slots are buffers the decoder
+    owns, one set per (batch, cache length), so that a recorded graph always finds them at the same address; cache
+    lengths are rounded up to `bucket` to keep the shapes few. Sampling is recorded too: it draws from the default
+    CUDA generator, so seed that (torch.manual_seed) rather than passing a generator.
 
     Use: `llm.generate(prompts, n, decoder=GraphDecoder(llm))`. Making one prepares the model for decoding (LoRA
-    merged, fused matmuls: `prepare_for_decoding`). `record=False` runs the same steps eagerly, neither compiled
-    nor recorded (what the CPU tests check)."""
+    merged, each layer as `decode_block`: `prepare_for_decoding`). `record=False` runs the same steps eagerly,
+    neither compiled nor recorded (what the CPU tests check)."""
 
     def __init__(self, llm, steps: int = 8, bucket: int = 256, record: bool = True):
         if llm.config.sliding_window is not None:

@@ -26,12 +26,13 @@ from model import check_tensors, save_tensors, write_json
 PEFT_PREFIX = "base_model.model."
 
 
-def lora_down(x: torch.Tensor, weight: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
-    """A(dropout(x)): (..., in) -> (..., r). In compiled training the dropout is recomputed in the backward, with the
-    same random numbers, from x (which the backward keeps anyway) instead of keeping its mask and dropout(x): three
-    bytes an element of x, fused into the backward's kernels. Eager, the recomputation's bookkeeping would cost more
-    host time than the memory is worth."""
-    if torch.compiler.is_compiling() and isinstance(dropout, nn.Dropout) and dropout.training \
+def lora_down(x: torch.Tensor, weight: torch.Tensor, dropout: nn.Module, recompute: bool = False) -> torch.Tensor:
+    """A(dropout(x)): (..., in) -> (..., r). With `recompute`, in compiled training, the dropout is recomputed in
+    the backward, with the same random numbers, from x (which the backward keeps anyway) instead of keeping its mask
+    and dropout(x): three bytes an element of x. `train.GraphedStep` asks for it: inside its recorded step the
+    recomputation fuses into the backward's kernels, while a step run by the host pays for saving and restoring the
+    generator's state at every adapter (eager, or compiled layers without the whole-step graph)."""
+    if recompute and torch.compiler.is_compiling() and isinstance(dropout, nn.Dropout) and dropout.training \
             and torch.is_grad_enabled():
         return checkpoint(dropout_linear, x, weight, dropout.p, use_reentrant=False)
     return F.linear(dropout(x), weight)
@@ -62,6 +63,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.merged = False
+        self.recompute_dropout = False  # `lora_down`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -69,7 +71,8 @@ class LoRALinear(nn.Module):
             return out
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
             x = x.to(self.lora_A.weight.dtype)
-        return out + (self.lora_B(lora_down(x, self.lora_A.weight, self.lora_dropout)) * self.scaling).to(out.dtype)
+        h = lora_down(x, self.lora_A.weight, self.lora_dropout, self.recompute_dropout)  # (..., r)
+        return out + (self.lora_B(h) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in), fp32
@@ -146,7 +149,8 @@ class FusedQKV:
             if not torch.is_autocast_enabled(x.device.type):
                 x = x.to(first.lora_A.weight.dtype)
             a = torch.cat([self.layers[i].lora_A.weight for i in lora])  # (sum r, in)
-            hs = lora_down(x, a, first.lora_dropout).split([self.layers[i].rank for i in lora], dim=-1)  # (B, T, r)
+            hs = lora_down(x, a, first.lora_dropout, first.recompute_dropout)  # (B, T, sum r)
+            hs = hs.split([self.layers[i].rank for i in lora], dim=-1)  # (B, T, r) each
             for i, h in zip(lora, hs):
                 m = self.layers[i]
                 ys[i] = ys[i] + (m.lora_B(h) * m.scaling).to(ys[i].dtype)

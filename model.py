@@ -193,6 +193,10 @@ class Attention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0):
+        return self.o_proj(self.heads(x, cos, sin, mask, cache, cache_start))
+
+    def heads(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
+        """Attention before o_proj: x (B, T, H) -> the heads' outputs side by side, (B, T, nh*hd)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
@@ -207,7 +211,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, cache_start)  # (B, n_kv, S, hd)
         y = attend(q, k, v, mask)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -218,14 +222,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(H, inner, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(inner, H, bias=cfg.mlp_bias)
 
-    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gate and up projections of x (B, T, H): two (B, T, inner). generate.GraphDecoder replaces this method
-        on an instance with one matmul over both weights."""
-        return self.gate_proj(x), self.up_proj(x)
-
     def forward(self, x):
-        gate, up = self.gate_up(x)
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
 class DecoderLayer(nn.Module):

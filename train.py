@@ -1421,6 +1421,8 @@ class GraphedStep:
         self.pool = None
         self.side = torch.cuda.Stream()
         self.lrs = [torch.tensor(0.0, device=world.device) for _ in opt.param_groups]  # read by the replays
+        for m in lora.lora_modules(model).values():
+            m.recompute_dropout = True  # in compiled layers; memory the recorded step gets for free (`lora_down`)
         for g in opt.param_groups:
             g["capturable"] = True
 

@@ -1,4 +1,6 @@
 """GPU-only paths, checked against their plain counterparts; skipped where there is no GPU (as in CI)."""
+import functools
+
 import pytest
 import torch
 from conftest import cli_args, demo_config, rows, small_bench, torchrun
@@ -117,20 +119,33 @@ def test_recorded_decoder_gives_the_plain_tokens():
 
 
 def test_one_row_matmul_kernel_equals_linear():
-    """The recorded decoder's one-row matmul (Triton, in compiled code) gives F.linear's output, with and without
-    a bias, in bf16 and fp32, on sizes that are not multiples of its blocks."""
-    import torch.nn.functional as F
-
+    """The recorded decoder's one-row matmul (Triton, in compiled code) gives what torch's ops give for
+    `decode_linear`: F.linear with and without a bias, after an RMSNorm or SwiGLU, plus a residual; in bf16 and fp32,
+    on sizes that are not multiples of its blocks."""
     import generate
+    import model
     step = torch.compile(generate.decode_linear, fullgraph=True, dynamic=False)
-    for (N, K), dtype, bias in [((1152, 896), torch.bfloat16, True), ((896, 4864), torch.bfloat16, False),
-                                ((101, 37), torch.float32, True), ((9728, 896), torch.float32, False)]:
+    cases = [((1152, 896), torch.bfloat16, dict(bias=True)), ((896, 4864), torch.bfloat16, dict()),
+             ((101, 37), torch.float32, dict(bias=True)), ((9728, 896), torch.float32, dict()),
+             ((1152, 896), torch.bfloat16, dict(bias=True, norm=True)), ((9728, 896), torch.bfloat16, dict(norm=True)),
+             ((896, 896), torch.bfloat16, dict(residual=True)), ((101, 37), torch.float32, dict(norm=True)),
+             ((896, 4864), torch.bfloat16, dict(swiglu=True, residual=True)),
+             ((101, 37), torch.float32, dict(bias=True, swiglu=True, residual=True))]
+    for (N, K), dtype, case in cases:
         torch._dynamo.reset()
-        x = torch.randn(1, 1, K, device="cuda", dtype=dtype)
+        x = torch.randn(1, 1, 2 * K if case.get("swiglu") else K, device="cuda", dtype=dtype)
         w = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
-        b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
+        b = torch.randn(N, device="cuda", dtype=dtype) if case.get("bias") else None
+        norm = None
+        if case.get("norm"):
+            norm = model.RMSNorm(K, 1e-6).to("cuda", dtype)
+            torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+        r = torch.randn(1, 1, N, device="cuda", dtype=dtype) if case.get("residual") else None
+        kwargs = dict(norm=norm, swiglu=case.get("swiglu", False), residual=r)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-        torch.testing.assert_close(step(x, w, b), F.linear(x, w, b), rtol=tol, atol=tol)
+        with torch.no_grad():  # as in decoding: the kernel has no backward
+            torch.testing.assert_close(step(x, w, b, **kwargs), generate.decode_linear(x, w, b, **kwargs), rtol=tol,
+                                       atol=tol, msg=lambda m: f"{(N, K)} {dtype} {case}: {m}")
 
 
 def test_packed_rows_in_compiled_layers_equal_the_dense_mask():
@@ -158,6 +173,7 @@ def test_recorded_compiled_dropout_recomputes_each_replay_s_mask():
     import lora
     x, w = torch.randn(64, 128, device="cuda", requires_grad=True), torch.eye(128, device="cuda", requires_grad=True)
     c, drop, down = torch.randn(64, 128, device="cuda"), torch.nn.Dropout(0.5).train(), torch.compile(lora.lora_down)
+    down = functools.partial(down, recompute=True)
 
     def step():
         y = down(x, w, drop)

@@ -83,13 +83,14 @@ def test_adapters_of_one_input_share_a_dropout_mask(hf_models):
 
 
 def test_compiled_dropout_is_recomputed_in_the_backward_with_the_forward_s_mask():
-    """Compiled, lora_down keeps no dropout mask and recomputes it in the backward: the gradients are those of the
-    forward's mask (A the identity: the output is dropout(x), so its zeros are the mask)."""
+    """Compiled with `recompute` (as train.GraphedStep asks), lora_down keeps no dropout mask and recomputes it in
+    the backward: the gradients are those of the forward's mask (A the identity: the output is dropout(x), so its
+    zeros are the mask)."""
     x, w = torch.randn(6, 16, requires_grad=True), torch.eye(16, requires_grad=True)
     drop = torch.nn.Dropout(0.5).train()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = torch.compile(lora_down)(x, w, drop)  # (6, 16)
+        y = torch.compile(lora_down)(x, w, drop, recompute=True)  # (6, 16)
     assert not [t for t in saved if t.dtype == torch.bool or t.shape == x.shape and t.data_ptr() != x.data_ptr()]
     c = torch.randn(6, 16)
     gx, gw = torch.autograd.grad((y * c).sum(), (x, w))
@@ -99,7 +100,7 @@ def test_compiled_dropout_is_recomputed_in_the_backward_with_the_forward_s_mask(
     torch.testing.assert_close(gx, torch.where(kept, c * 2, 0.0))  # d/dx: the forward's mask, scaled by 1 / (1 - p)
     torch.testing.assert_close(gw, c.T @ y.detach())  # d/dA: dropout(x) as the forward drew it
     torch.manual_seed(1)
-    eager = lora_down(x, w, drop)
+    eager = lora_down(x, w, drop, recompute=True)
     torch.manual_seed(1)
     assert torch.equal(eager, torch.nn.functional.linear(drop(x), w))  # eager: dropout, then A
 
