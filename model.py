@@ -980,13 +980,19 @@ class Aligner(nn.Module):
         return {k for k in self.state_dict() if ".encoder.tower." in k}
 
 
+def aligner_folder(path: str | os.PathLike) -> Path:
+    """A Phase-1 aligner folder, given as itself or as the Phase-1 run's folder that holds it in `aligner/`."""
+    folder = Path(path)
+    if not (folder / "aligner.json").is_file() and (folder / "aligner" / "aligner.json").is_file():
+        return folder / "aligner"
+    return folder
+
+
 def load_aligner(path: str | os.PathLike, device="cpu", init_missing: bool = False) -> Aligner:
     """Read a Phase-1 aligner folder (aligner.json + aligner.safetensors), or a Phase-1 run's folder (its
     `aligner/`); returned frozen and in eval mode. With `init_missing` (the start of Phase 1), a folder holding
     aligner.json alone gives a freshly initialised aligner (Hugging Face towers still load from their folders)."""
-    folder = Path(path)
-    if not (folder / "aligner.json").is_file() and (folder / "aligner" / "aligner.json").is_file():
-        folder = folder / "aligner"  # a Phase-1 run's folder
+    folder = aligner_folder(path)
     cfg = AlignerConfig.from_dict(read_json(folder / "aligner.json", "a Phase-1 aligner folder needs aligner.json"))
     weights = folder / "aligner.safetensors"
     if not weights.is_file() and not init_missing:
@@ -1005,6 +1011,17 @@ def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> None:
     write_json(folder / "aligner.json", asdict(aligner.config))
     towers = aligner.tower_keys()
     save_tensors({k: v for k, v in aligner.state_dict().items() if k not in towers}, folder / "aligner.safetensors")
+
+
+def copy_aligner(source: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Copy a Phase-1 aligner folder (`aligner_folder(source)`) to `folder` as it is on disk, without building the
+    aligner: Hugging Face towers' weights stay in their own folders, which aligner.json names."""
+    from safetensors.torch import load_file
+    source, folder = aligner_folder(source), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = read_json(source / "aligner.json", "a Phase-1 aligner folder needs aligner.json")
+    write_json(folder / "aligner.json", doc)
+    save_tensors(load_file(source / "aligner.safetensors"), folder / "aligner.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------

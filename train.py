@@ -48,8 +48,8 @@ import data
 import demo
 import lora
 from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, check_tensors,
-                   cross_entropy_chunk, document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm,
-                   load_tokenizer, parameter_report, rope_inv_freq, save_aligner, save_llm, save_tensors, weights_hash,
+                   copy_aligner, cross_entropy_chunk, document_block_mask, document_mask, llm_skeleton, load_aligner,
+                   load_llm, load_tokenizer, parameter_report, rope_inv_freq, save_llm, save_tensors, weights_hash,
                    write_json)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1338,7 +1338,7 @@ def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | 
             shutil.copyfile(base / name, folder / "merged" / name)
             os.chmod(folder / "merged" / name, 0o644)
     save_tensors(model.projectors.state_dict(), folder / "projectors.safetensors")
-    save_aligner(load_aligner(cfg.model.aligner), folder / "aligner")  # not the copy in memory: see store_for_autocast
+    copy_aligner(cfg.model.aligner, folder / "aligner")  # its folder, not the model's copy: see store_for_autocast
     doc = {"format": "mmlora export 1", "llm": "merged", "aligner": "aligner", "projectors": "projectors.safetensors",
            "base_model": str(base), "config": dataclasses.asdict(cfg)}
     write_json(folder / "mmlora.json", doc)
