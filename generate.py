@@ -238,6 +238,100 @@ if triton is not None:
         return y
 
 
+    @triton.jit
+    def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_cache_ptr, v_cache_ptr,
+                                valid_ptr, slot_ptr, y_ptr, S, eps, scale, NH: tl.constexpr, NKV: tl.constexpr,
+                                HD: tl.constexpr, GP: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_S: tl.constexpr,
+                                PRECISION: tl.constexpr):
+        """Attention of one new token per row, with its RoPE and cache write. Program (b, h) takes the NH / NKV
+        query heads of key/value head h in row b: it rotates the new q and k, writes k and v to cache slot `slot`,
+        and attends over the valid slots before it and the new token, with an online softmax over blocks of
+        BLOCK_S slots (flash attention's). The q/k/v row is qkv (B, (NH + 2 NKV) HD); the output, y (B, NH HD), is
+        laid out as o_proj reads it. Scores and the softmax are fp32; q, k and v round where the model rounds."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        G: tl.constexpr = NH // NKV
+        slot = tl.load(slot_ptr)
+        d = tl.arange(0, HD)  # (HD,)
+        turned = (d + HD // 2) % HD  # rotate_half: the other half, negated in the first half
+        sign = tl.where(d < HD // 2, -1.0, 1.0)
+        cos = tl.load(cos_ptr + b * HD + d).to(tl.float32)
+        sin = tl.load(sin_ptr + b * HD + d).to(tl.float32)
+        row = qkv_ptr + b * (NH + 2 * NKV) * HD
+        heads = h * G + tl.arange(0, GP)  # (GP,) the query heads, padded to GP
+        real = heads < h * G + G
+        q = tl.load(row + heads[:, None] * HD + d[None, :], mask=real[:, None], other=0.0)  # (GP, HD)
+        q2 = tl.load(row + heads[:, None] * HD + turned[None, :], mask=real[:, None], other=0.0)
+        k = tl.load(row + NH * HD + h * HD + d)  # (HD,)
+        k2 = tl.load(row + NH * HD + h * HD + turned)
+        v = tl.load(row + (NH + NKV) * HD + h * HD + d)
+        if QK_NORM:  # model.RMSNorm over each head, before RoPE
+            q_rstd = 1.0 / tl.sqrt(tl.sum(q.to(tl.float32) * q.to(tl.float32), axis=1) / HD + eps)  # (GP,)
+            q = (q.to(tl.float32) * q_rstd[:, None]).to(q.dtype) * tl.load(q_norm_ptr + d)[None, :]
+            q2 = (q2.to(tl.float32) * q_rstd[:, None]).to(q.dtype) * tl.load(q_norm_ptr + turned)[None, :]
+            k_rstd = 1.0 / tl.sqrt(tl.sum(k.to(tl.float32) * k.to(tl.float32), axis=0) / HD + eps)
+            k = (k.to(tl.float32) * k_rstd).to(v.dtype) * tl.load(k_norm_ptr + d)
+            k2 = (k2.to(tl.float32) * k_rstd).to(v.dtype) * tl.load(k_norm_ptr + turned)
+        q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q2.to(tl.float32) * sin[None, :]).to(v.dtype)
+        k = (k.to(tl.float32) * cos + sign * k2.to(tl.float32) * sin).to(v.dtype)
+        cache = (b * NKV + h).to(tl.int64) * S * HD  # cache (B, NKV, S, HD)
+        tl.store(k_cache_ptr + cache + slot * HD + d, k)
+        tl.store(v_cache_ptr + cache + slot * HD + d, v)
+        # the new token first, from registers; then the slots before it, a block at a time
+        m = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale  # (GP,) running max
+        total = tl.zeros((GP,), dtype=tl.float32) + 1.0  # running sum of exp(score - m)
+        acc = tl.zeros((GP, HD), dtype=tl.float32) + v.to(tl.float32)[None, :]
+        for s0 in range(0, slot, BLOCK_S):
+            slots = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
+            ok = (slots < slot) & (tl.load(valid_ptr + b * S + slots, mask=slots < slot, other=0) != 0)
+            keys = tl.load(k_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
+            values = tl.load(v_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            total = total * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+            m = m_new
+        y = acc / total[:, None]
+        tl.store(y_ptr + b * NH * HD + heads[:, None] * HD + d[None, :], y.to(v.dtype), mask=real[:, None])
+
+    @torch.library.triton_op("mmlora::decode_attention", mutates_args=("k_cache", "v_cache"))
+    def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None,
+                         k_norm: torch.Tensor | None, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         valid: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """qkv (B, (nh + 2 n_kv) hd) of one new token a row, cos/sin (B, hd), caches (B, n_kv, S, hd), valid
+        (B, S), slot (1,) -> the heads' outputs (B, nh hd); k and v written to the caches at `slot`."""
+        B, n_kv, S, hd = k_cache.shape
+        nh = qkv.shape[1] // hd - 2 * n_kv
+        y = qkv.new_empty(B, nh * hd)
+        torch.library.wrap_triton(decode_attention_kernel)[(B, n_kv)](
+            qkv, cos, sin, cos if q_norm is None else q_norm, cos if k_norm is None else k_norm, k_cache, v_cache,
+            valid, slot, y, S, eps, hd ** -0.5, NH=nh, NKV=n_kv, HD=hd,
+            GP=max(16, triton.next_power_of_2(nh // n_kv)), QK_NORM=q_norm is not None, BLOCK_S=64,
+            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+        return y
+
+
+def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> torch.Tensor:
+    """`Attention.heads` for decoding: x (B, T, H) -> (B, T, nh*hd). For one new token a row on the GPU in compiled
+    code (the recorded decode step: `cache_start` a (1,) tensor, `mask` the (B, 1, 1, S) valid slots), the q/k/v
+    matmul with its norm, then one Triton kernel for RoPE, the cache write and attention (`decode_attention`);
+    otherwise `Attention.heads`."""
+    B, T, _ = x.shape
+    hd = attn.head_dim
+    if (triton is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
+            and torch.is_tensor(cache_start) and mask is not None and mask.dtype == torch.bool
+            and hd >= 16 and hd & (hd - 1) == 0):
+        qkv = decode_linear(x, attn.qkv.weight, attn.qkv.bias, norm=attn.qkv.norm)  # (B, 1, (nh + 2 n_kv) hd)
+        q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
+        eps = attn.q_norm.eps if attn.qk_norm else 0.0
+        y = decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm, eps,
+                             cache.k, cache.v, mask.reshape(B, -1), cache_start)
+        return y.view(B, 1, -1)
+    return attn.heads(x, cos, sin, mask, cache, cache_start)
+
+
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   norm: nn.Module | None = None, swiglu: bool = False, residual: torch.Tensor | None = None
                   ) -> torch.Tensor:
@@ -289,7 +383,7 @@ def decode_block(layer, x, cos, sin, mask=None, cache=None, cache_start=0):
     each RMSNorm, the SwiGLU and each residual add done by the matmul beside it (`decode_linear`), so that at batch
     1 a layer is four matmul kernels around attention. The input norm is inside `attn.qkv` (`NormQKV`)."""
     o, down = lora.base_linear(layer.self_attn.o_proj), lora.base_linear(layer.mlp.down_proj)
-    y = layer.self_attn.heads(x, cos, sin, mask, cache, cache_start)  # (B, T, nh*hd)
+    y = decode_heads(layer.self_attn, x, cos, sin, mask, cache, cache_start)  # (B, T, nh*hd)
     x = decode_linear(y, o.weight, o.bias, residual=x)  # (B, T, H)
     gate_up = decode_linear(x, layer.gate_up_weight, layer.gate_up_bias, norm=layer.post_attention_layernorm)
     return decode_linear(gate_up, down.weight, down.bias, swiglu=True, residual=x)  # (B, T, H)
@@ -333,6 +427,8 @@ class GraphDecoder:
         prepare_for_decoding(llm)
         self.llm, self.steps, self.bucket, self.record = llm, steps, bucket, record
         self.step = torch.compile(static_decode, fullgraph=True) if record else static_decode
+        # the prompt's pass: compiled for any length (dynamic shapes), not recorded
+        self.prefill = torch.compile(llm.forward_cached, dynamic=True) if record else llm.forward_cached
         self.shapes: dict = {}  # (B, S, dtype) -> (valid (B, S), caches)
         self.graphs: dict = {}  # (B, S, dtype, sampling) -> (graph, token (B, 1), slot (1,), out (B, steps))
 

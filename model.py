@@ -359,9 +359,9 @@ class LLM(nn.Module):
         Returns the new tokens of each row, without the stop token.
 
         The prefill runs the prompts in one call; then the decode steps make the tokens a few at a time (one at a
-        time for `on_token`), with `LLM.decode`. `decoder` may replace it: an object with `steps` (tokens per call),
-        `buffers(B, S, device, dtype) -> (valid, caches)` for at least S cache slots, and `LLM.decode`'s call
-        (generate.GraphDecoder records its steps as one CUDA graph)."""
+        time for `on_token`), with `LLM.decode`. `decoder` may replace them: an object with `steps` (tokens per call),
+        `buffers(B, S, device, dtype) -> (valid, caches)` for at least S cache slots, `prefill` (as
+        `forward_cached`) and `LLM.decode`'s call (generate.GraphDecoder records its steps as one CUDA graph)."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         n = decoder.steps if decoder is not None else 1 if on_token else 8
@@ -381,7 +381,8 @@ class LLM(nn.Module):
         for b, e in enumerate(prompt_embeds or []):
             x[b, P - e.shape[0]:] = e.to(x.dtype)
         pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        tokens = pick(self.forward_cached(x, valid, caches, 0))[:, None]  # prefill, then its token: (B, 1)
+        prefill = self.forward_cached if decoder is None else decoder.prefill
+        tokens = pick(prefill(x, valid, caches, 0))[:, None]  # the prompt's pass, then its token: (B, 1)
         stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
         shown = 0
         while True:
