@@ -240,9 +240,9 @@ if triton is not None:
 
     @triton.jit
     def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_cache_ptr, v_cache_ptr,
-                                valid_ptr, slot_ptr, y_ptr, S, eps, scale, NH: tl.constexpr, NKV: tl.constexpr,
-                                HD: tl.constexpr, GP: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_S: tl.constexpr,
-                                PRECISION: tl.constexpr):
+                                valid_ptr, slot_ptr, y_ptr, S, eps, SCALE: tl.constexpr, NH: tl.constexpr,
+                                NKV: tl.constexpr, HD: tl.constexpr, GP: tl.constexpr, QK_NORM: tl.constexpr,
+                                BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
         """Attention of one new token per row, with its RoPE and cache write. Program (b, h) takes the NH / NKV
         query heads of key/value head h in row b: it rotates the new q and k, writes k and v to cache slot `slot`,
         and attends over the valid slots before it and the new token, with an online softmax over blocks of
@@ -277,7 +277,7 @@ if triton is not None:
         tl.store(k_cache_ptr + cache + slot * HD + d, k)
         tl.store(v_cache_ptr + cache + slot * HD + d, v)
         # the new token first, from registers; then the slots before it, a block at a time
-        m = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale  # (GP,) running max
+        m = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * SCALE  # (GP,) running max
         total = tl.zeros((GP,), dtype=tl.float32) + 1.0  # running sum of exp(score - m)
         acc = tl.zeros((GP, HD), dtype=tl.float32) + v.to(tl.float32)[None, :]
         for s0 in range(0, slot, BLOCK_S):
@@ -285,7 +285,7 @@ if triton is not None:
             ok = (slots < slot) & (tl.load(valid_ptr + b * S + slots, mask=slots < slot, other=0) != 0)
             keys = tl.load(k_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
             values = tl.load(v_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
+            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * SCALE  # (GP, BLOCK_S)
             scores = tl.where(ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp(scores - m_new[:, None])
@@ -307,7 +307,7 @@ if triton is not None:
         y = qkv.new_empty(B, nh * hd)
         torch.library.wrap_triton(decode_attention_kernel)[(B, n_kv)](
             qkv, cos, sin, cos if q_norm is None else q_norm, cos if k_norm is None else k_norm, k_cache, v_cache,
-            valid, slot, y, S, eps, hd ** -0.5, NH=nh, NKV=n_kv, HD=hd,
+            valid, slot, y, S, eps, SCALE=hd ** -0.5, NH=nh, NKV=n_kv, HD=hd,
             GP=max(16, triton.next_power_of_2(nh // n_kv)), QK_NORM=q_norm is not None, BLOCK_S=64,
             PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
         return y
