@@ -186,7 +186,8 @@ except ImportError:
 
 if triton is not None:
     @triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                              for n, k, w in ((1, 512, 4), (2, 512, 2), (4, 256, 4), (8, 256, 4), (16, 128, 8))],
+                              for n, k, w in ((1, 512, 4), (2, 512, 2), (4, 256, 4), (8, 256, 4), (16, 128, 8),
+                                              (1, 1024, 4), (2, 1024, 4), (4, 1024, 8))],
                      key=["N", "K", "NORM", "SWIGLU"])
     @triton.jit
     def one_row_kernel(x_ptr, w_ptr, b_ptr, norm_ptr, r_ptr, y_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
@@ -238,6 +239,8 @@ if triton is not None:
         return y
 
 
+    ATTENTION_BLOCK, ATTENTION_WARPS = 128, 8  # cache slots a block of decode_attention_kernel, and its warps
+
     @triton.jit
     def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_cache_ptr, v_cache_ptr,
                                 valid_ptr, slot_ptr, y_ptr, S, eps, SCALE: tl.constexpr, NH: tl.constexpr,
@@ -250,7 +253,7 @@ if triton is not None:
         laid out as o_proj reads it. Scores and the softmax are fp32; q, k and v round where the model rounds."""
         b, h = tl.program_id(0), tl.program_id(1)
         G: tl.constexpr = NH // NKV
-        slot = tl.load(slot_ptr)
+        slot = tl.minimum(tl.load(slot_ptr), S - 1)
         d = tl.arange(0, HD)  # (HD,)
         turned = (d + HD // 2) % HD  # rotate_half: the other half, negated in the first half
         sign = tl.where(d < HD // 2, -1.0, 1.0)
@@ -282,9 +285,11 @@ if triton is not None:
         acc = tl.zeros((GP, HD), dtype=tl.float32) + v.to(tl.float32)[None, :]
         for s0 in range(0, slot, BLOCK_S):
             slots = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
-            ok = (slots < slot) & (tl.load(valid_ptr + b * S + slots, mask=slots < slot, other=0) != 0)
-            keys = tl.load(k_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
-            values = tl.load(v_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
+            before = slots < slot  # the keys load beside the valid flags, not after them: one wait a block
+            ok = before & (tl.load(valid_ptr + b * S + slots, mask=before, other=0) != 0)
+            keys = tl.load(k_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=before[:, None], other=0.0)
+            values = tl.load(v_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=before[:, None], other=0.0)
+            values = tl.where(ok[:, None], values, 0.0)
             scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * SCALE  # (GP, BLOCK_S)
             scores = tl.where(ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -308,8 +313,8 @@ if triton is not None:
         torch.library.wrap_triton(decode_attention_kernel)[(B, n_kv)](
             qkv, cos, sin, cos if q_norm is None else q_norm, cos if k_norm is None else k_norm, k_cache, v_cache,
             valid, slot, y, S, eps, SCALE=hd ** -0.5, NH=nh, NKV=n_kv, HD=hd,
-            GP=max(16, triton.next_power_of_2(nh // n_kv)), QK_NORM=q_norm is not None, BLOCK_S=64,
-            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+            GP=max(16, triton.next_power_of_2(nh // n_kv)), QK_NORM=q_norm is not None, BLOCK_S=ATTENTION_BLOCK,
+            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=ATTENTION_WARPS)
         return y
 
 
