@@ -184,11 +184,26 @@ try:  # Triton comes with torch's CUDA builds; without it (a CPU install) the de
 except ImportError:
     triton = None
 
+
+
+def one_row_config(N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of `one_row_kernel` for a weight (N, K): as many outputs a program as leave
+    at least two programs for each of an H200's 132 cores, and tiles of at most 4096 elements. A rule, not
+    autotuning: the autotuner times each kernel alone, its weight warm in the L2 cache, and picked tiles that
+    made the whole decode step's matmuls 1.5x slower in some compilations than in others."""
+    block_n = 16
+    while block_n > 1 and N // block_n < 264:
+        block_n //= 2
+    block_k = min(1024, 1 << (K - 1).bit_length(), 4096 // block_n)
+    return block_n, block_k, 8 if block_n * block_k >= 4096 else 4
+
+
+def attention_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_S, num_warps) of `decode_attention_kernel`: cache slots a block, and warps."""
+    return 64, 4
+
+
 if triton is not None:
-    @triton.autotune(configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                              for n, k, w in ((1, 512, 4), (2, 512, 2), (4, 256, 4), (8, 256, 4), (16, 128, 8),
-                                              (1, 1024, 4), (2, 1024, 4), (4, 1024, 8))],
-                     key=["N", "K", "NORM", "SWIGLU"])
     @triton.jit
     def one_row_kernel(x_ptr, w_ptr, b_ptr, norm_ptr, r_ptr, y_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
                        NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -231,15 +246,14 @@ if triton is not None:
         """`decode_linear` of one row x (K,), or (2K,) with `swiglu`, by weight (N, K): (N,)."""
         N, K = weight.shape
         y = x.new_empty(N)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        torch.library.wrap_triton(one_row_kernel)[grid](
+        block_n, block_k, warps = one_row_config(N, K)
+        torch.library.wrap_triton(one_row_kernel)[(triton.cdiv(N, block_n),)](
             x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
             y if residual is None else residual, y, N, K, eps, HAS_BIAS=bias is not None,
-            NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None)
+            NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps)
         return y
 
-
-    ATTENTION_BLOCK, ATTENTION_WARPS = 128, 8  # cache slots a block of decode_attention_kernel, and its warps
 
     @triton.jit
     def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_cache_ptr, v_cache_ptr,
@@ -310,11 +324,12 @@ if triton is not None:
         B, n_kv, S, hd = k_cache.shape
         nh = qkv.shape[1] // hd - 2 * n_kv
         y = qkv.new_empty(B, nh * hd)
+        block, warps = attention_config(hd, qkv.dtype)
         torch.library.wrap_triton(decode_attention_kernel)[(B, n_kv)](
             qkv, cos, sin, cos if q_norm is None else q_norm, cos if k_norm is None else k_norm, k_cache, v_cache,
             valid, slot, y, S, eps, SCALE=hd ** -0.5, NH=nh, NKV=n_kv, HD=hd,
-            GP=max(16, triton.next_power_of_2(nh // n_kv)), QK_NORM=q_norm is not None, BLOCK_S=ATTENTION_BLOCK,
-            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=ATTENTION_WARPS)
+            GP=max(16, triton.next_power_of_2(nh // n_kv)), QK_NORM=q_norm is not None, BLOCK_S=block,
+            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps)
         return y
 
 
