@@ -187,19 +187,26 @@ except ImportError:
 
 
 def one_row_config(N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) of `one_row_kernel` for a weight (N, K): as many outputs a program as leave
-    at least two programs for each of an H200's 132 cores, and tiles of at most 4096 elements. A rule, not
-    autotuning: the autotuner times each kernel alone, its weight warm in the L2 cache, and picked tiles that
-    made the whole decode step's matmuls 1.5x slower in some compilations than in others."""
-    block_n = 16
+    """(BLOCK_N, BLOCK_K, num_warps) of `one_row_kernel` for a weight (N, K), chosen from the kernel timed in the
+    decode step's conditions on an H200 (each layer's weight read from HBM, in a CUDA graph; BENCHMARKS.md). A
+    weight of few rows (q/k/v, o_proj, down) takes whole rows of up to 1024 a program, and as many rows as leave
+    two programs a core; a weight of many rows (gate/up, the lm_head) takes tiles of 8 rows by 256, or by 512 past
+    64k rows. A rule, not autotuning: the autotuner times each kernel alone, its weight warm in the L2 cache, and
+    its picks made the decode step's matmuls up to 1.6x slower in some compilations than in others."""
+    if N >= 8 * 1024:
+        return 8, 512 if N >= 64 * 1024 else 256, 4
+    block_n = 8
     while block_n > 1 and N // block_n < 264:
         block_n //= 2
-    block_k = min(1024, 1 << (K - 1).bit_length(), 4096 // block_n)
-    return block_n, block_k, 8 if block_n * block_k >= 4096 else 4
+    block_k = min(1024, 1 << (K - 1).bit_length())
+    return block_n, block_k, 8 if block_n * block_k >= 4096 or K > block_k else 4
 
 
 def attention_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_S, num_warps) of `decode_attention_kernel`: cache slots a block, and warps."""
+    """(BLOCK_S, num_warps) of `decode_attention_kernel`, timed as `one_row_config`: blocks of 128 cache slots
+    where a slot's key is at most 128 bytes, else 64 (the blocks in flight fit the shared memory)."""
+    if head_dim * dtype.itemsize <= 128:
+        return 128, 8
     return 64, 4
 
 
