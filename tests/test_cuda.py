@@ -149,16 +149,16 @@ def test_one_row_matmul_kernel_equals_linear():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_attention_kernel_equals_attention(dtype):
+def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
     """The recorded decoder's attention for one new token a row (in compiled code, one Triton kernel for RoPE, the
-    cache write and attention over the valid slots) gives `Attention.heads`' output and caches: grouped heads, with
-    and without Qwen3's q/k norms, left-padded rows, slots at the start, inside and at the edges of its blocks."""
+    cache write and attention over the valid slots; a long cache split over programs, then combined) gives
+    `Attention.heads`' output and caches: grouped heads, with and without Qwen3's q/k norms, left-padded rows with
+    holes, slots at the start, inside and at the edges of its blocks and parts, parts with nothing valid."""
     import generate
     import model
     step = torch.compile(generate.decode_heads, fullgraph=True, dynamic=False)
-    B, S = 3, 256
+    B = 3
     for nh, n_kv, hd, qk_norm in ((14, 2, 64, False), (8, 4, 128, True), (4, 2, 16, False)):
-        torch._dynamo.reset()
         cfg = model.LLMConfig(hidden_size=96, num_attention_heads=nh, num_key_value_heads=n_kv, head_dim=hd,
                               qkv_bias=True, qk_norm=qk_norm)
         llm = model.LLM(cfg).init_weights(0.2).to("cuda", dtype)
@@ -167,25 +167,30 @@ def test_decode_attention_kernel_equals_attention(dtype):
             torch.nn.init.normal_(attn.q_norm.weight, 1.0, 0.2)
             torch.nn.init.normal_(attn.k_norm.weight, 1.0, 0.2)
         attn.qkv = generate.NormQKV(llm.model.layers[0].input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        for slot in (0, 1, 63, 64, 65, 200):
-            valid = torch.zeros(B, S, dtype=torch.bool, device="cuda")
-            for b, first in enumerate((0, min(slot, 5), slot)):  # left padding; the last row's only token is new
-                valid[b, first:slot + 1] = True
-            x = torch.randn(B, 1, 96, device="cuda", dtype=dtype)
-            cos, sin = llm.rope(valid.sum(-1, keepdim=True) - 1, dtype)
-            caches = [model.KVCache(B, n_kv, S, hd, "cuda", dtype) for _ in range(2)]
-            for c in caches:
-                c.k.normal_(), c.v.normal_()
-            caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
-            at = torch.full((1,), slot, device="cuda")
-            tol = 4e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: RoPE rounds once, softmax weights in bf16
-            with torch.no_grad():
-                y = step(attn, x, cos, sin, valid[:, None, None, :], caches[0], at)
-                expected = attn.heads(x, cos, sin, valid[:, None, None, :], caches[1], at)
-            where = f"{(nh, n_kv, hd, qk_norm)} slot {slot}"
-            torch.testing.assert_close(y, expected, rtol=tol, atol=tol, msg=lambda m: f"{where}: {m}")
-            torch.testing.assert_close(caches[0].k, caches[1].k, rtol=tol, atol=tol, msg=lambda m: f"{where}: {m}")
-            torch.testing.assert_close(caches[0].v, caches[1].v, rtol=tol, atol=tol, msg=lambda m: f"{where}: {m}")
+        for S, per_program, slots in ((256, 512, (0, 1, 63, 64, 65, 200)), (256, 64, (1, 64, 200, 255)),
+                                      (2048, 512, (300, 511, 512, 1500, 2047))):
+            torch._dynamo.reset()
+            monkeypatch.setattr(generate, "SLOTS_A_PROGRAM", per_program)
+            for slot in slots:
+                valid = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+                for b, first in enumerate((0, min(slot, 100), slot)):  # left padding; the last row's only token is new
+                    valid[b, first:slot + 1] = True
+                valid[0, 3:9] = False  # a hole
+                valid[:, slot] = True
+                x = torch.randn(B, 1, 96, device="cuda", dtype=dtype)
+                cos, sin = llm.rope(valid.sum(-1, keepdim=True) - 1, dtype)
+                caches = [model.KVCache(B, n_kv, S, hd, "cuda", dtype) for _ in range(2)]
+                for c in caches:
+                    c.k.normal_(), c.v.normal_()
+                caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
+                at = torch.full((1,), slot, device="cuda")
+                tol = 4e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: RoPE rounds once, softmax weights in bf16
+                with torch.no_grad():
+                    y = step(attn, x, cos, sin, valid[:, None, None, :], caches[0], at)
+                    expected = attn.heads(x, cos, sin, valid[:, None, None, :], caches[1], at)
+                where = f"{(nh, n_kv, hd, qk_norm)} S {S} ({per_program} a program) slot {slot}"
+                for got, want in ((y, expected), (caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+                    torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{where}: {m}")
 
 
 def test_packed_rows_in_compiled_layers_equal_the_dense_mask():
