@@ -368,12 +368,12 @@ if triton is not None:
                          valid: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """qkv (B, (nh + 2 n_kv) hd) of one new token a row, cos/sin (B, hd), caches (B, n_kv, S, hd), valid
         (B, S), slot (1,) -> the heads' outputs (B, nh hd); k and v written to the caches at `slot`. A cache of
-        more than `SLOTS_A_PROGRAM` slots is split into parts that run side by side, then combined."""
+        more than `SLOTS_A_PROGRAM` slots is split into parts (16 at most) that run side by side, then combined."""
         B, n_kv, S, hd = k_cache.shape
         nh = qkv.shape[1] // hd - 2 * n_kv
         y = qkv.new_empty(B, nh * hd)
         block, warps = attention_config(hd, qkv.dtype)
-        splits = triton.next_power_of_2(triton.cdiv(S, SLOTS_A_PROGRAM))
+        splits = min(16, triton.next_power_of_2(triton.cdiv(S, SLOTS_A_PROGRAM)))  # parts of the cache
         chunk = triton.cdiv(triton.cdiv(S, splits), block) * block
         gp = max(16, triton.next_power_of_2(nh // n_kv))
         parts = m = total = y
@@ -387,7 +387,7 @@ if triton is not None:
             PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps)
         if splits > 1:
             torch.library.wrap_triton(decode_attention_combine)[(B, n_kv)](
-                parts, m, total, y, NH=nh, NKV=n_kv, HD=hd, GP=gp, SPLITS=splits, num_warps=4)
+                parts, m, total, y, NH=nh, NKV=n_kv, HD=hd, GP=gp, SPLITS=splits, num_warps=8)
         return y
 
 
