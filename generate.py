@@ -394,8 +394,8 @@ if triton is not None:
 def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> torch.Tensor:
     """`Attention.heads` for decoding: x (B, T, H) -> (B, T, nh*hd). For one new token a row on the GPU in compiled
     code (the recorded decode step: `cache_start` a (1,) tensor, `mask` the (B, 1, 1, S) valid slots), the q/k/v
-    matmul with its norm, then one Triton kernel for RoPE, the cache write and attention (`decode_attention`);
-    otherwise `Attention.heads`."""
+    matmul with its norm, then one Triton kernel for RoPE, the cache write and attention (`decode_attention`; a
+    second one combines the parts of a long cache); otherwise `Attention.heads`."""
     B, T, _ = x.shape
     hd = attn.head_dim
     if (triton is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
