@@ -157,6 +157,7 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
     import generate
     import model
     step = torch.compile(generate.decode_heads, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # each SLOTS_A_PROGRAM compiles afresh
     B = 3
     for nh, n_kv, hd, qk_norm in ((14, 2, 64, False), (8, 4, 128, True), (4, 2, 16, False)):
         cfg = model.LLMConfig(hidden_size=96, num_attention_heads=nh, num_key_value_heads=n_kv, head_dim=hd,
