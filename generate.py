@@ -192,7 +192,7 @@ def one_row_config(N: int, K: int) -> tuple[int, int, int]:
     weight of few rows (q/k/v, o_proj, down) takes whole rows of up to 1024 a program, and as many rows as leave
     two programs a core; a weight of many rows (gate/up, the lm_head) takes tiles of 8 rows by 256, or by 512 past
     64k rows. A rule, not autotuning: the autotuner times each kernel alone, its weight warm in the L2 cache, and
-    the same matmuls of a decode step took from 579 to 863 us across compilations with its picks."""
+    its picks for the same step changed from one compilation to the next, and with them the step's speed."""
     if N >= 8 * 1024:
         return 8, 512 if N >= 64 * 1024 else 256, 4
     block_n = 8
