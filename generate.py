@@ -185,7 +185,6 @@ except ImportError:
     triton = None
 
 
-
 def one_row_config(N: int, K: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of `one_row_kernel` for a weight (N, K), chosen from the kernel timed in the
     decode step's conditions on an H200 (each layer's weight read from HBM, in a CUDA graph; BENCHMARKS.md). A
@@ -263,7 +262,6 @@ if triton is not None:
             NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, BLOCK_N=block_n,
             BLOCK_K=block_k, num_warps=warps)
         return y
-
 
     @triton.jit
     def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_cache_ptr, v_cache_ptr,
@@ -401,7 +399,7 @@ def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> tor
     if (triton is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
             and torch.is_tensor(cache_start) and mask is not None and mask.dtype == torch.bool
             and hd >= 16 and hd & (hd - 1) == 0):
-        qkv = decode_linear(x, attn.qkv.weight, attn.qkv.bias, norm=attn.qkv.norm)  # (B, 1, (nh + 2 n_kv) hd)
+        qkv = attn.qkv.joined(x)  # (B, 1, (nh + 2 n_kv) hd)
         q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
         eps = attn.q_norm.eps if attn.qk_norm else 0.0
         y = decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm, eps,
@@ -452,8 +450,12 @@ class NormQKV:
         self.weight = one_tensor([layer.weight for layer in layers])  # (q + k + v, H)
         self.bias = None if layers[0].bias is None else one_tensor([layer.bias for layer in layers])
 
+    def joined(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, H) -> q, k and v side by side, (B, T, q + k + v)."""
+        return decode_linear(x, self.weight, self.bias, norm=self.norm)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return decode_linear(x, self.weight, self.bias, norm=self.norm).split(self.sizes, dim=-1)
+        return self.joined(x).split(self.sizes, dim=-1)
 
 
 def decode_block(layer, x, cos, sin, mask=None, cache=None, cache_start=0):
