@@ -201,7 +201,8 @@ def one_row_config(N: int, K: int) -> tuple[int, int, int]:
     return block_n, block_k, 8 if block_n * block_k >= 4096 or K > block_k else 4
 
 
-SLOTS_A_PROGRAM = 512  # past this many cache slots, decode_attention splits the cache over programs
+SLOTS_A_PROGRAM = 128  # decode_attention splits a longer cache into parts of at least this many slots,
+PARTS = 8  # and at most this many parts (more parts: more programs in flight, more partial results to combine)
 
 
 def attention_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -366,12 +367,12 @@ if triton is not None:
                          valid: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """qkv (B, (nh + 2 n_kv) hd) of one new token a row, cos/sin (B, hd), caches (B, n_kv, S, hd), valid
         (B, S), slot (1,) -> the heads' outputs (B, nh hd); k and v written to the caches at `slot`. A cache of
-        more than `SLOTS_A_PROGRAM` slots is split into parts (16 at most) that run side by side, then combined."""
+        more than `SLOTS_A_PROGRAM` slots is split into parts (`PARTS` at most) that run side by side, then combined."""
         B, n_kv, S, hd = k_cache.shape
         nh = qkv.shape[1] // hd - 2 * n_kv
         y = qkv.new_empty(B, nh * hd)
         block, warps = attention_config(hd, qkv.dtype)
-        splits = min(16, triton.next_power_of_2(triton.cdiv(S, SLOTS_A_PROGRAM)))  # parts of the cache
+        splits = min(PARTS, triton.next_power_of_2(triton.cdiv(S, SLOTS_A_PROGRAM)))  # parts of the cache
         chunk = triton.cdiv(triton.cdiv(S, splits), block) * block
         gp = max(16, triton.next_power_of_2(nh // n_kv))
         parts = m = total = y

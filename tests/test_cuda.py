@@ -169,7 +169,8 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
             torch.nn.init.normal_(attn.k_norm.weight, 1.0, 0.2)
         attn.qkv = generate.NormQKV(llm.model.layers[0].input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
         for S, per_program, slots in ((256, 512, (0, 1, 63, 64, 65, 200)), (256, 64, (1, 64, 200, 255)),
-                                      (2048, 512, (300, 511, 512, 1500, 2047))):
+                                      (2048, 512, (300, 511, 512, 1500, 2047)),
+                                      (2048, 128, (0, 255, 256, 1000, 2047))):
             torch._dynamo.reset()
             monkeypatch.setattr(generate, "SLOTS_A_PROGRAM", per_program)
             for slot in slots:
