@@ -430,6 +430,9 @@ GRIDS = {
     "pack": [(workload(2048, cuda_graph=True), []), (workload(2048, compile_mode="default"), []),
              (workload(2048, pack=True, compile_mode="default"), []),
              (workload(512, compile=False), [(False, False)])],
+    # the plain step (train.compile = "none") beside the peer eager, each right after the other: both are bound by
+    # the host, whose speed moves with the machine and the process's history
+    "plain": [(workload(512, compile=False), [(False, False)]), (workload(2048, compile=False), [(False, False)])],
     "ddp": [(workload(512, cuda_graph=True), [(False, False)]), (workload(2048, cuda_graph=True), [(False, True)])],
     # under torchrun (2 GPUs): 7B-shaped base, ddp beside fsdp, and the peer under DDP; fsdp72: a 72B-shaped base
     # (145 GB of bf16 weights, more than one GPU holds) with fsdp
