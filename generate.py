@@ -167,6 +167,191 @@ def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_t
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Predictions over a dataset, with metrics
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token-level F1 on the normalised answers (whitespace tokens)."""
+    p, r = train.normalize_answer(prediction).split(), train.normalize_answer(reference).split()
+    common = sum((collections.Counter(p) & collections.Counter(r)).values())
+    if not p or not r:
+        return float(p == r)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mix(media: dict) -> str:
+    kinds = [m for m in MODALITIES if media.get(m)]
+    return "+".join(kinds) if kinds else "text"
+
+
+def prediction_metrics(rows: list[dict]) -> dict:
+    """Exact match (training's normalisation) and token F1, overall and per mix of media."""
+    def score(rs):
+        return {"samples": len(rs),
+                "exact_match": sum(train.normalize_answer(r["prediction"]) == train.normalize_answer(r["reference"])
+                                   for r in rs) / max(len(rs), 1),
+                "f1": sum(token_f1(r["prediction"], r["reference"]) for r in rs) / max(len(rs), 1)}
+    groups = collections.defaultdict(list)
+    for r in rows:
+        groups[mix(r["media"])].append(r)
+    return {**score(rows), "by_mix": {k: score(v) for k, v in sorted(groups.items())}}
+
+
+def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, path: str, out: Path, batch_size: int,
+            max_new_tokens: int, sampling: dict, resume: bool) -> dict:
+    """Answer every sample of a dataset (the prompt is every turn before its last reply, the reference that reply),
+    batched, writing one JSON line per sample as it goes; `resume` skips the ids already in `out`. Samples that
+    cannot be used are listed and skipped. Returns the metrics, also written to `<out stem>.metrics.json`."""
+    ds = data.ConversationDataset(path, tokenizer, model.aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
+                                  truncate=True, on_error="skip", allow_outside_paths=True,
+                                  max_audio_windows=cfg.data.max_audio_windows)
+    for s in ds.skipped:
+        print(f"skipped {s['file']}:{s['line']}: sample {s['id']!r}: {s['reason']}", file=sys.stderr)
+    done = set()
+    if resume and out.is_file():
+        done = {json.loads(x)["id"] for x in out.read_text().splitlines() if x.strip()}
+    todo = [i for i, ex in enumerate(ds.examples) if ex.id not in done]
+    device = model.llm.lm_head.weight.device
+    t0, written = time.perf_counter(), 0
+    with open(out, "a" if resume else "w") as f:
+        for s in range(0, len(todo), batch_size):
+            pairs = []
+            for i in todo[s:s + batch_size]:
+                pair = ds.prompt(i)
+                if pair is None:
+                    print(f"skipped {ds.path}:{ds.examples[i].line}: sample {ds.examples[i].id!r}: a medium does "
+                          "not decode", file=sys.stderr)
+                    continue
+                pairs.append((i, *pair))
+            if not pairs:
+                continue
+            batch = data.collate([item for _, item, _ in pairs], tokenizer.pad_id).to(device)
+            outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
+            for (i, _, reference), o in zip(pairs, outs):
+                ex = ds.examples[i]
+                row = {"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
+                       "media": {m: [str(p) for p in ex.media[m]] for m in MODALITIES}}
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            written += len(pairs)
+            rate = written / (time.perf_counter() - t0)
+            print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
+                  f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    metrics = prediction_metrics(rows)
+    train.write_json(out.with_name(out.stem + ".metrics.json"), metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def chat(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, args, sampling: dict) -> None:
+    """Multi-turn chat on stdin: a line is a question; /image P and /audio P attach a medium to the next question,
+    /reset forgets the conversation, /exit ends."""
+    messages, media, pending = [], [], []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("chat: /image PATH, /audio PATH attach a medium; /reset; /exit", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            messages, media, pending = messages[:1] if args.system else [], [], []
+            continue
+        kind, _, path = line.partition(" ")
+        if kind in ("/image", "/audio"):
+            pending.append((kind[1:], path.strip()))
+            continue
+        try:
+            turn = {"role": "user", "content": user_turn(line, pending)}
+            item = prompt_item(messages + [turn], media + pending, tokenizer, model, cfg, args.max_new_tokens)
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            print(f"generate.py: {e}", file=sys.stderr)
+            continue
+        reply = answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=lambda t: print(t, end="",
+                                                                                                     flush=True))
+        print()
+        messages += [turn, {"role": "assistant", "content": reply}]
+        media, pending = media + pending, []
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("question", nargs="?", help="one question (else --chat, --predict or --export)")
+    ap.add_argument("--run", required=True, help="a run folder (run.out_dir) or an export folder")
+    ap.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint folder")
+    ap.add_argument("--image", action="append", default=[], help="an image for the question (repeatable)")
+    ap.add_argument("--audio", action="append", default=[], help="an audio clip for the question (repeatable)")
+    ap.add_argument("--system", default="", help="a system message")
+    ap.add_argument("--chat", action="store_true", help="multi-turn chat on stdin")
+    ap.add_argument("--predict", metavar="DATA", help="answer every sample of a dataset (JSONL or JSON list)")
+    ap.add_argument("--out", help="with --predict: the JSONL of predictions")
+    ap.add_argument("--resume", action="store_true", help="with --predict: skip ids already in --out")
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--export", metavar="DIR", help="write the export folder (adapter/, merged/, ...) to DIR")
+    ap.add_argument("--max_new_tokens", type=int, help="default: 256, or the run's train.max_new_tokens with --predict")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="on a GPU: the decode step compiled and replayed as a "
+                    "CUDA graph, faster for long answers and large batches (compiling takes a minute per shape)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU if there is one")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU, float32 on a CPU")
+    args = ap.parse_args(argv)
+    if sum(bool(x) for x in (args.question, args.chat, args.predict, args.export)) != 1:
+        ap.error("give one of: a question, --chat, --predict DATA --out PRED.jsonl, --export DIR")
+    if args.predict and not args.out:
+        ap.error("--predict needs --out PRED.jsonl")
+    try:
+        if args.export:
+            if (Path(args.run) / "mmlora.json").is_file():
+                raise ValueError(f"{args.run} is an export folder already; export from the run folder")
+            model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device or "cpu", "float32")
+            train.export(model, Path(args.export), cfg, getattr(torch, args.dtype) if args.dtype else None)
+            print(f"exported to {args.export}: adapter/ (peft), merged/ (transformers), projectors, aligner")
+            return
+        model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype)
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        if args.compile:
+            if not model.llm.lm_head.weight.is_cuda:
+                raise ValueError("--compile replays CUDA graphs: it needs a GPU")
+            torch.manual_seed(args.seed)
+            sampling["decoder"] = GraphDecoder(model.llm)
+        else:
+            sampling["generator"] = torch.Generator(model.llm.lm_head.weight.device).manual_seed(args.seed)
+        if args.predict:
+            args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
+            metrics = predict(model, tokenizer, cfg, args.predict, Path(args.out), args.batch_size,
+                              args.max_new_tokens, sampling, args.resume)
+            print(f"{metrics['samples']} samples | exact match {100 * metrics['exact_match']:.1f}% | token F1 "
+                  f"{100 * metrics['f1']:.1f}% | " + ", ".join(f"{k} {100 * v['exact_match']:.1f}% ({v['samples']})"
+                                                              for k, v in metrics["by_mix"].items()))
+            return
+        args.max_new_tokens = args.max_new_tokens or 256
+        if args.chat:
+            chat(model, tokenizer, cfg, args, sampling)
+            return
+        media = [("image", p) for p in args.image] + [("audio", p) for p in args.audio]
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": user_turn(args.question, media)})
+        item = prompt_item(messages, media, tokenizer, model, cfg, args.max_new_tokens)
+        answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=lambda t: print(t, end="", flush=True))
+        print()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"generate.py: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The fast decoder (--compile): opt-in, a replacement for LLM.decode
 
 
@@ -564,191 +749,6 @@ class GraphDecoder:
         with torch.cuda.graph(graph):
             self.run(token_in, valid, caches, slot, out, pick)
         return graph, token_in, slot, out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Predictions over a dataset, with metrics
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD's token-level F1 on the normalised answers (whitespace tokens)."""
-    p, r = train.normalize_answer(prediction).split(), train.normalize_answer(reference).split()
-    common = sum((collections.Counter(p) & collections.Counter(r)).values())
-    if not p or not r:
-        return float(p == r)
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(p), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def mix(media: dict) -> str:
-    kinds = [m for m in MODALITIES if media.get(m)]
-    return "+".join(kinds) if kinds else "text"
-
-
-def prediction_metrics(rows: list[dict]) -> dict:
-    """Exact match (training's normalisation) and token F1, overall and per mix of media."""
-    def score(rs):
-        return {"samples": len(rs),
-                "exact_match": sum(train.normalize_answer(r["prediction"]) == train.normalize_answer(r["reference"])
-                                   for r in rs) / max(len(rs), 1),
-                "f1": sum(token_f1(r["prediction"], r["reference"]) for r in rs) / max(len(rs), 1)}
-    groups = collections.defaultdict(list)
-    for r in rows:
-        groups[mix(r["media"])].append(r)
-    return {**score(rows), "by_mix": {k: score(v) for k, v in sorted(groups.items())}}
-
-
-def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, path: str, out: Path, batch_size: int,
-            max_new_tokens: int, sampling: dict, resume: bool) -> dict:
-    """Answer every sample of a dataset (the prompt is every turn before its last reply, the reference that reply),
-    batched, writing one JSON line per sample as it goes; `resume` skips the ids already in `out`. Samples that
-    cannot be used are listed and skipped. Returns the metrics, also written to `<out stem>.metrics.json`."""
-    ds = data.ConversationDataset(path, tokenizer, model.aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
-                                  truncate=True, on_error="skip", allow_outside_paths=True,
-                                  max_audio_windows=cfg.data.max_audio_windows)
-    for s in ds.skipped:
-        print(f"skipped {s['file']}:{s['line']}: sample {s['id']!r}: {s['reason']}", file=sys.stderr)
-    done = set()
-    if resume and out.is_file():
-        done = {json.loads(x)["id"] for x in out.read_text().splitlines() if x.strip()}
-    todo = [i for i, ex in enumerate(ds.examples) if ex.id not in done]
-    device = model.llm.lm_head.weight.device
-    t0, written = time.perf_counter(), 0
-    with open(out, "a" if resume else "w") as f:
-        for s in range(0, len(todo), batch_size):
-            pairs = []
-            for i in todo[s:s + batch_size]:
-                pair = ds.prompt(i)
-                if pair is None:
-                    print(f"skipped {ds.path}:{ds.examples[i].line}: sample {ds.examples[i].id!r}: a medium does "
-                          "not decode", file=sys.stderr)
-                    continue
-                pairs.append((i, *pair))
-            if not pairs:
-                continue
-            batch = data.collate([item for _, item, _ in pairs], tokenizer.pad_id).to(device)
-            outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
-            for (i, _, reference), o in zip(pairs, outs):
-                ex = ds.examples[i]
-                row = {"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
-                       "media": {m: [str(p) for p in ex.media[m]] for m in MODALITIES}}
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            written += len(pairs)
-            rate = written / (time.perf_counter() - t0)
-            print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
-                  f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
-    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
-    metrics = prediction_metrics(rows)
-    train.write_json(out.with_name(out.stem + ".metrics.json"), metrics)
-    return metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def chat(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, args, sampling: dict) -> None:
-    """Multi-turn chat on stdin: a line is a question; /image P and /audio P attach a medium to the next question,
-    /reset forgets the conversation, /exit ends."""
-    messages, media, pending = [], [], []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    print("chat: /image PATH, /audio PATH attach a medium; /reset; /exit", file=sys.stderr)
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
-            continue
-        if line == "/exit":
-            break
-        if line == "/reset":
-            messages, media, pending = messages[:1] if args.system else [], [], []
-            continue
-        kind, _, path = line.partition(" ")
-        if kind in ("/image", "/audio"):
-            pending.append((kind[1:], path.strip()))
-            continue
-        try:
-            turn = {"role": "user", "content": user_turn(line, pending)}
-            item = prompt_item(messages + [turn], media + pending, tokenizer, model, cfg, args.max_new_tokens)
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            print(f"generate.py: {e}", file=sys.stderr)
-            continue
-        reply = answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=lambda t: print(t, end="",
-                                                                                                     flush=True))
-        print()
-        messages += [turn, {"role": "assistant", "content": reply}]
-        media, pending = media + pending, []
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("question", nargs="?", help="one question (else --chat, --predict or --export)")
-    ap.add_argument("--run", required=True, help="a run folder (run.out_dir) or an export folder")
-    ap.add_argument("--checkpoint", default="best", help="best (default), latest, or a checkpoint folder")
-    ap.add_argument("--image", action="append", default=[], help="an image for the question (repeatable)")
-    ap.add_argument("--audio", action="append", default=[], help="an audio clip for the question (repeatable)")
-    ap.add_argument("--system", default="", help="a system message")
-    ap.add_argument("--chat", action="store_true", help="multi-turn chat on stdin")
-    ap.add_argument("--predict", metavar="DATA", help="answer every sample of a dataset (JSONL or JSON list)")
-    ap.add_argument("--out", help="with --predict: the JSONL of predictions")
-    ap.add_argument("--resume", action="store_true", help="with --predict: skip ids already in --out")
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--export", metavar="DIR", help="write the export folder (adapter/, merged/, ...) to DIR")
-    ap.add_argument("--max_new_tokens", type=int, help="default: 256, or the run's train.max_new_tokens with --predict")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    ap.add_argument("--top_p", type=float, default=1.0)
-    ap.add_argument("--top_k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compile", action="store_true", help="on a GPU: the decode step compiled and replayed as a "
-                    "CUDA graph, faster for long answers and large batches (compiling takes a minute per shape)")
-    ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU if there is one")
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU, float32 on a CPU")
-    args = ap.parse_args(argv)
-    if sum(bool(x) for x in (args.question, args.chat, args.predict, args.export)) != 1:
-        ap.error("give one of: a question, --chat, --predict DATA --out PRED.jsonl, --export DIR")
-    if args.predict and not args.out:
-        ap.error("--predict needs --out PRED.jsonl")
-    try:
-        if args.export:
-            if (Path(args.run) / "mmlora.json").is_file():
-                raise ValueError(f"{args.run} is an export folder already; export from the run folder")
-            model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device or "cpu", "float32")
-            train.export(model, Path(args.export), cfg, getattr(torch, args.dtype) if args.dtype else None)
-            print(f"exported to {args.export}: adapter/ (peft), merged/ (transformers), projectors, aligner")
-            return
-        model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype)
-        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-        if args.compile:
-            if not model.llm.lm_head.weight.is_cuda:
-                raise ValueError("--compile replays CUDA graphs: it needs a GPU")
-            torch.manual_seed(args.seed)
-            sampling["decoder"] = GraphDecoder(model.llm)
-        else:
-            sampling["generator"] = torch.Generator(model.llm.lm_head.weight.device).manual_seed(args.seed)
-        if args.predict:
-            args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
-            metrics = predict(model, tokenizer, cfg, args.predict, Path(args.out), args.batch_size,
-                              args.max_new_tokens, sampling, args.resume)
-            print(f"{metrics['samples']} samples | exact match {100 * metrics['exact_match']:.1f}% | token F1 "
-                  f"{100 * metrics['f1']:.1f}% | " + ", ".join(f"{k} {100 * v['exact_match']:.1f}% ({v['samples']})"
-                                                              for k, v in metrics["by_mix"].items()))
-            return
-        args.max_new_tokens = args.max_new_tokens or 256
-        if args.chat:
-            chat(model, tokenizer, cfg, args, sampling)
-            return
-        media = [("image", p) for p in args.image] + [("audio", p) for p in args.audio]
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": user_turn(args.question, media)})
-        item = prompt_item(messages, media, tokenizer, model, cfg, args.max_new_tokens)
-        answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=lambda t: print(t, end="", flush=True))
-        print()
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"generate.py: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
