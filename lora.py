@@ -42,6 +42,36 @@ def dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Ten
     return F.linear(F.dropout(x, p, training=True), weight)
 
 
+class StackedLinear(torch.autograd.Function):
+    """y = x W^T + h B^T + bias as one matmul over [x, h] and [W, B], stacked along the inner dimension: a frozen
+    linear layer (W, bias) and the up-projection B (out, r) of its LoRA update, for h = A(dropout(x)) (..., r).
+
+    One matmul in place of two, and no pass that adds the update to the base's output; the backward's one matmul
+    dy [W, B] gives x's and h's gradients together, and B's is dy^T h. (Autograd through a concatenated weight would
+    also compute the frozen W's gradient, a matmul as large as the forward's.) It computes in autocast's dtype
+    under autocast, else in x's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        h = h.to(dtype)
+        w = torch.cat([weight.to(dtype), lora_b.to(dtype)], dim=1)  # (out, in + r)
+        ctx.save_for_backward(h, w)
+        return F.linear(torch.cat([x.to(dtype), h], dim=-1), w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        h, w = ctx.saved_tensors
+        r = h.shape[-1]
+        dx = dh = db = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dx, dh = (dy @ w).split([w.shape[1] - r, r], dim=-1)  # (..., in), (..., r)
+        if ctx.needs_input_grad[3]:
+            db = dy.flatten(0, -2).T @ h.flatten(0, -2)  # (out, r)
+        return dx, dh, None, db, None
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B(A(dropout(x))), with A kaiming-uniform, B zero (so y = base(x) at init).
 
@@ -66,12 +96,15 @@ class LoRALinear(nn.Module):
         self.recompute_dropout = False  # `lora_down`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype
-            x = x.to(self.lora_A.weight.dtype)
-        h = lora_down(x, self.lora_A.weight, self.lora_dropout, self.recompute_dropout)  # (..., r)
+            return self.base_layer(x)
+        # under autocast the matmuls pick their dtype
+        x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        h = lora_down(x_lora, self.lora_A.weight, self.lora_dropout, self.recompute_dropout)  # (..., r)
+        if torch.is_grad_enabled():  # training: the base's matmul and B's as one
+            return StackedLinear.apply(x, h, self.base_layer.weight, self.lora_B.weight * self.scaling,
+                                       self.base_layer.bias)
+        out = self.base_layer(x)
         return out + (self.lora_B(h) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import QWEN25_05B_CONFIG, randomize_lora
 
 import model
-from lora import apply_lora, fuse_qkv, load_adapter, lora_down, merge_lora, save_adapter, unmerge_lora
+from lora import (StackedLinear, apply_lora, fuse_qkv, load_adapter, lora_down, merge_lora, save_adapter,
+                  unmerge_lora)
 from model import load_llm
 
 def test_lora_parameter_count_on_meta_device():
@@ -62,24 +64,54 @@ def test_one_matmul_for_q_k_v_equals_layer_by_layer(hf_models, family, targets):
         torch.testing.assert_close(fused_grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_stacked_linear_equals_base_plus_update(x_grad):
+    """`StackedLinear` (the base's matmul and B's as one, in training) gives the output and the gradients of
+    x W^T + b + h B^T, and leaves the frozen W without a gradient."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 12, generator=g, requires_grad=x_grad)
+    h = torch.randn(2, 5, 3, generator=g, requires_grad=True)
+    w, bias = torch.randn(7, 12, generator=g), torch.randn(7, generator=g)
+    b = torch.randn(7, 3, generator=g, requires_grad=True)
+    dy = torch.randn(2, 5, 7, generator=g)
+    inputs = [t for t in (x, h, b) if t.requires_grad]
+    want = F.linear(x, w, bias) + h @ b.T
+    want_grads = torch.autograd.grad(want, inputs, dy)
+    got = StackedLinear.apply(x, h, w, b, bias)
+    torch.testing.assert_close(got, want)
+    for name, gg, wg in zip(("x", "h", "B")[not x_grad:], torch.autograd.grad(got, inputs, dy), want_grads):
+        torch.testing.assert_close(gg, wg, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = StackedLinear.apply(x, h, w, b, bias)
+    assert y.dtype == torch.bfloat16
+    (gb,) = torch.autograd.grad(y, b, dy.bfloat16())
+    assert gb.dtype == torch.float32  # B's gradient in B's dtype
+    torch.testing.assert_close(gb, want_grads[-1], atol=0.5, rtol=0.05)
+
+
 def test_adapters_of_one_input_share_a_dropout_mask(hf_models):
-    """Fused, q, k and v draw one dropout mask of their input (loralib's MergedLinear)."""
+    """Fused, q, k and v draw one dropout mask of their input (loralib's MergedLinear): with k's base weight and
+    adapter made equal to the first rows of q's, k equals q's first features in training too."""
     llm = load_llm(hf_models["llama"][0])
     apply_lora(llm, rank=4, alpha=8, dropout=0.5, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    randomize_lora(llm)
     fuse_qkv(llm)
     attn = llm.model.layers[0].self_attn
+    q, k = attn.q_proj, attn.k_proj
+    n = k.base_layer.out_features
     with torch.no_grad():
-        attn.k_proj.lora_A.weight.copy_(attn.q_proj.lora_A.weight)
-    seen = {}
-    for name in ("q_proj", "k_proj"):
-        getattr(attn, name).lora_B.register_forward_hook(lambda m, args, out, name=name: seen.update({name: args[0]}))
+        k.base_layer.weight.copy_(q.base_layer.weight[:n])
+        k.lora_A.weight.copy_(q.lora_A.weight)
+        k.lora_B.weight.copy_(q.lora_B.weight[:n])
+    x = torch.randn(2, 12, llm.config.hidden_size)
     llm.train()
-    llm(torch.randint(0, 300, (2, 12)))
-    assert torch.equal(seen["q_proj"], seen["k_proj"])  # equal A, equal mask: equal inputs to B
+    yq, yk, _ = attn.qkv(x)
+    torch.testing.assert_close(yk, yq[..., :n], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(yq, q.base_layer(x), atol=1e-3)  # the adapter is there, with its dropout
     llm.eval()
     with torch.no_grad():
-        llm(torch.randint(0, 300, (2, 12)))
-    assert torch.equal(seen["q_proj"], seen["k_proj"])
+        yq, yk, _ = attn.qkv(x)
+    torch.testing.assert_close(yk, yq[..., :n], atol=1e-6, rtol=1e-6)
 
 
 def test_compiled_dropout_is_recomputed_in_the_backward_with_the_forward_s_mask():
