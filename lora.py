@@ -163,8 +163,10 @@ class FusedQKV:
     """`Attention.qkv` as one matmul over the q, k and v weights concatenated (each weight stays in its own module,
     under Hugging Face's name), then the LoRA updates of the wrapped layers, whose A matrices also run as one
     matmul on one dropout mask of the shared input, as loralib's MergedLinear (and peft on a fused qkv layer) does.
-    Each adapter keeps its own A and B, so the adapter format does not change. Without autograd (evaluation,
-    generation) each layer runs on its own: the concatenation would copy the weights at every token."""
+    Each adapter keeps its own A and B, so the adapter format does not change. Their B matrices run one by one:
+    stacked into the base matmul as `StackedLinear` does for a single layer, they made the step slower and larger at
+    long rows (BENCHMARKS.md). Without autograd (evaluation, generation) each layer runs on its own: the
+    concatenation would copy the weights at every token."""
 
     def __init__(self, attn: nn.Module):
         self.layers = [attn.q_proj, attn.k_proj, attn.v_proj]
