@@ -550,6 +550,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.on_error, self.max_audio_windows = on_error, max_audio_windows
         self.cache = FeatureCache(feature_cache, aligner_hash) if feature_cache else None
         self.examples, self.skipped = encode_file(self.path, on_error, self.encode)
+        if self.cache is not None:
+            check_unique_ids(self.path, self.examples, "the feature cache is keyed by sample id")
 
     def encode(self, line: int, record: dict, sid: str) -> Example:
         try:
@@ -672,6 +674,18 @@ def encode_file(path: Path, on_error: str, encode) -> tuple[list, list[dict]]:
     return examples, skipped
 
 
+def check_unique_ids(path: Path, examples: list, why: str) -> None:
+    """A ValueError naming the first sample whose id an earlier one has, and both lines, where ids key something
+    (`why`): the feature cache, or the predictions that `generate.py --resume` skips. Elsewhere ids may repeat:
+    skipped.jsonl names a sample by file and line. A sample without an id gets its line's (`line12`)."""
+    first: dict[str, int] = {}
+    for ex in examples:
+        if ex.id in first:
+            raise ValueError(f"{path}:{ex.line}: sample id {ex.id!r} is also the id of the sample on line "
+                             f"{first[ex.id]}; {why}: give each sample its own id")
+        first[ex.id] = ex.line
+
+
 def decode_or_skip(ds, i: int, decode):
     """`decode(ds.examples[i])`; with `ds.on_error == "skip"`, the next example that decodes takes the place of one
     that does not, and the item's `skipped` lists those passed over."""
@@ -781,10 +795,7 @@ def build_feature_cache(dataset: ConversationDataset, aligner, folder: str | Pat
     number of samples cached."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ids = [ex.id for ex in dataset.examples]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise ValueError(f"{dataset.path}: the feature cache is keyed by sample id, and ids repeat: {dup}")
+    check_unique_ids(dataset.path, dataset.examples, "the feature cache is keyed by sample id")
     files = {ex.id: [f for m in MODALITIES for f in ex.media[m]] for ex in dataset.examples}
     index, shard, n_shard = {}, {}, 0
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,28 +32,34 @@ import torch.nn.functional as F
 import data
 import lora
 import train
-from model import MODALITIES, MultimodalLM, Tokenizer, check_tensors
+from model import MODALITIES, MultimodalLM, Tokenizer, check_tensors, read_json, read_safetensors
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading a run or an export folder
 
 
+CHECKPOINT_HINT = "give --checkpoint another of the run's checkpoints (a checkpoints/step_* folder, or latest)"
+EXPORT_HINT = "export it again with `python generate.py --run RUN_DIR --export DIR`"
+
+
 def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = None, dtype: str | None = None
              ) -> tuple[MultimodalLM, Tokenizer, train.Config]:
     """The trained model (eval mode), its tokenizer and the run's config, from a run folder (`checkpoint`: "best",
     falling back to the latest where no validation ran; "latest"; or a checkpoint folder) or an export folder.
-    `device` defaults to the GPU when there is one, `dtype` ("bfloat16", "float32") to bf16 there, fp32 on a CPU."""
-    from safetensors.torch import load_file
-
+    `device` defaults to the GPU when there is one, `dtype` ("bfloat16", "float32") to bf16 there, fp32 on a CPU.
+    A file that cannot be read (cut short, not JSON, keys missing) is a ValueError naming it and what to do."""
     folder = Path(folder)
     export = folder / "mmlora.json"
     if export.is_file():
-        doc = json.loads(export.read_text())
+        doc = read_json(export, "")
+        missing = [k for k in ("config", "llm", "aligner", "projectors") if k not in doc]
+        if missing:
+            raise ValueError(f"{export}: not an export's mmlora.json (it lacks {missing}); {EXPORT_HINT}")
         cfg = train.config_from_dict(doc["config"], str(export))
         cfg.model.llm, cfg.model.aligner = str(folder / doc["llm"]), str(folder / doc["aligner"])
     elif (folder / "config.json").is_file():
-        cfg = train.config_from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        cfg = train.config_from_dict(read_json(folder / "config.json", ""), str(folder / "config.json"))
     else:
         raise FileNotFoundError(f"{folder}: neither a run folder (config.json) nor an export folder (mmlora.json); "
                                 "give the run.out_dir of a training run or a folder written by --export")
@@ -65,8 +73,11 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     target = torch.device("cuda" if use_cuda else "cpu")
     if export.is_file():
-        tokenizer, model = train.build_model(cfg, target, adapters=False)
-        tensors = load_file(str(folder / doc["projectors"]))
+        try:
+            tokenizer, model = train.build_model(cfg, target, adapters=False)
+            tensors = read_safetensors(folder / doc["projectors"])
+        except ValueError as e:
+            raise ValueError(f"{e}. In an export folder: {EXPORT_HINT}") from None
         expected = model.projectors.state_dict()
         check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
                       f"{folder / doc['projectors']}: the projectors do not fit the export's config")
@@ -74,8 +85,9 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     else:
         path = checkpoint_folder(folder, checkpoint)
         tokenizer, model = train.build_model(cfg, target)
-        state, tensors = train.read_checkpoint(path, "trainable.safetensors")
-        train.restore_trainable(path, state, tensors, model)
+        state, tensors = train.read_checkpoint(path, "trainable.safetensors", hint=CHECKPOINT_HINT[0].upper()
+                                               + CHECKPOINT_HINT[1:])
+        train.restore_trainable(path, state, tensors, model, instead="--checkpoint PATH of a checkpoint of this run")
     return model.eval(), tokenizer, cfg
 
 
@@ -93,6 +105,18 @@ def checkpoint_folder(run: Path, checkpoint: str) -> Path:
     return path
 
 
+def input_files(run: Path, checkpoint: str) -> set[Path]:
+    """The files `load_run(run, checkpoint)` reads from the run or export folder, resolved: what an output path
+    must never name."""
+    if (run / "mmlora.json").is_file():
+        parts = [run / p for p in ("mmlora.json", "merged", "adapter", "aligner", "projectors.safetensors")]
+        return {f.resolve() for p in parts for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()}
+    found = {(run / "config.json").resolve()}
+    with contextlib.suppress(FileNotFoundError):
+        found |= {f.resolve() for f in checkpoint_folder(run, checkpoint).iterdir()}
+    return found
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts: a conversation and its media -> an item for data.collate
 
@@ -108,24 +132,25 @@ def user_turn(text: str, media: list[tuple[str, str]]) -> str:
     return text
 
 
+def decode_medium(kind: str, path: str | Path, model: MultimodalLM, cfg: train.Config) -> torch.Tensor:
+    """One attached medium, decoded as the aligner takes it: an image (1, 3, S, S), a clip's windows (W, n). A
+    missing file is a FileNotFoundError, one that does not decode or is too long a ValueError, each naming it."""
+    c, f = model.aligner.config, Path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: {kind} file not found")
+    if kind == "image":
+        return data.preprocess_image(data.load_image(f), c)[None]
+    x = data.preprocess_audio(data.load_audio(f, c.sample_rate), c)
+    if len(x) > cfg.data.max_audio_windows:
+        raise ValueError(f"{f} fills {len(x)} windows of {c.clip_seconds:g} s, more than "
+                         f"data.max_audio_windows = {cfg.data.max_audio_windows}; cut the clip")
+    return x
+
+
 def prompt_item(messages: list[dict], media: list[tuple[str, str]], tokenizer: Tokenizer, model: MultimodalLM,
                 cfg: train.Config, max_new_tokens: int) -> data.Item:
     """The conversation so far, ending with the generation prompt, with its media decoded in placeholder order."""
-    c = model.aligner.config
-    raw = {}
-    for m in MODALITIES:
-        files = [Path(p) for kind, p in media if kind == m]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: {m} file not found")
-        if m == "image":
-            raw[m] = [data.preprocess_image(data.load_image(f), c)[None] for f in files]  # (1, 3, S, S) each
-        else:
-            raw[m] = [data.preprocess_audio(data.load_audio(f, c.sample_rate), c) for f in files]  # (W, n) each
-        for f, x in zip(files, raw[m]):
-            if len(x) > cfg.data.max_audio_windows:
-                raise ValueError(f"{f} fills {len(x)} windows of {c.clip_seconds:g} s, more than "
-                                 f"data.max_audio_windows = {cfg.data.max_audio_windows}; cut the clip")
+    raw = {m: [decode_medium(m, p, model, cfg) for kind, p in media if kind == m] for m in MODALITIES}
     context = model.llm.config.max_position_embeddings
     ids, _, counts = data.encode_conversation(messages, tokenizer, cfg.model.tokens_per_media, 10**9, False,
                                               add_generation_prompt=True,
@@ -200,19 +225,67 @@ def prediction_metrics(rows: list[dict]) -> dict:
     return {**score(rows), "by_mix": {k: score(v) for k, v in sorted(groups.items())}}
 
 
+def read_predictions(out: Path) -> dict[str, dict]:
+    """The rows of a predictions file by id, for `--resume`. A last line cut short (no newline at its end: what a
+    kill while writing leaves) is dropped from the file, saying so, and its sample is predicted again; any other
+    line that is not a prediction row is a ValueError naming the file and line."""
+    raw = out.read_bytes()
+    lines = raw.split(b"\n")
+    cut = lines.pop()  # b"" when the file ends with a newline
+    rows = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                raise ValueError("not an object with a string id")
+        except ValueError as e:
+            raise ValueError(f"{out}:{n}: not a line of predictions ({e}); fix or delete that line, or give a new "
+                             "--out without --resume") from None
+        if row["id"] in rows:
+            raise ValueError(f"{out}:{n}: sample id {row['id']!r} is predicted twice; delete one of the lines")
+        rows[row["id"]] = row
+    if cut.strip():
+        print(f"generate.py: {out}:{len(lines) + 1}: the last line was cut short (a stopped run); dropped, its "
+              "sample is predicted again", file=sys.stderr)
+        with open(out, "r+b") as f:
+            f.truncate(len(raw) - len(cut))
+    return rows
+
+
+def check_outputs(outputs: list[Path], inputs: set[Path]) -> None:
+    """A ValueError, before anything is written, if an output path is one of the files read, or a folder."""
+    for o in outputs:
+        if o.resolve() in inputs:
+            raise ValueError(f"{o}: this is one of the files read (the dataset, a medium or the run's); writing it "
+                             "would destroy it. Give --out a new file")
+        if o.is_dir():
+            raise ValueError(f"{o}: is a folder; give --out a file, for example {o / 'pred.jsonl'}")
+
+
 def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, path: str, out: Path, batch_size: int,
-            max_new_tokens: int, sampling: dict, resume: bool) -> dict:
+            max_new_tokens: int, sampling: dict, resume: bool, inputs: frozenset[Path] = frozenset()) -> dict:
     """Answer every sample of a dataset (the prompt is every turn before its last reply, the reference that reply),
     batched, writing one JSON line per sample as it goes; `resume` skips the ids already in `out`. Samples that
-    cannot be used are listed and skipped. Returns the metrics, also written to `<out stem>.metrics.json`."""
+    cannot be used are listed and skipped; ids must be unique, since they key `resume`. `out` and the metrics file
+    may not name any of `inputs` (the run's files), the dataset or its media. Returns the metrics, also written to
+    `<out stem>.metrics.json`."""
     ds = data.ConversationDataset(path, tokenizer, model.aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
                                   truncate=True, on_error="skip", allow_outside_paths=True,
                                   max_audio_windows=cfg.data.max_audio_windows)
+    data.check_unique_ids(ds.path, ds.examples, "predictions are keyed by sample id (--resume skips those done)")
+    metrics_file = out.with_name(out.stem + ".metrics.json")
+    media = {f.resolve() for ex in ds.examples for m in MODALITIES for f in ex.media[m]}
+    check_outputs([out, metrics_file], set(inputs) | media | {ds.path.resolve()})
     for s in ds.skipped:
         print(f"skipped {s['file']}:{s['line']}: sample {s['id']!r}: {s['reason']}", file=sys.stderr)
-    done = set()
-    if resume and out.is_file():
-        done = {json.loads(x)["id"] for x in out.read_text().splitlines() if x.strip()}
+    done = read_predictions(out) if resume and out.is_file() else {}
+    ids = {ex.id for ex in ds.examples}
+    foreign = sorted(set(done) - ids)
+    if foreign:
+        raise ValueError(f"{out}: holds predictions of ids that {path} does not have ({foreign[:3]}); it is another "
+                         "dataset's: give a new --out, or leave out --resume")
     todo = [i for i, ex in enumerate(ds.examples) if ex.id not in done]
     device = model.llm.lm_head.weight.device
     t0, written = time.perf_counter(), 0
@@ -230,51 +303,65 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, path: 
                 continue
             batch = data.collate([item for _, item, _ in pairs], tokenizer.pad_id).to(device)
             outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
+            lines = []
             for (i, _, reference), o in zip(pairs, outs):
                 ex = ds.examples[i]
-                row = {"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
-                       "media": {m: [str(p) for p in ex.media[m]] for m in MODALITIES}}
-                f.write(json.dumps(row) + "\n")
+                lines.append(json.dumps({"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
+                                         "media": {m: [str(p) for p in ex.media[m]] for m in MODALITIES}}) + "\n")
+            f.write("".join(lines))  # whole lines, in one write
             f.flush()
             written += len(pairs)
             rate = written / (time.perf_counter() - t0)
             print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
                   f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
-    rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    rows = [r for r in read_predictions(out).values() if r["id"] in ids]
     metrics = prediction_metrics(rows)
-    train.write_json(out.with_name(out.stem + ".metrics.json"), metrics)
+    train.write_json(metrics_file, metrics)
     return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
+CHAT_HELP = "chat: /image PATH, /audio PATH attach a medium to the next question; /reset; /exit"
+
 
 def chat(model: MultimodalLM, tokenizer: Tokenizer, cfg: train.Config, args, sampling: dict) -> None:
-    """Multi-turn chat on stdin: a line is a question; /image P and /audio P attach a medium to the next question,
-    /reset forgets the conversation, /exit ends."""
+    """Multi-turn chat on stdin: a line is a question; /image P and /audio P attach a medium to the next question
+    (decoded there, so that a bad one is refused at once and never left pending), /reset forgets the conversation,
+    /exit ends."""
     messages, media, pending = [], [], []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    print("chat: /image PATH, /audio PATH attach a medium; /reset; /exit", file=sys.stderr)
+    print(CHAT_HELP, file=sys.stderr)
     for line in sys.stdin:
         line = line.strip()
         if not line:
             continue
-        if line == "/exit":
+        command, _, path = line.partition(" ")
+        if command == "/exit":
             break
-        if line == "/reset":
+        if command == "/reset":
             messages, media, pending = messages[:1] if args.system else [], [], []
             continue
-        kind, _, path = line.partition(" ")
-        if kind in ("/image", "/audio"):
-            pending.append((kind[1:], path.strip()))
+        if command in ("/image", "/audio"):
+            try:
+                if not path.strip():
+                    raise ValueError(f"{command} needs a file: {command} PATH")
+                decode_medium(command[1:], path.strip(), model, cfg)
+                pending.append((command[1:], path.strip()))
+            except (ValueError, FileNotFoundError, ImportError) as e:
+                print(f"generate.py: {e}; not attached", file=sys.stderr)
+            continue
+        if command.startswith("/") and len(command) > 1 and command[1:].isalpha():
+            print(f"generate.py: unknown command {command}; {CHAT_HELP.removeprefix('chat: ')}", file=sys.stderr)
             continue
         try:
             turn = {"role": "user", "content": user_turn(line, pending)}
             item = prompt_item(messages + [turn], media + pending, tokenizer, model, cfg, args.max_new_tokens)
         except (ValueError, FileNotFoundError, ImportError) as e:
-            print(f"generate.py: {e}", file=sys.stderr)
+            kept = f" (still attached: {', '.join(p for _, p in pending)})" if pending else ""
+            print(f"generate.py: {e}{kept}", file=sys.stderr)
             continue
         reply = answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=lambda t: print(t, end="",
                                                                                                      flush=True))
@@ -315,10 +402,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.export:
             if (Path(args.run) / "mmlora.json").is_file():
                 raise ValueError(f"{args.run} is an export folder already; export from the run folder")
+            train.check_export_folder(Path(args.export))  # before the minutes of loading
             model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device or "cpu", "float32")
             train.export(model, Path(args.export), cfg, getattr(torch, args.dtype) if args.dtype else None)
             print(f"exported to {args.export}: adapter/ (peft), merged/ (transformers), projectors, aligner")
             return
+        inputs = frozenset()
+        if args.predict:
+            out = Path(args.out)
+            inputs = frozenset(input_files(Path(args.run), args.checkpoint) | {Path(args.predict).resolve()})
+            check_outputs([out, out.with_name(out.stem + ".metrics.json")], set(inputs))
         model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype)
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
         if args.compile:
@@ -331,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.predict:
             args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
             metrics = predict(model, tokenizer, cfg, args.predict, Path(args.out), args.batch_size,
-                              args.max_new_tokens, sampling, args.resume)
+                              args.max_new_tokens, sampling, args.resume, inputs)
             print(f"{metrics['samples']} samples | exact match {100 * metrics['exact_match']:.1f}% | token F1 "
                   f"{100 * metrics['f1']:.1f}% | " + ", ".join(f"{k} {100 * v['exact_match']:.1f}% ({v['samples']})"
                                                               for k, v in metrics["by_mix"].items()))
@@ -346,9 +439,28 @@ def main(argv: list[str] | None = None) -> None:
         item = prompt_item(messages, media, tokenizer, model, cfg, args.max_new_tokens)
         answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=lambda t: print(t, end="", flush=True))
         print()
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, train.CheckpointWriteError) as e:
         print(f"generate.py: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # off the line that ^C was echoed on
+        print(f"generate.py: stopped (Ctrl-C). {stopped_note(args, argv)}", file=sys.stderr)
+        sys.exit(130)
+
+
+def stopped_note(args, argv: list[str] | None) -> str:
+    """What a Ctrl-C leaves, in words: where the predictions so far are and the command that continues them."""
+    if args.export:
+        return f"{args.export} is as it was before"
+    if not args.predict:
+        return "Nothing was written"
+    out = Path(args.out)
+    done = sum(1 for line in out.read_bytes().split(b"\n") if line.strip()) if out.is_file() else 0
+    cmd = [sys.executable, "generate.py", *(sys.argv[1:] if argv is None else argv)]
+    if "--resume" not in cmd:
+        cmd.append("--resume")
+    return (f"{done} predictions are in {out}; continue with: "
+            + " ".join(shlex.quote(str(c)) for c in cmd))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Whisper) -> projectors -> MultimodalLM.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -448,6 +449,26 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [single]
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """safe_open of one file, on the CPU; a file that is not whole safetensors (cut short by a full disk or a
+    killed copy, or another format) is a ValueError naming it, raised where it is opened or read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as sf:
+            yield sf
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be cut short: write it again, or "
+                         "copy it again from where it came from") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, on the CPU (`open_safetensors`' errors)."""
+    with open_safetensors(path) as sf:
+        return {k: sf.get_tensor(k) for k in sf.keys()}
+
+
 def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: str, ignore: tuple[str, ...] = ()
                   ) -> None:
     """Compare tensor names and shapes a module expects with those a file holds; a mismatch is one ValueError
@@ -500,17 +521,15 @@ def load_state_streaming(module: nn.Module, files: list[Path], device, dtype: to
 
     One tensor at a time is materialised on `device`, so peak host memory stays near one copy of the weights.
     Names in `skip` may be absent from the files (tied weights)."""
-    from safetensors import safe_open
-
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     found = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with open_safetensors(f) as sf:
             found |= {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
     check_tensors(expected, found, f"{files[0].parent}: checkpoint does not fit the model config (is the folder "
                   "for another model family or size?)", skip)
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
                 set_tensor(module, key, sf.get_tensor(key).to(device=device, dtype=dtype))
 
@@ -1017,12 +1036,11 @@ def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> None:
 def copy_aligner(source: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Copy a Phase-1 aligner folder (`aligner_folder(source)`) to `folder` as it is on disk, without building the
     aligner: Hugging Face towers' weights stay in their own folders, which aligner.json names."""
-    from safetensors.torch import load_file
     source, folder = aligner_folder(source), Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     doc = read_json(source / "aligner.json", "a Phase-1 aligner folder needs aligner.json")
     write_json(folder / "aligner.json", doc)
-    save_tensors(load_file(source / "aligner.safetensors"), folder / "aligner.safetensors")
+    save_tensors(read_safetensors(source / "aligner.safetensors"), folder / "aligner.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1170,12 +1188,10 @@ def tower_weights(folder: Path, anchor: str) -> tuple[list[Path], str, dict[str,
     """The weight files of a Hugging Face folder, the prefix of the tower's keys in them (found from `anchor`, a
     key suffix only the tower has: `CLIPModel` and `CLIPVisionModel` name it differently) and the tower's keys
     with their shapes, read from the headers only."""
-    from safetensors import safe_open
-
     files = safetensors_files(folder)
     shapes = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with open_safetensors(f) as sf:
             shapes |= {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
     prefix = next((k[: -len(anchor)] for k in sorted(shapes) if k.endswith(anchor)), None)
     if prefix is None:
@@ -1186,14 +1202,12 @@ def tower_weights(folder: Path, anchor: str) -> tuple[list[Path], str, dict[str,
 def load_tower(module: nn.Module, folder: Path, anchor: str, device, dtype, ignore: tuple[str, ...] = ()) -> None:
     """Copy the tower's tensors (only those: a Whisper decoder or a CLIP text model is never read) into `module`,
     after checking every key and shape."""
-    from safetensors import safe_open
-
     files, prefix, found = tower_weights(folder, anchor)
     found = {k: v for k, v in found.items() if not k.startswith(ignore)}
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     check_tensors(expected, found, f"{folder}: the tower's weights (keys {prefix}*) do not fit its config.json")
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+        with open_safetensors(f) as sf:
             for key in sf.keys():
                 name = key[len(prefix):]
                 if key.startswith(prefix) and name in expected:

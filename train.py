@@ -558,23 +558,29 @@ class CheckpointReadError(ValueError):
     one is tried."""
 
 
-def write_folder(final: Path, write) -> None:
-    """`write(tmp)` fills a temporary folder beside `final`, whose files are fsynced, and the folder then takes
-    `final`'s place by renames: a crash at any moment leaves the old folder or the new one whole. A folder that
-    cannot be written is a CheckpointWriteError, and the old one stays."""
+def write_folder(final: Path, write, advice: str = "The previous checkpoint is intact; free space or make "
+                 "run.out_dir writable, then resume") -> None:
+    """`write(tmp)` fills a temporary folder beside `final`, whose files (in subfolders too) are fsynced, and the
+    folder then takes `final`'s place by renames: a crash at any moment leaves the old folder or the new one whole.
+    A folder that cannot be written is a CheckpointWriteError ending with `advice`, and the old one stays."""
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before the folders that hold them
+            if f.is_dir():
+                fsync_dir(f)
+            else:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         fsync_dir(tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"cannot write {final}: {e}. The previous checkpoint is intact; free space or "
-                                   "make run.out_dir writable, then resume") from None
+        raise CheckpointWriteError(f"cannot write {final}: {e}. {advice}") from None
+    except BaseException:  # Ctrl-C in an export, say: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         final.rename(old)
@@ -673,9 +679,13 @@ def find_resume(cfg: Config) -> Path | None:
     return next(iter(resume_candidates(cfg)), None)
 
 
-def read_checkpoint(path: Path, *names: str) -> list:
+RESUME_HINT = "Resume from an older one with --train.resume=PATH, or start fresh with --train.resume=none"
+
+
+def read_checkpoint(path: Path, *names: str, hint: str = RESUME_HINT) -> list:
     """state.json and the named files of a checkpoint (`trainable.safetensors`, `optimizer.pt`, `rng.pt`), read
-    whole before anything is restored; a file that cannot be read is a CheckpointReadError naming it."""
+    whole before anything is restored; a file that cannot be read is a CheckpointReadError naming it, and ending
+    with `hint`, what to do instead (the calling tool's own options)."""
     from safetensors.torch import load_file
 
     try:
@@ -687,29 +697,30 @@ def read_checkpoint(path: Path, *names: str) -> list:
                  torch.load(path / n, map_location="cpu", weights_only=False) for n in names]
     except Exception as e:
         raise CheckpointReadError(f"{path}: checkpoint cannot be read ({type(e).__name__}: {e}); it may be "
-                                  "truncated. Resume from an older one with --train.resume=PATH, or start fresh "
-                                  "with --train.resume=none") from None
+                                  f"truncated. {hint}") from None
     return [state, *files]
 
 
-def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor], model: MultimodalLM) -> None:
+def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor], model: MultimodalLM,
+                      instead: str = "--train.resume=none") -> None:
     """Copy a checkpoint's trainable tensors into `model` after checking that it was trained on this base model,
-    with this LoRA scale, and that every tensor fits; a mismatch is a ValueError naming what differs."""
+    with this LoRA scale, and that every tensor fits; a mismatch is a ValueError naming what differs, and offering
+    `instead` (the calling tool's option) as the way out."""
     saved_llm = state.get("llm_config")
     if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(model.llm.config))):
         diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(model.llm.config, k, None))
         raise ValueError(f"{path}: checkpoint was trained on a different base model (config differs in {diff}); "
-                         "use the model.llm it was trained with, or --train.resume=none")
+                         f"use the model.llm it was trained with, or {instead}")
     alphas = {m.alpha for m in lora.lora_modules(model.llm).values()}
     saved_alpha = state.get("config", {}).get("lora", {}).get("alpha")
     if saved_alpha is not None and alphas and alphas != {saved_alpha}:
         raise ValueError(f"{path}: checkpoint was trained with lora.alpha = {saved_alpha}, this run has "
                          f"{sorted(alphas)}: its adapters would be scaled wrongly; use lora.alpha = {saved_alpha}, "
-                         "or --train.resume=none")
+                         f"or {instead}")
     expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
     check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
                   f"{path}: checkpoint does not fit this run (different LoRA rank/targets, base model or projectors?); "
-                  "use the config it was trained with, or --train.resume=none")
+                  f"use the config it was trained with, or {instead}")
     with torch.no_grad():
         for k, p in expected.items():
             p.copy_(shard_of(p, tensors[k].to(p.device)))
@@ -1317,6 +1328,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
+def check_export_folder(folder: Path) -> None:
+    """A ValueError unless `folder` may take an export: new, empty, or an export folder (which is replaced)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file; give a folder for the export")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "mmlora.json").is_file():
+        raise ValueError(f"{folder}: holds files and is not an export folder (no mmlora.json); give a new or empty "
+                         "folder, so that nothing there is overwritten")
+
+
 def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | None = None) -> None:
     """The run's result as one folder that transformers, peft and mmlora load:
 
@@ -1327,21 +1347,28 @@ def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | 
     aligner/                 a copy of the frozen aligner, read from its folder (model.aligner)
     mmlora.json              the run's config, for `generate.load_run(folder)`
 
-    The model itself is not changed (the merge is computed aside), `dtype` casts the merged weights. Files are
-    written under temporary names and renamed, readable by all."""
+    The model itself is not changed (the merge is computed aside), `dtype` casts the merged weights. The folder is
+    written beside `folder` under a temporary name, then takes its place (`write_folder`): an export folder already
+    there is replaced whole, never mixed with the new one. A file, or a folder that holds anything but an export,
+    is refused (ValueError) before anything is written. Files are readable by all."""
+    check_export_folder(folder)
     base = Path(cfg.model.llm).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    lora.save_adapter(model.llm, folder / "adapter", str(base))
-    save_llm(model.llm, folder / "merged", state=lora.merged_state_dict(model.llm, dtype))
-    for name in TOKENIZER_FILES:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, folder / "merged" / name)
-            os.chmod(folder / "merged" / name, 0o644)
-    save_tensors(model.projectors.state_dict(), folder / "projectors.safetensors")
-    copy_aligner(cfg.model.aligner, folder / "aligner")  # its folder, not the model's copy: see store_for_autocast
-    doc = {"format": "mmlora export 1", "llm": "merged", "aligner": "aligner", "projectors": "projectors.safetensors",
-           "base_model": str(base), "config": dataclasses.asdict(cfg)}
-    write_json(folder / "mmlora.json", doc)
+
+    def write(tmp: Path) -> None:
+        lora.save_adapter(model.llm, tmp / "adapter", str(base))
+        save_llm(model.llm, tmp / "merged", state=lora.merged_state_dict(model.llm, dtype))
+        for name in TOKENIZER_FILES:
+            if (base / name).is_file():
+                shutil.copyfile(base / name, tmp / "merged" / name)
+                os.chmod(tmp / "merged" / name, 0o644)
+        save_tensors(model.projectors.state_dict(), tmp / "projectors.safetensors")
+        copy_aligner(cfg.model.aligner, tmp / "aligner")  # its folder, not the model's copy: see store_for_autocast
+        doc = {"format": "mmlora export 1", "llm": "merged", "aligner": "aligner",
+               "projectors": "projectors.safetensors", "base_model": str(base), "config": dataclasses.asdict(cfg)}
+        write_json(tmp / "mmlora.json", doc)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_folder(folder, write, advice="An export folder already there is intact; free space or give a writable "
+                 "folder")
 
 
 def main(argv: list[str] | None = None) -> None:
