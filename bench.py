@@ -38,6 +38,8 @@ import demo
 import train
 from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
                    llm_skeleton, sample, save_tensors, write_json)
+from config import Config
+from distributed import World, materialize_sharded, read_shards, setup_distributed
 
 PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -55,9 +57,9 @@ SEED_ALIGNER = AlignerConfig(dim=1024, image=EncoderConfig(768, 6, 12), audio=En
 
 
 def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig = SEED_ALIGNER,
-          world: train.World | None = None) -> tuple[train.Config, MultimodalLM]:
+          world: World | None = None) -> tuple[Config, MultimodalLM]:
     shape = shape or SHAPES[getattr(args, "shape", "0.5b")]
-    cfg = train.Config()
+    cfg = Config()
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, 0.05
     cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
     cfg.train.activation_checkpointing = args.ckpt
@@ -83,7 +85,7 @@ def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig
     media_ids = {"image": shape["vocab_size"] - 2, "audio": shape["vocab_size"] - 1}
     model = train.assemble(cfg, llm, aligner, media_ids)
     if sharded:
-        train.materialize_sharded(model, cfg.train, world, random_shards)
+        materialize_sharded(model, cfg.train, world, random_shards)
     return cfg, model
 
 
@@ -155,7 +157,7 @@ def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
         * c.head_dim
 
 
-def time_ours(args, world: train.World) -> dict:
+def time_ours(args, world: World) -> dict:
     before = torch.cuda.memory_allocated()  # what earlier workloads still hold does not count as this one's
     cfg, model = build(args, world.device, world=world)
     opt, params = train.make_optimizer(model, cfg.train)
@@ -212,7 +214,8 @@ def time_ours(args, world: train.World) -> dict:
             "loss": round((out.stats[0] / out.n_tokens).item(), 4)}
 
 
-OUR_FILES = ("model.py", "lora.py", "train.py", "data.py", "bench.py", "generate.py", "align.py")
+OUR_FILES = ("model.py", "lora.py", "train.py", "data.py", "bench.py", "generate.py", "decode.py", "align.py",
+             "config.py", "checkpoint.py", "distributed.py", "step_graph.py")
 
 
 def peak_at(snapshot: dict, device: int) -> tuple[int, dict[str, list[int]]]:
@@ -256,16 +259,16 @@ def load_sharded(folder: str) -> None:
     rows) on this process's rank, and print the rank's peak host memory (RSS) beside the bytes of its shards."""
     import resource
 
-    cfg = train.Config()
+    cfg = Config()
     cfg.train.strategy, cfg.lora.dropout, cfg.run.device = "fsdp", 0.0, "cpu"
-    world = train.setup_distributed(cfg)
+    world = setup_distributed(cfg)
     t0 = time.perf_counter()
     llm, files = llm_skeleton(folder)
     llm.to(torch.bfloat16)
     small = AlignerConfig(dim=64, image=EncoderConfig(64, 1, 2), audio=EncoderConfig(64, 1, 2))
     vocab = llm.config.vocab_size
     model = train.assemble(cfg, llm, Aligner(small), {"image": vocab - 2, "audio": vocab - 1})
-    train.materialize_sharded(model, cfg.train, world, lambda sharded: train.read_shards(sharded, files))
+    materialize_sharded(model, cfg.train, world, lambda sharded: read_shards(sharded, files))
     held = sum(p.to_local().numel() * p.element_size() for p in model.llm.parameters()) / 2**30
     whole = sum(p.numel() * p.element_size() for p in model.llm.parameters()) / 2**30
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -330,7 +333,7 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool, profile: bool
     the memory-bandwidth limit at which the weights are read once per step (4.8 TB/s). `gpu_ms_per_step` is one
     recorded graph's replay alone, timed on the GPU, per step: the floor the host's overhead sits on. `profile`
     prints the kernels of 8 decode steps run through the compiled step without recording them."""
-    import generate
+    import decode
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -339,9 +342,9 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool, profile: bool
     prompts = torch.randint(0, 150000, (batch, prompt)).tolist()
     decoders = {}
 
-    def decoder(steps: int) -> generate.GraphDecoder:  # made after the plain rows ran: it prepares the model
+    def decoder(steps: int) -> decode.GraphDecoder:  # made after the plain rows ran: it prepares the model
         if steps not in decoders:
-            decoders[steps] = generate.GraphDecoder(llm, steps)
+            decoders[steps] = decode.GraphDecoder(llm, steps)
         return decoders[steps]
     runs = {"mmlora": lambda: llm.generate(prompts, new),
             "mmlora --compile": lambda: llm.generate(prompts, new, decoder=decoder(8)),
@@ -469,7 +472,7 @@ def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
     return "\n".join(lines)
 
 
-def peer_row(args, ckpt: bool, compile_: bool, liger: bool, world: train.World) -> dict:
+def peer_row(args, ckpt: bool, compile_: bool, liger: bool, world: World) -> dict:
     """One peer row on the workload's shapes, printed; an error is reported as the row, as the peer's script does."""
     try:
         r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape, liger)
@@ -544,9 +547,9 @@ def main() -> None:
         with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
             json.dump(rows, f, indent=1)
         return
-    world = train.World(device=torch.device("cuda"))
+    world = World(device=torch.device("cuda"))
     if "WORLD_SIZE" in os.environ:
-        world = train.setup_distributed(train.Config())
+        world = setup_distributed(Config())
     if world.master:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {world.size}", flush=True)
     work = GRIDS[args.grid] if args.grid else [({k: getattr(args, k) for k in workload(0)}, [])]

@@ -2,12 +2,14 @@
 
     demo.ensure_demo(".cache/demo")   # data/ (conversations, Phase-1 pairs, media), llm/ (tokenizer + weights),
                                       # aligner-init/ (random), then Phase 1 -> align/aligner/
+    python demo.py .cache/demo --phase1 [--device cuda:0]      # the same from the command line (train.py's way)
 
 Images of a coloured shape in one quadrant (32x32), or of one to three shapes; one-second clips of high or low
 beeps; short questions about them with one-word answers, and Phase-1 pairs that describe them ("a red circle at
 the top left", "three fast high beeps", an image of three shapes with a clip of three beeps). Everything is
 generated from a seed, so two machines make the same assets. `configs/demo.toml` sets `data.make_demo`, so the
-README's first command makes them, aligns the encoders with Phase 1 (configs/demo-align.toml), then trains.
+README's first command makes them, aligns the encoders with Phase 1 (configs/demo-align.toml), then trains:
+train.py runs this file as a program of its own, since the demo's Phase 1 is itself a run of train.py's loop.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 
 import lora
 from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, load_tokenizer, save_aligner, save_llm
+from config import load_config
+from distributed import World
 
 # special tokens of every chat format (and the media placeholders), so that the demo's tokenizer serves them all
 CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
@@ -321,15 +325,33 @@ def make_missing(folder: Path, phase1: bool, device: torch.device | None, **kw) 
               flush=True)
         make_demo(folder, log=lambda msg: print(msg, flush=True), **kw)
     if phase1 and not (folder / "align" / "DONE").is_file():
-        import train  # train.py imports this module
+        import train  # the demo sits above training: train.py runs this file (`main`), never imports it
 
         print(f"demo: Phase 1, aligning the demo's image and audio encoders with the LLM's text ({ALIGN_CONFIG.name}, "
               f"into {folder / 'align'})", flush=True)
         d = folder / "data"
-        cfg = train.load_config(str(ALIGN_CONFIG), [
+        cfg = load_config(str(ALIGN_CONFIG), [
             f"--model.llm={folder / 'llm'}", f"--model.aligner={folder / 'aligner-init'}",
             f"--data.train_file={d / 'pairs_train.jsonl'}", f"--data.val_file={d / 'pairs_val.jsonl'}",
             "--data.make_demo=", f"--run.out_dir={folder / 'align'}"])
-        if train.fit(cfg, train.World(device=device or torch.device("cpu"))).get("stopped"):  # even under torchrun
+        if train.fit(cfg, World(device=device or torch.device("cpu"))).get("stopped"):  # even under torchrun
             raise RuntimeError(f"demo: Phase 1 was stopped; run the command again to resume it in {folder / 'align'}")
         (folder / "align" / "DONE").write_text("Phase 1 complete\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="make the demo's assets (and, with --phase1, its aligner) unless there")
+    ap.add_argument("folder")
+    ap.add_argument("--phase1", action="store_true", help="also align the demo's encoders (Phase 1)")
+    ap.add_argument("--device", default="cpu", help="where Phase 1 runs (cpu, cuda, cuda:N)")
+    args = ap.parse_args(argv)
+    try:
+        ensure_demo(args.folder, args.phase1, torch.device(args.device))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"demo: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ PEFT_PREFIX = "base_model.model."
 def lora_down(x: torch.Tensor, weight: torch.Tensor, dropout: nn.Module, recompute: bool = False) -> torch.Tensor:
     """A(dropout(x)): (..., in) -> (..., r). With `recompute`, in compiled training, the dropout is recomputed in
     the backward, with the same random numbers, from x (which the backward keeps anyway) instead of keeping its mask
-    and dropout(x): three bytes an element of x. `train.GraphedStep` asks for it: inside its recorded step the
+    and dropout(x): three bytes an element of x. `step_graph.GraphedStep` asks for it: inside its recorded step the
     recomputation fuses into the backward's kernels, while a step run by the host pays for saving and restoring the
     generator's state at every adapter (eager, or compiled layers without the whole-step graph)."""
     if recompute and torch.compiler.is_compiling() and isinstance(dropout, nn.Dropout) and dropout.training \

@@ -20,16 +20,13 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
-
-if TYPE_CHECKING:
-    from data import Batch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -1339,6 +1336,111 @@ class Projector(nn.Module):
         else:
             x = pooled[:, None].expand(-1, self.num_tokens, -1)  # (B, K, D)
         return self.linear_2(F.gelu(self.linear_1(x)))  # (B, K, H)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The typed batch MultimodalLM reads (data.collate makes it; data.py names it data.Batch too)
+
+@dataclass
+class Media:
+    """One modality's media of a sample or a batch: the inputs of the aligner, or its cached outputs, and the
+    placeholder positions their projected features go to. N media of K placeholder tokens each."""
+    slots: torch.Tensor  # (N*K,) int64: placeholder positions, in order (within the sample, or flat b*T+t in a batch)
+    raw: torch.Tensor | None = None  # images (N, 3, S, S) float32 normalised, or audio (N, samples) float32
+    tokens: torch.Tensor | None = None  # cached aligner token features (N, n, D) float32
+    pooled: torch.Tensor | None = None  # cached pooled aligner features (N, D) float32
+
+    def __len__(self) -> int:  # N
+        return (self.raw if self.raw is not None else self.tokens).shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.slots, self.raw, self.tokens, self.pooled) if t is not None]
+
+
+@dataclass
+class Batch:
+    """S samples collated into B rows of T tokens (B == S when padded; B <= S when packed).
+
+    The host finds every position the model indexes by (labels, placeholders), so that the GPU never reports a
+    count back during a step: `label_index` lists the M labelled positions of the flattened (B*T) batch, and each
+    modality's `Media.slots` its placeholder positions there."""
+    input_ids: torch.Tensor  # (B, T) int64, pad_id after each row's `lengths` tokens
+    labels: torch.Tensor  # (B, T) int64: labels[b, t] is the target of position t, -100 where there is none
+    label_index: torch.Tensor  # (M,) int64: flat positions b*T+t with a label
+    label_weight: torch.Tensor  # (M,) float32: 1.0, or 0.0 at the padding of `pad_static`
+    sample_index: torch.Tensor  # (B, T) int64: the sample (0..S-1) each position belongs to (0 on padding)
+    modality: torch.Tensor  # (S, 2) bool: whether each sample holds an image, audio (MODALITIES' order)
+    lengths: list[int]  # (B,) real tokens per row, on the host
+    ids: list[str]  # (S,) sample ids
+    media: dict[str, Media] = field(default_factory=dict)  # modality -> the batch's media, for those present
+    position_ids: torch.Tensor | None = None  # (B, T) int64, packed rows: positions restart at 0 for each sample
+    doc_ids: torch.Tensor | None = None  # (B, T) int64, packed rows: the sample of each position, -1 on padding
+    skipped: list[dict] = field(default_factory=list)  # samples that failed to decode (file, line, id, reason)
+
+    def apply(self, fn) -> "Batch":
+        """A batch with `fn` applied to every tensor (host lists are shared)."""
+        def f(t):
+            return None if t is None else fn(t)
+        return replace(self, input_ids=fn(self.input_ids), labels=fn(self.labels), label_index=fn(self.label_index),
+                       label_weight=fn(self.label_weight), sample_index=fn(self.sample_index),
+                       modality=fn(self.modality), position_ids=f(self.position_ids), doc_ids=f(self.doc_ids),
+                       media={m: Media(fn(x.slots), f(x.raw), f(x.tokens), f(x.pooled)) for m, x in self.media.items()})
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return self.apply(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this on each batch
+        return self.apply(lambda t: t.pin_memory())
+
+    def count(self) -> torch.Tensor:
+        """What the loss is averaged over: the labelled tokens. () float32."""
+        return self.label_weight.sum()
+
+    def groups(self) -> torch.Tensor:
+        """(3, S) bool: the samples that are text-only, hold an image, hold audio (GROUPS["instruct"]), for the
+        loss of each."""
+        return torch.stack([~self.modality.any(1), self.modality[:, 0], self.modality[:, 1]])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch, in a fixed order (the inputs of a recorded CUDA graph)."""
+        fixed = [self.input_ids, self.labels, self.label_index, self.label_weight, self.sample_index, self.modality]
+        packed = [t for t in (self.position_ids, self.doc_ids) if t is not None]
+        return fixed + packed + [t for m in MODALITIES if m in self.media for t in self.media[m].tensors()]
+
+    def pad_static(self, multiple: int) -> "Batch":
+        """The same batch in few shapes, for a training step recorded as a CUDA graph (padded rows only).
+
+        `label_index` is padded to a multiple of the row length at weight 0 (the padding adds nothing to the loss,
+        the token counts or the gradients), and each modality's media to a multiple of the number of rows, with
+        their features written to a scratch position: the batch's last one, a pad token that no real token attends
+        to (rows are widened by `multiple` columns if none is left). Only shapes and `lengths` are read, so a batch
+        already on the GPU is padded without waiting for it; a batch with nothing to pad is returned as it is."""
+        if self.doc_ids is not None:
+            raise ValueError("static shapes are for padded rows; packed rows vary in number")
+        b = self
+        B, T = b.input_ids.shape
+        if any(len(x) % B for x in b.media.values()) and max(b.lengths) == T:  # media to pad and no scratch position:
+            def widen(t):  # widen every row, and move the flat positions with it
+                return F.pad(t, (0, multiple), value=-100 if t is b.labels else 0)
+
+            def move(flat):
+                return flat // T * (T + multiple) + flat % T
+            b = replace(b, input_ids=widen(b.input_ids), labels=widen(b.labels), sample_index=widen(b.sample_index),
+                        label_index=move(b.label_index),
+                        media={m: replace(x, slots=move(x.slots)) for m, x in b.media.items()})
+            T += multiple
+        scratch = B * T - 1
+        if extra := -len(b.label_index) % T:
+            b = replace(b, label_index=torch.cat([b.label_index, b.label_index.new_full((extra,), scratch)]),
+                        label_weight=torch.cat([b.label_weight, b.label_weight.new_zeros(extra)]))
+        media = dict(b.media)
+        for m, x in b.media.items():
+            if extra := -len(x) % B:
+                def grow(t):
+                    return None if t is None else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+                slots = torch.cat([x.slots, x.slots.new_full((extra * len(x.slots) // len(x),), scratch)])
+                media[m] = Media(slots, grow(x.raw), grow(x.tokens), grow(x.pooled))
+        return replace(b, media=media)
 
 
 # ----------------------------------------------------------------------------------------------------------------

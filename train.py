@@ -7,9 +7,11 @@ image-text, audio-text and image-audio pairs.
     torchrun --nproc_per_node=8 train.py --config configs/qwen2.5-0.5b.toml     # DDP; or: bash launch.sh CONFIG
     python train.py --config configs/demo.toml --train.max_steps=20 --run.out_dir=runs/x   # overrides
 
-Read top to bottom: config -> model -> data stream -> checkpoints -> metrics -> eval -> the step -> the loop
-(`fit`) -> the whole-step CUDA graph, an opt-in wrapper around the step (`GraphedStep`) -> FSDP2, the opt-in
-sharding of the LLM over the ranks (train.strategy = "fsdp": `build_sharded`).
+Read top to bottom: model -> data stream -> schedule -> checkpoints -> metrics -> eval -> the step -> the loop
+(`fit`). What the loop leans on lives in files named for it: config.py (the TOML sections and their checks),
+distributed.py (ranks, collectives, DDP and FSDP2's sharding, train.strategy = "fsdp"), checkpoint.py (the run
+folder: lock, checkpoints, restore, export) and step_graph.py (the whole step as CUDA graphs, train.cuda_graph,
+an opt-in wrapper around `train_step`).
 Every optimizer step consumes `batch_size * grad_accum * world_size` samples of one global stream (epoch-seeded
 permutations, concatenated), so the data position is one number and a resume on any number of ranks continues
 from the same global sample. The loss of a step is summed over tokens (Phase 1: pairs) and divided by the labelled
@@ -27,17 +29,14 @@ import functools
 import json
 import math
 import os
-import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -45,254 +44,20 @@ from torch.nn.attention.flex_attention import BlockMask
 
 import align
 import data
-import demo
 import lora
-from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, check_tensors,
-                   copy_aligner, cross_entropy_chunk, document_block_mask, document_mask, llm_skeleton, load_aligner,
-                   load_llm, load_tokenizer, parameter_report, rope_inv_freq, save_llm, save_tensors, weights_hash,
-                   write_json)
+from checkpoint import (CheckpointReadError, CheckpointWriteError, RunLock, TrainState, clean_leftovers, export,
+                        load_checkpoint, optimizer_state, resume_candidates, rng_state, trainable_state,
+                        write_checkpoint, write_folder)
+from config import Config, TrainConfig, load_config
+from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel, gather_rows,
+                         gradient_sync, is_sharded, materialize_sharded, read_shards, setup_distributed, whole)
+from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, cross_entropy_chunk,
+                   document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm, load_tokenizer,
+                   parameter_report, weights_hash, write_json)
+from step_graph import GraphedStep
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: one dataclass per TOML section; every key has a default and a comment
-
-
-@dataclass
-class ModelConfig:
-    llm: str = ".cache/demo/llm"  # Hugging Face folder of the LLM (config.json, safetensors, tokenizer.json)
-    aligner: str = ".cache/demo/align/aligner"  # Phase-1 aligner folder (aligner.json + aligner.safetensors)
-    chat_format: str = ""  # "" = from tokenizer_config.json's template or the family; or chatml, qwen2.5, llama3, ...
-    dtype: str = "auto"  # frozen LLM weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
-    image_tokens: int = 16  # K: LLM tokens per image
-    audio_tokens: int = 8  # K: LLM tokens per audio clip
-    projector_hidden: int = 0  # width of the projector's middle layer; 0 = the LLM's hidden size
-    projector_mode: str = "pool"  # pool: N encoder tokens pooled to K; pooled: the pooled embedding repeated K times
-    shared_projector: bool = False  # one projector for images and audio (ImageBind-LLM's design: what it learns on
-    # one modality applies to the other through the aligned space); needs image_tokens == audio_tokens
-    loss_chunk: int = 512  # labelled positions per lm_head chunk in the loss: one chunk's logits (chunk x vocab) and
-    # their gradient are the step's largest temporary; smaller chunks read the lm_head weight more often (BENCHMARKS.md)
-
-    @property
-    def tokens_per_media(self) -> dict[str, int]:
-        return {"image": self.image_tokens, "audio": self.audio_tokens}
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 16  # r
-    alpha: float = 32.0  # scale = alpha / r
-    dropout: float = 0.05  # dropout on the LoRA input
-    targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated module names, or all-linear
-
-
-@dataclass
-class DataConfig:
-    train_file: str = ".cache/demo/data/train.jsonl"  # JSONL or JSON list of conversations
-    val_file: str = ".cache/demo/data/val.jsonl"  # validation set ("" = none)
-    make_demo: str = ""  # folder in which to make the embedded demo assets on first use ("" = never)
-    max_len: int = 512  # tokens per sample (and per packed row)
-    truncate: bool = False  # cut samples longer than max_len (never inside a media block) instead of an error
-    pack: bool = False  # pack several samples per row, with no attention across them
-    on_error: str = "raise"  # bad sample: raise (stop, naming it) or skip (leave out, list in skipped.jsonl)
-    allow_outside_paths: bool = False  # allow media paths outside the data file's folder
-    feature_cache: str = ""  # folder of cached aligner features (train.py --build_feature_cache makes it)
-    num_workers: int = 0  # DataLoader worker processes per rank
-    pad_multiple: int = 8  # pad rows to a multiple of this many tokens (64 keeps compiled shapes few)
-    max_audio_windows: int = 1  # a clip longer than the aligner's window becomes up to this many windows of K tokens
-
-
-@dataclass
-class TrainConfig:
-    phase: str = "instruct"  # instruct: Phase 2 (projectors + LoRA on conversations); align: Phase 1 (the aligner
-    # on pairs, align.py), which writes <out_dir>/aligner/
-    batch_size: int = 8  # samples per micro-batch per rank
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000  # optimizer steps in all
-    lr_projector: float = 1e-3  # peak learning rate of the projectors
-    lr_lora: float = 2e-4  # peak learning rate of the LoRA adapters
-    lr_aligner: float = 1e-3  # Phase 1: peak learning rate of the aligner's heads (and encoders) and the text head
-    align_encoders: bool = False  # Phase 1: train our own encoders too, not only the heads (HF towers stay frozen)
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 50  # linear warmup, then cosine decay to min_lr_ratio * peak
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
-    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
-    amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
-    activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
-    compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs per layer),
-    # max-autotune (searched Triton matmul kernels, CUDA graphs per layer), max-autotune-no-cudagraphs
-    cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32;
-    # see GraphedStep)
-    activation_memory_budget: float = 1.0  # with train.compile: below 1, the compiler saves fewer activations for the
-    # backward and recomputes cheap elementwise work there (norms, activations, RoPE) instead: less memory, more work
-    strategy: str = "ddp"  # ddp: every rank holds the whole model; fsdp: torch's FSDP2 shards the LLM's weights over
-    # the ranks (each decoder layer a unit), for bases too big for one GPU (torchrun with 2 or more ranks)
-    fsdp_reshard_after_forward: bool = True  # fsdp: free each layer's gathered weights after its forward (less
-    # memory; the backward gathers them again)
-    eval_every: int = 200  # steps between evaluations (0 = only at the end)
-    eval_samples: int = 0  # validation samples for the loss (0 = all)
-    gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
-    max_new_tokens: int = 8  # tokens generated per answer
-    save_every: int = 200  # steps between checkpoints (the last step is always saved)
-    keep_last: int = 2  # periodic checkpoints kept
-    resume: str = "auto"  # auto (latest in out_dir), none, or a checkpoint folder
-    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
-    seed: int = 0  # seed of the data order, initialisation and dropout
-
-
-@dataclass
-class RunConfig:
-    out_dir: str = "runs/demo"  # checkpoints, metrics.csv/jsonl, config.json, logs
-    log_every: int = 10  # steps between progress lines and metric rows
-    device: str = "auto"  # auto (cuda if available), cpu, cuda
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-
-CHOICES = {("train", "phase"): ("instruct", "align"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
-           ("model", "projector_mode"): ("pool", "pooled"),
-           ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
-           ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-           ("run", "device"): ("auto", "cpu", "cuda"), ("train", "strategy"): ("ddp", "fsdp")}
-POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
-            ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
-            ("run", "log_every"), ("data", "pad_multiple"), ("train", "keep_last"), ("train", "max_bad_steps"),
-            ("data", "max_audio_windows")}
-NON_NEGATIVE = {("train", "lr_projector"), ("train", "lr_lora"), ("train", "lr_aligner"), ("train", "weight_decay"),
-                ("train", "warmup_steps"),
-                ("train", "grad_clip"), ("lora", "dropout"), ("train", "eval_every"), ("train", "save_every"),
-                ("train", "eval_samples"), ("train", "gen_samples"), ("data", "num_workers")}
-
-
-def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
-    """Set `section.key`, checking that both exist and that the value has the field's type."""
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    if section not in sections:
-        raise ValueError(f"{source}: unknown section [{section}]; known sections: {', '.join(sections)}")
-    sub = getattr(cfg, section)
-    fields = {f.name: f for f in dataclasses.fields(sub)}
-    if key not in fields:
-        raise ValueError(f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(fields)}")
-    typ = type(getattr(type(sub)(), key))
-    if source == "command line" and typ is not str:  # text to parse
-        try:
-            value = {"true": True, "false": False}[value.lower()] if typ is bool else typ(value)
-        except (KeyError, ValueError):
-            raise ValueError(f"{source}: {section}.{key} must be {typ.__name__}, got {value!r}") from None
-    if typ is float and type(value) is int:
-        value = float(value)
-    if type(value) is not typ:
-        raise ValueError(f"{source}: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
-    setattr(sub, key, value)
-
-
-def check_config(cfg: Config) -> None:
-    """Reject impossible values, naming the key and what is allowed."""
-    for (s, k), allowed in CHOICES.items():
-        if getattr(getattr(cfg, s), k) not in allowed:
-            raise ValueError(f"{s}.{k} = {getattr(getattr(cfg, s), k)!r}; allowed: {', '.join(allowed)}")
-    for s, k in POSITIVE:
-        if getattr(getattr(cfg, s), k) < 1:
-            raise ValueError(f"{s}.{k} = {getattr(getattr(cfg, s), k)}; it must be at least 1")
-    for s, k in NON_NEGATIVE:
-        if getattr(getattr(cfg, s), k) < 0:
-            raise ValueError(f"{s}.{k} = {getattr(getattr(cfg, s), k)}; it must be >= 0")
-    if not 0.0 <= cfg.train.activation_memory_budget <= 1.0:
-        raise ValueError(f"train.activation_memory_budget = {cfg.train.activation_memory_budget}; it must be in [0, 1]")
-    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
-        raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
-    if cfg.lora.dropout >= 1.0:
-        raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
-    if cfg.train.cuda_graph:
-        GraphedStep.check_config(cfg)
-    if cfg.train.strategy == "fsdp" and cfg.train.cuda_graph:
-        raise ValueError("train.strategy = \"fsdp\" gathers and frees weights with collectives around each layer, "
-                         "which a recorded step cannot hold: set train.cuda_graph = false with it")
-    if cfg.train.strategy == "fsdp" and cfg.train.compile in ("reduce-overhead", "max-autotune"):
-        raise ValueError(f"train.compile = \"{cfg.train.compile}\" records each layer as a CUDA graph, and FSDP's "
-                         "gathered weights move from step to step (every step would record again): use \"default\" "
-                         "or \"max-autotune-no-cudagraphs\" with train.strategy = \"fsdp\"")
-    if cfg.train.strategy == "fsdp" and cfg.train.phase == "align":
-        raise ValueError("train.strategy = \"fsdp\" shards Phase 2's LLM; Phase 1 trains the aligner's small heads "
-                         "with the LLM frozen and runs with ddp: set train.strategy = \"ddp\"")
-    if cfg.train.phase == "align" and cfg.data.feature_cache:
-        raise ValueError("train.phase = \"align\" trains the aligner, so its features cannot come from a cache: "
-                         "set data.feature_cache = \"\"")
-    if cfg.model.shared_projector and cfg.model.image_tokens != cfg.model.audio_tokens:
-        raise ValueError(f"model.shared_projector gives images and audio one projector, so model.image_tokens "
-                         f"({cfg.model.image_tokens}) and model.audio_tokens ({cfg.model.audio_tokens}) must be equal")
-    longest = max(cfg.model.image_tokens, cfg.model.audio_tokens)
-    if cfg.data.max_len <= longest:
-        raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
-                         "(model.image_tokens / model.audio_tokens); raise data.max_len")
-
-
-def config_from_dict(doc: dict, source: str, cfg: Config | None = None) -> Config:
-    """{section: {key: value}} (a TOML file, or a run's config.json) onto `cfg` (default: the defaults), checked."""
-    cfg = cfg or Config()
-    for section, values in doc.items():
-        if not isinstance(values, dict):
-            raise ValueError(f"{source}: {section!r} must be a [section]; sections: model, lora, data, train, run")
-        for key, value in values.items():
-            set_key(cfg, section, key, value, source)
-    return cfg
-
-
-def load_config(path: str | None, overrides: list[str]) -> Config:
-    """TOML file, then `--section.key=value` overrides; unknown keys and wrong types are errors."""
-    cfg = Config()
-    if path:
-        try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
-        config_from_dict(doc, path, cfg)
-    for o in overrides:
-        if not o.startswith("--") or "=" not in o or "." not in o.split("=", 1)[0]:
-            raise ValueError(f"override {o!r}: write --section.key=value")
-        name, value = o[2:].split("=", 1)
-        section, key = name.split(".", 1)
-        set_key(cfg, section, key, value, "command line")
-    check_config(cfg)
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed setup and the model
-
-
-@dataclass
-class World:
-    """This process's place among the torchrun processes (one process: rank 0 of 1)."""
-    rank: int = 0
-    local_rank: int = 0
-    size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(cfg: Config) -> World:
-    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPU, gloo on CPU."""
-    rank, local, size = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local)
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
-        from datetime import timedelta
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
-    return World(rank, local, size, device)
+# The model: built whole on each rank (ddp), or sharded over the ranks as it is read (fsdp; distributed.py)
 
 
 def build_model(cfg: Config, device: torch.device, adapters: bool = True, world: World | None = None
@@ -313,6 +78,22 @@ def build_model(cfg: Config, device: torch.device, adapters: bool = True, world:
     aligner = load_aligner(cfg.model.aligner, device)
     media_ids = {m: tokenizer.media_token_id(m) for m in MODALITIES}
     return tokenizer, assemble(cfg, llm, aligner, media_ids, adapters)
+
+
+def build_sharded(cfg: Config, world: World, tokenizer: Tokenizer, dtype: torch.dtype) -> MultimodalLM:
+    """`build_model` under FSDP, with no whole copy of the base anywhere: the LLM is built on the meta device,
+    LoRA, projectors and aligner are made as `assemble` makes them (LoRA on the CPU: its base has no device yet),
+    the model is sharded, and each rank reads only its rows of each base weight from the safetensors files, one
+    file at a time."""
+    if world.size < 2:
+        raise ValueError("train.strategy = \"fsdp\" shards the model over torchrun's processes: run it under torchrun "
+                         "with 2 or more (bash launch.sh CONFIG), or use train.strategy = \"ddp\" on one process")
+    llm, files = llm_skeleton(cfg.model.llm)
+    llm.to(dtype)
+    aligner = load_aligner(cfg.model.aligner, world.device)
+    model = assemble(cfg, llm, aligner, {m: tokenizer.media_token_id(m) for m in MODALITIES})
+    materialize_sharded(model, cfg.train, world, lambda sharded_llm: read_shards(sharded_llm, files))
+    return model
 
 
 def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int], adapters: bool = True
@@ -386,46 +167,6 @@ def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[n
     named = list(model.llm.named_parameters())
     return {"aligner": list(model.aligner.parameters()), "projectors": list(model.projectors.parameters()),
             "llm": [p for n, p in named if ".lora_" not in n], "lora": [p for n, p in named if ".lora_" in n]}
-
-
-def trainable_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
-    """What a checkpoint stores: the trainable tensors (projectors + LoRA), by their names in the model, whole
-    (under FSDP each is gathered from its shards: every rank must call this)."""
-    return {n: whole(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """A tensor as one piece: an FSDP shard (a DTensor) gathered from every rank; any other as it is."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def optimizer_state(model: nn.Module, opt) -> dict:
-    """The optimizer's state by parameter name, each tensor whole (`whole`), so that a checkpoint resumes under
-    either strategy and on any number of ranks."""
-    sd = opt.state_dict()  # "state" is keyed by each parameter's place in the groups
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
-    return {"state": {order[i]: {k: whole(v) for k, v in st.items()} for i, st in sd["state"].items()},
-            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
-
-
-def load_optimizer_state(model: nn.Module, opt, saved: dict) -> None:
-    """`optimizer_state`'s output into `opt`, each tensor cut to this rank's shard where the parameter is one."""
-    params = dict(model.named_parameters())
-    names = {id(p): n for n, p in params.items()}
-    current = [names[id(p)] for g in opt.param_groups for p in g["params"]]
-    saved_names = [n for g in saved["param_groups"] for n in g["params"]]
-    if sorted(current) != sorted(saved_names) or len(opt.param_groups) != len(saved["param_groups"]):
-        differ = sorted(set(current) ^ set(saved_names))
-        raise KeyError(f"the optimizer state is for other parameters ({differ[:3]}) or groups than this model's")
-    state = {i: {k: shard_of(params[n], v) for k, v in saved["state"][n].items()}
-             for i, n in enumerate(current) if n in saved["state"]}
-    groups, first = [], 0
-    for g, saved_group in zip(opt.param_groups, saved["param_groups"]):  # matched by position, as torch does
-        groups.append({**saved_group, "params": list(range(first, first + len(g["params"])))})
-        first += len(g["params"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,101 +253,7 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder, fsynced, renamed into place; `latest` names the newest
-
-
-@dataclass
-class TrainState:
-    """Where a run stands; with the weights, optimizer and RNGs, what a checkpoint restores."""
-    step: int = 0  # optimizer steps taken
-    consumed: int = 0  # samples of the global stream consumed (a skipped step's samples too)
-    best: float = float("inf")  # best validation loss so far
-    bad_steps: int = 0  # non-finite steps skipped in all
-    bad_in_row: int = 0  # ... in a row, up to now (not saved: a resumed run starts counting again)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint or the run's folder could not be written (read-only or full folder, a file in its place); the
-    previous checkpoint is untouched."""
-
-
-class CheckpointReadError(ValueError):
-    """A checkpoint's files cannot be read (truncated, garbage, keys missing): with train.resume = "auto" an older
-    one is tried."""
-
-
-def write_folder(final: Path, write, advice: str = "The previous checkpoint is intact; free space or make "
-                 "run.out_dir writable, then resume") -> None:
-    """`write(tmp)` fills a temporary folder beside `final`, whose files (in subfolders too) are fsynced, and the
-    folder then takes `final`'s place by renames: a crash at any moment leaves the old folder or the new one whole.
-    A folder that cannot be written is a CheckpointWriteError ending with `advice`, and the old one stays."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write(tmp)
-        for f in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before the folders that hold them
-            if f.is_dir():
-                fsync_dir(f)
-            else:
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"cannot write {final}: {e}. {advice}") from None
-    except BaseException:  # Ctrl-C in an export, say: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(final.parent)
-
-
-def write_checkpoint(ckpt_dir: Path, name: str, tensors: dict[str, torch.Tensor], optimizer: dict, scaler,
-                     state: dict, rngs: list) -> Path:
-    """Write checkpoint `name` (the trainable tensors, the optimizer's state as `optimizer_state` gives it, the
-    scaler's, the run's and every rank's RNGs) atomically (`write_folder`), then replace `latest` (os.replace is
-    atomic) to name it, except for `best`, which is a copy kept aside."""
-    def write(tmp: Path) -> None:
-        save_tensors(tensors, tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer, "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
-        torch.save(rngs, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    final = ckpt_dir / name
-    write_folder(final, write)
-    if name != "best":
-        latest_tmp = ckpt_dir / f".latest-{os.getpid()}"
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, ckpt_dir / "latest")
-    fsync_dir(ckpt_dir)
-    return final
+# Checkpoints of the run (checkpoint.py writes and reads them)
 
 
 def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler, world: World, cfg: Config,
@@ -635,114 +282,6 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
                 shutil.rmtree(old, ignore_errors=True)
     if world.size > 1 and collective:
         dist.barrier()
-
-
-def clean_leftovers(ckpt_dir: Path) -> None:
-    """Remove half-written folders of an earlier crash (they never carry a `latest` name)."""
-    for p in ckpt_dir.glob(".*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def checkpoint_step(path: Path) -> int:
-    try:
-        return int(json.loads((path / "state.json").read_text())["step"])
-    except Exception:
-        return -1
-
-
-def resume_candidates(cfg: Config) -> list[Path]:
-    """The checkpoints to resume from, best first: the one `train.resume` names; with "auto" the one `latest`
-    names, then the other complete ones of out_dir, newest first (a crash may have taken `latest`'s folder, and a
-    damaged checkpoint gives way to an older one)."""
-    if cfg.train.resume == "none":
-        return []
-    if cfg.train.resume != "auto":
-        p = Path(cfg.train.resume)
-        if not (p / "state.json").is_file():
-            raise FileNotFoundError(f"{p}: not a checkpoint folder (no state.json); give a checkpoints/step_* folder")
-        return [p]
-    return checkpoints_in(Path(cfg.run.out_dir) / "checkpoints")
-
-
-def checkpoints_in(ckpt_dir: Path) -> list[Path]:
-    """The complete checkpoints of a run's folder: the one `latest` names first, then the others, newest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    complete = sorted((p for p in ckpt_dir.glob("[!.]*") if (p / "state.json").is_file()), key=checkpoint_step,
-                      reverse=True)
-    latest = ckpt_dir / "latest"
-    first = ckpt_dir / latest.read_text().strip() if latest.is_file() else None
-    return sorted(complete, key=lambda p: p != first)  # stable: `latest` first, then newest first
-
-
-def find_resume(cfg: Config) -> Path | None:
-    return next(iter(resume_candidates(cfg)), None)
-
-
-RESUME_HINT = "Resume from an older one with --train.resume=PATH, or start fresh with --train.resume=none"
-
-
-def read_checkpoint(path: Path, *names: str, hint: str = RESUME_HINT) -> list:
-    """state.json and the named files of a checkpoint (`trainable.safetensors`, `optimizer.pt`, `rng.pt`), read
-    whole before anything is restored; a file that cannot be read is a CheckpointReadError naming it, and ending
-    with `hint`, what to do instead (the calling tool's own options)."""
-    from safetensors.torch import load_file
-
-    try:
-        state = json.loads((path / "state.json").read_text())
-        missing = [k for k in ("step", "consumed", "best", "bad_steps") if k not in state]
-        if missing:
-            raise KeyError(f"state.json lacks {missing}")
-        files = [load_file(str(path / n)) if n.endswith(".safetensors") else
-                 torch.load(path / n, map_location="cpu", weights_only=False) for n in names]
-    except Exception as e:
-        raise CheckpointReadError(f"{path}: checkpoint cannot be read ({type(e).__name__}: {e}); it may be "
-                                  f"truncated. {hint}") from None
-    return [state, *files]
-
-
-def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor], model: MultimodalLM,
-                      instead: str = "--train.resume=none") -> None:
-    """Copy a checkpoint's trainable tensors into `model` after checking that it was trained on this base model,
-    with this LoRA scale, and that every tensor fits; a mismatch is a ValueError naming what differs, and offering
-    `instead` (the calling tool's option) as the way out."""
-    saved_llm = state.get("llm_config")
-    if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(model.llm.config))):
-        diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(model.llm.config, k, None))
-        raise ValueError(f"{path}: checkpoint was trained on a different base model (config differs in {diff}); "
-                         f"use the model.llm it was trained with, or {instead}")
-    alphas = {m.alpha for m in lora.lora_modules(model.llm).values()}
-    saved_alpha = state.get("config", {}).get("lora", {}).get("alpha")
-    if saved_alpha is not None and alphas and alphas != {saved_alpha}:
-        raise ValueError(f"{path}: checkpoint was trained with lora.alpha = {saved_alpha}, this run has "
-                         f"{sorted(alphas)}: its adapters would be scaled wrongly; use lora.alpha = {saved_alpha}, "
-                         f"or {instead}")
-    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
-                  f"{path}: checkpoint does not fit this run (different LoRA rank/targets, base model or projectors?); "
-                  f"use the config it was trained with, or {instead}")
-    with torch.no_grad():
-        for k, p in expected.items():
-            p.copy_(shard_of(p, tensors[k].to(p.device)))
-
-
-def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) -> TrainState:
-    """Restore trainable tensors, optimizer state, scaler and this rank's RNGs; check that the checkpoint fits this
-    run first. The optimizer's hyperparameters stay this run's (the schedule sets the learning rate)."""
-    state, tensors, other, rngs = read_checkpoint(path, "trainable.safetensors", "optimizer.pt", "rng.pt")
-    restore_trainable(path, state, tensors, model)
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    try:
-        load_optimizer_state(model, opt, other["optimizer"])
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: the optimizer state does not fit this run ({e}); resume with the config it was "
-                         "trained with, or start fresh with --train.resume=none") from None
-    for g, h in zip(opt.param_groups, hyper):
-        g.update(h)
-    scaler.load_state_dict(other["scaler"])
-    if world.rank < len(rngs) and rngs[world.rank] is not None:  # else (a new rank, a rank-0-only save) a fresh seed
-        set_rng_state(rngs[world.rank])
-    return TrainState(state["step"], state["consumed"], state["best"], state["bad_steps"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -814,43 +353,19 @@ def normalize_answer(text: str) -> str:
     return text.strip().lower()
 
 
-def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
-    if world.size > 1:
-        dist.all_reduce(t)
-    return t
+def eager_layers(fn):
+    """`fn` with compiled layers run eager: evaluation's shapes change from call to call. Where nothing imported
+    the compiler, nothing was compiled, and importing train.py leaves it out."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        with torch.compiler.set_stance("force_eager"):
+            return fn(*args, **kwargs)
+    return run
 
 
-def any_rank(flag: bool, world: World) -> bool:
-    """True on every rank when `flag` is True on any; a single process needs no collective (and no host read)."""
-    return flag if world.size == 1 else all_sum(torch.full((), float(flag), device=world.device), world).item() > 0
-
-
-class GatherRows(torch.autograd.Function):
-    """All ranks' rows (world * B, ...) in rank order; the backward sums the gradient over the ranks and gives
-    each rank that of its own rows, so the loss of every rank reaches each rank's inputs (open_clip's all-gather
-    with gradient; an all-reduce, which gloo and NCCL both have)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, world: World) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(world.size)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows, ctx.world = x.shape[0], world
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        start = ctx.world.rank * ctx.rows
-        return grad[start:start + ctx.rows], None
-
-
-def gather_rows(x: torch.Tensor, world: World) -> tuple[torch.Tensor, int]:
-    """`AlignModel.gather` under torchrun: (all ranks' rows, where this rank's start)."""
-    return GatherRows.apply(x, world), world.rank * x.shape[0]
-
-
-@torch.compiler.set_stance("force_eager")  # compiled layers run eager here: the shapes change from call to call
+@eager_layers
 @torch.no_grad()
 def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, world: World, tokenizer: Tokenizer,
              autocast) -> dict:
@@ -988,14 +503,6 @@ def store_for_autocast(frozen: nn.Module, autocast) -> None:
             m.to(autocast.keywords["dtype"])
 
 
-def data_parallel(model: MultimodalLM, world: World) -> nn.Module:
-    """The model as the step calls it: wrapped in DDP under torchrun, as it is on one process or sharded (FSDP)."""
-    if world.size == 1 or is_sharded(model):  # FSDP2 syncs its own gradients
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda"
-                                               else None)
-
-
 class StepOutput(NamedTuple):
     """A step's results, on the device: nothing in a step waits for the GPU."""
     stats: torch.Tensor  # (7,): loss sum, then loss and labelled tokens of text-only, image, audio samples
@@ -1058,17 +565,25 @@ def update(opt, scaler, params: list[nn.Parameter], grad_clip: float, stats: tor
 
 
 def train_step(model: nn.Module, micro: list[data.Batch], opt, scaler, params: list[nn.Parameter], autocast,
-               world: World, grad_clip: float) -> StepOutput:
-    """One optimizer step over its micro-batches (already on the device), with no host read."""
+               world: World, grad_clip: float, average: bool = False) -> StepOutput:
+    """One optimizer step over its micro-batches (already on the device), with no host read. `average`: the
+    gradients are averaged over the ranks here, by one all-reduce (a step recorded as a CUDA graph, which cannot
+    hold DDP's hooks), not by DDP."""
     stats, n_tok = forward_backward(model, micro, scaler, autocast, world)
+    if average and world.size > 1:
+        average_gradients(params, world)
     return StepOutput(stats, n_tok, *update(opt, scaler, params, grad_clip, stats, world))
 
 
 def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], autocast, world: World, cfg: Config):
     """The training step that `fit` and bench.py run: `train_step` (through DDP under torchrun), or with
-    train.cuda_graph the same step recorded as CUDA graphs (`GraphedStep`)."""
+    train.cuda_graph the same step recorded as CUDA graphs (`GraphedStep`), with its own gradient average and
+    autocast without its cache of cast weights (a recorded step keeps no state between replays)."""
     if cfg.train.cuda_graph:
-        return GraphedStep(model, opt, scaler, params, autocast, world, cfg.train.grad_clip, cfg.data.pad_multiple)
+        step = functools.partial(train_step, model, opt=opt, scaler=scaler, params=params,
+                                 autocast=lambda: autocast(cache_enabled=False), world=world,
+                                 grad_clip=cfg.train.grad_clip, average=True)
+        return GraphedStep(step, model, opt, world.device, cfg.data.pad_multiple)
     ddp = data_parallel(model, world)
     return functools.partial(train_step, ddp, opt=opt, scaler=scaler, params=params, autocast=autocast, world=world,
                              grad_clip=cfg.train.grad_clip)
@@ -1101,33 +616,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-class RunLock:
-    """An exclusive lock on a run's folder, so that two runs never share it: `fcntl.flock` on `<out_dir>/run.lock`,
-    which names the holder's host and PID. The system drops the lock when the process ends, so a crashed run
-    leaves none behind."""
-
-    def __init__(self, out_dir: Path):
-        import fcntl
-        import socket
-
-        self.file = open(out_dir / "run.lock", "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise RuntimeError(f"{out_dir} is in use by another run ({holder}); wait for it to end, or give this "
-                               "run another run.out_dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self.file.flush()
-
-    def release(self) -> None:
-        self.file.close()  # closing the file drops the lock
-
-
 def resolved_paths(cfg: Config) -> Config:
     """The config with its model and data paths absolute, as config.json records it (so that the run's folder can
     be used from anywhere: generate.load_run)."""
@@ -1137,6 +625,22 @@ def resolved_paths(cfg: Config) -> Config:
         if getattr(getattr(cfg, section), key):
             setattr(getattr(cfg, section), key, str(Path(getattr(getattr(cfg, section), key)).resolve()))
     return cfg
+
+
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                      "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def make_demo(folder: str, phase1: bool, device: torch.device) -> None:
+    """`data.make_demo`: the demo's assets in `folder` (with `phase1`, its aligner too) unless they are there, made by
+    `python demo.py` in a process of its own, on `device`, outside torchrun's group. The demo sits above training
+    (its Phase 1 is a run of this file's loop), so this file starts it and never imports it."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    cmd = [sys.executable, str(Path(__file__).with_name("demo.py")), folder, "--device", str(device)]
+    done = subprocess.run(cmd + ["--phase1"] * phase1, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"demo.py could not make the demo in {folder} (exit code {done.returncode}); its output "
+                           "above says why. Run the command again to continue where it stopped")
 
 
 def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
@@ -1156,7 +660,7 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
                 clean_leftovers(out_dir / "checkpoints")
                 write_json(out_dir / "config.json", dataclasses.asdict(resolved_paths(cfg)))
                 if cfg.data.make_demo:  # Phase 2 on the demo needs its aligner from Phase 1
-                    demo.ensure_demo(cfg.data.make_demo, phase1=cfg.train.phase == "instruct", device=world.device)
+                    make_demo(cfg.data.make_demo, phase1=cfg.train.phase == "instruct", device=world.device)
         except Exception as e:
             error = e
             if lock is not None:
@@ -1324,53 +828,6 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
     return {**last_row, "stopped": False, "step": run.step}
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja")
-
-
-def check_export_folder(folder: Path) -> None:
-    """A ValueError unless `folder` may take an export: new, empty, or an export folder (which is replaced)."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder}: is a file; give a folder for the export")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / "mmlora.json").is_file():
-        raise ValueError(f"{folder}: holds files and is not an export folder (no mmlora.json); give a new or empty "
-                         "folder, so that nothing there is overwritten")
-
-
-def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | None = None) -> None:
-    """The run's result as one folder that transformers, peft and mmlora load:
-
-    adapter/                 peft's format; base_model_name_or_path is the base's absolute path
-    merged/                  the LLM with LoRA folded in, a Hugging Face folder (sharded at 5 GB, with its tokenizer
-                             and generation config): AutoModelForCausalLM.from_pretrained loads it
-    projectors.safetensors   the trained projectors
-    aligner/                 a copy of the frozen aligner, read from its folder (model.aligner)
-    mmlora.json              the run's config, for `generate.load_run(folder)`
-
-    The model itself is not changed (the merge is computed aside), `dtype` casts the merged weights. The folder is
-    written beside `folder` under a temporary name, then takes its place (`write_folder`): an export folder already
-    there is replaced whole, never mixed with the new one. A file, or a folder that holds anything but an export,
-    is refused (ValueError) before anything is written. Files are readable by all."""
-    check_export_folder(folder)
-    base = Path(cfg.model.llm).resolve()
-
-    def write(tmp: Path) -> None:
-        lora.save_adapter(model.llm, tmp / "adapter", str(base))
-        save_llm(model.llm, tmp / "merged", state=lora.merged_state_dict(model.llm, dtype))
-        for name in TOKENIZER_FILES:
-            if (base / name).is_file():
-                shutil.copyfile(base / name, tmp / "merged" / name)
-                os.chmod(tmp / "merged" / name, 0o644)
-        save_tensors(model.projectors.state_dict(), tmp / "projectors.safetensors")
-        copy_aligner(cfg.model.aligner, tmp / "aligner")  # its folder, not the model's copy: see store_for_autocast
-        doc = {"format": "mmlora export 1", "llm": "merged", "aligner": "aligner",
-               "projectors": "projectors.safetensors", "base_model": str(base), "config": dataclasses.asdict(cfg)}
-        write_json(tmp / "mmlora.json", doc)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    write_folder(folder, write, advice="An export folder already there is intact; free space or give a writable "
-                 "folder")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="Any config key can be overridden: --section.key=value")
@@ -1401,7 +858,7 @@ def build_cache(cfg: Config) -> None:
     if not cfg.data.feature_cache:
         sys.exit("config error: set data.feature_cache to the folder for the cache")
     if cfg.data.make_demo:
-        demo.ensure_demo(cfg.data.make_demo)
+        make_demo(cfg.data.make_demo, phase1=True, device=torch.device("cpu"))
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
     aligner = load_aligner(cfg.model.aligner, device)
@@ -1411,256 +868,6 @@ def build_cache(cfg: Config) -> None:
             folder = cache_folder(cfg, path)
             n = data.build_feature_cache(ds, aligner, folder, device, num_workers=cfg.data.num_workers)
             print(f"cached aligner features of {n} samples of {path} in {folder}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The whole-step CUDA graph (train.cuda_graph): an opt-in wrapper around the step above, for GPUs
-
-
-class GraphedStep:
-    """`forward_backward` + `update` recorded as one CUDA graph per batch shape and replayed.
-
-    A replay is one launch for the whole step (forward, backward, clipping, AdamW), where the step otherwise
-    costs the host thousands of kernel launches. What recording asks, all here:
-    - few shapes: each batch is padded by `Batch.pad_static` (rows to `pad_multiple`, labelled positions and media
-      to few counts, at weight 0), since every shape is a graph of its own; at most `max_graphs` are recorded and
-      the others run as they are;
-    - no host reads and fixed addresses: the learning rates live in device tensors that the replays read (the
-      schedule's value is copied in before each step), AdamW is `capturable`, autocast keeps no cache of cast
-      weights, and fp16's loss scaling (which reads the host) is refused (`check_config`);
-    - under torchrun, no DDP: its hooks cannot be recorded, so the step averages the gradients itself with one
-      all-reduce, recorded in each rank's graph (`average_gradients`).
-    The first step of a shape runs as it is (it compiles the layers and sets up the optimizer state), the second
-    is recorded and replayed, and later ones copy their batch into the recorded inputs and replay. All graphs
-    share one memory pool: their outputs are valid until the next step."""
-
-    max_graphs = 16
-
-    def __init__(self, model: MultimodalLM, opt, scaler, params: list[nn.Parameter], autocast, world: World,
-                 grad_clip: float, pad_multiple: int):
-        if world.device.type != "cuda":
-            raise ValueError("train.cuda_graph records the step on a GPU; on CPU set it to false")
-        self.model, self.opt, self.scaler, self.params, self.world = model, opt, scaler, params, world
-        self.autocast, self.grad_clip, self.pad_multiple = autocast, grad_clip, pad_multiple
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[data.Batch], StepOutput]] = {}
-        self.seen: set[tuple] = set()
-        self.told = False  # that the shapes outnumber max_graphs
-        self.pool = None
-        self.side = torch.cuda.Stream()
-        self.lrs = [torch.tensor(0.0, device=world.device) for _ in opt.param_groups]  # read by the replays
-        for m in lora.lora_modules(model).values():
-            m.recompute_dropout = True  # in compiled layers; memory the recorded step gets for free (`lora_down`)
-        for g in opt.param_groups:
-            g["capturable"] = True
-
-    @staticmethod
-    def check_config(cfg: Config) -> None:
-        """Refuse what cannot be recorded, naming the key."""
-        if cfg.train.compile in ("reduce-overhead", "max-autotune"):
-            raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their "
-                             f"own (train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
-                             "\"max-autotune-no-cudagraphs\" (or none) with it")
-        if cfg.train.amp == "fp16":
-            raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
-        if cfg.data.pack:
-            raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
-                             "set data.pack = false with it")
-        if cfg.train.phase == "align":
-            raise ValueError("train.cuda_graph records Phase 2's step; set it to false with train.phase = \"align\"")
-
-    def step(self, micro: list[data.Batch]) -> StepOutput:
-        """The step as it is recorded: `train_step` with the gradients averaged by hand instead of by DDP."""
-        stats, n_tok = forward_backward(self.model, micro, self.scaler, lambda: self.autocast(cache_enabled=False),
-                                        self.world)
-        if self.world.size > 1:
-            average_gradients(self.params, self.world)
-        return StepOutput(stats, n_tok, *update(self.opt, self.scaler, self.params, self.grad_clip, stats,
-                                                self.world))
-
-    def run(self, micro: list[data.Batch]) -> StepOutput:
-        """Run or record the step with the learning rates as device tensors, then give the groups their floats."""
-        floats = [g["lr"] for g in self.opt.param_groups]
-        for g, lr in zip(self.opt.param_groups, self.lrs):
-            g["lr"] = lr
-        try:
-            return self.step(micro)
-        finally:
-            for g, lr in zip(self.opt.param_groups, floats):
-                g["lr"] = lr
-
-    def __call__(self, micro: list[data.Batch]) -> StepOutput:
-        for g, lr in zip(self.opt.param_groups, self.lrs):
-            lr.fill_(g["lr"])  # the schedule's value, for the replay (or the run) below
-        micro = [b.pad_static(self.pad_multiple) for b in micro]
-        key = tuple(tuple(t.shape) for b in micro for t in b.tensors())
-        if key in self.graphs:
-            graph, inputs, outputs = self.graphs[key]
-            for static, b in zip(inputs, micro):
-                for s, t in zip(static.tensors(), b.tensors()):
-                    s.copy_(t, non_blocking=True)
-            graph.replay()
-            return outputs
-        full = len(self.graphs) == self.max_graphs
-        if key not in self.seen or full:  # warm-up, on a side stream as capture asks
-            if full and not self.told:
-                print(f"train.cuda_graph: {self.max_graphs} batch shapes are recorded; new ones run unrecorded, "
-                      "slower (a larger data.pad_multiple makes fewer shapes)", flush=True)
-                self.told = True
-            self.seen.add(key)
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                outputs = self.run(micro)
-            torch.cuda.current_stream().wait_stream(self.side)
-            return outputs
-        inputs = [b.apply(torch.clone) for b in micro]
-        self.opt.zero_grad(set_to_none=True)  # the graph's backward writes the gradients it allocates
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pin-memory thread may allocate pinned memory meanwhile, which is harmless
-        try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                outputs = self.run(inputs)
-        except Exception as e:
-            raise RuntimeError(f"recording the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
-                               "train with train.cuda_graph = false") from e
-        self.pool = graph.pool()
-        self.graphs[key] = graph, inputs, outputs
-        graph.replay()
-        return outputs
-
-
-def average_gradients(params: list[nn.Parameter], world: World) -> None:
-    """DDP's average of the gradients over the ranks, as one all-reduce of all of them flattened."""
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= world.size
-    i = 0
-    for p in params:
-        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-        i += p.numel()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FSDP2 (train.strategy = "fsdp"): the LLM's weights sharded over the ranks with torch's `fully_shard`
-#
-# Each decoder layer is one unit: its weights live as row shards (dim 0) on the ranks, are gathered just before the
-# layer runs and freed after (forward and backward), and its LoRA gradients are reduce-scattered back to the shards.
-# The rest of the model (embeddings, final norm, lm_head, projectors) is the root unit, gathered for the whole
-# forward. The aligner stays whole on every rank and frozen. Frozen base weights and fp32 LoRA share a unit: the
-# mixed-precision policy gathers both in the base's dtype, and reduces gradients in fp32 into the fp32 shards that
-# AdamW updates. Checkpoints hold whole tensors (`trainable_state`, `optimizer_state`), so they resume under either
-# strategy, on any number of ranks.
-
-
-def build_sharded(cfg: Config, world: World, tokenizer: Tokenizer, dtype: torch.dtype) -> MultimodalLM:
-    """`build_model` under FSDP, with no whole copy of the base anywhere: the LLM is built on the meta device,
-    LoRA, projectors and aligner are made as `assemble` makes them (LoRA on the CPU: its base has no device yet),
-    the model is sharded, and each rank reads only its rows of each base weight from the safetensors files, one
-    file at a time."""
-    if world.size < 2:
-        raise ValueError("train.strategy = \"fsdp\" shards the model over torchrun's processes: run it under torchrun "
-                         "with 2 or more (bash launch.sh CONFIG), or use train.strategy = \"ddp\" on one process")
-    llm, files = llm_skeleton(cfg.model.llm)
-    llm.to(dtype)
-    aligner = load_aligner(cfg.model.aligner, world.device)
-    model = assemble(cfg, llm, aligner, {m: tokenizer.media_token_id(m) for m in MODALITIES})
-    materialize_sharded(model, cfg.train, world, lambda sharded_llm: read_shards(sharded_llm, files))
-    return model
-
-
-def materialize_sharded(model: MultimodalLM, cfg: TrainConfig, world: World, fill_base) -> None:
-    """Shard a model whose LLM base is on the meta device (`shard_model`), give each rank the memory of its
-    shards, copy in what was already made (LoRA, projectors, aligner), and let `fill_base(llm)` fill the base's
-    shards (`read_shards`, or bench.py's random weights)."""
-    made = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if not t.is_meta}
-    shard_model(model, cfg, world)
-    model.to_empty(device=world.device)  # every tensor gets (uninitialised) memory: the rank's shards, the rest whole
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    with torch.no_grad():
-        for name, t in made.items():
-            tensors[name].copy_(shard_of(tensors[name], t.to(world.device)))
-        model.llm.inv_freq.copy_(rope_inv_freq(model.llm.config))
-        fill_base(model.llm)
-
-
-def shard_model(model: MultimodalLM, cfg: TrainConfig, world: World) -> None:
-    """Make each decoder layer, the input embeddings (when lm_head has weights of its own), then the whole model,
-    an FSDP2 unit over all ranks (the aligner left out)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(world.device.type, (world.size,))
-    base = model.llm.lm_head.weight.dtype
-    policy = MixedPrecisionPolicy(param_dtype=None if base == torch.float32 else base, reduce_dtype=torch.float32)
-    for layer in model.llm.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
-    if not model.llm.config.tie_word_embeddings:  # gathered only while the tokens are embedded
-        fully_shard(model.llm.model.embed_tokens, mesh=mesh, mp_policy=policy)
-    root = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=torch.float32,
-                                cast_forward_inputs=False)  # the batch's media and label weights keep their dtypes
-    fully_shard(model, mesh=mesh, mp_policy=root, ignored_params=set(model.aligner.parameters()))
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` was made an FSDP2 unit (`shard_model`)."""
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def shard_rows(t: torch.Tensor) -> tuple[int, int]:
-    """(first row, rows) of this rank's shard of a parameter: FSDP2 cuts dim 0 into world-size chunks of
-    ceil(n / world) rows, the last ones shorter or empty."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(t, DTensor) or t.dim() == 0:
-        return 0, t.shape[0] if t.dim() else 0
-    chunk = -(-t.shape[0] // t.device_mesh.size())
-    return t.device_mesh.get_local_rank() * chunk, t.to_local().shape[0]
-
-
-def shard_of(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """`full` (a whole tensor of `param`'s shape) as `param` holds it: this rank's rows as a DTensor like it, or
-    whole."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor) or full.dim() == 0:
-        return full
-    first, rows = shard_rows(param)
-    return DTensor.from_local(full[first:first + rows].contiguous(), param.device_mesh, param.placements,
-                              shape=param.shape, stride=param.stride())
-
-
-def read_shards(llm: LLM, files: list[Path]) -> None:
-    """Each rank copies its rows of every base weight from the safetensors files (one file at a time, only those
-    rows read), after checking the files' names and shapes against the model's."""
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor
-
-    params = {n.replace(".base_layer.", "."): p for n, p in llm.named_parameters() if ".lora_" not in n}
-    found = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            found |= {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
-    skip = ("lm_head.weight",) if llm.config.tie_word_embeddings else ()
-    check_tensors({k: tuple(p.shape) for k, p in params.items()}, found, f"{files[0].parent}: checkpoint does not "
-                  "fit the model config (is the folder for another model family or size?)", skip)
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
-                p = params[key]
-                local = p.to_local() if isinstance(p, DTensor) else p
-                first, rows = shard_rows(p)
-                part = sf.get_slice(key)[first:first + rows] if p.dim() else sf.get_tensor(key)
-                local.copy_(part.to(local.dtype))
-
-
-def gradient_sync(model: nn.Module, last: bool):
-    """The context of a micro-batch's backward: under DDP `no_sync` but for the last micro-batch; under FSDP its
-    gradient sync turned off the same way; on one process, nothing."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext() if last else model.no_sync()
-    if is_sharded(model):
-        model.set_requires_gradient_sync(last)
-    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

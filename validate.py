@@ -31,6 +31,9 @@ import demo
 import lora
 import train
 from model import MODALITIES, parameter_report
+from checkpoint import load_checkpoint, optimizer_state, rng_state, trainable_state, write_checkpoint
+from config import Config, check_config, load_config
+from distributed import World
 
 
 class CheckFailed(Exception):
@@ -42,7 +45,7 @@ class CheckFailed(Exception):
 
 
 class Validator:
-    def __init__(self, cfg: train.Config, quick: bool):
+    def __init__(self, cfg: Config, quick: bool):
         # the checks run the layers eager and the step unrecorded: what they check is the model, the data and the
         # loop, and compiling or recording (train.compile, train.cuda_graph: for speed, the latter on GPUs only)
         # would cost each model they build its compilation
@@ -79,7 +82,7 @@ class Validator:
     # -- the checks, in order --------------------------------------------------------------------------------
 
     def configuration(self) -> str:
-        train.check_config(self.cfg)
+        check_config(self.cfg)
         for key, path in (("model.llm", self.cfg.model.llm), ("model.aligner", self.cfg.model.aligner),
                           ("data.train_file", self.cfg.data.train_file)):
             if not Path(path).exists() and not self.cfg.data.make_demo:
@@ -209,7 +212,7 @@ class Validator:
             cfg.train.lr_projector = cfg.train.lr_lora = cfg.train.lr_aligner = lr
         opt, params = train.make_optimizer(model, cfg.train)
         scaler, autocast = train.mixed_precision(cfg.train, self.device)
-        return train.make_step(model, opt, scaler, params, autocast, train.World(device=self.device), cfg), opt
+        return train.make_step(model, opt, scaler, params, autocast, World(device=self.device), cfg), opt
 
     def checkpoint(self) -> str:
         folder = Path(self.cfg.run.out_dir) / "validate-checkpoints"
@@ -217,23 +220,23 @@ class Validator:
         scaler, _ = train.mixed_precision(self.cfg.train, self.device)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path = train.write_checkpoint(folder, "step_0000001", train.trainable_state(self.model),
-                                          train.optimizer_state(self.model, opt), scaler,
-                                          {"step": 1, "consumed": 0, "best": 0.0, "bad_steps": 0}, [train.rng_state()])
+            path = write_checkpoint(folder, "step_0000001", trainable_state(self.model),
+                                    optimizer_state(self.model, opt), scaler,
+                                    {"step": 1, "consumed": 0, "best": 0.0, "bad_steps": 0}, [rng_state()])
         except OSError as e:
             raise CheckFailed(f"cannot write a checkpoint in {folder}: {e}",
                               "make run.out_dir a writable folder with free space") from None
         _, fresh = train.build_model(self.cfg, self.device)
         _, opt2 = self.step(fresh)
-        train.load_checkpoint(path, fresh, opt2, scaler, train.World())
-        a, b = train.trainable_state(self.model), train.trainable_state(fresh)
+        load_checkpoint(path, fresh, opt2, scaler, World())
+        a, b = trainable_state(self.model), trainable_state(fresh)
         if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
-            raise CheckFailed("reloaded tensors differ from the saved ones", "check train.write_checkpoint")
+            raise CheckFailed("reloaded tensors differ from the saved ones", "check checkpoint.write_checkpoint")
         self.model.eval(), fresh.eval()
         with torch.no_grad():
             la, lb = self.model(self.batch).loss_sum, fresh(self.batch).loss_sum
         if not torch.equal(la, lb):
-            raise CheckFailed(f"next loss {la.item()} != {lb.item()} after reload", "check train.load_checkpoint")
+            raise CheckFailed(f"next loss {la.item()} != {lb.item()} after reload", "check checkpoint.load_checkpoint")
         return f"{path.name}: identical tensors and next loss"
 
     def metrics(self) -> str:
@@ -320,12 +323,12 @@ class Validator:
         a, b = straight[-1]["loss"], resumed[-1]["loss"]
         if (a != b) if self.device.type == "cpu" else abs(a - b) > self.rtol * abs(a):
             raise CheckFailed(f"loss after resume {resumed[-1]['loss']} != {straight[-1]['loss']} straight",
-                              "check what train.write_checkpoint stores (RNG, optimizer, data position)")
+                              "check what checkpoint.write_checkpoint stores (RNG, optimizer, data position)")
         same = "identical" if a == b else f"within {self.rtol:g}"
         return f"stop at 2, resume: step 3 loss {same} ({a:.6f}{', 2 ranks, fsdp' if nproc == 2 else ''})"
 
 
-def run_train_py(cfg: train.Config, nproc: int) -> list[dict]:
+def run_train_py(cfg: Config, nproc: int) -> list[dict]:
     """Train with `cfg`: in this process for one rank, under torchrun for more. Returns the rows of
     metrics.jsonl of the training split; a failed torchrun is a RuntimeError with the end of its errors."""
     if nproc == 1:
@@ -351,7 +354,7 @@ CHECKS = [("Configuration", "configuration", ()), ("Model initialization", "mode
           ("Distributed", "distributed", ("Data pipeline",)), ("Resume", "resume", ("Data pipeline",))]
 
 
-def validate(cfg: train.Config, quick: bool = False) -> list[dict]:
+def validate(cfg: Config, quick: bool = False) -> list[dict]:
     v = Validator(cfg, quick)
     torch.manual_seed(cfg.train.seed)
     try:
@@ -369,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results to this file")
     args, overrides = ap.parse_known_args(argv)
     try:
-        cfg = train.load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as e:
         results = [{"check": "Configuration", "passed": False, "seconds": 0.0, "detail": str(e),
                     "fix": "correct the config file or the override"}]

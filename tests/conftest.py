@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
+from config import Config, check_config  # noqa: E402
 
 CORPUS = [
     "The red circle is on the left. A blue square sits at the top right.",
@@ -86,9 +87,8 @@ def demo_dir(tmp_path_factory):
 
 
 def demo_config(demo_dir, out_dir, **sections):
-    """A train.Config on the small demo; `sections` override keys: demo_config(d, o, train={"max_steps": 4})."""
-    import train
-    cfg = train.Config()
+    """A Config on the small demo; `sections` override keys: demo_config(d, o, train={"max_steps": 4})."""
+    cfg = Config()
     cfg.model.llm, cfg.model.aligner = str(demo_dir / "llm"), str(demo_dir / "aligner-init")
     cfg.model.chat_format = "chatml"
     cfg.data.train_file, cfg.data.val_file = str(demo_dir / "data/train.jsonl"), str(demo_dir / "data/val.jsonl")
@@ -100,12 +100,12 @@ def demo_config(demo_dir, out_dir, **sections):
     for section, values in sections.items():
         for k, v in values.items():
             setattr(getattr(cfg, section), k, v)
-    train.check_config(cfg)
+    check_config(cfg)
     return cfg
 
 
 def align_config(demo_dir, out_dir, **sections):
-    """A Phase-1 train.Config on the small demo's pairs; `sections` as in `demo_config`."""
+    """A Phase-1 Config on the small demo's pairs; `sections` as in `demo_config`."""
     train_keys = {"phase": "align", "align_encoders": True, "batch_size": 6, "lr_aligner": 5e-3,
                   **sections.pop("train", {})}
     data_keys = {"train_file": str(demo_dir / "data/pairs_train.jsonl"),

@@ -15,17 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
 import train  # noqa: E402
+from config import load_config
+from distributed import data_parallel, gather_rows, setup_distributed
 
-cfg = train.load_config(None, sys.argv[1:])
-world = train.setup_distributed(cfg)
+cfg = load_config(None, sys.argv[1:])
+world = setup_distributed(cfg)
 tokenizer, model = train.build_model(cfg, world.device)
 if world.size > 1:
-    model.gather = functools.partial(train.gather_rows, world=world)
+    model.gather = functools.partial(gather_rows, world=world)
 ds = train.make_dataset(cfg, cfg.data.train_file, tokenizer, model.aligner)
 share = int(os.environ["GLOBAL"]) // world.size
 batch = data.collate_pairs([ds[i] for i in range(world.rank * share, (world.rank + 1) * share)], tokenizer.pad_id)
 scaler, autocast = train.mixed_precision(cfg.train, world.device)
-train.forward_backward(train.data_parallel(model, world), [batch], scaler, autocast, world)
+train.forward_backward(data_parallel(model, world), [batch], scaler, autocast, world)
 if world.master:
     torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, os.environ["GRADS_OUT"])
 if torch.distributed.is_initialized():  # an orderly exit: gloo's threads end before the process does

@@ -14,6 +14,7 @@ import data
 import generate
 import train
 from model import load_aligner, load_tokenizer
+from distributed import World
 
 
 def direct_infonce(left, right, kind, scale):
@@ -176,7 +177,7 @@ def test_two_ranks_give_the_losses_and_gradients_of_one(demo_dir, tmp_path):
     res = torchrun(cli_args(cfg), 2, script=ROOT / "tests" / "grad_driver.py",
                    env={"GLOBAL": "6", "GRADS_OUT": str(tmp_path / "2.pt")})
     assert res.returncode == 0, res.stderr[-3000:]
-    world = train.World()  # 1 rank, in this process: the driver's step on all 6 pairs
+    world = World()  # 1 rank, in this process: the driver's step on all 6 pairs
     tokenizer, model = train.build_model(cfg, world.device)
     ds = train.make_dataset(cfg, cfg.data.train_file, tokenizer, model.aligner)
     scaler, autocast = train.mixed_precision(cfg.train, world.device)

@@ -7,6 +7,8 @@ from conftest import cli_args, demo_config, rows, small_bench, torchrun
 
 import bench
 import train
+from checkpoint import trainable_state
+from distributed import World
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def steps_without_dropout(**flags):
     """bench.py's small model on the GPU (`flags` as in small_bench) with dropout off, so that two setups draw
     nothing random: the model, its optimizer, train.py's step and 3 batches."""
-    world = train.World(device=torch.device("cuda"))
+    world = World(device=torch.device("cuda"))
     args, cfg, mm = small_bench("cuda", **flags)
     for m in mm.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -34,7 +36,7 @@ def test_cuda_graph_steps_equal_plain_steps(compile_):
     for graph in (False, True):
         mm, opt, run_step, batches = steps_without_dropout(multimodal=True, cache=True, cuda_graph=graph,
                                                            compile=compile_)
-        before = {k: v.detach().clone() for k, v in train.trainable_state(mm).items()}
+        before = {k: v.detach().clone() for k, v in trainable_state(mm).items()}
         mm.train()
         losses = []
         for i in range(7):  # a warm-up step, a recorded one, then replays over new batches of the same shapes
@@ -42,7 +44,7 @@ def test_cuda_graph_steps_equal_plain_steps(compile_):
             out = run_step([batches[i % 3]])
             losses.append(((out.stats[0] / out.n_tokens).item(), out.grad_norm.item(), bool(out.finite)))
             opt.zero_grad(set_to_none=True)
-        moved = {k: v.detach() - before[k] for k, v in train.trainable_state(mm).items()}
+        moved = {k: v.detach() - before[k] for k, v in trainable_state(mm).items()}
         results.append((losses, moved))
         torch.compiler.reset()
     (plain, moved_plain), (graphed, moved_graphed) = results
@@ -103,14 +105,14 @@ def test_fsdp_on_two_gpus_equals_ddp_in_bf16(demo_dir, tmp_path):
 def test_recorded_decoder_gives_the_plain_tokens():
     """generate.py --compile: decode steps compiled and replayed as one CUDA graph generate what the plain steps
     generate (fp32, greedy), at batch 1 and 3, for several answers in a row; sampling with top_k=1 is greedy."""
-    import generate
+    import decode
     import model
     torch.manual_seed(0)
     cfg = model.LLMConfig(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=96,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                           qkv_bias=True, tie_word_embeddings=True)
     llm = model.LLM(cfg).cuda().eval()
-    decoder = generate.GraphDecoder(llm)
+    decoder = decode.GraphDecoder(llm)
     for n in ((7,), (5, 11, 8)):
         for _ in range(2):  # recorded, then replayed
             prompts = [torch.randint(0, 512, (k,)).tolist() for k in n]
@@ -122,9 +124,9 @@ def test_one_row_matmul_kernel_equals_linear():
     """The recorded decoder's one-row matmul (Triton, in compiled code) gives what torch's ops give for
     `decode_linear`: F.linear with and without a bias, after an RMSNorm or SwiGLU, plus a residual; in bf16 and fp32,
     on sizes that are not multiples of its blocks."""
-    import generate
+    import decode
     import model
-    step = torch.compile(generate.decode_linear, fullgraph=True, dynamic=False)
+    step = torch.compile(decode.decode_linear, fullgraph=True, dynamic=False)
     cases = [((1152, 896), torch.bfloat16, dict(bias=True)), ((896, 4864), torch.bfloat16, dict()),
              ((101, 37), torch.float32, dict(bias=True)), ((9728, 896), torch.float32, dict()),
              ((1152, 896), torch.bfloat16, dict(bias=True, norm=True)), ((9728, 896), torch.bfloat16, dict(norm=True)),
@@ -144,7 +146,7 @@ def test_one_row_matmul_kernel_equals_linear():
         kwargs = dict(norm=norm, swiglu=case.get("swiglu", False), residual=r)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         with torch.no_grad():  # as in decoding: the kernel has no backward
-            torch.testing.assert_close(step(x, w, b, **kwargs), generate.decode_linear(x, w, b, **kwargs), rtol=tol,
+            torch.testing.assert_close(step(x, w, b, **kwargs), decode.decode_linear(x, w, b, **kwargs), rtol=tol,
                                        atol=tol, msg=lambda m: f"{(N, K)} {dtype} {case}: {m}")
 
 
@@ -154,9 +156,9 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
     cache write and attention over the valid slots; a long cache split over programs, then combined) gives
     `Attention.heads`' output and caches: grouped heads, with and without Qwen3's q/k norms, left-padded rows with
     holes, slots at the start, inside and at the edges of its blocks and parts, parts with nothing valid."""
-    import generate
+    import decode
     import model
-    step = torch.compile(generate.decode_heads, fullgraph=True, dynamic=False)
+    step = torch.compile(decode.decode_heads, fullgraph=True, dynamic=False)
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # each SLOTS_A_PROGRAM compiles afresh
     B = 3
     for nh, n_kv, hd, qk_norm in ((14, 2, 64, False), (8, 4, 128, True), (4, 2, 16, False)):
@@ -167,12 +169,12 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
         if qk_norm:
             torch.nn.init.normal_(attn.q_norm.weight, 1.0, 0.2)
             torch.nn.init.normal_(attn.k_norm.weight, 1.0, 0.2)
-        attn.qkv = generate.NormQKV(llm.model.layers[0].input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.qkv = decode.NormQKV(llm.model.layers[0].input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
         for S, per_program, slots in ((256, 512, (0, 1, 63, 64, 65, 200)), (256, 64, (1, 64, 200, 255)),
                                       (2048, 512, (300, 511, 512, 1500, 2047)),
                                       (2048, 128, (0, 255, 256, 1000, 2047))):
             torch._dynamo.reset()
-            monkeypatch.setattr(generate, "SLOTS_A_PROGRAM", per_program)
+            monkeypatch.setattr(decode, "SLOTS_A_PROGRAM", per_program)
             for slot in slots:
                 valid = torch.zeros(B, S, dtype=torch.bool, device="cuda")
                 for b, first in enumerate((0, min(slot, 100), slot)):  # left padding; the last row's only token is new

@@ -17,18 +17,20 @@ from hypothesis import strategies as st
 import data
 import train
 from model import load_aligner, load_tokenizer
+from checkpoint import CheckpointWriteError, find_resume, load_checkpoint
+from distributed import World
 
 DRIVER = str(ROOT / "tests" / "fault_driver.py")
 
 
 def loads_cleanly(cfg) -> int:
     """Resume as train.py would: the checkpoint it picks loads into a fresh model. Returns its step."""
-    path = train.find_resume(cfg)
+    path = find_resume(cfg)
     assert path is not None and not path.name.startswith(".")
     _, mm = train.build_model(cfg, torch.device("cpu"))
     opt, _ = train.make_optimizer(mm, cfg.train)
     scaler, _ = train.mixed_precision(cfg.train, torch.device("cpu"))
-    return train.load_checkpoint(path, mm, opt, scaler, train.World()).step
+    return load_checkpoint(path, mm, opt, scaler, World()).step
 
 
 def test_kill_9_during_saves_never_corrupts_the_last_checkpoint(demo_dir, tmp_path):
@@ -44,7 +46,7 @@ def test_kill_9_during_saves_never_corrupts_the_last_checkpoint(demo_dir, tmp_pa
         start = steps[-1] if steps else 0
 
         def saved_past_start() -> bool:  # a checkpoint newer than the last trial's is complete
-            path = train.find_resume(cfg)
+            path = find_resume(cfg)
             return path is not None and json.loads((path / "state.json").read_text())["step"] > start
         while not saved_past_start():
             assert time.time() < deadline and p.poll() is None, "the run saved no new checkpoint"
@@ -68,7 +70,7 @@ def test_failed_write_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_di
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(train.torch, "save", full_disk)
-    with pytest.raises(train.CheckpointWriteError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*previous checkpoint is intact"):
         train.fit(cfg)
     monkeypatch.setattr(train.torch, "save", real_save)
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"

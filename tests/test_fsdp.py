@@ -84,16 +84,18 @@ import json, os, sys
 import torch
 sys.path.insert(0, os.getcwd())
 import train
+from config import load_config
+from distributed import setup_distributed, shard_rows
 from model import load_llm
-cfg = train.load_config(None, sys.argv[1:])
-world = train.setup_distributed(cfg)
+cfg = load_config(None, sys.argv[1:])
+world = setup_distributed(cfg)
 _, model = train.build_model(cfg, world.device, world=world)
 full = load_llm(cfg.model.llm)
 out = {}
 for name, p in model.llm.named_parameters():
     if ".lora_" in name:
         continue
-    first, rows = train.shard_rows(p)
+    first, rows = shard_rows(p)
     local = p.to_local()
     want = full.get_parameter(name.replace(".base_layer.", "."))[first:first + rows]
     out[name] = [first, rows, bool(torch.equal(local, want))]

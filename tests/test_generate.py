@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, rows
 
+import decode
 import generate
 import lora
 
@@ -147,7 +148,7 @@ def test_the_recorded_decoders_steps_equal_the_plain_ones(hf_models, family):
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (5, 11, 8)]
     greedy = llm.generate(prompts, 10)
     sampled = llm.generate(prompts, 9, temperature=0.8, top_k=50, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    decoder = generate.GraphDecoder(llm, steps=4, bucket=16, record=False)
+    decoder = decode.GraphDecoder(llm, steps=4, bucket=16, record=False)
     assert all(m.merged for m in lora.lora_modules(llm).values())
     assert llm.generate(prompts, 10, decoder=decoder) == greedy
     streamed = []

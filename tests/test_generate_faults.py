@@ -12,7 +12,7 @@ import data
 import generate
 import lora
 import model
-import train
+from checkpoint import CheckpointReadError, export, read_checkpoint
 
 
 def run(args, capsys) -> tuple[int, str, str]:
@@ -44,7 +44,7 @@ def exported(trained_run, tmp_path_factory):
     """An export folder of the trained run."""
     folder = tmp_path_factory.mktemp("export") / "export"
     m, _, cfg = generate.load_run(trained_run, device="cpu", dtype="float32")
-    train.export(m, folder, cfg)
+    export(m, folder, cfg)
     return folder
 
 
@@ -197,5 +197,5 @@ def test_a_checkpoint_read_error_keeps_train_s_hint_in_training(trained_run, tmp
     ckpt = tmp_path / "ckpt"
     shutil.copytree(generate.checkpoint_folder(trained_run, "best"), ckpt)
     (ckpt / "trainable.safetensors").write_bytes(b"cut")
-    with pytest.raises(train.CheckpointReadError, match="--train.resume=PATH"):
-        train.read_checkpoint(ckpt, "trainable.safetensors")
+    with pytest.raises(CheckpointReadError, match="--train.resume=PATH"):
+        read_checkpoint(ckpt, "trainable.safetensors")

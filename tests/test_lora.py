@@ -115,7 +115,7 @@ def test_adapters_of_one_input_share_a_dropout_mask(hf_models):
 
 
 def test_compiled_dropout_is_recomputed_in_the_backward_with_the_forward_s_mask():
-    """Compiled with `recompute` (as train.GraphedStep asks), lora_down keeps no dropout mask and recomputes it in
+    """Compiled with `recompute` (as step_graph.GraphedStep asks), lora_down keeps no dropout mask and recomputes it in
     the backward: the gradients are those of the forward's mask (A the identity: the output is dropout(x), so its
     zeros are the mask)."""
     x, w = torch.randn(6, 16, requires_grad=True), torch.eye(16, requires_grad=True)

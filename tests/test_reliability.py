@@ -16,6 +16,7 @@ from conftest import ROOT, demo_config, rows
 import data
 import model
 import train
+from checkpoint import CheckpointReadError, CheckpointWriteError
 
 
 def sample(sid, **media):
@@ -38,8 +39,9 @@ def dataset_file(tmp_path, demo_dir, samples, name="d.jsonl"):
 def test_a_second_run_on_the_same_out_dir_is_refused(demo_dir, tmp_path):
     """The run folder is locked: a second run is refused with the first one's host and PID and changes nothing;
     a killed holder leaves no lock behind."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; import train; "
-                               "lock = train.RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from checkpoint import RunLock; lock = RunLock(Path(sys.argv[1])); "
+                               "print('locked', flush=True); time.sleep(120)",
                                str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -183,12 +185,12 @@ def test_a_byte_order_mark_is_accepted_and_json_lists_give_lines(demo_dir, tmp_p
 def test_unwritable_output_is_a_checkpoint_write_error(demo_dir, tmp_path, monkeypatch, how):
     if how == "out_dir is a file":
         (tmp_path / "run").write_text("a file where the folder should be")
-        with pytest.raises(train.CheckpointWriteError, match="cannot use run.out_dir = .*run'.*give a folder"):
+        with pytest.raises(CheckpointWriteError, match="cannot use run.out_dir = .*run'.*give a folder"):
             train.fit(demo_config(demo_dir, tmp_path / "run"))
         return
     real = torch.save
     monkeypatch.setattr(train.torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("unexpected pos")))
-    with pytest.raises(train.CheckpointWriteError, match="unexpected pos. The previous checkpoint is intact"):
+    with pytest.raises(CheckpointWriteError, match="unexpected pos. The previous checkpoint is intact"):
         train.fit(demo_config(demo_dir, tmp_path, train={"max_steps": 1}))
     monkeypatch.setattr(train.torch, "save", real)
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
@@ -199,7 +201,7 @@ def test_an_unreadable_checkpoint_gives_way_to_an_older_one(demo_dir, tmp_path, 
     cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 4, "save_every": 2})
     train.fit(cfg)
     (tmp_path / "checkpoints" / "step_0000004" / "state.json").write_text(state)
-    with pytest.raises(train.CheckpointReadError, match="step_0000004: checkpoint cannot be read"):
+    with pytest.raises(CheckpointReadError, match="step_0000004: checkpoint cannot be read"):
         train.fit(demo_config(demo_dir, tmp_path, train={"max_steps": 5, "resume": str(tmp_path / "checkpoints" /
                                                                                            "step_0000004")}))
     capsys.readouterr()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model
+from config import load_config
 
 SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
                     patch_size=8)
@@ -157,7 +158,6 @@ def test_random_towers_for_gpu_runs_load_as_hugging_face_folders(tmp_path):
     """bench.py --make_assets --towers writes SigLIP- and Whisper-shaped folders (here small shapes) that the
     loaders, the processor and the aligner take; the config that uses them parses."""
     import bench
-    import train
     vision = dict(bench.SIGLIP_SO400M, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, image_size=28, patch_size=14)
     audio = dict(bench.WHISPER_SMALL, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64)
@@ -169,7 +169,7 @@ def test_random_towers_for_gpu_runs_load_as_hugging_face_folders(tmp_path):
                                                 audio=model.EncoderConfig(hf=whisper)))
     assert aligner.audio(torch.zeros(1, 480000))[0].shape == (1, 1500, 8)
     from conftest import ROOT
-    cfg = train.load_config(str(ROOT / "configs" / "qwen2.5-0.5b-siglip-whisper.toml"), [])
+    cfg = load_config(str(ROOT / "configs" / "qwen2.5-0.5b-siglip-whisper.toml"), [])
     assert cfg.data.max_audio_windows == 4 and cfg.model.image_tokens == 81
 
 

@@ -1,4 +1,5 @@
 """train.py: config errors, exact resume, DDP equivalence, signals, non-finite steps, checkpoints."""
+import functools
 import json
 import os
 import signal
@@ -12,15 +13,18 @@ import torch
 from conftest import QWEN25_05B_CONFIG, ROOT, cli_args, demo_config, final_weights, rows, small_bench, torchrun
 
 import train
+from checkpoint import export, trainable_state
+from config import TrainConfig, load_config
+from distributed import World
 
 
 def test_unknown_key_lists_the_known_ones(tmp_path):
     (tmp_path / "c.toml").write_text("[train]\nbatch_sise = 4\n")
     known = r"unknown key train.batch_sise; known keys of \[train\]: phase, batch_size, grad_accum"
     with pytest.raises(ValueError, match=known):
-        train.load_config(str(tmp_path / "c.toml"), [])
+        load_config(str(tmp_path / "c.toml"), [])
     with pytest.raises(ValueError, match="unknown section"):
-        train.load_config(None, ["--optim.lr=1"])
+        load_config(None, ["--optim.lr=1"])
 
 
 @pytest.mark.parametrize("override,message", [
@@ -40,23 +44,23 @@ def test_unknown_key_lists_the_known_ones(tmp_path):
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.load_config(None, override.split())
+        load_config(None, override.split())
 
 
 def test_cuda_graph_is_refused_where_it_cannot_record():
-    cfg = train.load_config(None, ["--train.cuda_graph=true", "--train.compile=max-autotune-no-cudagraphs"])
+    cfg = load_config(None, ["--train.cuda_graph=true", "--train.compile=max-autotune-no-cudagraphs"])
     with pytest.raises(ValueError, match="records the step on a GPU; on CPU set it to false"):
-        train.make_step(None, None, None, [], None, train.World(), cfg)
+        train.make_step(None, None, None, [], None, World(), cfg)
 
 
 def test_toml_types_are_checked(tmp_path):
     (tmp_path / "c.toml").write_text('[train]\nmax_steps = "100"\n')
     with pytest.raises(ValueError, match="train.max_steps must be int, got str"):
-        train.load_config(str(tmp_path / "c.toml"), [])
+        load_config(str(tmp_path / "c.toml"), [])
 
 
 def test_lr_is_warmup_then_cosine():
-    cfg = train.TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     f = [train.lr_factor(s, cfg) for s in range(101)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[100] == pytest.approx(0.1)
@@ -117,7 +121,7 @@ def average_worker(rank: int, port: int, out: str) -> None:
     import bench
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    world = train.World(rank=rank, local_rank=rank, size=2)
+    world = World(rank=rank, local_rank=rank, size=2)
     moved = {}
     for how in ("ddp", "average"):
         args, cfg, mm = small_bench("cpu", multimodal=True, cache=True)
@@ -130,18 +134,17 @@ def average_worker(rank: int, port: int, out: str) -> None:
         if how == "ddp":
             step = train.make_step(mm, opt, scaler, params, autocast, world, cfg)
         else:  # GraphedStep's step, unrecorded: the gradients averaged by its own all-reduce
-            graphed = object.__new__(train.GraphedStep)
-            graphed.model, graphed.opt, graphed.scaler, graphed.params, graphed.world = mm, opt, scaler, params, world
-            graphed.autocast, graphed.grad_clip = autocast, cfg.train.grad_clip
-            step = graphed.step
+            step = functools.partial(train.train_step, mm, opt=opt, scaler=scaler, params=params, world=world,
+                                     autocast=functools.partial(autocast, cache_enabled=False),
+                                     grad_clip=cfg.train.grad_clip, average=True)
         g = torch.Generator().manual_seed(rank)  # each rank its own batches
         micro = [bench.make_batch(args, mm, world.device, g) for _ in range(2)]
-        before = {k: v.detach().clone() for k, v in train.trainable_state(mm).items()}
+        before = {k: v.detach().clone() for k, v in trainable_state(mm).items()}
         norms = []
         for _ in range(2):  # two steps: LoRA's A gets a gradient once B is no longer zero
             norms.append(step(micro).grad_norm)
             opt.zero_grad(set_to_none=True)
-        moved[how] = {k: v.detach() - before[k] for k, v in train.trainable_state(mm).items()}
+        moved[how] = {k: v.detach() - before[k] for k, v in trainable_state(mm).items()}
         moved[how]["grad norms"] = torch.stack(norms)  # AdamW's update hides a scale; the norms show it
     torch.save(moved, f"{out}.{rank}")
     torch.distributed.destroy_process_group()
@@ -296,7 +299,7 @@ def test_seed_setup_parameter_report():
     """configs/qwen2.5-0.5b.toml on Qwen2.5-0.5B's shape with a seed-sized aligner, on the meta device."""
     import bench
     import model
-    cfg = train.load_config(str(ROOT / "configs" / "qwen2.5-0.5b.toml"), [])
+    cfg = load_config(str(ROOT / "configs" / "qwen2.5-0.5b.toml"), [])
     with torch.device("meta"):
         llm = model.LLM(model.LLMConfig.from_hf(QWEN25_05B_CONFIG))
         aligner = model.Aligner(bench.SEED_ALIGNER).requires_grad_(False)
@@ -331,7 +334,7 @@ def test_the_frozen_aligner_stored_for_autocast_gives_the_same_features_and_expo
     assert dtypes["image.head.weight"] == dtypes["audio.encoder.conv1.weight"] == torch.bfloat16
     assert dtypes["image.encoder.pos_embed"] == dtypes["image.encoder.norm.weight"] == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(before, features()))
-    train.export(mm, tmp_path / "export", cfg)
+    export(mm, tmp_path / "export", cfg)
     source = model.load_aligner(cfg.model.aligner).state_dict()
     exported = model.load_aligner(tmp_path / "export" / "aligner").state_dict()
     assert source.keys() == exported.keys() and all(torch.equal(source[k], exported[k]) for k in source)
@@ -366,7 +369,7 @@ def test_bench_batches_run_through_the_training_step(variant):
         assert len(placeholders) == (2 * 2 * 32 if m == "image" else 2 * 32) * args.multimodal
     opt, params = train.make_optimizer(mm, cfg.train)
     scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
-    out = train.make_step(mm, opt, scaler, params, autocast, train.World(), cfg)([batch])
+    out = train.make_step(mm, opt, scaler, params, autocast, World(), cfg)([batch])
     assert out.finite and out.n_tokens > 0 and 0.3 < float((batch.labels != -100).sum()) / sum(batch.lengths) < 0.6
 
 
@@ -402,7 +405,7 @@ def test_bench_table_gives_the_ratios_to_the_peer():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cfg = train.load_config(str(path), [])
+    cfg = load_config(str(path), [])
     assert cfg.run.out_dir
 
 

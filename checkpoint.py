@@ -1,0 +1,340 @@
+"""The run folder on disk: its lock, checkpoints (written atomically, found, read whole, restored after checking
+that they fit) and the export folder that transformers, peft and mmlora load.
+
+    <out_dir>/run.lock                      held by the running process (fcntl: the system drops it at exit)
+    <out_dir>/checkpoints/step_0000100/     trainable.safetensors, optimizer.pt, rng.pt, state.json
+    <out_dir>/checkpoints/latest            names the newest; best/ and emergency/ beside the steps
+    <out_dir>/export/                       adapter/ (peft), merged/ (transformers), projectors, aligner, mmlora.json
+
+Every folder is written under a temporary name, fsynced and renamed into place (`write_folder`), so that a crash at
+any moment leaves the previous folder or the new one whole, never a mix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import lora
+from config import Config
+from distributed import World, shard_of, whole
+from model import MultimodalLM, check_tensors, copy_aligner, save_llm, save_tensors, write_json
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; with the weights, optimizer and RNGs, what a checkpoint restores."""
+    step: int = 0  # optimizer steps taken
+    consumed: int = 0  # samples of the global stream consumed (a skipped step's samples too)
+    best: float = float("inf")  # best validation loss so far
+    bad_steps: int = 0  # non-finite steps skipped in all
+    bad_in_row: int = 0  # ... in a row, up to now (not saved: a resumed run starts counting again)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def trainable_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores: the trainable tensors (projectors + LoRA), by their names in the model, whole
+    (under FSDP each is gathered from its shards: every rank must call this)."""
+    return {n: whole(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(model: nn.Module, opt) -> dict:
+    """The optimizer's state by parameter name, each tensor whole (`whole`), so that a checkpoint resumes under
+    either strategy and on any number of ranks."""
+    sd = opt.state_dict()  # "state" is keyed by each parameter's place in the groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    return {"state": {order[i]: {k: whole(v) for k, v in st.items()} for i, st in sd["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(model: nn.Module, opt, saved: dict) -> None:
+    """`optimizer_state`'s output into `opt`, each tensor cut to this rank's shard where the parameter is one."""
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    current = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    saved_names = [n for g in saved["param_groups"] for n in g["params"]]
+    if sorted(current) != sorted(saved_names) or len(opt.param_groups) != len(saved["param_groups"]):
+        differ = sorted(set(current) ^ set(saved_names))
+        raise KeyError(f"the optimizer state is for other parameters ({differ[:3]}) or groups than this model's")
+    state = {i: {k: shard_of(params[n], v) for k, v in saved["state"][n].items()}
+             for i, n in enumerate(current) if n in saved["state"]}
+    groups, first = [], 0
+    for g, saved_group in zip(opt.param_groups, saved["param_groups"]):  # matched by position, as torch does
+        groups.append({**saved_group, "params": list(range(first, first + len(g["params"])))})
+        first += len(g["params"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or the run's folder could not be written (read-only or full folder, a file in its place); the
+    previous checkpoint is untouched."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint's files cannot be read (truncated, garbage, keys missing): with train.resume = "auto" an older
+    one is tried."""
+
+
+def write_folder(final: Path, write, advice: str = "The previous checkpoint is intact; free space or make "
+                 "run.out_dir writable, then resume") -> None:
+    """`write(tmp)` fills a temporary folder beside `final`, whose files (in subfolders too) are fsynced, and the
+    folder then takes `final`'s place by renames: a crash at any moment leaves the old folder or the new one whole.
+    A folder that cannot be written is a CheckpointWriteError ending with `advice`, and the old one stays."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before the folders that hold them
+            if f.is_dir():
+                fsync_dir(f)
+            else:
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write {final}: {e}. {advice}") from None
+    except BaseException:  # Ctrl-C in an export, say: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(final.parent)
+
+
+def write_checkpoint(ckpt_dir: Path, name: str, tensors: dict[str, torch.Tensor], optimizer: dict, scaler,
+                     state: dict, rngs: list) -> Path:
+    """Write checkpoint `name` (the trainable tensors, the optimizer's state as `optimizer_state` gives it, the
+    scaler's, the run's and every rank's RNGs) atomically (`write_folder`), then replace `latest` (os.replace is
+    atomic) to name it, except for `best`, which is a copy kept aside."""
+    def write(tmp: Path) -> None:
+        save_tensors(tensors, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer, "scaler": scaler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(rngs, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    final = ckpt_dir / name
+    write_folder(final, write)
+    if name != "best":
+        latest_tmp = ckpt_dir / f".latest-{os.getpid()}"
+        latest_tmp.write_text(name + "\n")
+        os.replace(latest_tmp, ckpt_dir / "latest")
+    fsync_dir(ckpt_dir)
+    return final
+
+
+def clean_leftovers(ckpt_dir: Path) -> None:
+    """Remove half-written folders of an earlier crash (they never carry a `latest` name)."""
+    for p in ckpt_dir.glob(".*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except Exception:
+        return -1
+
+
+def resume_candidates(cfg: Config) -> list[Path]:
+    """The checkpoints to resume from, best first: the one `train.resume` names; with "auto" the one `latest`
+    names, then the other complete ones of out_dir, newest first (a crash may have taken `latest`'s folder, and a
+    damaged checkpoint gives way to an older one)."""
+    if cfg.train.resume == "none":
+        return []
+    if cfg.train.resume != "auto":
+        p = Path(cfg.train.resume)
+        if not (p / "state.json").is_file():
+            raise FileNotFoundError(f"{p}: not a checkpoint folder (no state.json); give a checkpoints/step_* folder")
+        return [p]
+    return checkpoints_in(Path(cfg.run.out_dir) / "checkpoints")
+
+
+def checkpoints_in(ckpt_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run's folder: the one `latest` names first, then the others, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    complete = sorted((p for p in ckpt_dir.glob("[!.]*") if (p / "state.json").is_file()), key=checkpoint_step,
+                      reverse=True)
+    latest = ckpt_dir / "latest"
+    first = ckpt_dir / latest.read_text().strip() if latest.is_file() else None
+    return sorted(complete, key=lambda p: p != first)  # stable: `latest` first, then newest first
+
+
+def find_resume(cfg: Config) -> Path | None:
+    return next(iter(resume_candidates(cfg)), None)
+
+
+RESUME_HINT = "Resume from an older one with --train.resume=PATH, or start fresh with --train.resume=none"
+
+
+def read_checkpoint(path: Path, *names: str, hint: str = RESUME_HINT) -> list:
+    """state.json and the named files of a checkpoint (`trainable.safetensors`, `optimizer.pt`, `rng.pt`), read
+    whole before anything is restored; a file that cannot be read is a CheckpointReadError naming it, and ending
+    with `hint`, what to do instead (the calling tool's own options)."""
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+        missing = [k for k in ("step", "consumed", "best", "bad_steps") if k not in state]
+        if missing:
+            raise KeyError(f"state.json lacks {missing}")
+        files = [load_file(str(path / n)) if n.endswith(".safetensors") else
+                 torch.load(path / n, map_location="cpu", weights_only=False) for n in names]
+    except Exception as e:
+        raise CheckpointReadError(f"{path}: checkpoint cannot be read ({type(e).__name__}: {e}); it may be "
+                                  f"truncated. {hint}") from None
+    return [state, *files]
+
+
+def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor], model: MultimodalLM,
+                      instead: str = "--train.resume=none") -> None:
+    """Copy a checkpoint's trainable tensors into `model` after checking that it was trained on this base model,
+    with this LoRA scale, and that every tensor fits; a mismatch is a ValueError naming what differs, and offering
+    `instead` (the calling tool's option) as the way out."""
+    saved_llm = state.get("llm_config")
+    if saved_llm is not None and saved_llm != json.loads(json.dumps(dataclasses.asdict(model.llm.config))):
+        diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(model.llm.config, k, None))
+        raise ValueError(f"{path}: checkpoint was trained on a different base model (config differs in {diff}); "
+                         f"use the model.llm it was trained with, or {instead}")
+    alphas = {m.alpha for m in lora.lora_modules(model.llm).values()}
+    saved_alpha = state.get("config", {}).get("lora", {}).get("alpha")
+    if saved_alpha is not None and alphas and alphas != {saved_alpha}:
+        raise ValueError(f"{path}: checkpoint was trained with lora.alpha = {saved_alpha}, this run has "
+                         f"{sorted(alphas)}: its adapters would be scaled wrongly; use lora.alpha = {saved_alpha}, "
+                         f"or {instead}")
+    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
+                  f"{path}: checkpoint does not fit this run (different LoRA rank/targets, base model or projectors?); "
+                  f"use the config it was trained with, or {instead}")
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(shard_of(p, tensors[k].to(p.device)))
+
+
+def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) -> TrainState:
+    """Restore trainable tensors, optimizer state, scaler and this rank's RNGs; check that the checkpoint fits this
+    run first. The optimizer's hyperparameters stay this run's (the schedule sets the learning rate)."""
+    state, tensors, other, rngs = read_checkpoint(path, "trainable.safetensors", "optimizer.pt", "rng.pt")
+    restore_trainable(path, state, tensors, model)
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        load_optimizer_state(model, opt, other["optimizer"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: the optimizer state does not fit this run ({e}); resume with the config it was "
+                         "trained with, or start fresh with --train.resume=none") from None
+    for g, h in zip(opt.param_groups, hyper):
+        g.update(h)
+    scaler.load_state_dict(other["scaler"])
+    if world.rank < len(rngs) and rngs[world.rank] is not None:  # else (a new rank, a rank-0-only save) a fresh seed
+        set_rng_state(rngs[world.rank])
+    return TrainState(state["step"], state["consumed"], state["best"], state["bad_steps"])
+
+
+class RunLock:
+    """An exclusive lock on a run's folder, so that two runs never share it: `fcntl.flock` on `<out_dir>/run.lock`,
+    which names the holder's host and PID. The system drops the lock when the process ends, so a crashed run
+    leaves none behind."""
+
+    def __init__(self, out_dir: Path):
+        import fcntl
+        import socket
+
+        self.file = open(out_dir / "run.lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RuntimeError(f"{out_dir} is in use by another run ({holder}); wait for it to end, or give this "
+                               "run another run.out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the file drops the lock
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+def check_export_folder(folder: Path) -> None:
+    """A ValueError unless `folder` may take an export: new, empty, or an export folder (which is replaced)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file; give a folder for the export")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "mmlora.json").is_file():
+        raise ValueError(f"{folder}: holds files and is not an export folder (no mmlora.json); give a new or empty "
+                         "folder, so that nothing there is overwritten")
+
+
+def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | None = None) -> None:
+    """The run's result as one folder that transformers, peft and mmlora load:
+
+    adapter/                 peft's format; base_model_name_or_path is the base's absolute path
+    merged/                  the LLM with LoRA folded in, a Hugging Face folder (sharded at 5 GB, with its tokenizer
+                             and generation config): AutoModelForCausalLM.from_pretrained loads it
+    projectors.safetensors   the trained projectors
+    aligner/                 a copy of the frozen aligner, read from its folder (model.aligner)
+    mmlora.json              the run's config, for `generate.load_run(folder)`
+
+    The model itself is not changed (the merge is computed aside), `dtype` casts the merged weights. The folder is
+    written beside `folder` under a temporary name, then takes its place (`write_folder`): an export folder already
+    there is replaced whole, never mixed with the new one. A file, or a folder that holds anything but an export,
+    is refused (ValueError) before anything is written. Files are readable by all."""
+    check_export_folder(folder)
+    base = Path(cfg.model.llm).resolve()
+
+    def write(tmp: Path) -> None:
+        lora.save_adapter(model.llm, tmp / "adapter", str(base))
+        save_llm(model.llm, tmp / "merged", state=lora.merged_state_dict(model.llm, dtype))
+        for name in TOKENIZER_FILES:
+            if (base / name).is_file():
+                shutil.copyfile(base / name, tmp / "merged" / name)
+                os.chmod(tmp / "merged" / name, 0o644)
+        save_tensors(model.projectors.state_dict(), tmp / "projectors.safetensors")
+        copy_aligner(cfg.model.aligner, tmp / "aligner")  # its folder, not the model's copy: see store_for_autocast
+        doc = {"format": "mmlora export 1", "llm": "merged", "aligner": "aligner",
+               "projectors": "projectors.safetensors", "base_model": str(base), "config": dataclasses.asdict(cfg)}
+        write_json(tmp / "mmlora.json", doc)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_folder(folder, write, advice="An export folder already there is intact; free space or give a writable "
+                 "folder")

@@ -1,0 +1,229 @@
+"""The run's configuration: one dataclass per TOML section ([model], [lora], [data], [train], [run]), every key with
+its default and a comment, type-checked overrides and checks that name the key at fault.
+
+    cfg = load_config("configs/demo.toml", ["--train.max_steps=20", "--run.out_dir=runs/x"])
+    cfg = config_from_dict(json.load(open("runs/x/config.json")), "runs/x/config.json")   # a run's own config
+
+An unknown key is an error that lists the known ones; a value of the wrong type, or one outside what is allowed,
+is an error that says what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+
+from step_graph import GraphedStep
+
+
+@dataclass
+class ModelConfig:
+    llm: str = ".cache/demo/llm"  # Hugging Face folder of the LLM (config.json, safetensors, tokenizer.json)
+    aligner: str = ".cache/demo/align/aligner"  # Phase-1 aligner folder (aligner.json + aligner.safetensors)
+    chat_format: str = ""  # "" = from tokenizer_config.json's template or the family; or chatml, qwen2.5, llama3, ...
+    dtype: str = "auto"  # frozen LLM weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
+    image_tokens: int = 16  # K: LLM tokens per image
+    audio_tokens: int = 8  # K: LLM tokens per audio clip
+    projector_hidden: int = 0  # width of the projector's middle layer; 0 = the LLM's hidden size
+    projector_mode: str = "pool"  # pool: N encoder tokens pooled to K; pooled: the pooled embedding repeated K times
+    shared_projector: bool = False  # one projector for images and audio (ImageBind-LLM's design: what it learns on
+    # one modality applies to the other through the aligned space); needs image_tokens == audio_tokens
+    loss_chunk: int = 512  # labelled positions per lm_head chunk in the loss: one chunk's logits (chunk x vocab) and
+    # their gradient are the step's largest temporary; smaller chunks read the lm_head weight more often (BENCHMARKS.md)
+
+    @property
+    def tokens_per_media(self) -> dict[str, int]:
+        return {"image": self.image_tokens, "audio": self.audio_tokens}
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16  # r
+    alpha: float = 32.0  # scale = alpha / r
+    dropout: float = 0.05  # dropout on the LoRA input
+    targets: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated module names, or all-linear
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ".cache/demo/data/train.jsonl"  # JSONL or JSON list of conversations
+    val_file: str = ".cache/demo/data/val.jsonl"  # validation set ("" = none)
+    make_demo: str = ""  # folder in which to make the embedded demo assets on first use ("" = never)
+    max_len: int = 512  # tokens per sample (and per packed row)
+    truncate: bool = False  # cut samples longer than max_len (never inside a media block) instead of an error
+    pack: bool = False  # pack several samples per row, with no attention across them
+    on_error: str = "raise"  # bad sample: raise (stop, naming it) or skip (leave out, list in skipped.jsonl)
+    allow_outside_paths: bool = False  # allow media paths outside the data file's folder
+    feature_cache: str = ""  # folder of cached aligner features (train.py --build_feature_cache makes it)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    pad_multiple: int = 8  # pad rows to a multiple of this many tokens (64 keeps compiled shapes few)
+    max_audio_windows: int = 1  # a clip longer than the aligner's window becomes up to this many windows of K tokens
+
+
+@dataclass
+class TrainConfig:
+    phase: str = "instruct"  # instruct: Phase 2 (projectors + LoRA on conversations); align: Phase 1 (the aligner
+    # on pairs, align.py), which writes <out_dir>/aligner/
+    batch_size: int = 8  # samples per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps in all
+    lr_projector: float = 1e-3  # peak learning rate of the projectors
+    lr_lora: float = 2e-4  # peak learning rate of the LoRA adapters
+    lr_aligner: float = 1e-3  # Phase 1: peak learning rate of the aligner's heads (and encoders) and the text head
+    align_encoders: bool = False  # Phase 1: train our own encoders too, not only the heads (HF towers stay frozen)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 50  # linear warmup, then cosine decay to min_lr_ratio * peak
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
+    amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
+    compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs per layer),
+    # max-autotune (searched Triton matmul kernels, CUDA graphs per layer), max-autotune-no-cudagraphs
+    cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32;
+    # see GraphedStep)
+    activation_memory_budget: float = 1.0  # with train.compile: below 1, the compiler saves fewer activations for the
+    # backward and recomputes cheap elementwise work there (norms, activations, RoPE) instead: less memory, more work
+    strategy: str = "ddp"  # ddp: every rank holds the whole model; fsdp: torch's FSDP2 shards the LLM's weights over
+    # the ranks (each decoder layer a unit), for bases too big for one GPU (torchrun with 2 or more ranks)
+    fsdp_reshard_after_forward: bool = True  # fsdp: free each layer's gathered weights after its forward (less
+    # memory; the backward gathers them again)
+    eval_every: int = 200  # steps between evaluations (0 = only at the end)
+    eval_samples: int = 0  # validation samples for the loss (0 = all)
+    gen_samples: int = 64  # validation samples answered by greedy generation (exact-match accuracy)
+    max_new_tokens: int = 8  # tokens generated per answer
+    save_every: int = 200  # steps between checkpoints (the last step is always saved)
+    keep_last: int = 2  # periodic checkpoints kept
+    resume: str = "auto"  # auto (latest in out_dir), none, or a checkpoint folder
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    seed: int = 0  # seed of the data order, initialisation and dropout
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"  # checkpoints, metrics.csv/jsonl, config.json, logs
+    log_every: int = 10  # steps between progress lines and metric rows
+    device: str = "auto"  # auto (cuda if available), cpu, cuda
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {("train", "phase"): ("instruct", "align"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
+           ("model", "projector_mode"): ("pool", "pooled"),
+           ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
+           ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+           ("run", "device"): ("auto", "cpu", "cuda"), ("train", "strategy"): ("ddp", "fsdp")}
+
+
+POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
+            ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
+            ("run", "log_every"), ("data", "pad_multiple"), ("train", "keep_last"), ("train", "max_bad_steps"),
+            ("data", "max_audio_windows")}
+
+
+NON_NEGATIVE = {("train", "lr_projector"), ("train", "lr_lora"), ("train", "lr_aligner"), ("train", "weight_decay"),
+                ("train", "warmup_steps"),
+                ("train", "grad_clip"), ("lora", "dropout"), ("train", "eval_every"), ("train", "save_every"),
+                ("train", "eval_samples"), ("train", "gen_samples"), ("data", "num_workers")}
+
+
+def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
+    """Set `section.key`, checking that both exist and that the value has the field's type."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ValueError(f"{source}: unknown section [{section}]; known sections: {', '.join(sections)}")
+    sub = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sub)}
+    if key not in fields:
+        raise ValueError(f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(fields)}")
+    typ = type(getattr(type(sub)(), key))
+    if source == "command line" and typ is not str:  # text to parse
+        try:
+            value = {"true": True, "false": False}[value.lower()] if typ is bool else typ(value)
+        except (KeyError, ValueError):
+            raise ValueError(f"{source}: {section}.{key} must be {typ.__name__}, got {value!r}") from None
+    if typ is float and type(value) is int:
+        value = float(value)
+    if type(value) is not typ:
+        raise ValueError(f"{source}: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    setattr(sub, key, value)
+
+
+def check_config(cfg: Config) -> None:
+    """Reject impossible values, naming the key and what is allowed."""
+    for (s, k), allowed in CHOICES.items():
+        if getattr(getattr(cfg, s), k) not in allowed:
+            raise ValueError(f"{s}.{k} = {getattr(getattr(cfg, s), k)!r}; allowed: {', '.join(allowed)}")
+    for s, k in POSITIVE:
+        if getattr(getattr(cfg, s), k) < 1:
+            raise ValueError(f"{s}.{k} = {getattr(getattr(cfg, s), k)}; it must be at least 1")
+    for s, k in NON_NEGATIVE:
+        if getattr(getattr(cfg, s), k) < 0:
+            raise ValueError(f"{s}.{k} = {getattr(getattr(cfg, s), k)}; it must be >= 0")
+    if not 0.0 <= cfg.train.activation_memory_budget <= 1.0:
+        raise ValueError(f"train.activation_memory_budget = {cfg.train.activation_memory_budget}; it must be in [0, 1]")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
+    if cfg.lora.dropout >= 1.0:
+        raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
+    if cfg.train.cuda_graph:
+        GraphedStep.check_config(cfg)
+    if cfg.train.strategy == "fsdp" and cfg.train.cuda_graph:
+        raise ValueError("train.strategy = \"fsdp\" gathers and frees weights with collectives around each layer, "
+                         "which a recorded step cannot hold: set train.cuda_graph = false with it")
+    if cfg.train.strategy == "fsdp" and cfg.train.compile in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"train.compile = \"{cfg.train.compile}\" records each layer as a CUDA graph, and FSDP's "
+                         "gathered weights move from step to step (every step would record again): use \"default\" "
+                         "or \"max-autotune-no-cudagraphs\" with train.strategy = \"fsdp\"")
+    if cfg.train.strategy == "fsdp" and cfg.train.phase == "align":
+        raise ValueError("train.strategy = \"fsdp\" shards Phase 2's LLM; Phase 1 trains the aligner's small heads "
+                         "with the LLM frozen and runs with ddp: set train.strategy = \"ddp\"")
+    if cfg.train.phase == "align" and cfg.data.feature_cache:
+        raise ValueError("train.phase = \"align\" trains the aligner, so its features cannot come from a cache: "
+                         "set data.feature_cache = \"\"")
+    if cfg.model.shared_projector and cfg.model.image_tokens != cfg.model.audio_tokens:
+        raise ValueError(f"model.shared_projector gives images and audio one projector, so model.image_tokens "
+                         f"({cfg.model.image_tokens}) and model.audio_tokens ({cfg.model.audio_tokens}) must be equal")
+    longest = max(cfg.model.image_tokens, cfg.model.audio_tokens)
+    if cfg.data.max_len <= longest:
+        raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
+                         "(model.image_tokens / model.audio_tokens); raise data.max_len")
+
+
+def config_from_dict(doc: dict, source: str, cfg: Config | None = None) -> Config:
+    """{section: {key: value}} (a TOML file, or a run's config.json) onto `cfg` (default: the defaults), checked."""
+    cfg = cfg or Config()
+    for section, values in doc.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: {section!r} must be a [section]; sections: model, lora, data, train, run")
+        for key, value in values.items():
+            set_key(cfg, section, key, value, source)
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str]) -> Config:
+    """TOML file, then `--section.key=value` overrides; unknown keys and wrong types are errors."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        config_from_dict(doc, path, cfg)
+    for o in overrides:
+        if not o.startswith("--") or "=" not in o or "." not in o.split("=", 1)[0]:
+            raise ValueError(f"override {o!r}: write --section.key=value")
+        name, value = o[2:].split("=", 1)
+        section, key = name.split(".", 1)
+        set_key(cfg, section, key, value, "command line")
+    check_config(cfg)
+    return cfg

@@ -1,0 +1,54 @@
+"""The project's files as a reader and a vendoring user rely on them: each file imports only files below it (no
+circles, type-only imports counted), model.py stands alone, the fast decoder's Triton code stays out of
+generate.py, and importing the user's entry points leaves the compiler and FSDP out until they are used."""
+import ast
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def project_imports() -> dict[str, set[str]]:
+    """file stem -> the project's files it imports, anywhere in it (functions and TYPE_CHECKING blocks too)."""
+    files = {p.stem: p for p in ROOT.glob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps.add(node.module.split(".")[0])
+        graph[name] = deps & set(files) - {name}
+    return graph
+
+
+def test_no_import_circles_and_model_py_stands_alone():
+    graph = project_imports()
+    state: dict[str, str] = {}
+
+    def visit(u, path):
+        state[u] = "open"
+        for v in sorted(graph[u]):
+            assert state.get(v) != "open", f"import circle: {' -> '.join(path + [u, v])}"
+            if v not in state:
+                visit(v, path + [u])
+        state[u] = "done"
+    for u in sorted(graph):
+        if u not in state:
+            visit(u, [])
+    assert graph["model"] == set(), graph["model"]
+    order = ["model", "lora", "data", "align", "step_graph", "config", "distributed", "checkpoint", "train", "demo",
+             "decode", "generate", "validate", "bench"]  # the README's layout table, top to bottom
+    assert sorted(order) == sorted(graph)
+    for i, name in enumerate(order):
+        assert graph[name] <= set(order[:i]), f"{name}.py imports {sorted(graph[name] - set(order[:i]))}, below it"
+    assert "demo" not in graph["train"] and "train" in graph["demo"]  # the demo sits above training
+
+
+def test_generate_py_holds_no_triton_and_entry_points_import_light():
+    assert "triton" not in (ROOT / "generate.py").read_text()
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import generate, train; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.fsdp', 'triton', 'sympy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
