@@ -263,13 +263,57 @@ def check_outputs(outputs: list[Path], inputs: set[Path]) -> None:
             raise ValueError(f"{o}: is a folder; give --out a file, for example {o / 'pred.jsonl'}")
 
 
+def length_batches(ds: data.ConversationDataset, todo: list[int], max_rows: int, max_tokens: int,
+                   max_new_tokens: int) -> list[list[int]]:
+    """The samples to answer, in batches of similar length: sorted longest first (the first batch shows the peak
+    memory), each batch cut where it would pass `max_rows` rows or `max_tokens` cache slots (rows x (its longest
+    sample + max_new_tokens)). Few shapes, little padding, and rows that end at about the same step."""
+    order = sorted(todo, key=lambda i: -len(ds.examples[i].input_ids))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            rows, width = len(batches[-1]) + 1, len(ds.examples[batches[-1][0]].input_ids) + max_new_tokens
+            if rows <= max_rows and rows * width <= max_tokens:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+class PromptBatches(torch.utils.data.Dataset):
+    """Batch k of `batches` ready to generate from, for a DataLoader whose workers decode the media off the main
+    process: (the samples kept, their references, those whose media do not decode, the collated prompts or None)."""
+
+    def __init__(self, ds: data.ConversationDataset, batches: list[list[int]], pad_id: int):
+        self.ds, self.batches, self.pad_id = ds, batches, pad_id
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        kept, references, bad, items = [], [], [], []
+        for i in self.batches[k]:
+            pair = self.ds.prompt(i)
+            if pair is None:
+                bad.append(i)
+                continue
+            kept.append(i)
+            items.append(pair[0])
+            references.append(pair[1])
+        return kept, references, bad, data.collate(items, self.pad_id) if items else None
+
+
 def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, out: Path, batch_size: int,
-            max_new_tokens: int, sampling: dict, resume: bool, inputs: frozenset[Path] = frozenset()) -> dict:
+            max_new_tokens: int, sampling: dict, resume: bool, inputs: frozenset[Path] = frozenset(),
+            batch_tokens: int = 1 << 16, workers: int = 0) -> dict:
     """Answer every sample of a dataset (the prompt is every turn before its last reply, the reference that reply),
-    batched, writing one JSON line per sample as it goes; `resume` skips the ids already in `out`. Samples that
-    cannot be used are listed and skipped; ids must be unique, since they key `resume`. `out` and the metrics file
-    may not name any of `inputs` (the run's files), the dataset or its media. Returns the metrics, also written to
-    `<out stem>.metrics.json`."""
+    in batches of similar length (`length_batches`: at most `batch_size` rows and `batch_tokens` cache slots),
+    their media decoded by `workers` DataLoader processes (0: in this one), writing one JSON line per sample as
+    each batch ends, in that order; `resume` skips the ids already in `out`. Samples that cannot be used are listed
+    and skipped; ids must be unique, since they key `resume`. `out` and the metrics file may not name any of
+    `inputs` (the run's files), the dataset or its media. Returns the metrics, also written to
+    `<out stem>.metrics.json` with the time taken (`timing`: from the first batch on, so without loading)."""
+    t_start = time.perf_counter()
     ds = data.ConversationDataset(path, tokenizer, model.aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
                                   truncate=True, on_error="skip", allow_outside_paths=True,
                                   max_audio_windows=cfg.data.max_audio_windows)
@@ -287,34 +331,36 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
                          "dataset's: give a new --out, or leave out --resume")
     todo = [i for i, ex in enumerate(ds.examples) if ex.id not in done]
     device = model.llm.lm_head.weight.device
-    t0, written = time.perf_counter(), 0
+    batches = length_batches(ds, todo, batch_size, batch_tokens, max_new_tokens)
+    loader = torch.utils.data.DataLoader(PromptBatches(ds, batches, tokenizer.pad_id), batch_size=None,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    t0, written, first = time.perf_counter(), 0, None
     with open(out, "a" if resume else "w") as f:
-        for s in range(0, len(todo), batch_size):
-            pairs = []
-            for i in todo[s:s + batch_size]:
-                pair = ds.prompt(i)
-                if pair is None:
-                    print(f"skipped {ds.path}:{ds.examples[i].line}: sample {ds.examples[i].id!r}: a medium does "
-                          "not decode", file=sys.stderr)
-                    continue
-                pairs.append((i, *pair))
-            if not pairs:
+        for kept, references, bad, batch in loader:
+            for i in bad:
+                print(f"skipped {ds.path}:{ds.examples[i].line}: sample {ds.examples[i].id!r}: a medium does "
+                      "not decode", file=sys.stderr)
+            if batch is None:
                 continue
-            batch = data.collate([item for _, item, _ in pairs], tokenizer.pad_id).to(device)
-            outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
+            outs = model.generate(batch.to(device), max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
             lines = []
-            for (i, _, reference), o in zip(pairs, outs):
+            for i, reference, o in zip(kept, references, outs):
                 ex = ds.examples[i]
                 lines.append(json.dumps({"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
                                          "media": {m: [str(p) for p in ex.media[m]] for m in MODALITIES}}) + "\n")
             f.write("".join(lines))  # whole lines, in one write
             f.flush()
-            written += len(pairs)
+            first = first or time.perf_counter() - t_start
+            written += len(kept)
             rate = written / (time.perf_counter() - t0)
             print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
                   f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - t0
     rows = [r for r in read_predictions(out).values() if r["id"] in ids]
     metrics = prediction_metrics(rows)
+    metrics["timing"] = {"samples": written, "seconds": round(seconds, 3), "samples_per_s": round(written / seconds, 1)
+                         if seconds > 0 else None, "first_answer_s": None if first is None else round(first, 3),
+                         "dataset_s": round(t0 - t_start, 3)}
     train.write_json(metrics_file, metrics)
     return metrics
 
@@ -381,15 +427,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--predict", metavar="DATA", help="answer every sample of a dataset (JSONL or JSON list)")
     ap.add_argument("--out", help="with --predict: the JSONL of predictions")
     ap.add_argument("--resume", action="store_true", help="with --predict: skip ids already in --out")
-    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--batch_size", type=int, default=256, help="with --predict: rows a batch, at most")
+    ap.add_argument("--batch_tokens", type=int, default=1 << 16, help="with --predict: cache slots a batch, at most "
+                    "(rows x (longest sample + max_new_tokens))")
+    ap.add_argument("--workers", type=int, help="with --predict: DataLoader processes that decode the media "
+                    "(default: 4 on a GPU, 0 on a CPU)")
     ap.add_argument("--export", metavar="DIR", help="write the export folder (adapter/, merged/, ...) to DIR")
     ap.add_argument("--max_new_tokens", type=int, help="default: 256, or the run's train.max_new_tokens with --predict")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compile", action="store_true", help="on a GPU: the decode step compiled and replayed as a "
-                    "CUDA graph, faster for long answers and large batches (compiling takes a minute per shape)")
+    ap.add_argument("--compile", action="store_true", help="on a GPU: the recorded decode steps compiled too, faster "
+                    "for long answers at small batches (compiling takes a minute or more per shape); --predict "
+                    "keeps the eager recorded steps")
+    ap.add_argument("--eager", action="store_true", help="on a GPU: decode step by step, neither recorded nor "
+                    "compiled (the plain path)")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU if there is one")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU, float32 on a CPU")
     args = ap.parse_args(argv)
@@ -412,20 +465,17 @@ def main(argv: list[str] | None = None) -> None:
             inputs = frozenset(input_files(Path(args.run), args.checkpoint) | {Path(args.predict).resolve()})
             check_outputs([out, out.with_name(out.stem + ".metrics.json")], set(inputs))
         model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype)
-        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-        if args.compile:
-            if not model.llm.lm_head.weight.is_cuda:
-                raise ValueError("--compile replays CUDA graphs: it needs a GPU")
-            from decode import GraphDecoder  # Triton and the compiler, imported only when asked for
-
-            torch.manual_seed(args.seed)
-            sampling["decoder"] = GraphDecoder(model.llm)
-        else:
-            sampling["generator"] = torch.Generator(model.llm.lm_head.weight.device).manual_seed(args.seed)
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                    **decoding(model.llm, args)}
         if args.predict:
             args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
+            cuda = model.llm.lm_head.weight.is_cuda
+            workers = args.workers if args.workers is not None else 4 if cuda else 0
             metrics = predict(model, tokenizer, cfg, args.predict, Path(args.out), args.batch_size,
-                              args.max_new_tokens, sampling, args.resume, inputs)
+                              args.max_new_tokens, sampling, args.resume, inputs, args.batch_tokens, workers)
+            t = metrics["timing"]
+            print(f"{t['samples']} answered in {t['seconds']:.2f} s ({t['samples_per_s']} samples/s), the first "
+                  f"batch {t['first_answer_s']} s after reading started", file=sys.stderr)
             print(f"{metrics['samples']} samples | exact match {100 * metrics['exact_match']:.1f}% | token F1 "
                   f"{100 * metrics['f1']:.1f}% | " + ", ".join(f"{k} {100 * v['exact_match']:.1f}% ({v['samples']})"
                                                               for k, v in metrics["by_mix"].items()))
@@ -447,6 +497,29 @@ def main(argv: list[str] | None = None) -> None:
         print(file=sys.stderr)  # off the line that ^C was echoed on
         print(f"generate.py: stopped (Ctrl-C). {stopped_note(args, argv)}", file=sys.stderr)
         sys.exit(130)
+
+
+def decoding(llm, args) -> dict:
+    """How the decode steps run, as `LLM.generate`'s arguments. On a GPU by default, the eager steps recorded as
+    CUDA graphs (`decode.GraphDecoder(compile=False)`: a recording is one run of the steps, so there is no wait), 8
+    steps a graph; with --compile, those steps compiled first, except in --predict, where many batch shapes each
+    compiling for a minute or more cost more than the short answers gain (it says so). With --eager, on a CPU or
+    for a sliding-window model, `LLM.decode`, step by step, sampling with its own generator."""
+    cuda = llm.lm_head.weight.is_cuda
+    if args.compile and not cuda:
+        raise ValueError("--compile replays CUDA graphs: it needs a GPU")
+    if args.compile and args.eager:
+        raise ValueError("--compile and --eager exclude each other; give one")
+    if args.eager or not cuda or (llm.config.sliding_window is not None and not args.compile):
+        return {"generator": torch.Generator(llm.lm_head.weight.device).manual_seed(args.seed)}
+    from decode import GraphDecoder  # Triton and the compiler, imported only where decoding records graphs
+
+    compile_ = args.compile and not args.predict
+    if args.compile and args.predict:
+        print("generate.py: --predict records the eager decode steps as CUDA graphs without compiling them: "
+              "compiling each batch shape takes longer than its short answers", file=sys.stderr)
+    torch.manual_seed(args.seed)  # recorded sampling draws from the default CUDA generator
+    return {"decoder": GraphDecoder(llm, compile=compile_)}
 
 
 def stopped_note(args, argv: list[str] | None) -> str:

@@ -102,9 +102,11 @@ def test_fsdp_on_two_gpus_equals_ddp_in_bf16(demo_dir, tmp_path):
     assert out["fsdp"][1]["loss"] == pytest.approx(out["ddp"][1]["loss"], rel=2e-2)
 
 
-def test_recorded_decoder_gives_the_plain_tokens():
-    """generate.py --compile: decode steps compiled and replayed as one CUDA graph generate what the plain steps
-    generate (fp32, greedy), at batch 1 and 3, for several answers in a row; sampling with top_k=1 is greedy."""
+@pytest.mark.parametrize("compile_", [True, False])
+def test_recorded_decoder_gives_the_plain_tokens(compile_):
+    """generate.py's recorded decoder (the eager steps recorded, generate.py's default on a GPU, or compiled first
+    with --compile), replayed as one CUDA graph, generates what the plain steps generate (fp32, greedy), at batch 1
+    and 3, for several answers in a row; sampling with top_k=1 is greedy."""
     import decode
     import model
     torch.manual_seed(0)
@@ -112,7 +114,7 @@ def test_recorded_decoder_gives_the_plain_tokens():
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                           qkv_bias=True, tie_word_embeddings=True)
     llm = model.LLM(cfg).cuda().eval()
-    decoder = decode.GraphDecoder(llm)
+    decoder = decode.GraphDecoder(llm, compile=compile_)
     for n in ((7,), (5, 11, 8)):
         for _ in range(2):  # recorded, then replayed
             prompts = [torch.randint(0, 512, (k,)).tolist() for k in n]

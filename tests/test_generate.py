@@ -156,3 +156,25 @@ def test_the_recorded_decoders_steps_equal_the_plain_ones(hf_models, family):
     assert streamed[:7] == [[t] for t in greedy[0][:7]]
     assert llm.generate(prompts, 9, temperature=0.8, top_k=50, top_p=0.9, decoder=decoder,
                         generator=torch.Generator().manual_seed(3)) == sampled
+
+
+def test_length_batches_keep_their_caps_and_workers_give_the_same_answers(trained_run, demo_dir, tmp_path):
+    """--predict's batches: every sample once, longest first, none over its rows or cache slots; DataLoader workers
+    decoding the media give the answers of the main process decoding them, and of one sample at a time."""
+    import data
+    model, tokenizer, cfg = generate.load_run(trained_run)
+    ds = data.ConversationDataset(demo_dir / "data" / "val.jsonl", tokenizer, model.aligner.config,
+                                  cfg.model.tokens_per_media, cfg.data.max_len)
+    todo = list(range(len(ds)))
+    batches = generate.length_batches(ds, todo, 5, 300, 8)
+    assert sorted(i for b in batches for i in b) == todo
+    lengths = [len(ds.examples[i].input_ids) for b in batches for i in b]
+    assert lengths == sorted(lengths, reverse=True)
+    assert all(len(b) <= 5 and len(b) * (len(ds.examples[b[0]].input_ids) + 8) <= 300 for b in batches if len(b) > 1)
+    answers = {}
+    for workers, rows in ((0, 5), (2, 5), (0, 1)):
+        out = tmp_path / f"p{workers}-{rows}.jsonl"
+        generate.predict(model, tokenizer, cfg, str(demo_dir / "data" / "val.jsonl"), out, rows, 8, {}, False,
+                         batch_tokens=300, workers=workers)
+        answers[workers, rows] = {r["id"]: r["prediction"] for r in map(json.loads, out.read_text().splitlines())}
+    assert answers[0, 5] == answers[2, 5] == answers[0, 1] and len(answers[0, 1]) == 12

@@ -75,7 +75,8 @@ def test_resume_redoes_a_cut_last_line_and_names_any_other_bad_line(trained_run,
     code, _, err = run(args + ["--resume"], capsys)
     assert code == 0 and f"{pred}:12: the last line was cut short" in err, err
     assert sorted(r["id"] for r in lines(pred)) == sorted(r["id"] for r in whole) and len(whole) == 12
-    assert json.loads((tmp_path / "pred.metrics.json").read_text()) == metrics
+    again = json.loads((tmp_path / "pred.metrics.json").read_text())
+    assert {k: v for k, v in again.items() if k != "timing"} == {k: v for k, v in metrics.items() if k != "timing"}
     text = pred.read_text().splitlines(keepends=True)
     pred.write_text("".join(text[:2] + ["{not json\n"] + text[3:]))
     code, _, err = run(args + ["--resume"], capsys)
