@@ -9,6 +9,7 @@
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under torchrun
     torchrun --nproc_per_node=2 bench.py --grid fsdp --peer ...       # 7B ddp vs fsdp (and the peer), 72B fsdp
     torchrun --nproc_per_node=2 bench.py --load_sharded HF_DIR       # each rank's peak host memory, sharded load
+    python bench.py --grid predict [--old DIR]                        # generate.py --predict on 2,000 samples
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
     python bench.py --make_assets /tmp/qwen-towers --towers           # ... and SigLIP / Whisper-shaped towers
 
@@ -27,6 +28,7 @@ import gc
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,11 +37,13 @@ import torch.distributed as dist
 
 import data
 import demo
+import generate
 import train
-from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
-                   llm_skeleton, sample, save_tensors, write_json)
-from config import Config
+from checkpoint import export
+from config import Config, load_config
 from distributed import World, materialize_sharded, read_shards, setup_distributed
+from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
+                   llm_skeleton, load_tokenizer, sample, save_tensors, write_json)
 
 PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -397,6 +401,130 @@ def time_generation(batch: int, prompt: int, new: int, peer: bool, profile: bool
     return rows
 
 
+def time_prediction(args, device: str = "cuda", n_val: int = 2000, shape: dict = QWEN25_05B,
+                    aligner_config: AlignerConfig = SEED_ALIGNER, root: str = "/tmp/mmlora-predict") -> list[dict]:
+    """`--grid predict`: the path a user runs after training, `generate.py --predict` over 2,000 demo samples
+    (images, clips, text; prompts of different lengths) with --max_new_tokens 32, each row a fresh process as the
+    user starts it, on the demo made with a random Qwen2.5-0.5B-shaped LLM and exported with untrained adapters
+    (nothing is trained: the export's merged/ is the base). Rows: the path before this file's commit
+    (`--old DIR`, a checkout of it), the default (eager decode steps recorded as CUDA graphs), --compile, --eager,
+    and transformers' batched `generate` on merged/ over the text-only samples, beside our default on those. Each
+    row gives samples/s from its first batch on (model load and dataset reading apart), the first answer's time,
+    and the process's wall time; `gpu_share` is the GPU's kernel time over the wall time of the default's answering,
+    profiled in this process; `same_answers` counts the answers equal to the first row's."""
+    import subprocess
+
+    root = Path(root)
+    assets, export_dir = root / "assets", root / "export"
+    if not (assets / "READY").is_file():
+        demo.make_demo(assets, n_train=64, n_val=n_val, pretrain_steps=0, llm_config=LLMConfig(**shape),
+                       aligner_config=aligner_config, log=print)
+    cfg = load_config("configs/qwen2.5-0.5b.toml", [f"--model.llm={assets}/llm", "--model.chat_format=chatml",
+                                                    f"--model.aligner={assets}/aligner-init", "--data.max_len=512"])
+    val = assets / "data" / "val.jsonl"
+    text_only = root / "val_text.jsonl"
+    text_only.write_text("".join(x + "\n" for x in val.read_text().splitlines()
+                                 if '"image"' not in x and '"audio"' not in x))
+    if not (export_dir / "mmlora.json").is_file():
+        _, mm = train.build_model(cfg, torch.device(device))
+        export(mm, export_dir, cfg)
+        del mm
+    rows = []
+
+    def run(name: str, script: str, data_file: Path, *flags: str) -> dict:
+        out = root / f"{name.replace(' ', '_').replace('-', '')}.jsonl"
+        cmd = [sys.executable, script, "--run", str(export_dir), "--predict", str(data_file), "--out", str(out),
+               "--max_new_tokens", "32", *flags]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        row = {"impl": name, "data": data_file.name, "wall_s": round(wall, 2), "rc": r.returncode}
+        if r.returncode != 0:
+            row["error"] = r.stderr[-600:]
+            return row
+        timing = json.loads(out.with_name(out.stem + ".metrics.json").read_text()).get("timing")
+        if timing:
+            row |= timing
+        else:  # the older path: its last progress line gives samples/s from its first batch on
+            last = [x for x in r.stderr.splitlines() if "samples/s" in x][-1]
+            row["samples_per_s"] = float(last.split("|")[1].split()[0])
+            row["samples"] = int(last.split("/")[0])
+        answers = {x["id"]: x["prediction"] for x in map(json.loads, out.read_text().splitlines())}
+        base = next((r_["answers"] for r_ in rows if r_["data"] == data_file.name and "answers" in r_), None)
+        row["same_answers"] = None if base is None else sum(answers.get(k) == v for k, v in base.items())
+        print(json.dumps(row), flush=True)
+        row["answers"] = answers
+        return row
+
+    if args.old:
+        rows.append(run("before (batch 32, eager)", str(Path(args.old) / "generate.py"), val))
+    rows.append(run("default (recorded eager steps)", "generate.py", val))
+    rows.append(run("--compile", "generate.py", val, "--compile"))
+    rows.append(run("--eager", "generate.py", val, "--eager"))
+    rows.append(run("default, text only", "generate.py", text_only))
+    rows.append(hf_generate_row(export_dir / "merged", text_only, cfg, device))
+    rows.append(profiled_share(export_dir, val, root))
+    for start in (1, 2):  # one question, cold and with the disk cache warm
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "generate.py", "--run", str(export_dir), "--max_new_tokens", "8",
+                            "What is two plus three?"], capture_output=True, text=True)
+        rows.append({"impl": "one question", "start": start, "wall_s": round(time.perf_counter() - t0, 2),
+                     "rc": r.returncode, **({"error": r.stderr[-400:]} if r.returncode else {})})
+        print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        r.pop("answers", None)
+    return rows
+
+
+def hf_generate_row(merged: Path, data_file: Path, cfg, device: str) -> dict:
+    """transformers' batched greedy `generate` (bf16, sdpa, batches of 64 left-padded prompts sorted by length,
+    32 new tokens, stopping at the end of turn) over the same prompts our predictions answer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(merged, "chatml")
+    aligner = AlignerConfig.from_dict(json.loads((merged.parent / "aligner" / "aligner.json").read_text()))
+    ds = data.ConversationDataset(data_file, tokenizer, aligner, cfg.model.tokens_per_media, 512)
+    prompts = sorted((ds.prompt(i)[0].input_ids for i in range(len(ds))), key=len)
+    hf = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.bfloat16).to(device).eval()
+    t0, first = time.perf_counter(), None
+    with torch.no_grad():
+        for s in range(0, len(prompts), 64):
+            chunk = prompts[s:s + 64]
+            P = max(map(len, chunk))
+            ids = torch.tensor([[tokenizer.pad_id] * (P - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in chunk], device=device)
+            hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=32,
+                        eos_token_id=list(tokenizer.stop_ids), pad_token_id=tokenizer.pad_id).tolist()
+            first = first or time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    row = {"impl": "transformers generate (merged/)", "data": data_file.name, "samples": len(prompts),
+           "seconds": round(dt, 2), "samples_per_s": round(len(prompts) / dt, 1), "first_answer_s": round(first, 3)}
+    print(json.dumps(row), flush=True)
+    del hf
+    torch.cuda.empty_cache()
+    return row
+
+
+def profiled_share(export_dir: Path, data_file: Path, root: Path) -> dict:
+    """The default prediction path in this process under torch.profiler: the GPU's kernel time over the wall
+    time of answering (a second pass, after one that records the graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tokenizer, cfg = generate.load_run(export_dir)
+    args = argparse.Namespace(compile=False, eager=False, predict=True, seed=0)
+    sampling = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, **generate.decoding(model.llm, args)}
+    out = root / "profiled.jsonl"
+    generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=4)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        metrics = generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=4)
+    kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    t = metrics["timing"]
+    row = {"impl": "default, profiled in process (second pass)", "samples_per_s": t["samples_per_s"],
+           "seconds": t["seconds"], "gpu_kernel_s": round(kernels, 3), "gpu_share": round(kernels / t["seconds"], 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
@@ -487,7 +615,10 @@ def peer_row(args, ckpt: bool, compile_: bool, liger: bool, world: World) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--grid", choices=list(GRIDS), help="a set of workloads (else the one given by the flags)")
+    ap.add_argument("--grid", choices=[*GRIDS, "predict"], help="a set of workloads (else the one given by the flags); "
+                    "predict: generate.py --predict on 2,000 demo samples (time_prediction)")
+    ap.add_argument("--old", help="with --grid predict: a checkout of an earlier commit, whose generate.py is timed "
+                    "too")
     ap.add_argument("--make_assets", metavar="DIR", help="write the demo data with a random Qwen2.5-0.5B-shaped LLM "
                     "and a seed-sized aligner to DIR (for train.py runs on GPU), then exit")
     ap.add_argument("--towers", action="store_true", help="the aligner on SigLIP-so400m- and Whisper-small-shaped "
@@ -536,6 +667,11 @@ def main() -> None:
               f"--model.aligner={args.make_assets}/aligner-init --model.chat_format=chatml "
               f"--data.train_file={args.make_assets}/data/train.jsonl "
               f"--data.val_file={args.make_assets}/data/val.jsonl")
+        return
+    if args.grid == "predict":
+        rows = time_prediction(args)
+        with open(os.path.join(args.out, "bench_predict.json"), "w") as f:
+            json.dump(rows, f, indent=1)
         return
     if args.generate:
         rows = [r for b in (1, 32) for r in time_generation(b, 256, 128, bool(args.peer), args.profile)]
