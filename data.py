@@ -574,6 +574,46 @@ def encode_file(path: Path, on_error: str, encode) -> tuple[list, list[dict]]:
     return examples, skipped
 
 
+def length_batches(ds: ConversationDataset, todo: list[int], max_rows: int, max_tokens: int,
+                   max_new_tokens: int) -> list[list[int]]:
+    """The samples to answer, in batches of similar length: sorted longest first (the first batch shows the peak
+    memory), each batch cut where it would pass `max_rows` rows or `max_tokens` cache slots (rows x (its longest
+    sample + max_new_tokens)). Few shapes, little padding, and rows that end at about the same step."""
+    order = sorted(todo, key=lambda i: -len(ds.examples[i].input_ids))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            rows, width = len(batches[-1]) + 1, len(ds.examples[batches[-1][0]].input_ids) + max_new_tokens
+            if rows <= max_rows and rows * width <= max_tokens:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+class PromptBatches(torch.utils.data.Dataset):
+    """Batch k of `batches` ready to generate from, for a DataLoader whose workers decode the media off the main
+    process: (the samples kept, their references, those whose media do not decode, the collated prompts or None)."""
+
+    def __init__(self, ds: ConversationDataset, batches: list[list[int]], pad_id: int):
+        self.ds, self.batches, self.pad_id = ds, batches, pad_id
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        kept, references, bad, items = [], [], [], []
+        for i in self.batches[k]:
+            pair = self.ds.prompt(i)
+            if pair is None:
+                bad.append(i)
+                continue
+            kept.append(i)
+            items.append(pair[0])
+            references.append(pair[1])
+        return kept, references, bad, collate(items, self.pad_id) if items else None
+
+
 def check_unique_ids(path: Path, examples: list, why: str) -> None:
     """A ValueError naming the first sample whose id an earlier one has, and both lines, where ids key something
     (`why`): the feature cache, or the predictions that `generate.py --resume` skips. Elsewhere ids may repeat:

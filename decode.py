@@ -353,12 +353,16 @@ class GraphDecoder:
     (vLLM's and gpt-fast's CUDA graphs without the compiler): a recording is a run of the steps, well under a
     second, so there is no compile wait, and the prompt's pass runs eager too; `generate.py --predict` decodes so
     by default on a GPU. `record=False` runs the same steps eagerly, neither compiled nor recorded (what the CPU
-    tests check). All recorded graphs share one memory pool: they are replayed one at a time."""
+    tests check). All recorded graphs share one memory pool: they are replayed one at a time. `prepare=False`
+    records the model as it is, its adapters unmerged (training's evaluation: the weights keep their addresses while
+    AdamW updates them in place, and a new decoder is made for each evaluation)."""
 
-    def __init__(self, llm, steps: int = 8, bucket: int = 256, record: bool = True, compile: bool = True):
+    def __init__(self, llm, steps: int = 8, bucket: int = 256, record: bool = True, compile: bool = True,
+                 prepare: bool = True):
         if llm.config.sliding_window is not None:
             raise ValueError("the recorded decoder does not support a sliding-window model; leave --compile out")
-        prepare_for_decoding(llm)
+        if prepare:
+            prepare_for_decoding(llm)
         self.llm, self.steps, self.bucket, self.record = llm, steps, bucket, record
         compiled = record and compile
         self.step = torch.compile(static_decode, fullgraph=True) if compiled else static_decode

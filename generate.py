@@ -263,51 +263,11 @@ def check_outputs(outputs: list[Path], inputs: set[Path]) -> None:
             raise ValueError(f"{o}: is a folder; give --out a file, for example {o / 'pred.jsonl'}")
 
 
-def length_batches(ds: data.ConversationDataset, todo: list[int], max_rows: int, max_tokens: int,
-                   max_new_tokens: int) -> list[list[int]]:
-    """The samples to answer, in batches of similar length: sorted longest first (the first batch shows the peak
-    memory), each batch cut where it would pass `max_rows` rows or `max_tokens` cache slots (rows x (its longest
-    sample + max_new_tokens)). Few shapes, little padding, and rows that end at about the same step."""
-    order = sorted(todo, key=lambda i: -len(ds.examples[i].input_ids))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches:
-            rows, width = len(batches[-1]) + 1, len(ds.examples[batches[-1][0]].input_ids) + max_new_tokens
-            if rows <= max_rows and rows * width <= max_tokens:
-                batches[-1].append(i)
-                continue
-        batches.append([i])
-    return batches
-
-
-class PromptBatches(torch.utils.data.Dataset):
-    """Batch k of `batches` ready to generate from, for a DataLoader whose workers decode the media off the main
-    process: (the samples kept, their references, those whose media do not decode, the collated prompts or None)."""
-
-    def __init__(self, ds: data.ConversationDataset, batches: list[list[int]], pad_id: int):
-        self.ds, self.batches, self.pad_id = ds, batches, pad_id
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int):
-        kept, references, bad, items = [], [], [], []
-        for i in self.batches[k]:
-            pair = self.ds.prompt(i)
-            if pair is None:
-                bad.append(i)
-                continue
-            kept.append(i)
-            items.append(pair[0])
-            references.append(pair[1])
-        return kept, references, bad, data.collate(items, self.pad_id) if items else None
-
-
 def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, out: Path, batch_size: int,
             max_new_tokens: int, sampling: dict, resume: bool, inputs: frozenset[Path] = frozenset(),
             batch_tokens: int = 1 << 16, workers: int = 0) -> dict:
     """Answer every sample of a dataset (the prompt is every turn before its last reply, the reference that reply),
-    in batches of similar length (`length_batches`: at most `batch_size` rows and `batch_tokens` cache slots),
+    in batches of similar length (`data.length_batches`: at most `batch_size` rows and `batch_tokens` cache slots),
     their media decoded by `workers` DataLoader processes (0: in this one), writing one JSON line per sample as
     each batch ends, in that order; `resume` skips the ids already in `out`. Samples that cannot be used are listed
     and skipped; ids must be unique, since they key `resume`. `out` and the metrics file may not name any of
@@ -331,9 +291,10 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
                          "dataset's: give a new --out, or leave out --resume")
     todo = [i for i, ex in enumerate(ds.examples) if ex.id not in done]
     device = model.llm.lm_head.weight.device
-    batches = length_batches(ds, todo, batch_size, batch_tokens, max_new_tokens)
-    loader = torch.utils.data.DataLoader(PromptBatches(ds, batches, tokenizer.pad_id), batch_size=None,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
+    batches = data.length_batches(ds, todo, batch_size, batch_tokens, max_new_tokens)
+    loader = torch.utils.data.DataLoader(data.PromptBatches(ds, batches, tokenizer.pad_id), batch_size=None,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator())  # the seed it draws is not sampling's
     t0, written, first = time.perf_counter(), 0, None
     with open(out, "a" if resume else "w") as f:
         for kept, references, bad, batch in loader:

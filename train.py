@@ -394,30 +394,58 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
     all_sum(sums, world)
     all_sum(loss_sum, world)
     row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **group_losses(sums, "instruct")}
-    correct = torch.zeros(2, device=world.device)
+    correct = torch.zeros(2)
     n_gen = min(len(ds), cfg.train.gen_samples)
     gen = list(range(world.rank, n_gen, world.size))
     if sharded:
         model.unshard()  # generation calls the model's parts directly, past the hooks that gather their weights
-    for s in range(0, -(-n_gen // world.size), cfg.train.batch_size):
-        pairs = [p for p in map(ds.prompt, gen[s:s + cfg.train.batch_size]) if p is not None]
-        if not pairs and not sharded:
-            continue
-        spare = pairs or [next(p for p in map(ds.prompt, range(len(ds))) if p is not None)]
-        batch = data.collate([p for p, _ in spare], tokenizer.pad_id).to(world.device)
-        with autocast():
-            outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=() if sharded else tokenizer.stop_ids)
-        for o, (_, answer) in zip(outs, pairs):
-            o = next((o[:j] for j, t in enumerate(o) if t in tokenizer.stop_ids), o)
-            correct[0] += normalize_answer(tokenizer.decode(o)) == normalize_answer(answer)
-            correct[1] += 1
-    if sharded:
+        for s in range(0, -(-n_gen // world.size), cfg.train.batch_size):
+            pairs = [p for p in map(ds.prompt, gen[s:s + cfg.train.batch_size]) if p is not None]
+            spare = pairs or [next(p for p in map(ds.prompt, range(len(ds))) if p is not None)]
+            batch = data.collate([p for p, _ in spare], tokenizer.pad_id).to(world.device)
+            with autocast():
+                outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=())
+            for o, (_, answer) in zip(outs, pairs):
+                correct += score(o, answer, tokenizer)
         model.reshard()
-    all_sum(correct, world)
+    else:  # generate.py --predict's path: batches of similar length, prompts made in workers, recorded decode steps
+        batches = data.length_batches(ds, gen, 256, 1 << 16, cfg.train.max_new_tokens)
+        prompts = torch.utils.data.DataLoader(data.PromptBatches(ds, batches, tokenizer.pad_id), batch_size=None,
+                                              num_workers=cfg.data.num_workers, generator=torch.Generator())
+        # (its own generator: an iterator draws a seed from it, which the run's RNG must not give, or resuming
+        # after an evaluation would draw other dropout masks)
+        recorded = recorded_decoder(model.llm)
+        for _, answers, _, batch in prompts:
+            if batch is None:
+                continue
+            with autocast(cache_enabled=False):  # a recording keeps no cast weights between replays
+                outs = model.generate(batch.to(world.device), cfg.train.max_new_tokens, stop_ids=tokenizer.stop_ids,
+                                      **recorded)
+            for o, answer in zip(outs, answers):
+                correct += score(o, answer, tokenizer)
+    correct = all_sum(correct.to(world.device), world)
     row["correct"], row["answered"] = int(correct[0]), int(correct[1])
     row["accuracy"] = row["correct"] / row["answered"] if row["answered"] else None
     model.train()
     return row
+
+
+def score(tokens: list[int], answer: str, tokenizer: Tokenizer) -> torch.Tensor:
+    """(1 if the answer, cut at its first stop token, is the reference under `normalize_answer`, else 0; 1)."""
+    tokens = next((tokens[:j] for j, t in enumerate(tokens) if t in tokenizer.stop_ids), tokens)
+    return torch.tensor([float(normalize_answer(tokenizer.decode(tokens)) == normalize_answer(answer)), 1.0],
+                        device=torch.device("cpu"))
+
+
+def recorded_decoder(llm: LLM) -> dict:
+    """`LLM.generate`'s decoder for evaluation: on a GPU the eager decode steps recorded as CUDA graphs, the model
+    as it is (decode.GraphDecoder(prepare=False)); made anew for each evaluation, so that its caches and graphs are
+    freed with it. On a CPU, or for a sliding-window model, the plain steps."""
+    if not llm.lm_head.weight.is_cuda or llm.config.sliding_window is not None:
+        return {}
+    from decode import GraphDecoder  # Triton and the compiler's modules, imported only on a GPU
+
+    return {"decoder": GraphDecoder(llm, compile=False, prepare=False)}
 
 
 @torch.no_grad()

@@ -166,15 +166,15 @@ def test_length_batches_keep_their_caps_and_workers_give_the_same_answers(traine
     ds = data.ConversationDataset(demo_dir / "data" / "val.jsonl", tokenizer, model.aligner.config,
                                   cfg.model.tokens_per_media, cfg.data.max_len)
     todo = list(range(len(ds)))
-    batches = generate.length_batches(ds, todo, 5, 300, 8)
+    batches = data.length_batches(ds, todo, 5, 300, 8)
     assert sorted(i for b in batches for i in b) == todo
     lengths = [len(ds.examples[i].input_ids) for b in batches for i in b]
     assert lengths == sorted(lengths, reverse=True)
     assert all(len(b) <= 5 and len(b) * (len(ds.examples[b[0]].input_ids) + 8) <= 300 for b in batches if len(b) > 1)
     answers = {}
-    for workers, rows in ((0, 5), (2, 5), (0, 1)):
-        out = tmp_path / f"p{workers}-{rows}.jsonl"
-        generate.predict(model, tokenizer, cfg, str(demo_dir / "data" / "val.jsonl"), out, rows, 8, {}, False,
+    for workers, n_rows in ((0, 5), (2, 5), (0, 1)):
+        out = tmp_path / f"p{workers}-{n_rows}.jsonl"
+        generate.predict(model, tokenizer, cfg, str(demo_dir / "data" / "val.jsonl"), out, n_rows, 8, {}, False,
                          batch_tokens=300, workers=workers)
-        answers[workers, rows] = {r["id"]: r["prediction"] for r in map(json.loads, out.read_text().splitlines())}
+        answers[workers, n_rows] = {r["id"]: r["prediction"] for r in map(json.loads, out.read_text().splitlines())}
     assert answers[0, 5] == answers[2, 5] == answers[0, 1] and len(answers[0, 1]) == 12

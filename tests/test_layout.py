@@ -49,6 +49,7 @@ def test_no_import_circles_and_model_py_stands_alone():
 def test_generate_py_holds_no_triton_and_entry_points_import_light():
     assert "triton" not in (ROOT / "generate.py").read_text()
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import generate, train; "
-            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.fsdp', 'triton', 'sympy') if m in sys.modules))")
+            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.fsdp', 'triton', 'sympy') "
+            "if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
