@@ -22,6 +22,10 @@ class ModelConfig:
     aligner: str = ".cache/demo/align/aligner"  # Phase-1 aligner folder (aligner.json + aligner.safetensors)
     chat_format: str = ""  # "" = from tokenizer_config.json's template or the family; or chatml, qwen2.5, llama3, ...
     dtype: str = "auto"  # frozen LLM weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
+    quantize: str = "none"  # "nf4": QLoRA, the decoder layers' linear weights in 4-bit NormalFloat (quant.py), read
+    # and quantized tensor by tensor; lm_head and the embeddings stay in model.dtype
+    quant_block: int = 64  # values per NF4 block (one absmax each), a power of two dividing every layer's width
+    double_quant: bool = True  # the blocks' absmax values quantized too (int8, a scale per 256)
     image_tokens: int = 16  # K: LLM tokens per image
     audio_tokens: int = 8  # K: LLM tokens per audio clip
     projector_hidden: int = 0  # width of the projector's middle layer; 0 = the LLM's hidden size
@@ -116,6 +120,7 @@ class Config:
 
 CHOICES = {("train", "phase"): ("instruct", "align"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
            ("model", "projector_mode"): ("pool", "pooled"),
+           ("model", "quantize"): ("none", "nf4"),
            ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
            ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
            ("run", "device"): ("auto", "cpu", "cuda"), ("train", "strategy"): ("ddp", "fsdp")}
@@ -174,6 +179,14 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
     if cfg.train.cuda_graph:
         GraphedStep.check_config(cfg)
+    if cfg.model.quantize == "nf4" and cfg.model.dtype == "float32":
+        raise ValueError("model.quantize = \"nf4\" dequantizes into bf16 for its matmuls (QLoRA's compute dtype): "
+                         "set model.dtype = \"bfloat16\" or \"auto\" with it, or model.quantize = \"none\"")
+    if cfg.model.quantize == "nf4" and cfg.train.strategy == "fsdp":
+        raise ValueError("model.quantize = \"nf4\" with train.strategy = \"fsdp\" is refused: FSDP2 shards parameters, "
+                         "and NF4 weights are packed uint8 buffers it does not shard or gather. A 72B-shaped base fits "
+                         "one H200 in NF4: use train.strategy = \"ddp\" (one process per GPU, each with the whole "
+                         "4-bit base)")
     if cfg.train.strategy == "fsdp" and cfg.train.cuda_graph:
         raise ValueError("train.strategy = \"fsdp\" gathers and frees weights with collectives around each layer, "
                          "which a recorded step cannot hold: set train.cuda_graph = false with it")

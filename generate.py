@@ -475,12 +475,15 @@ def decoding(llm, args) -> dict:
         return {"generator": torch.Generator(llm.lm_head.weight.device).manual_seed(args.seed)}
     from decode import GraphDecoder  # Triton and the compiler, imported only where decoding records graphs
 
-    compile_ = args.compile and not args.predict
+    from quant import NF4Linear
+
+    nf4 = any(isinstance(m, NF4Linear) for m in llm.modules())  # QLoRA: adapters cannot merge into 4-bit weights
+    compile_ = args.compile and not args.predict and not nf4
     if args.compile and args.predict:
         print("generate.py: --predict records the eager decode steps as CUDA graphs without compiling them: "
               "compiling each batch shape takes longer than its short answers", file=sys.stderr)
     torch.manual_seed(args.seed)  # recorded sampling draws from the default CUDA generator
-    return {"decoder": GraphDecoder(llm, compile=compile_)}
+    return {"decoder": GraphDecoder(llm, compile=compile_, prepare=not nf4)}
 
 
 def stopped_note(args, argv: list[str] | None) -> str:

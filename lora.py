@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model import check_tensors, save_tensors, write_json
+from quant import NF4Linear
 
 PEFT_PREFIX = "base_model.model."
 
@@ -78,12 +79,12 @@ class LoRALinear(nn.Module):
     A and B are kept in fp32 even when the frozen base weight is bf16: the update B @ A is small next to W and
     would lose most of its bits in bf16."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base_layer = base_layer
-        dev = base_layer.weight.device
+        dev = (base_layer.packed if isinstance(base_layer, NF4Linear) else base_layer.weight).device
         if dev.type == "meta":  # a base without memory yet (FSDP's loading): the adapters are made for real, on the
             dev = torch.device("cpu")  # CPU, and sharding places them
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=dev, dtype=torch.float32)
@@ -101,7 +102,8 @@ class LoRALinear(nn.Module):
         # under autocast the matmuls pick their dtype
         x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
         h = lora_down(x_lora, self.lora_A.weight, self.lora_dropout, self.recompute_dropout)  # (..., r)
-        if torch.is_grad_enabled():  # training: the base's matmul and B's as one
+        if torch.is_grad_enabled() and isinstance(self.base_layer, nn.Linear):  # training: the base's matmul and B's
+            # as one (an NF4 base, quant.py, runs its own matmul, which keeps no dequantized weight for the backward)
             return StackedLinear.apply(x, h, self.base_layer.weight, self.lora_B.weight * self.scaling,
                                        self.base_layer.bias)
         out = self.base_layer(x)
@@ -112,6 +114,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if not isinstance(self.base_layer, nn.Linear):
+            raise ValueError("LoRA cannot be merged into an NF4 base layer (its 4-bit weight cannot hold the update); "
+                             "the export merges against the dequantized weights (lora.merged_state_dict)")
         if not self.merged:
             w = self.base_layer.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -141,7 +146,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     `targets` are module names matched on the last part of the path (`q_proj`), or "all-linear" for every
     linear layer of the decoder blocks (`lm_head` excluded, as in peft). Returns the wrapped module paths."""
     model.requires_grad_(False)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"}
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, NF4Linear)) and ".layers." in f".{n}"}
     if targets == "all-linear" or targets == ["all-linear"]:
         chosen = sorted(linears)
     else:
@@ -195,7 +201,8 @@ class FusedQKV:
 def fuse_qkv(model: nn.Module) -> int:
     """Give every attention layer of `model` (a module with q_proj, k_proj, v_proj and a `qkv` method) the fused
     projection above, for training. Returns the number of layers fused; the weights and their names are unchanged."""
-    attns = [m for m in model.modules() if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "qkv"))]
+    attns = [m for m in model.modules() if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "qkv"))
+             and isinstance(base_linear(m.q_proj), nn.Linear)]  # NF4 layers (quant.py) run one by one
     for attn in attns:
         attn.qkv = FusedQKV(attn)
     return len(attns)
@@ -215,10 +222,16 @@ def unmerge_lora(model: nn.Module) -> None:
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's state under its base names (`q_proj.weight`, no adapter tensors) with every adapter folded into
     its base weight, W + (alpha/r) B @ A computed in fp32, then cast to `dtype` (default: the base weight's). The
-    model is not changed."""
+    model is not changed. An NF4 base (quant.py) gives its dequantized weight, which the adapter was trained on."""
     wrapped = lora_modules(model)
+    nf4 = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in nf4}
+    for n, m in nf4.items():
+        state[f"{n}.weight"] = m.dequantized()
+        if m.bias is not None:
+            state[f"{n}.bias"] = m.bias
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if ".lora_A." in name or ".lora_B." in name:
             continue
         owner, _, leaf = name.rpartition(".base_layer.")

@@ -54,6 +54,7 @@ from distributed import (GatherRows, World, all_sum, any_rank, average_gradients
 from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, cross_entropy_chunk,
                    document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm, load_tokenizer,
                    parameter_report, weights_hash, write_json)
+from quant import load_llm_nf4
 from step_graph import GraphedStep
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,7 +71,10 @@ def build_model(cfg: Config, device: torch.device, adapters: bool = True, world:
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
     if cfg.train.strategy == "fsdp":
         return tokenizer, build_sharded(cfg, world or World(device=device), tokenizer, dtype)
-    llm = load_llm(cfg.model.llm, device, dtype)
+    if cfg.model.quantize == "nf4":  # QLoRA: the decoder layers' weights in NF4, quantized as they are read
+        llm = load_llm_nf4(cfg.model.llm, device, dtype, cfg.model.quant_block, cfg.model.double_quant)
+    else:
+        llm = load_llm(cfg.model.llm, device, dtype)
     if cfg.train.phase == "align":
         aligner = load_aligner(cfg.model.aligner, device, init_missing=True)
         torch.manual_seed(cfg.train.seed)  # the same text head on every rank

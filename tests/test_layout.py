@@ -38,7 +38,7 @@ def test_no_import_circles_and_model_py_stands_alone():
         if u not in state:
             visit(u, [])
     assert graph["model"] == set(), graph["model"]
-    order = ["model", "lora", "data", "align", "step_graph", "config", "distributed", "checkpoint", "train", "demo",
+    order = ["model", "quant", "lora", "data", "align", "step_graph", "config", "distributed", "checkpoint", "train", "demo",
              "decode", "generate", "validate", "bench"]  # the README's layout table, top to bottom
     assert sorted(order) == sorted(graph)
     for i, name in enumerate(order):
