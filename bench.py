@@ -43,7 +43,8 @@ from checkpoint import export
 from config import Config, load_config
 from distributed import World, materialize_sharded, read_shards, setup_distributed
 from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
-                   llm_skeleton, load_tokenizer, sample, save_tensors, write_json)
+                   llm_skeleton, load_tokenizer, rope_inv_freq, sample, save_tensors, set_tensor, write_json)
+from quant import NF4Linear, quantized_linears
 
 PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -83,14 +84,43 @@ def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig
     if sharded:
         cfg.train.strategy = "fsdp"
     torch.manual_seed(0)
-    with torch.device("meta" if sharded else device):  # sharded: each rank makes only its shards, below
-        llm = LLM(LLMConfig(**shape)).init_weights().to(torch.bfloat16)
+    if getattr(args, "qlora", False):
+        cfg.model.quantize = "nf4"
+        llm = random_nf4_llm(shape, device)
+    else:
+        with torch.device("meta" if sharded else device):  # sharded: each rank makes only its shards, below
+            llm = LLM(LLMConfig(**shape)).init_weights().to(torch.bfloat16)
     aligner = Aligner(aligner_config).to(device).requires_grad_(False).eval()
     media_ids = {"image": shape["vocab_size"] - 2, "audio": shape["vocab_size"] - 1}
     model = train.assemble(cfg, llm, aligner, media_ids)
     if sharded:
         materialize_sharded(model, cfg.train, world, random_shards)
     return cfg, model
+
+
+@torch.no_grad()
+def random_nf4_llm(shape: dict, device) -> LLM:
+    """A random LLM of `shape` with its decoder layers' linear weights in NF4 (as model.quantize = "nf4" loads
+    them), made one weight at a time on `device`: a 72B-shaped base never exists in bf16."""
+    with torch.device("meta"):
+        llm = LLM(LLMConfig(**shape))
+    for name in quantized_linears(llm):
+        lin = llm.get_submodule(name)
+        w = torch.empty(lin.out_features, lin.in_features, device=device, dtype=torch.bfloat16).normal_(0.0, 0.02)
+        bias = None if lin.bias is None else torch.zeros(lin.out_features, device=device, dtype=torch.bfloat16)
+        parent, _, child = name.rpartition(".")
+        setattr(llm.get_submodule(parent), child, NF4Linear(w, bias, 64, True, torch.bfloat16, name))
+        del w
+    for name, p in list(llm.named_parameters()):
+        if p.is_meta:
+            t = torch.ones if "norm" in name else torch.zeros if name.endswith("bias") else None
+            value = t(p.shape, device=device, dtype=torch.bfloat16) if t else \
+                torch.empty(p.shape, device=device, dtype=torch.bfloat16).normal_(0.0, 0.02)
+            set_tensor(llm, name, value)
+    if llm.config.tie_word_embeddings:
+        llm.lm_head.weight = llm.model.embed_tokens.weight
+    llm.inv_freq = rope_inv_freq(llm.config).to(device)
+    return llm.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -528,12 +558,16 @@ def profiled_share(export_dir: Path, data_file: Path, root: Path) -> dict:
 def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
-            "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "memory_budget": 1.0,
+            "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "qlora": False, "memory_budget": 1.0,
             "compile_mode": "", "loss_chunk": 0, **flags}
 
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
 GRIDS = {
+    # QLoRA: the 7B shape in NF4 beside bf16 (eager, checkpointed, 8 x 2048), and the 72B shape in NF4 on one GPU
+    "qlora": [(workload(2048, ckpt=True, compile=False, shape="7b", qlora=True), []),
+              (workload(2048, ckpt=True, compile=False, shape="7b"), []),
+              (workload(2048, ckpt=True, compile=False, shape="72b", qlora=True), [])],
     "main": [(workload(512, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
              (workload(2048, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
              (workload(2048, ckpt=True, cuda_graph=True), [(True, False), (True, True)]),
@@ -641,6 +675,7 @@ def main() -> None:
                     "128 new tokens): ours, ours --compile and, with --peer, transformers' generate")
     ap.add_argument("--shape", choices=list(SHAPES), default="0.5b", help="the LLM's shape (Qwen2.5's)")
     ap.add_argument("--fsdp", action="store_true", help="train.strategy = fsdp (under torchrun)")
+    ap.add_argument("--qlora", action="store_true", help="the decoder layers' weights in NF4 (model.quantize = nf4)")
     ap.add_argument("--load_sharded", metavar="HF_DIR", help="under torchrun (CPU gloo, or GPUs): load the LLM folder "
                     "sharded as train.strategy = fsdp does, print each rank's peak host memory, then exit")
     ap.add_argument("--memory_budget", type=float, default=1.0, help="train.activation_memory_budget (with --compile)")
