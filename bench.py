@@ -28,6 +28,7 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -461,9 +462,9 @@ def time_prediction(args, device: str = "cuda", n_val: int = 2000, shape: dict =
         del mm
     rows = []
 
-    def run(name: str, script: str, data_file: Path, *flags: str) -> dict:
+    def run(name: str, script: str, data_file: Path, *flags: str, run_dir: Path = export_dir) -> dict:
         out = root / f"{name.replace(' ', '_').replace('-', '')}.jsonl"
-        cmd = [sys.executable, script, "--run", str(export_dir), "--predict", str(data_file), "--out", str(out),
+        cmd = [sys.executable, script, "--run", str(run_dir), "--predict", str(data_file), "--out", str(out),
                "--max_new_tokens", "32", *flags]
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -486,8 +487,15 @@ def time_prediction(args, device: str = "cuda", n_val: int = 2000, shape: dict =
         row["answers"] = answers
         return row
 
-    if args.old:
-        rows.append(run("before (batch 32, eager)", str(Path(args.old) / "generate.py"), val))
+    if args.old:  # the earlier code reads an export whose config holds only the keys it knows
+        old_export = root / "export-old"
+        if not old_export.is_dir():
+            shutil.copytree(export_dir, old_export)
+            doc = json.loads((old_export / "mmlora.json").read_text())
+            for key in ("quantize", "quant_block", "double_quant"):
+                doc["config"]["model"].pop(key, None)
+            (old_export / "mmlora.json").write_text(json.dumps(doc))
+        rows.append(run("before (batch 32, eager)", str(Path(args.old) / "generate.py"), val, run_dir=old_export))
     rows.append(run("default (recorded eager steps)", "generate.py", val))
     rows.append(run("--compile", "generate.py", val, "--compile"))
     rows.append(run("--eager", "generate.py", val, "--eager"))
@@ -544,9 +552,10 @@ def profiled_share(export_dir: Path, data_file: Path, root: Path) -> dict:
     args = argparse.Namespace(compile=False, eager=False, predict=True, seed=0)
     sampling = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, **generate.decoding(model.llm, args)}
     out = root / "profiled.jsonl"
-    generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=4)
+    generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=8)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        metrics = generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=4)
+        metrics = generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=8)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
     kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
     t = metrics["timing"]
     row = {"impl": "default, profiled in process (second pass)", "samples_per_s": t["samples_per_s"],

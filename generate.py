@@ -19,6 +19,7 @@ import argparse
 import collections
 import contextlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch_tokens", type=int, default=1 << 16, help="with --predict: cache slots a batch, at most "
                     "(rows x (longest sample + max_new_tokens))")
     ap.add_argument("--workers", type=int, help="with --predict: DataLoader processes that decode the media "
-                    "(default: 4 on a GPU, 0 on a CPU)")
+                    "(default: up to 8 on a GPU, 0 on a CPU)")
     ap.add_argument("--export", metavar="DIR", help="write the export folder (adapter/, merged/, ...) to DIR")
     ap.add_argument("--max_new_tokens", type=int, help="default: 256, or the run's train.max_new_tokens with --predict")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.predict:
             args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
             cuda = model.llm.lm_head.weight.is_cuda
-            workers = args.workers if args.workers is not None else 4 if cuda else 0
+            workers = args.workers if args.workers is not None else min(8, os.cpu_count() - 1) if cuda else 0
             metrics = predict(model, tokenizer, cfg, args.predict, Path(args.out), args.batch_size,
                               args.max_new_tokens, sampling, args.resume, inputs, args.batch_tokens, workers)
             t = metrics["timing"]

@@ -371,11 +371,12 @@ class LLM(nn.Module):
         else:
             valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # cache slots of real tokens
             caches = self.setup_caches(B, S, device, dtype)
-        ids = torch.zeros(B, P, dtype=torch.long, device=device)
+        ids = torch.zeros(B, P, dtype=torch.long)  # made on the host, then one copy (not one a row)
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            valid[b, P - len(p):P] = True
-        x = self.model.embed_tokens(ids)  # (B, P, H)
+        first = torch.tensor([P - len(p) for p in prompts])  # (B,) each row's first real slot
+        valid[:, :P] = (torch.arange(P) >= first[:, None]).to(device)
+        x = self.model.embed_tokens(ids.to(device))  # (B, P, H)
         for b, e in enumerate(prompt_embeds or []):
             x[b, P - e.shape[0]:] = e.to(x.dtype)
         pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -1598,7 +1599,8 @@ class MultimodalLM(nn.Module):
     def generate(self, batch: Batch, max_new_tokens: int = 32, **kw) -> list[list[int]]:
         """Answer a collated batch of prompts (right-padded) with their media; `kw` as in `LLM.generate`."""
         x = self.embed(batch)
-        prompts = [batch.input_ids[b, :n].tolist() for b, n in enumerate(batch.lengths)]
+        ids = batch.input_ids.tolist()  # one read of the device, not one a row
+        prompts = [ids[b][:n] for b, n in enumerate(batch.lengths)]
         embeds = [x[b, :n] for b, n in enumerate(batch.lengths)]
         return self.llm.generate(prompts, max_new_tokens, prompt_embeds=embeds, **kw)
 
