@@ -166,6 +166,16 @@ def prompt_item(messages: list[dict], media: list[tuple[str, str]], tokenizer: T
     return item
 
 
+def half_precision(model: MultimodalLM):
+    """The context generation runs in: on a GPU with a bf16 LLM, bf16 autocast, so that the aligner and the
+    projectors (kept in fp32) run their matmuls in bf16 as in training; autocast's cache of cast weights off, since
+    the decode steps may be recorded as CUDA graphs. Elsewhere, nothing."""
+    w = model.llm.lm_head.weight
+    if w.is_cuda and w.dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
 def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_tokens: int, sampling: dict,
            stream=None) -> str:
     """Generate the reply to one prompt; `stream` receives the text as it grows, piece by piece."""
@@ -184,7 +194,8 @@ def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_t
         if stream is not None and text.startswith(shown):
             stream(text[len(shown):])
             shown = text
-    out = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=on_token, **sampling)[0]
+    with half_precision(model):
+        out = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, on_token=on_token, **sampling)[0]
     text = tokenizer.decode(out)
     if stream is not None and text.startswith(shown):
         stream(text[len(shown):])
@@ -304,7 +315,8 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
                       "not decode", file=sys.stderr)
             if batch is None:
                 continue
-            outs = model.generate(batch.to(device), max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
+            with half_precision(model):
+                outs = model.generate(batch.to(device), max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
             lines = []
             for i, reference, o in zip(kept, references, outs):
                 ex = ds.examples[i]
