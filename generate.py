@@ -39,7 +39,7 @@ from config import Config, config_from_dict
 # Loading a run or an export folder
 
 
-CHECKPOINT_HINT = "give --checkpoint another of the run's checkpoints (a checkpoints/step_* folder, or latest)"
+CHECKPOINT_HINT = "Give --checkpoint another of the run's checkpoints (a checkpoints/step_* folder, or latest)"
 EXPORT_HINT = "export it again with `python generate.py --run RUN_DIR --export DIR`"
 
 
@@ -85,8 +85,7 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     else:
         path = checkpoint_folder(folder, checkpoint)
         tokenizer, model = train.build_model(cfg, target)
-        state, tensors = read_checkpoint(path, "trainable.safetensors", hint=CHECKPOINT_HINT[0].upper()
-                                               + CHECKPOINT_HINT[1:])
+        state, tensors = read_checkpoint(path, "trainable.safetensors", hint=CHECKPOINT_HINT)
         restore_trainable(path, state, tensors, model, instead="--checkpoint PATH of a checkpoint of this run")
     return model.eval(), tokenizer, cfg
 
