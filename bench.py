@@ -250,7 +250,7 @@ def time_ours(args, world: World) -> dict:
 
 
 OUR_FILES = ("model.py", "lora.py", "train.py", "data.py", "bench.py", "generate.py", "decode.py", "align.py",
-             "config.py", "checkpoint.py", "distributed.py", "step_graph.py")
+             "config.py", "checkpoint.py", "distributed.py", "step_graph.py", "decode_kernels.py", "quant.py")
 
 
 def peak_at(snapshot: dict, device: int) -> tuple[int, dict[str, list[int]]]:

@@ -1,14 +1,14 @@
 """The fast decoder of `generate.py --compile`: opt-in speed machinery for decoding on a GPU, kept apart from the
 user's path. LoRA is merged, each layer's q/k/v and gate/up run as one matmul, and the decode step is compiled
-and recorded as one CUDA graph for several steps at a time (`GraphDecoder`); the Triton kernels it calls and their
-tile rules are here too:
+and recorded as one CUDA graph for several steps at a time (`GraphDecoder`):
 
     decoder = GraphDecoder(llm)                        # prepares llm for decoding (in place)
     llm.generate(prompts, 32, decoder=decoder)         # LLM.generate's decode steps, replayed
 
-`one_row_linear`: a matmul of one row with the RMSNorm before it, the SwiGLU before down or the residual add after
-it (batch 1); `decode_attention`: RoPE, the cache write and attention of one new token, the cache split over
-programs when it is long (flash-decoding). Without Triton (a CPU install) the same decoder runs torch's ops.
+The compiled step calls two Triton kernels (decode_kernels.py): `one_row_linear`, a matmul of one row with the RMSNorm
+before it, the SwiGLU before down or the residual add after it (batch 1), and `decode_attention`, RoPE, the cache
+write and attention of one new token. They are loaded only for a compiled decoder (`load_kernels`); the recorded
+eager steps and a CPU install (no Triton) run torch's ops.
 """
 from __future__ import annotations
 
@@ -20,224 +20,28 @@ import torch.nn.functional as F
 
 import lora
 
+kernels = None  # decode_kernels.py, once `load_kernels` has imported it
+
+
+def load_kernels() -> None:
+    """Import the Triton kernels of the compiled step (decode_kernels.py), where Triton is installed. Importing
+    Triton and defining its torch ops loads the compiler (dynamo, sympy: seconds), which the eager and recorded
+    paths do without, so only a compiled decoder calls this."""
+    global kernels
+    if kernels is None:
+        try:
+            import decode_kernels as loaded
+        except ImportError:  # no Triton: a CPU install
+            return
+        kernels = loaded
+
+
 def static_decode(llm, tokens: torch.Tensor, valid: torch.Tensor, caches: list, slot: torch.Tensor) -> torch.Tensor:
     """LLM.decode_step with fixed shapes: the new token (B, 1) goes to cache slot `slot` (1,), attends to every
     valid slot of the whole cache (B, S), and its position is the count of its row's valid slots before it."""
     pos = valid.sum(-1, keepdim=True) - 1  # (B, 1)
     h = llm.hidden_states(llm.model.embed_tokens(tokens), pos, valid[:, None, None, :], caches, slot)  # (B, 1, H)
     return llm.lm_head(h[:, -1]).float()  # (B, V)
-
-
-try:  # Triton comes with torch's CUDA builds; without it (a CPU install) the decoder uses F.linear throughout
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-
-def one_row_config(N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) of `one_row_kernel` for a weight (N, K), chosen from the kernel timed in the
-    decode step's conditions on an H200 (each layer's weight read from HBM, in a CUDA graph; BENCHMARKS.md). A
-    weight of few rows (q/k/v, o_proj, down) takes whole rows of up to 1024 a program, and as many rows as leave
-    two programs a core; a weight of many rows (gate/up, the lm_head) takes tiles of 8 rows by 256, or by 512 past
-    64k rows. A rule, not autotuning: the autotuner times each kernel alone, its weight warm in the L2 cache, and
-    its picks for the same step changed from one compilation to the next, and with them the step's speed."""
-    if N >= 8 * 1024:
-        return 8, 512 if N >= 64 * 1024 else 256, 4
-    block_n = 8
-    while block_n > 1 and N // block_n < 264:
-        block_n //= 2
-    block_k = min(1024, 1 << (K - 1).bit_length())
-    return block_n, block_k, 8 if block_n * block_k >= 4096 or K > block_k else 4
-
-
-SLOTS_A_PROGRAM = 128  # decode_attention splits a longer cache into parts of at least this many slots,
-PARTS = 8  # and at most this many parts (more parts: more programs in flight, more partial results to combine)
-
-
-def attention_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_S, num_warps) of `decode_attention_kernel`, timed as `one_row_config`: blocks of 128 cache slots
-    where a slot's key is at most 128 bytes, else 64 (the blocks in flight fit the shared memory)."""
-    if head_dim * dtype.itemsize <= 128:
-        return 128, 8
-    return 64, 4
-
-
-if triton is not None:
-    @triton.jit
-    def one_row_kernel(x_ptr, w_ptr, b_ptr, norm_ptr, r_ptr, y_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
-                       NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-        """y = w @ f(x) (+ b) (+ r) for one row and w (N, K), in fp32: each program makes BLOCK_N outputs. f is
-        RMSNorm with weight `norm` (NORM), SwiGLU of x = [gate | up] (2K,) (SWIGLU), else none; each rounds where
-        model.RMSNorm and model.MLP round."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        if NORM:  # every program sums x's squares itself: x is small, and the kernel needs no other to finish
-            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                xk = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-                squares += xk * xk
-            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-            x = tl.load(x_ptr + ks, mask=ks < K, other=0.0)
-            if SWIGLU:
-                up = tl.load(x_ptr + K + ks, mask=ks < K, other=0.0)
-                gate = x.to(tl.float32)
-                x = (gate * tl.sigmoid(gate)).to(up.dtype) * up
-            if NORM:
-                x = (x.to(tl.float32) * rstd).to(x.dtype) * tl.load(norm_ptr + ks, mask=ks < K, other=0.0)
-            w = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < N) & (ks[None, :] < K),
-                        other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        if RESIDUAL:  # the matmul's output rounds to the output's dtype first, as an add after F.linear does
-            y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + rows, mask=rows < N).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-
-    @torch.library.triton_op("mmlora::one_row_linear", mutates_args=())
-    def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       norm_weight: torch.Tensor | None, eps: float, swiglu: bool,
-                       residual: torch.Tensor | None) -> torch.Tensor:
-        """`decode_linear` of one row x (K,), or (2K,) with `swiglu`, by weight (N, K): (N,)."""
-        N, K = weight.shape
-        y = x.new_empty(N)
-        block_n, block_k, warps = one_row_config(N, K)
-        torch.library.wrap_triton(one_row_kernel)[(triton.cdiv(N, block_n),)](
-            x, weight, weight if bias is None else bias, x if norm_weight is None else norm_weight,
-            y if residual is None else residual, y, N, K, eps, HAS_BIAS=bias is not None,
-            NORM=norm_weight is not None, SWIGLU=swiglu, RESIDUAL=residual is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=warps)
-        return y
-
-    @triton.jit
-    def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_cache_ptr, v_cache_ptr,
-                                valid_ptr, slot_ptr, y_ptr, m_ptr, l_ptr, S, CHUNK, eps, SCALE: tl.constexpr,
-                                NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, GP: tl.constexpr,
-                                QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                                PRECISION: tl.constexpr):
-        """Attention of one new token per row, with its RoPE and cache write. Program (b, h, part) takes the
-        NH / NKV query heads of key/value head h in row b: it rotates the new q and k, and attends over the valid
-        slots before the new token in its part of the cache (slots part*CHUNK onwards, CHUNK of them), with an
-        online softmax over blocks of BLOCK_S slots (flash attention's). Part 0 also writes the new k and v to
-        cache slot `slot` and counts the new token itself. The q/k/v row is qkv (B, (NH + 2 NKV) HD); with one
-        part, the output y (B, NH HD) is laid out as o_proj reads it; with several (flash-decoding, for long
-        caches), y holds each part's unnormalised sum (B NKV SPLITS, GP, HD), m_ptr and l_ptr its running max and
-        sum (B NKV SPLITS, GP), for `decode_attention_combine`. Scores and the softmax are fp32; q, k and v round
-        where the model rounds."""
-        b, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        G: tl.constexpr = NH // NKV
-        slot = tl.minimum(tl.load(slot_ptr), S - 1).to(tl.int32)
-        d = tl.arange(0, HD)  # (HD,)
-        turned = (d + HD // 2) % HD  # rotate_half: the other half, negated in the first half
-        sign = tl.where(d < HD // 2, -1.0, 1.0)
-        cos = tl.load(cos_ptr + b * HD + d).to(tl.float32)
-        sin = tl.load(sin_ptr + b * HD + d).to(tl.float32)
-        row = qkv_ptr + b * (NH + 2 * NKV) * HD
-        g = tl.arange(0, GP)
-        heads = h * G + g  # (GP,) the query heads, padded to GP
-        real = g < G
-        q = tl.load(row + heads[:, None] * HD + d[None, :], mask=real[:, None], other=0.0)  # (GP, HD)
-        q2 = tl.load(row + heads[:, None] * HD + turned[None, :], mask=real[:, None], other=0.0)
-        k = tl.load(row + NH * HD + h * HD + d)  # (HD,)
-        k2 = tl.load(row + NH * HD + h * HD + turned)
-        v = tl.load(row + (NH + NKV) * HD + h * HD + d)
-        if QK_NORM:  # model.RMSNorm over each head, before RoPE
-            q_rstd = 1.0 / tl.sqrt(tl.sum(q.to(tl.float32) * q.to(tl.float32), axis=1) / HD + eps)  # (GP,)
-            q = (q.to(tl.float32) * q_rstd[:, None]).to(q.dtype) * tl.load(q_norm_ptr + d)[None, :]
-            q2 = (q2.to(tl.float32) * q_rstd[:, None]).to(q.dtype) * tl.load(q_norm_ptr + turned)[None, :]
-            k_rstd = 1.0 / tl.sqrt(tl.sum(k.to(tl.float32) * k.to(tl.float32), axis=0) / HD + eps)
-            k = (k.to(tl.float32) * k_rstd).to(v.dtype) * tl.load(k_norm_ptr + d)
-            k2 = (k2.to(tl.float32) * k_rstd).to(v.dtype) * tl.load(k_norm_ptr + turned)
-        q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q2.to(tl.float32) * sin[None, :]).to(v.dtype)
-        k = (k.to(tl.float32) * cos + sign * k2.to(tl.float32) * sin).to(v.dtype)
-        cache = (b * NKV + h).to(tl.int64) * S * HD  # cache (B, NKV, S, HD)
-        first = (d * 0 + part) == 0  # (HD,) the new token belongs to part 0
-        tl.store(k_cache_ptr + cache + slot * HD + d, k, mask=first)
-        tl.store(v_cache_ptr + cache + slot * HD + d, v, mask=first)
-        # the new token first, from registers (part 0); then the slots before it, a block at a time
-        mine = (g * 0 + part) == 0  # (GP,)
-        m = tl.where(mine, tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * SCALE, float("-inf"))
-        total = tl.where(mine, 1.0, 0.0)  # (GP,) the running sum of exp(score - m)
-        acc = tl.where(mine[:, None], v.to(tl.float32)[None, :], 0.0)  # (GP, HD)
-        lo = part * CHUNK
-        hi = tl.minimum(lo + CHUNK, slot)
-        for s0 in range(lo, hi, BLOCK_S):
-            slots = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,)
-            before = slots < hi  # the keys load beside the valid flags, not after them: one wait a block
-            ok = before & (tl.load(valid_ptr + b * S + slots, mask=before, other=0) != 0)
-            keys = tl.load(k_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=before[:, None], other=0.0)
-            values = tl.load(v_cache_ptr + cache + slots[:, None] * HD + d[None, :], mask=before[:, None], other=0.0)
-            values = tl.where(ok[:, None], values, 0.0)
-            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * SCALE  # (GP, BLOCK_S)
-            scores = tl.where(ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a part with nothing valid yet stays at zero
-            p = tl.exp(scores - shift[:, None])
-            alpha = tl.exp(m - shift)
-            total = total * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
-            m = m_new
-        if SPLITS == 1:
-            y = acc / total[:, None]
-            tl.store(y_ptr + b * NH * HD + heads[:, None] * HD + d[None, :], y.to(v.dtype), mask=real[:, None])
-        else:
-            at = (b * NKV + h) * SPLITS + part
-            tl.store(y_ptr + (at * GP + g[:, None]) * HD + d[None, :], acc)
-            tl.store(m_ptr + at * GP + g, m)
-            tl.store(l_ptr + at * GP + g, total)
-
-    @triton.jit
-    def decode_attention_combine(part_ptr, m_ptr, l_ptr, y_ptr, NH: tl.constexpr, NKV: tl.constexpr,
-                                 HD: tl.constexpr, GP: tl.constexpr, SPLITS: tl.constexpr):
-        """The parts of `decode_attention_kernel` for (row b, key/value head h) made one: each part's sum weighed
-        by exp(its max - the overall max), over the weighed sums of exp. y (B, NH HD) as o_proj reads it."""
-        b, h = tl.program_id(0), tl.program_id(1)
-        parts = (b * NKV + h) * SPLITS + tl.arange(0, SPLITS)  # (SPLITS,)
-        g = tl.arange(0, GP)
-        d = tl.arange(0, HD)
-        m = tl.load(m_ptr + parts[:, None] * GP + g[None, :])  # (SPLITS, GP)
-        total = tl.load(l_ptr + parts[:, None] * GP + g[None, :])
-        acc = tl.load(part_ptr + (parts[:, None, None] * GP + g[None, :, None]) * HD + d[None, None, :])
-        top = tl.max(m, axis=0)  # (GP,) finite: part 0 counts the new token
-        w = tl.exp(m - top[None, :])  # (SPLITS, GP); an empty part's max is -inf, its weight 0
-        y = tl.sum(acc * w[:, :, None], axis=0) / tl.sum(total * w, axis=0)[:, None]  # (GP, HD)
-        real = g < NH // NKV
-        heads = h * (NH // NKV) + g
-        tl.store(y_ptr + b * NH * HD + heads[:, None] * HD + d[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=real[:, None])
-
-    @torch.library.triton_op("mmlora::decode_attention", mutates_args=("k_cache", "v_cache"))
-    def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None,
-                         k_norm: torch.Tensor | None, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         valid: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """qkv (B, (nh + 2 n_kv) hd) of one new token a row, cos/sin (B, hd), caches (B, n_kv, S, hd), valid
-        (B, S), slot (1,) -> the heads' outputs (B, nh hd); k and v written to the caches at `slot`. A cache of
-        more than `SLOTS_A_PROGRAM` slots is split into parts (`PARTS` at most) that run side by side, then combined."""
-        B, n_kv, S, hd = k_cache.shape
-        nh = qkv.shape[1] // hd - 2 * n_kv
-        y = qkv.new_empty(B, nh * hd)
-        block, warps = attention_config(hd, qkv.dtype)
-        splits = min(PARTS, triton.next_power_of_2(triton.cdiv(S, SLOTS_A_PROGRAM)))  # parts of the cache
-        chunk = triton.cdiv(triton.cdiv(S, splits), block) * block
-        gp = max(16, triton.next_power_of_2(nh // n_kv))
-        parts = m = total = y
-        if splits > 1:
-            parts = qkv.new_empty(B * n_kv * splits, gp, hd, dtype=torch.float32)
-            m, total = (qkv.new_empty(B * n_kv * splits, gp, dtype=torch.float32) for _ in range(2))
-        torch.library.wrap_triton(decode_attention_kernel)[(B, n_kv, splits)](
-            qkv, cos, sin, cos if q_norm is None else q_norm, cos if k_norm is None else k_norm, k_cache, v_cache,
-            valid, slot, parts, m, total, S, chunk, eps, SCALE=hd ** -0.5, NH=nh, NKV=n_kv, HD=hd, GP=gp,
-            QK_NORM=q_norm is not None, SPLITS=splits, BLOCK_S=block,
-            PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=warps)
-        if splits > 1:
-            torch.library.wrap_triton(decode_attention_combine)[(B, n_kv)](
-                parts, m, total, y, NH=nh, NKV=n_kv, HD=hd, GP=gp, SPLITS=splits, num_warps=8)
-        return y
 
 
 def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> torch.Tensor:
@@ -247,13 +51,13 @@ def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> tor
     second one combines the parts of a long cache); otherwise `Attention.heads`."""
     B, T, _ = x.shape
     hd = attn.head_dim
-    if (triton is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
+    if (kernels is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
             and torch.is_tensor(cache_start) and mask is not None and mask.dtype == torch.bool
             and hd >= 16 and hd & (hd - 1) == 0):
         qkv = attn.qkv.joined(x)  # (B, 1, (nh + 2 n_kv) hd)
         q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
         eps = attn.q_norm.eps if attn.qk_norm else 0.0
-        y = decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm, eps,
+        y = kernels.decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm, eps,
                              cache.k, cache.v, mask.reshape(B, -1), cache_start)
         return y.view(B, 1, -1)
     return attn.heads(x, cos, sin, mask, cache, cache_start)
@@ -267,9 +71,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Triton kernel does it all, spreading the weight's rows over all the GPU's cores: cuBLAS's kernels for one row
     leave most of them idle on these small weights, and a decode step's norms, activations and adds are each a
     kernel launch of their own otherwise. Eager calls keep torch's ops, whose launches cost the host less."""
-    if (triton is not None and torch.compiler.is_compiling() and x.is_cuda and x.numel() == x.shape[-1]
+    if (kernels is not None and torch.compiler.is_compiling() and x.is_cuda and x.numel() == x.shape[-1]
             and weight.is_contiguous()):
-        y = one_row_linear(x.reshape(-1), weight, bias, None if norm is None else norm.weight,
+        y = kernels.one_row_linear(x.reshape(-1), weight, bias, None if norm is None else norm.weight,
                            0.0 if norm is None else norm.eps, swiglu,
                            None if residual is None else residual.reshape(-1))
         return y.view(*x.shape[:-1], -1)
@@ -365,6 +169,8 @@ class GraphDecoder:
             prepare_for_decoding(llm)
         self.llm, self.steps, self.bucket, self.record = llm, steps, bucket, record
         compiled = record and compile
+        if compiled:
+            load_kernels()
         self.step = torch.compile(static_decode, fullgraph=True) if compiled else static_decode
         # the prompt's pass: compiled for any length (dynamic shapes), not recorded
         self.prefill = torch.compile(llm.forward_cached, dynamic=True) if compiled else llm.forward_cached

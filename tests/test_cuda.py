@@ -128,6 +128,7 @@ def test_one_row_matmul_kernel_equals_linear():
     on sizes that are not multiples of its blocks."""
     import decode
     import model
+    decode.load_kernels()
     step = torch.compile(decode.decode_linear, fullgraph=True, dynamic=False)
     cases = [((1152, 896), torch.bfloat16, dict(bias=True)), ((896, 4864), torch.bfloat16, dict()),
              ((101, 37), torch.float32, dict(bias=True)), ((9728, 896), torch.float32, dict()),
@@ -160,6 +161,7 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
     holes, slots at the start, inside and at the edges of its blocks and parts, parts with nothing valid."""
     import decode
     import model
+    decode.load_kernels()
     step = torch.compile(decode.decode_heads, fullgraph=True, dynamic=False)
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # each SLOTS_A_PROGRAM compiles afresh
     B = 3
@@ -176,7 +178,7 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
                                       (2048, 512, (300, 511, 512, 1500, 2047)),
                                       (2048, 128, (0, 255, 256, 1000, 2047))):
             torch._dynamo.reset()
-            monkeypatch.setattr(decode, "SLOTS_A_PROGRAM", per_program)
+            monkeypatch.setattr(decode.kernels, "SLOTS_A_PROGRAM", per_program)
             for slot in slots:
                 valid = torch.zeros(B, S, dtype=torch.bool, device="cuda")
                 for b, first in enumerate((0, min(slot, 100), slot)):  # left padding; the last row's only token is new

@@ -32,15 +32,17 @@ def test_export_loads_in_transformers_and_peft(trained_run, tmp_path, monkeypatc
     ids = torch.randint(0, model.llm.config.vocab_size, (2, 24))
     with torch.no_grad():
         ours = model.llm(ids)
+        # fp32 sums in another order (merged weights, another attention kernel): errors scale with the logits
+        tol = dict(atol=2e-5 * ours.abs().max().item(), rtol=1e-4)
         hf = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
-        torch.testing.assert_close(hf(input_ids=ids).logits, ours, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours, **tol)
         monkeypatch.chdir(tmp_path)  # the adapter names its base by an absolute path
         base = AutoModelForCausalLM.from_pretrained(json.loads((out / "adapter" / "adapter_config.json").read_text())
                                                     ["base_model_name_or_path"])
         peft = PeftModel.from_pretrained(base, out / "adapter").eval()
-        torch.testing.assert_close(peft(input_ids=ids).logits, ours, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(peft(input_ids=ids).logits, ours, **tol)
         exported, _, _ = generate.load_run(out)
-        torch.testing.assert_close(exported.llm(ids), ours, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(exported.llm(ids), ours, **tol)
         assert all(torch.equal(a, b) for a, b in zip(exported.projectors.state_dict().values(),
                                                      model.projectors.state_dict().values()))
     for f in out.rglob("*"):
