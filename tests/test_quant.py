@@ -56,11 +56,14 @@ def test_double_quantization_keeps_the_scales_close():
 
 
 def test_against_bitsandbytes_where_it_imports():
+    """The same packed bytes and block absmax as bitsandbytes' NF4 (blocks of 64, no double quantization), and the
+    same weights back from them (fp32)."""
     bnb = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(2))
     packed, absmax = quant.quantize_nf4(w, 64)
     theirs, state = bnb.quantize_4bit(w, blocksize=64, quant_type="nf4")
     assert torch.equal(absmax, state.absmax.float()) and torch.equal(packed, theirs.reshape(-1))
+    assert torch.equal(quant.dequantize_nf4(packed, absmax, w.shape, torch.float32), bnb.dequantize_4bit(theirs, state))
 
 
 def test_a_lora_step_on_nf4_equals_one_on_its_dequantized_weights(hf_models):
