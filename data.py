@@ -231,10 +231,10 @@ def preprocess_image(image: torch.Tensor, cfg: AlignerConfig) -> torch.Tensor:
     Hugging Face tower, as its folder's preprocessor_config.json says."""
     if cfg.image.hf:
         return image_processor(cfg.image.hf)(image)
-    x = image[None].float() / 255.0
+    x = image[None].float().div_(255.0)
     x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False, antialias=True)
     mean, std = torch.tensor(cfg.image_mean).view(1, 3, 1, 1), torch.tensor(cfg.image_std).view(1, 3, 1, 1)
-    return ((x - mean) / std)[0]
+    return x.sub_(mean).div_(std)[0]
 
 
 def audio_windows(samples: int, cfg: AlignerConfig) -> int:
@@ -520,7 +520,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 tokens, pooled = self.cache.get(ex.id, m, counts[m])
                 item.media[m] = Media(slots, tokens=tokens, pooled=pooled)
             else:
-                item.media[m] = Media(slots, raw=torch.cat([self.load(m, f, ex) for f in ex.media[m]])[:counts[m]])
+                blocks = [self.load(m, f, ex) for f in ex.media[m]]
+                item.media[m] = Media(slots, raw=(blocks[0] if len(blocks) == 1 else torch.cat(blocks))[:counts[m]])
         return item
 
     def prompt(self, i: int) -> tuple[Item, str] | None:
@@ -591,19 +592,22 @@ def length_batches(ds: ConversationDataset, todo: list[int], max_rows: int, max_
     return batches
 
 
-class PromptBatches(torch.utils.data.Dataset):
-    """Batch k of `batches` ready to generate from, for a DataLoader whose workers decode the media off the main
-    process: (the samples kept, their references, those whose media do not decode, the collated prompts or None)."""
+class PromptParts(torch.utils.data.Dataset):
+    """The batches cut in parts of at most `part_rows` samples, for a DataLoader whose workers decode the media off
+    the main process, several workers on one batch. Part j: (its batch's number, the samples kept, their
+    references, those whose media do not decode, the collated prompts or None)."""
 
-    def __init__(self, ds: ConversationDataset, batches: list[list[int]], pad_id: int):
-        self.ds, self.batches, self.pad_id = ds, batches, pad_id
+    def __init__(self, ds: ConversationDataset, batches: list[list[int]], pad_id: int, part_rows: int):
+        self.ds, self.pad_id = ds, pad_id
+        self.parts = [(k, b[s:s + part_rows]) for k, b in enumerate(batches) for s in range(0, len(b), part_rows)]
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.parts)
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, j: int):
+        k, samples = self.parts[j]
         kept, references, bad, items = [], [], [], []
-        for i in self.batches[k]:
+        for i in samples:
             pair = self.ds.prompt(i)
             if pair is None:
                 bad.append(i)
@@ -611,7 +615,31 @@ class PromptBatches(torch.utils.data.Dataset):
             kept.append(i)
             items.append(pair[0])
             references.append(pair[1])
-        return kept, references, bad, collate(items, self.pad_id) if items else None
+        return k, kept, references, bad, collate(items, self.pad_id) if items else None
+
+
+def prompt_batches(ds: ConversationDataset, todo: list[int], max_rows: int, max_tokens: int, max_new_tokens: int,
+                   pad_id: int, device: torch.device, workers: int = 0, part_rows: int | None = None):
+    """The samples `todo` as prompts to generate from, in `length_batches`: yields (the samples kept, their
+    references, those whose media do not decode, the collated prompts on `device`, or None when none is left).
+    With `workers`, DataLoader processes decode the media, each batch cut in parts of `part_rows` (default: one part
+    a worker, 16 rows at least), so that the first batch is ready in the time of a part; the parts join on `device`
+    (`concat_batches`)."""
+    batches = length_batches(ds, todo, max_rows, max_tokens, max_new_tokens)
+    part_rows = part_rows or (max(16, -(-max_rows // workers)) if workers else max_rows)
+    parts = PromptParts(ds, batches, pad_id, part_rows)
+    n_parts = [-(-len(b) // part_rows) for b in batches]
+    # its own generator: an iterator draws a seed from it, which the caller's RNG must not give
+    loader = torch.utils.data.DataLoader(parts, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda", generator=torch.Generator())
+    got: list = []
+    for k, kept, references, bad, prompts in loader:
+        got.append((kept, references, bad, None if prompts is None else prompts.to(device)))
+        if len(got) == n_parts[k]:
+            joined = [p for *_, p in got if p is not None]
+            yield ([i for g in got for i in g[0]], [r for g in got for r in g[1]], [i for g in got for i in g[2]],
+                   concat_batches(joined, pad_id) if joined else None)
+            got = []
 
 
 def check_unique_ids(path: Path, examples: list, why: str) -> None:
@@ -715,6 +743,45 @@ def collate(items: list[Item], pad_id: int, pack: bool = False, max_len: int | N
     return Batch(input_ids, labels, label_index, torch.ones(len(label_index)), sample_index,
                  modality.view(len(items), len(MODALITIES)), lengths, [it.id for it in items], media,
                  position_ids if pack else None, doc_ids if pack else None, [s for it in items for s in it.skipped])
+
+
+def concat_batches(parts: list[Batch], pad_id: int) -> Batch:
+    """Padded batches made one, as `collate` makes one of all their samples, on the parts' device: the rows padded
+    to the widest part, the flat positions b*T+t of labels and placeholders renumbered for the new rows and width,
+    and the media joined in their placeholders' order."""
+    if any(p.doc_ids is not None for p in parts):
+        raise ValueError("concat_batches joins padded batches; packed rows hold several samples a row")
+    if len(parts) == 1:
+        return parts[0]
+    T = max(p.input_ids.shape[1] for p in parts)
+    first = [0]  # each part's first row
+    for p in parts:
+        first.append(first[-1] + p.input_ids.shape[0])
+
+    def widen(name: str, fill: int) -> torch.Tensor:
+        return torch.cat([F.pad(getattr(p, name), (0, T - p.input_ids.shape[1]), value=fill) for p in parts])
+
+    def renumber(flat: torch.Tensor, p: Batch, r0: int) -> torch.Tensor:  # b*t_p+t -> (r0+b)*T+t
+        width = p.input_ids.shape[1]
+        return (flat // width + r0) * T + flat % width
+
+    rows = torch.arange(first[-1], device=parts[0].input_ids.device)[:, None]  # (B, 1): a padded row is a sample
+    lengths = [n for p in parts for n in p.lengths]
+    real = torch.arange(T, device=rows.device)[None, :] < torch.tensor(lengths, device=rows.device)[:, None]
+    media = {}
+    for m in MODALITIES:
+        have = [(p, r0) for p, r0 in zip(parts, first) if m in p.media]
+        if have:
+            def cat(name):
+                return None if getattr(have[0][0].media[m], name) is None else \
+                    torch.cat([getattr(p.media[m], name) for p, _ in have])
+            media[m] = Media(torch.cat([renumber(p.media[m].slots, p, r0) for p, r0 in have]), cat("raw"),
+                             cat("tokens"), cat("pooled"))
+    return Batch(widen("input_ids", pad_id), widen("labels", -100),
+                 torch.cat([renumber(p.label_index, p, r0) for p, r0 in zip(parts, first)]),
+                 torch.cat([p.label_weight for p in parts]), torch.where(real, rows, 0),
+                 torch.cat([p.modality for p in parts]), lengths, [i for p in parts for i in p.ids], media,
+                 skipped=[s for p in parts for s in p.skipped])
 
 
 # ----------------------------------------------------------------------------------------------------------------

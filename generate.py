@@ -302,20 +302,18 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
                          "dataset's: give a new --out, or leave out --resume")
     todo = [i for i, ex in enumerate(ds.examples) if ex.id not in done]
     device = model.llm.lm_head.weight.device
-    batches = data.length_batches(ds, todo, batch_size, batch_tokens, max_new_tokens)
-    loader = torch.utils.data.DataLoader(data.PromptBatches(ds, batches, tokenizer.pad_id), batch_size=None,
-                                         num_workers=workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator())  # the seed it draws is not sampling's
+    batches = data.prompt_batches(ds, todo, batch_size, batch_tokens, max_new_tokens, tokenizer.pad_id, device,
+                                  workers)
     t0, written, first = time.perf_counter(), 0, None
     with open(out, "a" if resume else "w") as f:
-        for kept, references, bad, batch in loader:
+        for kept, references, bad, batch in batches:
             for i in bad:
                 print(f"skipped {ds.path}:{ds.examples[i].line}: sample {ds.examples[i].id!r}: a medium does "
                       "not decode", file=sys.stderr)
             if batch is None:
                 continue
             with half_precision(model):
-                outs = model.generate(batch.to(device), max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
+                outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
             lines = []
             for i, reference, o in zip(kept, references, outs):
                 ex = ds.examples[i]

@@ -413,18 +413,15 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
                 correct += score(o, answer, tokenizer)
         model.reshard()
     else:  # generate.py --predict's path: batches of similar length, prompts made in workers, recorded decode steps
-        batches = data.length_batches(ds, gen, 256, 1 << 16, cfg.train.max_new_tokens)
-        prompts = torch.utils.data.DataLoader(data.PromptBatches(ds, batches, tokenizer.pad_id), batch_size=None,
-                                              num_workers=cfg.data.num_workers, generator=torch.Generator())
-        # (its own generator: an iterator draws a seed from it, which the run's RNG must not give, or resuming
-        # after an evaluation would draw other dropout masks)
+        # (the loader draws no number from the run's RNG: resuming after an evaluation draws the same masks)
+        prompts = data.prompt_batches(ds, gen, 256, 1 << 16, cfg.train.max_new_tokens, tokenizer.pad_id,
+                                      world.device, cfg.data.num_workers)
         recorded = recorded_decoder(model.llm)
         for _, answers, _, batch in prompts:
             if batch is None:
                 continue
             with autocast(cache_enabled=False):  # a recording keeps no cast weights between replays
-                outs = model.generate(batch.to(world.device), cfg.train.max_new_tokens, stop_ids=tokenizer.stop_ids,
-                                      **recorded)
+                outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=tokenizer.stop_ids, **recorded)
             for o, answer in zip(outs, answers):
                 correct += score(o, answer, tokenizer)
     correct = all_sum(correct.to(world.device), world)

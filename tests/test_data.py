@@ -199,6 +199,27 @@ def test_splicing_puts_each_feature_at_its_placeholder(demo_dir, tmp_path):
     assert torch.equal(x[text], mm.llm.model.embed_tokens(batch.input_ids)[text])
 
 
+def test_batches_joined_equal_one_collated_batch(demo_dir, tmp_path):
+    """concat_batches (the parts of a --predict batch, decoded by several workers) gives collate's batch of all
+    their samples, field by field, whatever the parts' widths; packed rows are refused."""
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    items = sorted((ds[i] for i in range(10)), key=lambda it: -len(it.input_ids))
+    parts = [data.collate(items[a:b], tok.pad_id) for a, b in ((0, 3), (3, 4), (4, 10))]
+    assert len({p.input_ids.shape[1] for p in parts}) == 3
+    joined, whole = data.concat_batches(parts, tok.pad_id), data.collate(items, tok.pad_id)
+    for f in dataclasses.fields(data.Batch):
+        a, b = getattr(joined, f.name), getattr(whole, f.name)
+        if f.name == "media":
+            assert a.keys() == b.keys() and set(a) == set(MODALITIES)
+            for m in a:
+                for x, y in zip(dataclasses.astuple(a[m]), dataclasses.astuple(b[m])):
+                    assert (x is None and y is None) or torch.equal(x, y), (m, x, y)
+        else:
+            assert torch.equal(a, b) if torch.is_tensor(a) else a == b, f.name
+    with pytest.raises(ValueError, match="packed"):
+        data.concat_batches([data.collate(items, tok.pad_id, pack=True, max_len=256)] * 2, tok.pad_id)
+
+
 def test_media_that_do_not_match_their_placeholders_are_a_clear_error(demo_dir, tmp_path):
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
     batch = data.collate([ds[i] for i in range(8)], tok.pad_id)

@@ -173,6 +173,12 @@ def test_length_batches_keep_their_caps_and_workers_give_the_same_answers(traine
     lengths = [len(ds.examples[i].input_ids) for b in batches for i in b]
     assert lengths == sorted(lengths, reverse=True)
     assert all(len(b) <= 5 and len(b) * (len(ds.examples[b[0]].input_ids) + 8) <= 300 for b in batches if len(b) > 1)
+    # each batch decoded in parts of 2 by two workers: the same samples and prompts as one batch in this process
+    whole, parted = (list(data.prompt_batches(ds, todo, 5, 300, 8, tokenizer.pad_id, torch.device("cpu"), w, p))
+                     for w, p in ((0, None), (2, 2)))
+    assert [b[:3] for b in whole] == [b[:3] for b in parted] and len(whole) == len(batches)
+    assert all(torch.equal(a[3].input_ids, b[3].input_ids) and torch.equal(a[3].media["image"].raw,
+               b[3].media["image"].raw) for a, b in zip(whole, parted) if "image" in a[3].media)
     answers = {}
     for workers, n_rows in ((0, 5), (2, 5), (0, 1)):
         out = tmp_path / f"p{workers}-{n_rows}.jsonl"
