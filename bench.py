@@ -187,6 +187,7 @@ def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
     c = model.llm.config
     lm_head = c.vocab_size * c.hidden_size
     body = sum(p.numel() for p in model.llm.model.layers.parameters() if not p.requires_grad)
+    body += sum(m.in_features * m.out_features for m in model.llm.model.layers.modules() if isinstance(m, NF4Linear))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * c.num_hidden_layers * seq * c.num_attention_heads \
         * c.head_dim
@@ -250,7 +251,8 @@ def time_ours(args, world: World) -> dict:
 
 
 OUR_FILES = ("model.py", "lora.py", "train.py", "data.py", "bench.py", "generate.py", "decode.py", "align.py",
-             "config.py", "checkpoint.py", "distributed.py", "step_graph.py", "decode_kernels.py", "quant.py")
+             "config.py", "checkpoint.py", "distributed.py", "step_graph.py", "decode_kernels.py", "quant.py",
+             "quant_kernels.py")
 
 
 def peak_at(snapshot: dict, device: int) -> tuple[int, dict[str, list[int]]]:
@@ -312,10 +314,10 @@ def load_sharded(folder: str) -> None:
     dist.destroy_process_group()
 
 
-def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape: str = "0.5b", liger: bool = False
-              ) -> dict:
-    """The peer's step on the same shapes; another model shape than 0.5B needs a copy of the peer whose `run`
-    takes `shape` (a Qwen2Config's keys)."""
+def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape: str = "0.5b", liger: bool = False,
+              qlora: bool = False) -> dict:
+    """The peer's step on the same shapes (`qlora`: its base in bitsandbytes' NF4); another model shape than 0.5B
+    needs a copy of the peer whose `run` takes `shape` (a Qwen2Config's keys)."""
     spec = importlib.util.spec_from_file_location("hf_peft_baseline", path)
     peer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peer)
@@ -323,6 +325,8 @@ def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape
     if shape != "0.5b":
         extra["shape"] = {k: v for k, v in SHAPES[shape].items() if k not in ("architecture", "qkv_bias")}
     before = torch.cuda.memory_allocated()  # held by earlier workloads of ours, not the peer's
+    if qlora:
+        extra["qlora"] = True
     row = peer.run(torch.bfloat16, batch, seq, ckpt, compile_, liger=liger, **extra)
     if "peak_mem_gib" in row:
         row["peak_mem_gib"] = round(row["peak_mem_gib"] - before / 2**30, 2)
@@ -574,9 +578,13 @@ def workload(seq: int, **flags) -> dict:
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
 GRIDS = {
     # QLoRA: the 7B shape in NF4 beside bf16 (eager, checkpointed, 8 x 2048), and the 72B shape in NF4 on one GPU
-    "qlora": [(workload(2048, ckpt=True, compile=False, shape="7b", qlora=True), []),
+    "qlora": [(workload(2048, ckpt=True, compile=False, shape="7b", qlora=True), [(True, False)]),
               (workload(2048, ckpt=True, compile=False, shape="7b"), []),
               (workload(2048, ckpt=True, compile=False, shape="72b", qlora=True), [])],
+    # the 0.5B shape in NF4 beside transformers + peft + bitsandbytes' NF4 (the peer's --qlora rows)
+    "qlora_peer": [(workload(512, compile=False, qlora=True), [(False, False)]),
+                   (workload(2048, compile=False, qlora=True), [(False, False)]),
+                   (workload(2048, ckpt=True, compile=False, qlora=True), [(True, False)])],
     "main": [(workload(512, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
              (workload(2048, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
              (workload(2048, ckpt=True, cuda_graph=True), [(True, False), (True, True)]),
@@ -634,7 +642,8 @@ def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
     lines = ["| workload | mmlora | peer | tokens/s vs peer | memory vs peer |", "|---|---|---|---|---|"]
     for ours, peer in pairs:
         shape = f"{ours['batch']} x {ours['seq']}" + (", activation checkpointing" if ours["grad_ckpt"] else "")
-        which = "peer " + ("compiled" if peer["compile"] else "eager") + (" + Liger" if peer.get("liger") else "")
+        which = "peer " + ("compiled" if peer["compile"] else "eager") + (" + Liger" if peer.get("liger") else "") \
+            + (" + bitsandbytes NF4" if peer.get("qlora") else "")
         ratios = ["-", "-"]
         if "error" not in ours and "error" not in peer:
             ratios = [f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x",
@@ -644,9 +653,10 @@ def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
 
 
 def peer_row(args, ckpt: bool, compile_: bool, liger: bool, world: World) -> dict:
-    """One peer row on the workload's shapes, printed; an error is reported as the row, as the peer's script does."""
+    """One peer row on the workload's shapes (a QLoRA workload's peer has its base in bitsandbytes' NF4), printed;
+    an error is reported as the row, as the peer's script does."""
     try:
-        r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape, liger)
+        r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape, liger, args.qlora)
     except Exception as e:
         r = {"impl": "transformers+peft", "grad_ckpt": ckpt, "compile": compile_, "liger": liger,
              "error": repr(e)[:300]}

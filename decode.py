@@ -178,6 +178,13 @@ class GraphDecoder:
         self.graphs: dict = {}  # (B, S, dtype, sampling) -> (graph, token (B, 1), slot (1,), out (B, steps))
         self.pool = None  # the graphs' memory pool
 
+    def prompt_width(self, P: int) -> int:
+        """The width that prompts of up to P tokens are left-padded to: P rounded up to a quarter of the power of
+        two below it (16 at least), so that the prompt's pass sees a few shapes (at most 25% wider): cuDNN's
+        attention builds a kernel for each new shape, which a first batch of each shape waits for."""
+        m = max(16, (1 << (P.bit_length() - 1)) // 4)
+        return -(-P // m) * m
+
     def buffers(self, B: int, S: int, device, dtype) -> tuple[torch.Tensor, list]:
         S = -(-S // self.bucket) * self.bucket
         if (B, S, dtype) not in self.shapes:

@@ -358,10 +358,13 @@ class LLM(nn.Module):
 
         The prefill runs the prompts in one call; then the decode steps make the tokens a few at a time (one at a
         time for `on_token`), with `LLM.decode`. `decoder` may replace them: an object with `steps` (tokens per call),
-        `buffers(B, S, device, dtype) -> (valid, caches)` for at least S cache slots, `prefill` (as
-        `forward_cached`) and `LLM.decode`'s call (generate.GraphDecoder records its steps as one CUDA graph)."""
+        `prompt_width(P)` (the width, at least P, that the prompts are left-padded to), `buffers(B, S, device,
+        dtype) -> (valid, caches)` for at least S cache slots, `prefill` (as `forward_cached`) and `LLM.decode`'s
+        call (decode.GraphDecoder records its steps as one CUDA graph)."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
+        if decoder is not None:
+            P = decoder.prompt_width(P)
         n = decoder.steps if decoder is not None else 1 if on_token else 8
         S = P + -(-(max_new_tokens - 1) // n) * n  # the prompt and every decode step's slot
         dtype = self.model.embed_tokens.weight.dtype
@@ -1598,8 +1601,8 @@ class MultimodalLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 32, **kw) -> list[list[int]]:
         """Answer a collated batch of prompts (right-padded) with their media; `kw` as in `LLM.generate`."""
+        ids = batch.input_ids.tolist()  # one read, before the aligner is queued: the host does not wait for it
         x = self.embed(batch)
-        ids = batch.input_ids.tolist()  # one read of the device, not one a row
         prompts = [ids[b][:n] for b, n in enumerate(batch.lengths)]
         embeds = [x[b, :n] for b, n in enumerate(batch.lengths)]
         return self.llm.generate(prompts, max_new_tokens, prompt_embeds=embeds, **kw)

@@ -20,6 +20,8 @@ lm_head and the embeddings stay in the compute dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,18 +49,31 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     blocks = w.detach().float().reshape(-1, block_size)  # (n_blocks, block)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     scaled = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]  # in [-1, 1]
-    levels = torch.tensor(NF4_LEVELS, device=w.device)
+    levels = torch.tensor(NF4_LEVELS).to(w.device)
     midpoints = (levels[1:] + levels[:-1]) / 2  # (15,)
     idx = torch.bucketize(scaled, midpoints).to(torch.uint8).reshape(-1)  # (N*K,) in 0..15
     return (idx[0::2] << 4) | idx[1::2], absmax
 
 
+@functools.cache
+def levels_on(device: torch.device) -> torch.Tensor:
+    """NF4_LEVELS (16,) fp32 on `device`, copied there once."""
+    return torch.tensor(NF4_LEVELS).to(device)
+
+
+@functools.cache
+def byte_levels(device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32 on `device`, made once: the two levels that a packed byte holds, high half first."""
+    levels = torch.tensor(NF4_LEVELS)
+    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1).to(device)
+
+
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
                    ) -> torch.Tensor:
-    """The inverse of `quantize_nf4`: level * absmax in fp32, then cast to `dtype`: (N, K)."""
-    levels = torch.tensor(NF4_LEVELS, device=packed.device)
-    idx = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(absmax.shape[0], -1)  # (n_blocks, block)
-    return (levels[idx.long()] * absmax[:, None]).to(dtype).reshape(shape)
+    """The inverse of `quantize_nf4`: level * absmax in fp32, then cast to `dtype`: (N, K). Each byte looks up its
+    two levels at once (`byte_levels`)."""
+    pairs = byte_levels(packed.device)[packed.int()]  # (N*K/2, 2)
+    return (pairs.view(absmax.shape[0], -1) * absmax[:, None]).to(dtype).view(shape)
 
 
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,6 +91,18 @@ def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     pad = -len(q) % DQ_GROUP
     groups = F.pad(q.float(), (0, pad)).reshape(-1, DQ_GROUP)
     return (groups * (scale[:, None] / 127)).reshape(-1)[:len(q)] + offset
+
+
+@functools.cache
+def dequantize_kernel():
+    """`quant_kernels.dequantize_nf4`, the same dequantization as one Triton kernel, where Triton imports (a GPU
+    install); else None. torch's ops make five passes over the weight, with fp32 in between, where the kernel
+    reads the packed bytes once and writes the weight once."""
+    try:
+        import quant_kernels
+    except ImportError:
+        return None
+    return quant_kernels.dequantize_nf4
 
 
 class NF4Matmul(torch.autograd.Function):
@@ -122,9 +149,12 @@ class NF4Linear(nn.Module):
         return self.absmax
 
     def dequantized(self) -> torch.Tensor:
-        """The weight (N, K) in the compute dtype, made anew."""
-        return dequantize_nf4(self.packed, self.block_absmax(), (self.out_features, self.in_features),
-                              self.compute_dtype)
+        """The weight (N, K) in the compute dtype, made anew (on a GPU with Triton, by one kernel:
+        `dequantize_kernel`)."""
+        shape, absmax = (self.out_features, self.in_features), self.block_absmax()
+        if self.packed.is_cuda and (kernel := dequantize_kernel()) is not None:
+            return kernel(self.packed, absmax, levels_on(self.packed.device), shape, self.compute_dtype)
+        return dequantize_nf4(self.packed, absmax, shape, self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:

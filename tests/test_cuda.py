@@ -247,3 +247,17 @@ def test_recorded_compiled_dropout_recomputes_each_replay_s_mask():
         torch.testing.assert_close(gx, torch.where(masks[-1], c * 2, 0.0))
         torch.testing.assert_close(gw, c.T @ y)
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+def test_nf4_dequantize_kernel_equals_torchs_ops():
+    """NF4Linear's Triton dequantization on the GPU gives exactly what torch's ops give (quant.dequantize_nf4), in
+    bf16 and fp32, with and without double quantization, blocks of 64 and 16, a size that is no multiple of a
+    program's bytes."""
+    import quant
+    assert quant.dequantize_kernel() is not None
+    for (N, K), block, double in (((4864, 896), 64, True), ((130, 48), 16, False), ((3, 64), 64, True)):
+        w = torch.randn(N, K, device="cuda")
+        for dtype in (torch.bfloat16, torch.float32):
+            layer = quant.NF4Linear(w, None, block, double, dtype)
+            ref = quant.dequantize_nf4(layer.packed, layer.block_absmax(), (N, K), dtype)
+            assert torch.equal(layer.dequantized(), ref), ((N, K), block, double, dtype)
