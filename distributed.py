@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,17 +145,22 @@ def shard_model(model: MultimodalLM, cfg: TrainConfig, world: World) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` was made an FSDP2 unit (`shard_model`)."""
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
+    """Whether `model` was made an FSDP2 unit (`shard_model`). Where FSDP was never imported, nothing was sharded:
+    the check imports nothing (importing FSDP and DTensor costs seconds, sympy among them)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (an FSDP2 shard), without importing DTensor where none was made."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(t, tensor.DTensor)
 
 
 def shard_rows(t: torch.Tensor) -> tuple[int, int]:
     """(first row, rows) of this rank's shard of a parameter: FSDP2 cuts dim 0 into world-size chunks of
     ceil(n / world) rows, the last ones shorter or empty."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(t, DTensor) or t.dim() == 0:
+    if not is_dtensor(t) or t.dim() == 0:
         return 0, t.shape[0] if t.dim() else 0
     chunk = -(-t.shape[0] // t.device_mesh.size())
     return t.device_mesh.get_local_rank() * chunk, t.to_local().shape[0]
@@ -163,10 +169,10 @@ def shard_rows(t: torch.Tensor) -> tuple[int, int]:
 def shard_of(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """`full` (a whole tensor of `param`'s shape) as `param` holds it: this rank's rows as a DTensor like it, or
     whole."""
+    if not is_dtensor(param) or full.dim() == 0:
+        return full
     from torch.distributed.tensor import DTensor
 
-    if not isinstance(param, DTensor) or full.dim() == 0:
-        return full
     first, rows = shard_rows(param)
     return DTensor.from_local(full[first:first + rows].contiguous(), param.device_mesh, param.placements,
                               shape=param.shape, stride=param.stride())
@@ -208,5 +214,4 @@ def gradient_sync(model: nn.Module, last: bool):
 
 def whole(t: torch.Tensor) -> torch.Tensor:
     """A tensor as one piece: an FSDP shard (a DTensor) gathered from every rank; any other as it is."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t

@@ -107,9 +107,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: LLMConfig) -> torch.Tensor:
-    """RoPE frequencies (RoFormer, arXiv 2104.09864), with linear or llama3 scaling (Llama 3.1 report, sec. 3.1)."""
+    """RoPE frequencies (RoFormer, arXiv 2104.09864), with linear or llama3 scaling (Llama 3.1 report, sec. 3.1);
+    computed on the CPU, also for a model built on the meta device."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # (d/2,)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))  # (d/2,)
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
@@ -262,7 +263,7 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
         self.gradient_checkpointing = False
 
     @torch.no_grad()
@@ -545,13 +546,34 @@ def set_tensor(module: nn.Module, key: str, t: torch.Tensor) -> None:
         owner._buffers[name] = t
 
 
+class SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Parameters made under it keep their values unset (random init returns its tensor as it is): a skeleton's
+    weights are read next. On the meta device, random init runs through torch._refs, whose first call imports the
+    compiler (seconds at the start of every generate.py)."""
+
+    RANDOM = (torch.Tensor.normal_, torch.Tensor.uniform_, nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_,
+              nn.init.kaiming_uniform_, nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.xavier_normal_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.RANDOM:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def skeleton():
+    """Build modules on the meta device (shapes, no memory, no random values), to load their weights into."""
+    with torch.device("meta"), SkipRandomInit():
+        yield
+
+
 def llm_skeleton(path: str | os.PathLike) -> tuple[LLM, list[Path]]:
     """The LLM of a Hugging Face folder built on the meta device (shapes, no memory), and its safetensors files."""
     folder = Path(path)
     cfg = LLMConfig.from_hf(read_json(folder / "config.json", "a Hugging Face model folder needs config.json"),
                             str(folder / "config.json"))
     files = safetensors_files(folder)
-    with torch.device("meta"):
+    with skeleton():
         llm = LLM(cfg)
     return llm, files
 
@@ -1227,7 +1249,7 @@ def load_vision_tower(path: str | os.PathLike, device=None, dtype: torch.dtype |
         raise ValueError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not a supported vision "
                          f"tower; supported: {', '.join(VISION_TYPES)}")
     c = {**TOWER_DEFAULTS[family], **cfg.get("vision_config", cfg)}
-    with torch.device("meta"):
+    with skeleton():
         tower = VisionTower(c, family, layer)
     load_tower(tower, folder, "embeddings.patch_embedding.weight", device or "cpu", dtype,
                ignore=("head.", "embeddings.position_ids"))
@@ -1242,7 +1264,7 @@ def load_audio_tower(path: str | os.PathLike, device=None, dtype: torch.dtype | 
     if cfg.get("model_type") != "whisper":
         raise ValueError(f"{folder / 'config.json'}: model_type {cfg.get('model_type')!r} is not a supported audio "
                          "tower; supported: whisper")
-    with torch.device("meta"):
+    with skeleton():
         tower = WhisperTower({**TOWER_DEFAULTS["whisper"], **cfg})
     load_tower(tower, folder, "conv1.weight", device or "cpu", dtype)
     return tower.requires_grad_(False).eval()

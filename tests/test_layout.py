@@ -57,3 +57,14 @@ def test_generate_py_holds_no_triton_and_entry_points_import_light():
             "if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_loading_a_run_leaves_the_compiler_out(trained_run):
+    """generate.load_run builds the model on the meta device without random init (which would import the
+    compiler there) and reads its weights: one question's start pays for no dynamo, sympy or FSDP."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import generate; generate.load_run(sys.argv[2]); "
+            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.fsdp', 'triton', 'sympy') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(trained_run)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
