@@ -54,7 +54,7 @@ from distributed import (GatherRows, World, all_sum, any_rank, average_gradients
 from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, cross_entropy_chunk,
                    document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm, load_tokenizer,
                    parameter_report, weights_hash, write_json)
-from quant import load_llm_nf4
+from quant import NF4Linear, load_llm_nf4
 from step_graph import GraphedStep
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,8 +169,11 @@ def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[n
                                                                            model.logit_scale],
                 "llm": list(model.llm.parameters())}
     named = list(model.llm.named_parameters())
+    # an NF4 weight is buffers, not a parameter: a meta tensor of its shape counts it as frozen
+    nf4 = [torch.empty(m.out_features, m.in_features, device="meta") for m in model.llm.modules()
+           if isinstance(m, NF4Linear)]
     return {"aligner": list(model.aligner.parameters()), "projectors": list(model.projectors.parameters()),
-            "llm": [p for n, p in named if ".lora_" not in n], "lora": [p for n, p in named if ".lora_" in n]}
+            "llm": [p for n, p in named if ".lora_" not in n] + nf4, "lora": [p for n, p in named if ".lora_" in n]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

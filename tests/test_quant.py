@@ -117,6 +117,10 @@ def test_a_qlora_run_resumes_exactly_and_exports_for_transformers_and_peft(demo_
     ckpt = tmp_path / "a" / "checkpoints" / (tmp_path / "a" / "checkpoints" / "latest").read_text().strip()
     restore_trainable(ckpt, *read_checkpoint(ckpt, "trainable.safetensors"), mm)
     assert any(isinstance(m, quant.NF4Linear) for m in mm.llm.modules())
+    _, plain = train.build_model(demo_config(demo_dir, tmp_path / "c"), torch.device("cpu"))
+    def llm_count(m):  # the parameter report counts each NF4 weight as the frozen parameter it stands for
+        return sum(p.numel() for p in train.parameter_groups(m)["llm"])
+    assert llm_count(mm) == llm_count(plain) > 0
     assert not any(k.endswith(".packed") for k in wa)  # the 4-bit base is rebuilt from the base, never saved
     export(mm, tmp_path / "export", straight)
     ids = torch.randint(0, mm.llm.config.vocab_size, (2, 16))
