@@ -335,12 +335,14 @@ def test_chunked_loss_equals_full_logits_cross_entropy():
     torch.testing.assert_close(g_ours, h.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("speedup", ["activation_checkpointing", "compile"])
-def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup):
+@pytest.mark.parametrize("speedup,quantize", [("activation_checkpointing", "none"), ("compile", "none"),
+                                              ("activation_checkpointing", "nf4")])
+def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup, quantize):
     """Activation checkpointing and compiled layers compute what the plain path computes, with the same LoRA
-    dropout masks (lora_B's gradients see them)."""
+    dropout masks (lora_B's gradients see them), on a bf16/fp32 base and on an NF4 one (QLoRA)."""
     def loss_and_grads(**train_keys):
-        cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.1}, train=train_keys)
+        cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.1}, train=train_keys,
+                                          model={"quantize": quantize})
         mm.train()
         out = mm(data.collate([ds[i] for i in range(6)], tok.pad_id))
         (out.loss_sum / out.n_tokens).backward()
