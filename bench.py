@@ -551,23 +551,82 @@ def hf_generate_row(merged: Path, data_file: Path, cfg, device: str) -> dict:
     return row
 
 
+class PhaseTimer:
+    """Seconds per phase of `generate.predict`, with a sync at the end of each phase (so the phases do not overlap):
+    the wait for the loader's next batch, the aligner (`embed`), the prompt's pass and the decode calls (the
+    graphs' recordings and replays)."""
+
+    def __init__(self, model, decoder):
+        self.seconds: dict[str, float] = {}
+        self.model, self.decoder, self.embed = model, decoder, model.embed
+        self.steps, self.buffers, self.prompt_width = decoder.steps, decoder.buffers, decoder.prompt_width
+        self.prefill = self.timed("prompt's pass", decoder.prefill)
+        self.decode = self.timed("decode calls", decoder.__call__)
+
+    def timed(self, name: str, fn):
+        def run(*args, **kw):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return run
+
+    def __call__(self, *args, **kw):  # the decoder's call, timed
+        return self.decode(*args, **kw)
+
+    def batches(self, *args, **kw):  # data.prompt_batches, each wait for the next batch timed
+        it = self.real_batches(*args, **kw)
+        while True:
+            sync()
+            t0 = time.perf_counter()
+            item = next(it, None)
+            self.seconds["loader wait"] = self.seconds.get("loader wait", 0.0) + time.perf_counter() - t0
+            if item is None:
+                return
+            yield item
+
+    def predict(self, *args, **kw) -> dict:
+        """generate.predict(*args, **kw) with this timer as its decoder: the timing with "phases" added."""
+        self.seconds, self.real_batches = {}, data.prompt_batches
+        self.model.embed, data.prompt_batches = self.timed("aligner", self.embed), self.batches
+        try:
+            metrics = generate.predict(*args, **kw)
+        finally:
+            self.model.embed, data.prompt_batches = self.embed, self.real_batches
+        return {**metrics["timing"], "phases": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def profiled_share(export_dir: Path, data_file: Path, root: Path) -> dict:
-    """The default prediction path in this process under torch.profiler: the GPU's kernel time over the wall
-    time of answering (a second pass, after one that records the graphs)."""
+    """The default prediction path in this process: a first pass timed by phase (`PhaseTimer`), a second under
+    torch.profiler (the GPU's kernel time over the wall time of answering), a third timed by phase again."""
     from torch.profiler import ProfilerActivity, profile
 
     model, tokenizer, cfg = generate.load_run(export_dir)
     args = argparse.Namespace(compile=False, eager=False, predict=True, seed=0)
     sampling = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, **generate.decoding(model.llm, args)}
     out = root / "profiled.jsonl"
-    generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=8)
+    timer = PhaseTimer(model, sampling["decoder"])
+    first = timer.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, {**sampling, "decoder": timer},
+                          False, workers=8)
+    print(json.dumps({"impl": "default, in process, first pass by phase", **first}), flush=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         metrics = generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=8)
+    later = timer.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, {**sampling, "decoder": timer},
+                          False, workers=8)
+    print(json.dumps({"impl": "default, in process, third pass by phase", **later}), flush=True)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
     kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
     t = metrics["timing"]
     row = {"impl": "default, profiled in process (second pass)", "samples_per_s": t["samples_per_s"],
-           "seconds": t["seconds"], "gpu_kernel_s": round(kernels, 3), "gpu_share": round(kernels / t["seconds"], 3)}
+           "seconds": t["seconds"], "gpu_kernel_s": round(kernels, 3), "gpu_share": round(kernels / t["seconds"], 3),
+           "first_pass": first, "third_pass": later}
     print(json.dumps(row), flush=True)
     return row
 
