@@ -762,6 +762,8 @@ def main() -> None:
                     "sharded as train.strategy = fsdp does, print each rank's peak host memory, then exit")
     ap.add_argument("--memory_budget", type=float, default=1.0, help="train.activation_memory_budget (with --compile)")
     ap.add_argument("--loss_chunk", type=int, default=0, help="model.loss_chunk (default: the config's)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the workloads (and their peer rows) this many times "
+                    "over, one after the other in this process")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
@@ -806,6 +808,7 @@ def main() -> None:
     if world.master:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {world.size}", flush=True)
     work = GRIDS[args.grid] if args.grid else [({k: getattr(args, k) for k in workload(0)}, [])]
+    work = work * args.rounds  # host-bound rows move from one model to the next: several rounds show the spread
     rows, pairs, liger_rows = [], [], []
     for flags, peers in work:
         vars(args).update(flags)
