@@ -1040,7 +1040,9 @@ def load_aligner(path: str | os.PathLike, device="cpu", init_missing: bool = Fal
     weights = folder / "aligner.safetensors"
     if not weights.is_file() and not init_missing:
         raise FileNotFoundError(f"{weights}: not found; a Phase-1 aligner folder needs aligner.safetensors")
-    aligner = Aligner(cfg).to(device)  # small next to the LLM: built in place, then overwritten
+    # small next to the LLM: built in place, then overwritten by every tensor of the file (no random init for that)
+    with SkipRandomInit() if weights.is_file() else contextlib.nullcontext():
+        aligner = Aligner(cfg).to(device)
     if weights.is_file():
         load_state_streaming(aligner, [weights], device, torch.float32, skip=tuple(aligner.tower_keys()))
     aligner.requires_grad_(False)
