@@ -321,12 +321,10 @@ def time_peer(path: str, batch: int, seq: int, ckpt: bool, compile_: bool, shape
     spec = importlib.util.spec_from_file_location("hf_peft_baseline", path)
     peer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peer)
-    extra = {}
+    extra = {"qlora": True} if qlora else {}
     if shape != "0.5b":
         extra["shape"] = {k: v for k, v in SHAPES[shape].items() if k not in ("architecture", "qkv_bias")}
     before = torch.cuda.memory_allocated()  # held by earlier workloads of ours, not the peer's
-    if qlora:
-        extra["qlora"] = True
     row = peer.run(torch.bfloat16, batch, seq, ckpt, compile_, liger=liger, **extra)
     if "peak_mem_gib" in row:
         row["peak_mem_gib"] = round(row["peak_mem_gib"] - before / 2**30, 2)
@@ -558,7 +556,7 @@ class PhaseTimer:
 
     def __init__(self, model, decoder):
         self.seconds: dict[str, float] = {}
-        self.model, self.decoder, self.embed = model, decoder, model.embed
+        self.model, self.embed = model, model.embed
         self.steps, self.buffers, self.prompt_width = decoder.steps, decoder.buffers, decoder.prompt_width
         self.prefill = self.timed("prompt's pass", decoder.prefill)
         self.decode = self.timed("decode calls", decoder.__call__)

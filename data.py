@@ -628,7 +628,9 @@ def prompt_batches(ds: ConversationDataset, todo: list[int], max_rows: int, max_
     batches = length_batches(ds, todo, max_rows, max_tokens, max_new_tokens)
     part_rows = part_rows or (max(16, -(-max_rows // workers)) if workers else max_rows)
     parts = PromptParts(ds, batches, pad_id, part_rows)
-    n_parts = [-(-len(b) // part_rows) for b in batches]
+    n_parts = [0] * len(batches)  # parts a batch
+    for k, _ in parts.parts:
+        n_parts[k] += 1
     # its own generator: an iterator draws a seed from it, which the caller's RNG must not give
     loader = torch.utils.data.DataLoader(parts, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", generator=torch.Generator())

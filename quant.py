@@ -49,7 +49,7 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, t
     blocks = w.detach().float().reshape(-1, block_size)  # (n_blocks, block)
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
     scaled = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]  # in [-1, 1]
-    levels = torch.tensor(NF4_LEVELS).to(w.device)
+    levels = levels_on(w.device)
     midpoints = (levels[1:] + levels[:-1]) / 2  # (15,)
     idx = torch.bucketize(scaled, midpoints).to(torch.uint8).reshape(-1)  # (N*K,) in 0..15
     return (idx[0::2] << 4) | idx[1::2], absmax
@@ -64,8 +64,8 @@ def levels_on(device: torch.device) -> torch.Tensor:
 @functools.cache
 def byte_levels(device: torch.device) -> torch.Tensor:
     """(256, 2) fp32 on `device`, made once: the two levels that a packed byte holds, high half first."""
-    levels = torch.tensor(NF4_LEVELS)
-    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1).to(device)
+    levels = levels_on(device)
+    return torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
