@@ -70,6 +70,7 @@ def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig
     cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
     cfg.train.activation_checkpointing = args.ckpt
     cfg.train.activation_memory_budget = getattr(args, "memory_budget", 1.0)
+    cfg.train.offload_activations = getattr(args, "offload", False)
     cfg.train.cuda_graph = args.cuda_graph
     cfg.model.loss_chunk = getattr(args, "loss_chunk", 0) or cfg.model.loss_chunk
     cfg.train.compile = (args.compile_mode or ("default" if args.cuda_graph else "reduce-overhead")) \
@@ -241,7 +242,8 @@ def time_ours(args, world: World) -> dict:
     fpt = flops_per_token(model, args.seq, labelled)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
             "cuda_graph": args.cuda_graph, "shape": args.shape, "strategy": "fsdp" if args.fsdp else "ddp",
-            "memory_budget": args.memory_budget, "loss_chunk": cfg.model.loss_chunk,
+            "memory_budget": args.memory_budget, "loss_chunk": cfg.model.loss_chunk, "qlora": args.qlora,
+            "offload": args.offload,
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
             "towers": getattr(args, "towers", False),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
@@ -633,19 +635,25 @@ def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
             "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "qlora": False, "memory_budget": 1.0,
-            "compile_mode": "", "loss_chunk": 0, **flags}
+            "compile_mode": "", "loss_chunk": 0, "offload": False, **flags}
 
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
 GRIDS = {
-    # QLoRA: the 7B shape in NF4 beside bf16 (eager, checkpointed, 8 x 2048), and the 72B shape in NF4 on one GPU
-    "qlora": [(workload(2048, ckpt=True, compile=False, shape="7b", qlora=True), [(True, False)]),
+    # QLoRA: the 7B shape in NF4 beside bf16 (eager, checkpointed, 8 x 2048), the same with the checkpointed inputs
+    # in host memory, and the 72B shape in NF4 on one GPU
+    "qlora": [(workload(2048, ckpt=True, compile=False, shape="7b", qlora=True), []),
+              (workload(2048, ckpt=True, compile=False, shape="7b", qlora=True, offload=True), []),
               (workload(2048, ckpt=True, compile=False, shape="7b"), []),
               (workload(2048, ckpt=True, compile=False, shape="72b", qlora=True), [])],
-    # the 0.5B shape in NF4 beside transformers + peft + bitsandbytes' NF4 (the peer's --qlora rows)
+    # the 0.5B shape in NF4 beside transformers + peft + bitsandbytes' NF4 (the peer's --qlora rows): the plain
+    # step, then the whole step recorded (as the main grid's rows)
     "qlora_peer": [(workload(512, compile=False, qlora=True), [(False, False)]),
                    (workload(2048, compile=False, qlora=True), [(False, False)]),
-                   (workload(2048, ckpt=True, compile=False, qlora=True), [(True, False)])],
+                   (workload(2048, ckpt=True, compile=False, qlora=True), [(True, False)]),
+                   (workload(512, cuda_graph=True, qlora=True), [(False, False)]),
+                   (workload(2048, cuda_graph=True, qlora=True), [(False, False)]),
+                   (workload(2048, ckpt=True, cuda_graph=True, qlora=True), [(True, False)])],
     "main": [(workload(512, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
              (workload(2048, cuda_graph=True), [(False, False), (False, True), (False, False, True)]),
              (workload(2048, ckpt=True, cuda_graph=True), [(True, False), (True, True)]),
@@ -702,7 +710,8 @@ def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
     """Markdown table of ours beside each peer row of the same shapes, with the ratios of tokens/s and memory."""
     lines = ["| workload | mmlora | peer | tokens/s vs peer | memory vs peer |", "|---|---|---|---|---|"]
     for ours, peer in pairs:
-        shape = f"{ours['batch']} x {ours['seq']}" + (", activation checkpointing" if ours["grad_ckpt"] else "")
+        shape = f"{ours['batch']} x {ours['seq']}" + (", activation checkpointing" if ours["grad_ckpt"] else "") \
+            + (", whole-step graph" if ours.get("cuda_graph") else "") + (", NF4" if ours.get("qlora") else "")
         which = "peer " + ("compiled" if peer["compile"] else "eager") + (" + Liger" if peer.get("liger") else "") \
             + (" + bitsandbytes NF4" if peer.get("qlora") else "")
         ratios = ["-", "-"]
@@ -758,6 +767,8 @@ def main() -> None:
     ap.add_argument("--qlora", action="store_true", help="the decoder layers' weights in NF4 (model.quantize = nf4)")
     ap.add_argument("--load_sharded", metavar="HF_DIR", help="under torchrun (CPU gloo, or GPUs): load the LLM folder "
                     "sharded as train.strategy = fsdp does, print each rank's peak host memory, then exit")
+    ap.add_argument("--offload", action="store_true", help="with --ckpt: the checkpointed layers' inputs in host "
+                    "memory (train.offload_activations)")
     ap.add_argument("--memory_budget", type=float, default=1.0, help="train.activation_memory_budget (with --compile)")
     ap.add_argument("--loss_chunk", type=int, default=0, help="model.loss_chunk (default: the config's)")
     ap.add_argument("--rounds", type=int, default=1, help="run the workloads (and their peer rows) this many times "

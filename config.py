@@ -81,6 +81,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = no clipping)
     amp: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16 (with GradScaler), fp32
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
+    offload_activations: bool = False  # with activation_checkpointing: each layer's input waits in host memory
+    # (pinned) between the forward and the recomputation, not on the GPU (eager only; the copies cost time)
     compile: str = "none"  # torch.compile per decoder layer: none, default, reduce-overhead (CUDA graphs per layer),
     # max-autotune (searched Triton matmul kernels, CUDA graphs per layer), max-autotune-no-cudagraphs
     cuda_graph: bool = False  # each batch shape's whole step recorded as one CUDA graph and replayed (GPU, bf16/fp32;
@@ -179,6 +181,13 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
     if cfg.train.cuda_graph:
         GraphedStep.check_config(cfg)
+    if cfg.train.offload_activations and not cfg.train.activation_checkpointing:
+        raise ValueError("train.offload_activations moves each checkpointed layer's input to host memory: set "
+                         "train.activation_checkpointing = true with it")
+    if cfg.train.offload_activations and (cfg.train.compile != "none" or cfg.train.cuda_graph):
+        raise ValueError("train.offload_activations copies each layer's input to host memory from Python, which a "
+                         "compiled layer or a recorded step does not hold: set train.compile = \"none\" and "
+                         "train.cuda_graph = false with it")
     if cfg.model.quantize == "nf4" and cfg.model.dtype == "float32":
         raise ValueError("model.quantize = \"nf4\" dequantizes into bf16 for its matmuls (QLoRA's compute dtype): "
                          "set model.dtype = \"bfloat16\" or \"auto\" with it, or model.quantize = \"none\"")

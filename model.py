@@ -233,7 +233,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0, checkpointed: bool = False):
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0, checkpointed: bool = False,
+                offloaded: bool = False):
+        if checkpointed and offloaded:  # the layer's input waits in host memory for the recomputation
+            stash = HostStash(x)
+            return checkpoint(lambda *a: self.block(stash.take(), *a), cos, sin, mask, use_reentrant=False)
         if checkpointed:  # inside forward, so that a compiled layer compiles the recomputation too
             return checkpoint(self.block, x, cos, sin, mask, use_reentrant=False)
         return self.block(x, cos, sin, mask, cache, cache_start)
@@ -241,6 +245,25 @@ class DecoderLayer(nn.Module):
     def block(self, x, cos, sin, mask=None, cache=None, cache_start=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HostStash:
+    """A checkpointed layer's input (B, T, H), moved to host memory once the layer's forward has it (torchtune's
+    activation offloading): `take()` gives the tensor itself the first time (the forward), then a copy back on its
+    device (the recomputation in the backward). The copies are queued on the current stream, so they keep its
+    order without a sync; the host buffer is pinned, where the tensor is on a GPU."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.host, self.requires_grad = x, None, x.requires_grad
+
+    def take(self) -> torch.Tensor:
+        if self.host is None:
+            x, self.x = self.x, None  # this layer no longer holds the device's copy
+            self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+            self.device = x.device
+            self.host.copy_(x.detach(), non_blocking=x.is_cuda)
+            return x
+        return self.host.to(self.device, non_blocking=True).requires_grad_(self.requires_grad)
 
 
 class DecoderBody(nn.Module):
@@ -265,6 +288,7 @@ class LLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
         self.gradient_checkpointing = False
+        self.offload_activations = False  # with gradient_checkpointing: each layer's input waits in host memory
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> "LLM":
@@ -294,7 +318,8 @@ class LLM(nn.Module):
         x = inputs_embeds
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, caches[i] if caches else None, cache_start, checkpointed)
+            x = layer(x, cos, sin, mask, caches[i] if caches else None, cache_start, checkpointed,
+                      self.offload_activations)
         return self.model.norm(x)
 
     def sliding_window_mask(self, mask: torch.Tensor | None, position_ids: torch.Tensor, S: int) -> torch.Tensor:

@@ -95,9 +95,9 @@ def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
 
 @functools.cache
 def dequantize_kernel():
-    """`quant_kernels.dequantize_nf4`, the same dequantization as one Triton kernel, where Triton imports (a GPU
-    install); else None. torch's ops make five passes over the weight, with fp32 in between, where the kernel
-    reads the packed bytes once and writes the weight once."""
+    """`quant_kernels.dequantize_nf4`, the same dequantization (scales included) as one Triton kernel, where Triton
+    imports (a GPU install); else None. torch's ops make several passes and launches, with fp32 in between, where
+    the kernel reads the packed bytes and codes once and writes the weight once."""
     try:
         import quant_kernels
     except ImportError:
@@ -149,12 +149,17 @@ class NF4Linear(nn.Module):
         return self.absmax
 
     def dequantized(self) -> torch.Tensor:
-        """The weight (N, K) in the compute dtype, made anew (on a GPU with Triton, by one kernel:
-        `dequantize_kernel`)."""
-        shape, absmax = (self.out_features, self.in_features), self.block_absmax()
-        if self.packed.is_cuda and (kernel := dequantize_kernel()) is not None:
-            return kernel(self.packed, absmax, levels_on(self.packed.device), shape, self.compute_dtype)
-        return dequantize_nf4(self.packed, absmax, shape, self.compute_dtype)
+        """The weight (N, K) in the compute dtype, made anew: on a GPU with Triton by one kernel that decodes the
+        scales too (`dequantize_kernel`); else, and inside torch.compile (whose compiler fuses them), by torch's
+        ops."""
+        shape = (self.out_features, self.in_features)
+        if self.packed.is_cuda and not torch.compiler.is_compiling() and (kernel := dequantize_kernel()) is not None:
+            levels = levels_on(self.packed.device)
+            if self.double_quant:
+                return kernel(self.packed, self.absmax_q, levels, shape, self.compute_dtype, self.absmax_scale,
+                              self.absmax_offset, DQ_GROUP)
+            return kernel(self.packed, self.absmax, levels, shape, self.compute_dtype)
+        return dequantize_nf4(self.packed, self.block_absmax(), shape, self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:

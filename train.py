@@ -119,6 +119,7 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
         llm.requires_grad_(False)
     lora.fuse_qkv(llm)
     llm.gradient_checkpointing = cfg.train.activation_checkpointing
+    llm.offload_activations = cfg.train.offload_activations
     model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
     compile_model(model, cfg.train)
     return model

@@ -28,14 +28,15 @@ def steps_without_dropout(**flags):
     return mm, opt, run_step, [bench.make_batch(args, mm, world.device, g) for _ in range(3)]
 
 
-@pytest.mark.parametrize("compile_", [False, True])
-def test_cuda_graph_steps_equal_plain_steps(compile_):
+@pytest.mark.parametrize("compile_,qlora", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_graph_steps_equal_plain_steps(compile_, qlora):
     """train.cuda_graph: the warm-up step, the recorded one and the replays give the losses, gradient norms and
-    weights of plain steps (no dropout, so that both draw nothing random), with media spliced from the cache."""
+    weights of plain steps (no dropout, so that both draw nothing random), with media spliced from the cache; on
+    a bf16 base and on an NF4 one (its Triton dequantization recorded, or torch's ops compiled)."""
     results = []
     for graph in (False, True):
         mm, opt, run_step, batches = steps_without_dropout(multimodal=True, cache=True, cuda_graph=graph,
-                                                           compile=compile_)
+                                                           compile=compile_, qlora=qlora)
         before = {k: v.detach().clone() for k, v in trainable_state(mm).items()}
         mm.train()
         losses = []
@@ -250,12 +251,14 @@ def test_recorded_compiled_dropout_recomputes_each_replay_s_mask():
 
 
 def test_nf4_dequantize_kernel_equals_torchs_ops():
-    """NF4Linear's Triton dequantization on the GPU gives exactly what torch's ops give (quant.dequantize_nf4), in
-    bf16 and fp32, with and without double quantization, blocks of 64 and 16, a size that is no multiple of a
-    program's bytes."""
+    """NF4Linear's Triton dequantization on the GPU, which decodes double-quantized scales itself, gives exactly
+    what torch's ops give (quant.dequantize_absmax, quant.dequantize_nf4), in bf16 and fp32, with and without
+    double quantization, blocks of 64 and 16, a size that is no multiple of a program's bytes or of a scale's
+    group."""
     import quant
     assert quant.dequantize_kernel() is not None
-    for (N, K), block, double in (((4864, 896), 64, True), ((130, 48), 16, False), ((3, 64), 64, True)):
+    for (N, K), block, double in (((4864, 896), 64, True), ((130, 48), 16, False), ((130, 48), 16, True),
+                                  ((3, 64), 64, True)):
         w = torch.randn(N, K, device="cuda")
         for dtype in (torch.bfloat16, torch.float32):
             layer = quant.NF4Linear(w, None, block, double, dtype)

@@ -335,11 +335,16 @@ def test_chunked_loss_equals_full_logits_cross_entropy():
     torch.testing.assert_close(g_ours, h.grad, atol=1e-5, rtol=1e-5)
 
 
+SPEEDUPS = {"activation_checkpointing": {"activation_checkpointing": True}, "compile": {"compile": "default"},
+            "offload_activations": {"activation_checkpointing": True, "offload_activations": True}}
+
+
 @pytest.mark.parametrize("speedup,quantize", [("activation_checkpointing", "none"), ("compile", "none"),
-                                              ("activation_checkpointing", "nf4")])
+                                              ("activation_checkpointing", "nf4"), ("offload_activations", "nf4")])
 def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup, quantize):
-    """Activation checkpointing and compiled layers compute what the plain path computes, with the same LoRA
-    dropout masks (lora_B's gradients see them), on a bf16/fp32 base and on an NF4 one (QLoRA)."""
+    """Activation checkpointing (its layer inputs on the device, or offloaded to host memory) and compiled layers
+    compute what the plain path computes, with the same LoRA dropout masks (lora_B's gradients see them), on a
+    bf16/fp32 base and on an NF4 one (QLoRA)."""
     def loss_and_grads(**train_keys):
         cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.1}, train=train_keys,
                                           model={"quantize": quantize})
@@ -348,8 +353,7 @@ def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup, quant
         (out.loss_sum / out.n_tokens).backward()
         return out.loss_sum.detach(), {n: p.grad for n, p in mm.named_parameters() if p.grad is not None}
     ref_loss, ref_grads = loss_and_grads()
-    loss, grads = loss_and_grads(**({"activation_checkpointing": True} if speedup == "activation_checkpointing"
-                                    else {"compile": "default"}))
+    loss, grads = loss_and_grads(**SPEEDUPS[speedup])
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for k in grads:

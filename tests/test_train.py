@@ -41,6 +41,9 @@ def test_unknown_key_lists_the_known_ones(tmp_path):
     ("--train.activation_memory_budget=1.5", "train.activation_memory_budget = 1.5; it must be in"),
     ("--train.strategy=fsdp --train.compile=reduce-overhead", "use \"default\" or \"max-autotune-no-cudagraphs\" with"),
     ("--train.phase=align --train.cuda_graph=true", "set it to false with train.phase"),
+    ("--train.offload_activations=true", "set train.activation_checkpointing = true with it"),
+    ("--train.offload_activations=true --train.activation_checkpointing=true --train.compile=default",
+     "set train.compile = \"none\" and train.cuda_graph = false with it"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
