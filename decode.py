@@ -173,15 +173,14 @@ class GraphDecoder:
             load_kernels()
         self.step = torch.compile(static_decode, fullgraph=True) if compiled else static_decode
         # the prompt's pass: compiled for any length (dynamic shapes), not recorded
-        self.prefill = torch.compile(llm.forward_cached, dynamic=True) if compiled else llm.forward_cached
+        self.prefill = torch.compile(llm.prefill, dynamic=True) if compiled else llm.prefill
         self.shapes: dict = {}  # (B, S, dtype) -> (valid (B, S), caches)
         self.graphs: dict = {}  # (B, S, dtype, sampling) -> (graph, token (B, 1), slot (1,), out (B, steps))
         self.pool = None  # the graphs' memory pool
 
     def prompt_width(self, P: int) -> int:
-        """The width that prompts of up to P tokens are left-padded to: P rounded up to a quarter of the power of
-        two below it (16 at least), so that the prompt's pass sees a few shapes (at most 25% wider): cuDNN's
-        attention builds a kernel for each new shape, which a first batch of each shape waits for."""
+        """The width that prompts of up to P tokens are padded to: P rounded up to a quarter of the power of two
+        below it (16 at least), so that the prompts' pass sees a few shapes (at most 25% wider)."""
         m = max(16, (1 << (P.bit_length() - 1)) // 4)
         return -(-P // m) * m
 

@@ -353,6 +353,13 @@ class LLM(nn.Module):
         h = self.hidden_states(x, pos, mask, caches, start)  # (B, T, H)
         return self.lm_head(h[:, -1]).float()  # (B, V)
 
+    def prefill(self, x: torch.Tensor, last: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """The prompts' pass: x (B, P, H) right-padded, its keys and values to cache slots 0..P-1, and the logits
+        (B, V) at `last` (B,), each row's last real position. Causal attention without a mask (SDPA's fused
+        kernels): no real token sees the padding after it, and each row's positions start at 0, as on its own."""
+        h = self.hidden_states(x, None, None, caches, 0)  # (B, P, H)
+        return self.lm_head(h[torch.arange(x.shape[0], device=x.device), last]).float()  # (B, V)
+
     def decode_step(self, tokens: torch.Tensor, valid: torch.Tensor, caches: list[KVCache], start: int
                     ) -> torch.Tensor:
         """One new token per row, tokens (B, 1), at cache slot `start` -> logits (B, V)."""
@@ -376,16 +383,17 @@ class LLM(nn.Module):
                  on_token: Callable[[list[int]], None] | None = None, decoder=None) -> list[list[int]]:
         """Generate continuations of a batch of prompts of different lengths, with a KV cache.
 
-        Prompts are left-padded; each row's positions start at 0 on its first real token. `temperature=0` is greedy;
-        otherwise sampling with optional top-k and top-p (nucleus). A row stops at any of `stop_ids`.
+        Prompts are right-padded for their pass (causal attention needs no mask there), and the decode steps' mask
+        of valid cache slots hides the padding; each row's positions start at 0 on its first token. `temperature=0`
+        is greedy; otherwise sampling with optional top-k and top-p (nucleus). A row stops at any of `stop_ids`.
         `prompt_embeds` (one (T_i, H) tensor per prompt) replaces the embedding of the prompt ids, for
         multimodal prompts. `on_token` is called with each row's new token as it comes (for streaming).
         Returns the new tokens of each row, without the stop token.
 
         The prefill runs the prompts in one call; then the decode steps make the tokens a few at a time (one at a
         time for `on_token`), with `LLM.decode`. `decoder` may replace them: an object with `steps` (tokens per call),
-        `prompt_width(P)` (the width, at least P, that the prompts are left-padded to), `buffers(B, S, device,
-        dtype) -> (valid, caches)` for at least S cache slots, `prefill` (as `forward_cached`) and `LLM.decode`'s
+        `prompt_width(P)` (the width, at least P, that the prompts are padded to), `buffers(B, S, device,
+        dtype) -> (valid, caches)` for at least S cache slots, `prefill` (as `LLM.prefill`) and `LLM.decode`'s
         call (decode.GraphDecoder records its steps as one CUDA graph)."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
@@ -402,15 +410,15 @@ class LLM(nn.Module):
             caches = self.setup_caches(B, S, device, dtype)
         ids = torch.zeros(B, P, dtype=torch.long)  # made on the host, then one copy (not one a row)
         for b, p in enumerate(prompts):
-            ids[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        first = torch.tensor([P - len(p) for p in prompts])  # (B,) each row's first real slot
-        valid[:, :P] = (torch.arange(P) >= first[:, None]).to(device)
+            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts])  # (B,)
+        valid[:, :P] = (torch.arange(P) < lengths[:, None]).to(device)
         x = self.model.embed_tokens(ids.to(device))  # (B, P, H)
         for b, e in enumerate(prompt_embeds or []):
-            x[b, P - e.shape[0]:] = e.to(x.dtype)
+            x[b, :e.shape[0]] = e.to(x.dtype)
         pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        prefill = self.forward_cached if decoder is None else decoder.prefill
-        tokens = pick(prefill(x, valid, caches, 0))[:, None]  # the prompt's pass, then its token: (B, 1)
+        prefill = self.prefill if decoder is None else decoder.prefill
+        tokens = pick(prefill(x, (lengths - 1).to(device), caches))[:, None]  # the prompts' pass, its token (B, 1)
         stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
         shown = 0
         while True:
@@ -1603,21 +1611,28 @@ class MultimodalLM(nn.Module):
         # `document_block_mask` here (train.training_document_mask)
         self.document_mask = document_mask
 
-    def media_embeds(self, batch: Batch, modality: str) -> torch.Tensor:
-        """Projected features (N, K, H) of the batch's media of one modality, from cached features or raw media."""
+    def media_embeds(self, batch: Batch, modality: str, chunk: int = 0) -> torch.Tensor:
+        """Projected features (N, K, H) of the batch's media of one modality, from cached features or raw media.
+        With `chunk`, the aligner sees the raw media in calls of exactly `chunk` (the last padded with zeros), so
+        that one shape serves every batch: a GPU's kernels set up each new shape on its first call."""
         media = batch.media[modality]
         if media.raw is None:  # the feature cache: the aligner already ran
             tokens, pooled = media.tokens, media.pooled  # (N, n, D), (N, D)
         else:
+            encode, N = getattr(self.aligner, modality), len(media)
+            raw = media.raw if not chunk else torch.cat([media.raw, media.raw.new_zeros(-N % chunk,
+                                                                                     *media.raw.shape[1:])])
             with torch.no_grad():
-                tokens, pooled = getattr(self.aligner, modality)(media.raw)
+                outs = [encode(part) for part in raw.split(chunk or N)]
+            tokens, pooled = (torch.cat(t)[:N] for t in zip(*outs))  # (N, n, D), (N, D)
         return self.projectors[modality](tokens, pooled)
 
-    def embed(self, batch: Batch) -> torch.Tensor:
-        """Token embeddings with projected media written into the placeholder positions: (B, T, H)."""
+    def embed(self, batch: Batch, media_chunk: int = 0) -> torch.Tensor:
+        """Token embeddings with projected media written into the placeholder positions: (B, T, H); `media_chunk`
+        as `media_embeds`' chunk."""
         x = self.llm.model.embed_tokens(batch.input_ids)  # (B, T, H)
         for m in batch.media:
-            feats = self.media_embeds(batch, m)  # (N, K, H)
+            feats = self.media_embeds(batch, m, media_chunk)  # (N, K, H)
             slots = batch.media[m].slots  # (N*K,) flat positions of the placeholders, found by the collator
             if slots.shape[0] != feats.shape[0] * feats.shape[1]:
                 raise ValueError(f"batch has {slots.shape[0]} {m} placeholder tokens for {feats.shape[0]} {m} "
@@ -1648,10 +1663,11 @@ class MultimodalLM(nn.Module):
         return LossOutput(losses.sum(), weight.sum(), sample_loss, sample_tokens)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 32, **kw) -> list[list[int]]:
-        """Answer a collated batch of prompts (right-padded) with their media; `kw` as in `LLM.generate`."""
+    def generate(self, batch: Batch, max_new_tokens: int = 32, media_chunk: int = 64, **kw) -> list[list[int]]:
+        """Answer a collated batch of prompts (right-padded) with their media (the aligner's calls `media_chunk`
+        media each); `kw` as in `LLM.generate`."""
         ids = batch.input_ids.tolist()  # one read, before the aligner is queued: the host does not wait for it
-        x = self.embed(batch)
+        x = self.embed(batch, media_chunk)
         prompts = [ids[b][:n] for b, n in enumerate(batch.lengths)]
         embeds = [x[b, :n] for b, n in enumerate(batch.lengths)]
         return self.llm.generate(prompts, max_new_tokens, prompt_embeds=embeds, **kw)

@@ -360,6 +360,20 @@ def test_speedups_keep_the_loss_and_gradients(demo_dir, tmp_path, speedup, quant
         torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-3)
 
 
+def test_the_aligner_in_fixed_chunks_gives_each_mediums_features(demo_dir, tmp_path):
+    """Generation runs the aligner over chunks of one size, the last padded with zeros: each medium's projected
+    features are those of one call over all the batch's media."""
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    mm.eval()
+    batch = data.collate([ds[i] for i in range(16)], tok.pad_id)
+    assert all(len(batch.media[m]) > 5 and len(batch.media[m]) % 5 for m in MODALITIES)
+    with torch.no_grad():
+        for m in MODALITIES:
+            whole, chunked = mm.media_embeds(batch, m), mm.media_embeds(batch, m, chunk=5)
+            assert chunked.shape == whole.shape
+            torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_rows_are_padded_to_a_multiple(demo_dir, tmp_path):
     cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
     items = [ds[i] for i in range(5)]
