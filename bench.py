@@ -560,6 +560,7 @@ class PhaseTimer:
         self.seconds: dict[str, float] = {}
         self.model, self.embed = model, model.embed
         self.steps, self.buffers, self.prompt_width = decoder.steps, decoder.buffers, decoder.prompt_width
+        self.batch_rows = decoder.batch_rows
         self.prefill = self.timed("prompt's pass", decoder.prefill)
         self.decode = self.timed("decode calls", decoder.__call__)
 
@@ -640,12 +641,13 @@ def workload(seq: int, **flags) -> dict:
 
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
 GRIDS = {
-    # QLoRA: the 7B shape in NF4 beside bf16 (eager, checkpointed, 8 x 2048), the same with the checkpointed inputs
-    # in host memory, and the 72B shape in NF4 on one GPU
+    # QLoRA: the 7B shape in NF4 beside bf16 (eager, checkpointed, 8 x 2048), and the same with the checkpointed
+    # inputs in host memory (train.offload_activations); qlora72: the 72B shape in NF4 on one GPU
     "qlora": [(workload(2048, ckpt=True, compile=False, shape="7b", qlora=True), []),
               (workload(2048, ckpt=True, compile=False, shape="7b", qlora=True, offload=True), []),
-              (workload(2048, ckpt=True, compile=False, shape="7b"), []),
-              (workload(2048, ckpt=True, compile=False, shape="72b", qlora=True), [])],
+              (workload(2048, ckpt=True, compile=False, shape="7b"), [])],
+    "qlora72": [(workload(2048, ckpt=True, compile=False, shape="72b", qlora=True), []),
+                (workload(2048, ckpt=True, compile=False, shape="72b", qlora=True, offload=True), [])],
     # the 0.5B shape in NF4 beside transformers + peft + bitsandbytes' NF4 (the peer's --qlora rows): the plain
     # step, then the whole step recorded (as the main grid's rows)
     "qlora_peer": [(workload(512, compile=False, qlora=True), [(False, False)]),

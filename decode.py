@@ -168,7 +168,7 @@ class GraphDecoder:
         if prepare:
             prepare_for_decoding(llm)
         self.llm, self.steps, self.bucket, self.record = llm, steps, bucket, record
-        compiled = record and compile
+        self.compiled = compiled = record and compile
         if compiled:
             load_kernels()
         self.step = torch.compile(static_decode, fullgraph=True) if compiled else static_decode
@@ -177,6 +177,12 @@ class GraphDecoder:
         self.shapes: dict = {}  # (B, S, dtype) -> (valid (B, S), caches)
         self.graphs: dict = {}  # (B, S, dtype, sampling) -> (graph, token (B, 1), slot (1,), out (B, steps))
         self.pool = None  # the graphs' memory pool
+
+    def batch_rows(self, B: int) -> int:
+        """The rows that a batch of B prompts runs in, recorded: B rounded up to a multiple of 64 (one prompt runs
+        alone), so that batches share their graphs (and the attention kernels that cuDNN builds for each shape).
+        The extra rows take their share of each sampling step's random draws."""
+        return B if B == 1 or not self.record else -(-B // 64) * 64
 
     def prompt_width(self, P: int) -> int:
         """The width that prompts of up to P tokens are padded to: P rounded up to a quarter of the power of two
@@ -226,7 +232,9 @@ class GraphDecoder:
         side = torch.cuda.Stream()  # compile and warm up off the main stream, as recording wants
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # these steps write the cache slots that the replay then writes again
+            # one warm-up run of the eager steps (two of compiled ones, whose second call may compile again);
+            # these steps write the cache slots that the replay then writes again
+            for _ in range(2 if self.compiled else 1):
                 slot.fill_(start)
                 self.run(token_in, valid, caches, slot, out, pick)
         torch.cuda.current_stream().wait_stream(side)

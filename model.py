@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -170,6 +171,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def prebuilt_attention():
+    """SDPA's flash, memory-efficient and math kernels, not cuDNN's, for generation's passes over prompts and media:
+    on a GPU, cuDNN's attention builds and compiles a kernel for each new shape at its first call (about half a
+    second each in a new process), and those passes change shape from batch to batch, where the others' kernels
+    are built with torch. The decode steps, recorded once per shape, keep cuDNN's."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class Attention(nn.Module):
@@ -392,10 +401,16 @@ class LLM(nn.Module):
 
         The prefill runs the prompts in one call; then the decode steps make the tokens a few at a time (one at a
         time for `on_token`), with `LLM.decode`. `decoder` may replace them: an object with `steps` (tokens per call),
-        `prompt_width(P)` (the width, at least P, that the prompts are padded to), `buffers(B, S, device,
-        dtype) -> (valid, caches)` for at least S cache slots, `prefill` (as `LLM.prefill`) and `LLM.decode`'s
-        call (decode.GraphDecoder records its steps as one CUDA graph)."""
+        `batch_rows(B)` (the rows, at least B, that a batch runs in), `prompt_width(P)` (the width, at least P,
+        that the prompts are padded to), `buffers(B, S, device, dtype) -> (valid, caches)` for at least S cache
+        slots, `prefill` (as `LLM.prefill`) and `LLM.decode`'s call (decode.GraphDecoder records its steps as one
+        CUDA graph)."""
         device = self.lm_head.weight.device
+        asked = len(prompts)
+        if decoder is not None:  # copies of the last prompt fill the rows of the decoder's shape; cut at the end
+            extra = decoder.batch_rows(asked) - asked
+            prompts = prompts + prompts[-1:] * extra
+            prompt_embeds = prompt_embeds and prompt_embeds + prompt_embeds[-1:] * extra
         B, P = len(prompts), max(len(p) for p in prompts)
         if decoder is not None:
             P = decoder.prompt_width(P)
@@ -418,7 +433,8 @@ class LLM(nn.Module):
             x[b, :e.shape[0]] = e.to(x.dtype)
         pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         prefill = self.prefill if decoder is None else decoder.prefill
-        tokens = pick(prefill(x, (lengths - 1).to(device), caches))[:, None]  # the prompts' pass, its token (B, 1)
+        with prebuilt_attention():
+            tokens = pick(prefill(x, (lengths - 1).to(device), caches))[:, None]  # the prompts' pass, its token (B, 1)
         stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
         shown = 0
         while True:
@@ -432,7 +448,7 @@ class LLM(nn.Module):
                 break
             new = (decoder or self.decode)(tokens[:, -1:], valid, caches, P + tokens.shape[1] - 1, n, pick)  # (B, n)
             tokens = torch.cat([tokens, new], 1)
-        rows = tokens[:, :max_new_tokens].tolist()
+        rows = tokens[:asked, :max_new_tokens].tolist()
         return [next((row[:j] for j, t in enumerate(row) if t in stop_ids), row) for row in rows]
 
 
@@ -1667,7 +1683,8 @@ class MultimodalLM(nn.Module):
         """Answer a collated batch of prompts (right-padded) with their media (the aligner's calls `media_chunk`
         media each); `kw` as in `LLM.generate`."""
         ids = batch.input_ids.tolist()  # one read, before the aligner is queued: the host does not wait for it
-        x = self.embed(batch, media_chunk)
+        with prebuilt_attention():
+            x = self.embed(batch, media_chunk)
         prompts = [ids[b][:n] for b, n in enumerate(batch.lengths)]
         embeds = [x[b, :n] for b, n in enumerate(batch.lengths)]
         return self.llm.generate(prompts, max_new_tokens, prompt_embeds=embeds, **kw)

@@ -77,20 +77,23 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int,
 
 
 def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Double quantization: absmax (n,) fp32 -> (int8 (n,), an fp32 scale per DQ_GROUP values, their fp32 mean)."""
+    """Double quantization: absmax (n,) fp32 -> (int8 codes (n,), an fp32 step per DQ_GROUP values (their largest
+    |value| / 127), their fp32 mean). A value is code * step + mean."""
     offset = absmax.mean()
     centred = absmax - offset
     pad = -len(centred) % DQ_GROUP
     groups = F.pad(centred, (0, pad)).reshape(-1, DQ_GROUP)  # (n_groups, 256)
-    scale = groups.abs().amax(dim=1).clamp(min=1e-12)  # (n_groups,)
-    q = torch.round(groups / scale[:, None] * 127).to(torch.int8).reshape(-1)[:len(centred)]
-    return q, scale, offset
+    step = groups.abs().amax(dim=1).clamp(min=1e-12) / 127  # (n_groups,)
+    q = torch.round(groups / step[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[:len(centred)]
+    return q, step, offset
 
 
-def dequantize_absmax(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+def dequantize_absmax(q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """code * step, then + offset, each rounded to fp32 (one multiply and one add: what every device computes
+    alike, and what the Triton kernel computes)."""
     pad = -len(q) % DQ_GROUP
     groups = F.pad(q.float(), (0, pad)).reshape(-1, DQ_GROUP)
-    return (groups * (scale[:, None] / 127)).reshape(-1)[:len(q)] + offset
+    return (groups * step[:, None]).reshape(-1)[:len(q)] + offset
 
 
 @functools.cache
@@ -124,7 +127,7 @@ class NF4Matmul(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen nn.Linear whose weight is stored in NF4 (see the module's docstring); `dtype` is the compute dtype
     of its matmul and of its bias. Buffers: `packed` (N*K/2,) uint8, and `absmax` (N*K/block,) fp32, or with
-    double quantization `absmax_q` int8, `absmax_scale` and `absmax_offset` fp32."""
+    double quantization `absmax_q` int8, `absmax_step` and `absmax_offset` fp32."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, block_size: int = 64,
                  double_quant: bool = True, dtype: torch.dtype = torch.bfloat16, where: str = "a linear layer"):
@@ -135,9 +138,9 @@ class NF4Linear(nn.Module):
         packed, absmax = quantize_nf4(weight, block_size)
         self.register_buffer("packed", packed)
         if double_quant:
-            q, scale, offset = quantize_absmax(absmax)
+            q, step, offset = quantize_absmax(absmax)
             self.register_buffer("absmax_q", q)
-            self.register_buffer("absmax_scale", scale)
+            self.register_buffer("absmax_step", step)
             self.register_buffer("absmax_offset", offset)
         else:
             self.register_buffer("absmax", absmax)
@@ -145,7 +148,7 @@ class NF4Linear(nn.Module):
 
     def block_absmax(self) -> torch.Tensor:
         if self.double_quant:
-            return dequantize_absmax(self.absmax_q, self.absmax_scale, self.absmax_offset)
+            return dequantize_absmax(self.absmax_q, self.absmax_step, self.absmax_offset)
         return self.absmax
 
     def dequantized(self) -> torch.Tensor:
@@ -156,7 +159,7 @@ class NF4Linear(nn.Module):
         if self.packed.is_cuda and not torch.compiler.is_compiling() and (kernel := dequantize_kernel()) is not None:
             levels = levels_on(self.packed.device)
             if self.double_quant:
-                return kernel(self.packed, self.absmax_q, levels, shape, self.compute_dtype, self.absmax_scale,
+                return kernel(self.packed, self.absmax_q, levels, shape, self.compute_dtype, self.absmax_step,
                               self.absmax_offset, DQ_GROUP)
             return kernel(self.packed, self.absmax, levels, shape, self.compute_dtype)
         return dequantize_nf4(self.packed, self.block_absmax(), shape, self.compute_dtype)
