@@ -382,7 +382,7 @@ def test_flops_per_token_counts_the_matmuls():
     the trainable tensors, and attention's QK^T and AV."""
     import bench
     args, cfg, mm = small_bench("cpu")
-    H, inner, L, nh, nkv, hd, V = 64, 96, 2, 4, 2, 16, 512
+    H, inner, L, nh, nkv, hd, V = 64, 128, 2, 4, 2, 16, 512
     layer = H * nh * hd + nh * hd + 2 * (H * nkv * hd + nkv * hd) + nh * hd * H + 3 * H * inner + 2 * H
     r = 16  # LoRA on q, k, v, o
     lora = r * ((H + nh * hd) + 2 * (H + nkv * hd) + (nh * hd + H))
