@@ -1678,10 +1678,14 @@ class MultimodalLM(nn.Module):
         return LossOutput(losses.sum(), weight.sum(), sample_loss, sample_tokens)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 32, media_chunk: int = 64, **kw) -> list[list[int]]:
-        """Answer a collated batch of prompts (right-padded) with their media (the aligner's calls `media_chunk`
-        media each); `kw` as in `LLM.generate`."""
+    def generate(self, batch: Batch, max_new_tokens: int = 32, media_chunk: int | None = None, **kw
+                 ) -> list[list[int]]:
+        """Answer a collated batch of prompts (right-padded) with their media; `kw` as in `LLM.generate`. The
+        aligner's calls take `media_chunk` media each (`media_embeds`; default 64 on a GPU, where a new shape costs
+        its kernels' set-up, and the whole batch on a CPU)."""
         ids = batch.input_ids.tolist()  # one read, before the aligner is queued: the host does not wait for it
+        if media_chunk is None:
+            media_chunk = 64 if batch.input_ids.is_cuda else 0
         with prebuilt_attention():
             x = self.embed(batch, media_chunk)
         prompts = [ids[b][:n] for b, n in enumerate(batch.lengths)]
