@@ -96,8 +96,9 @@ def data_parallel(model: MultimodalLM, world: World) -> nn.Module:
     """The model as the step calls it: wrapped in DDP under torchrun, as it is on one process or sharded (FSDP)."""
     if world.size == 1 or is_sharded(model):  # FSDP2 syncs its own gradients
         return model
+    # the buffers are frozen (RoPE frequencies, an NF4 base's 4-bit weights): nothing to broadcast at each step
     return nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda"
-                                               else None)
+                                               else None, broadcast_buffers=False)
 
 
 def average_gradients(params: list[nn.Parameter], world: World) -> None:

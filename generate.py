@@ -58,6 +58,9 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
             raise ValueError(f"{manifest}: not an export's mmlora.json (it lacks {missing}); {EXPORT_HINT}")
         cfg = config_from_dict(doc["config"], str(manifest))
         cfg.model.llm, cfg.model.aligner = str(folder / doc["llm"]), str(folder / doc["aligner"])
+        # merged/ holds the trained model's weights (a QLoRA run's merged against its dequantized base), read as
+        # they are: quantizing them again would blur the adapters' update. A run folder keeps its 4-bit base.
+        cfg.model.quantize = "none"
     elif (folder / "config.json").is_file():
         cfg = config_from_dict(read_json(folder / "config.json", ""), str(folder / "config.json"))
     else:
@@ -69,6 +72,7 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     cfg.run.device = device or cfg.run.device
     cfg.model.dtype = dtype or "auto"
     cfg.train.compile, cfg.train.cuda_graph, cfg.train.activation_checkpointing = "none", False, False
+    cfg.train.offload_activations = False
     cfg.train.strategy = "ddp"  # a run trained sharded (fsdp) is used whole, on one device
     use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     target = torch.device("cuda" if use_cuda else "cpu")

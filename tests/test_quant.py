@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import demo_config, final_weights, rows
 
+import generate
 import lora
 import quant
 import train
@@ -103,7 +104,8 @@ def test_a_qlora_run_resumes_exactly_and_exports_for_transformers_and_peft(demo_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     qlora = {"quantize": "nf4", "quant_block": 64}
-    const = {"min_lr_ratio": 1.0, "warmup_steps": 0, "save_every": 2, "gen_samples": 0}
+    const = {"min_lr_ratio": 1.0, "warmup_steps": 0, "save_every": 2, "gen_samples": 0,
+             "activation_checkpointing": True, "offload_activations": True}
     straight = demo_config(demo_dir, tmp_path / "a", model=qlora, train={**const, "max_steps": 4})
     out = train.fit(straight)
     half = demo_config(demo_dir, tmp_path / "b", model=qlora, train={**const, "max_steps": 2})
@@ -132,6 +134,12 @@ def test_a_qlora_run_resumes_exactly_and_exports_for_transformers_and_peft(demo_
         peft = PeftModel.from_pretrained(base, tmp_path / "export" / "adapter").eval()  # on the bf16/fp32 base
         assert peft(input_ids=ids).logits.shape == ours.shape
     assert json.loads((tmp_path / "export" / "mmlora.json").read_text())["config"]["model"]["quantize"] == "nf4"
+    # generate.py on the run keeps its 4-bit base; on the export it reads merged/ as it is (not quantized again)
+    for folder, nf4 in ((tmp_path / "a", True), (tmp_path / "export", False)):
+        loaded, _, _ = generate.load_run(folder, "latest", device="cpu", dtype="float32")
+        assert any(isinstance(m, quant.NF4Linear) for m in loaded.llm.modules()) == nf4
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.llm(ids), ours, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_qlora_setups_are_refused(hf_models):

@@ -13,9 +13,12 @@ def results(cfg, quick=True):
     return {r["check"]: r for r in validate.validate(cfg, quick)}
 
 
-@pytest.mark.parametrize("speedup", [{"compile": "reduce-overhead"}, {"compile": "default", "cuda_graph": True}])
-def test_all_checks_pass_on_the_demo(demo_dir, tmp_path, capsys, monkeypatch, speedup):
-    cfg = demo_config(demo_dir, tmp_path, train=speedup)
+@pytest.mark.parametrize("model_keys,speedup", [
+    ({}, {"compile": "default", "cuda_graph": True}),
+    # QLoRA as configs/qwen2.5-7b-qlora.toml runs it: an NF4 base, its checkpointed layers' inputs offloaded
+    ({"quantize": "nf4"}, {"compile": "none", "activation_checkpointing": True, "offload_activations": True})])
+def test_all_checks_pass_on_the_demo(demo_dir, tmp_path, capsys, monkeypatch, model_keys, speedup):
+    cfg = demo_config(demo_dir, tmp_path, model=model_keys, train=speedup)
     compiled = []
     monkeypatch.setattr(model.DecoderLayer, "compile", lambda self, **kw: compiled.append(kw))
     res = results(cfg)
