@@ -174,9 +174,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 def prebuilt_attention():
     """SDPA's flash, memory-efficient and math kernels, not cuDNN's, for generation's passes over prompts and media:
-    on a GPU, cuDNN's attention builds and compiles a kernel for each new shape at its first call (about half a
-    second each in a new process), and those passes change shape from batch to batch, where the others' kernels
-    are built with torch. The decode steps, recorded once per shape, keep cuDNN's."""
+    on a GPU, cuDNN's attention builds and compiles a kernel for each new shape at its first call in a process,
+    and those passes change shape from batch to batch, where the others' kernels are built with torch. The decode
+    steps, recorded once per shape, keep cuDNN's."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
