@@ -262,13 +262,12 @@ class HostStash:
     order without a sync; the host buffer is pinned, where the tensor is on a GPU."""
 
     def __init__(self, x: torch.Tensor):
-        self.x, self.host, self.requires_grad = x, None, x.requires_grad
+        self.x, self.host, self.device, self.requires_grad = x, None, x.device, x.requires_grad
 
     def take(self) -> torch.Tensor:
         if self.host is None:
             x, self.x = self.x, None  # this layer no longer holds the device's copy
             self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
-            self.device = x.device
             self.host.copy_(x.detach(), non_blocking=x.is_cuda)
             return x
         return self.host.to(self.device, non_blocking=True).requires_grad_(self.requires_grad)
@@ -1634,12 +1633,15 @@ class MultimodalLM(nn.Module):
         if media.raw is None:  # the feature cache: the aligner already ran
             tokens, pooled = media.tokens, media.pooled  # (N, n, D), (N, D)
         else:
-            encode, N = getattr(self.aligner, modality), len(media)
-            raw = media.raw if not chunk else torch.cat([media.raw, media.raw.new_zeros(-N % chunk,
-                                                                                     *media.raw.shape[1:])])
+            encode = getattr(self.aligner, modality)
             with torch.no_grad():
-                outs = [encode(part) for part in raw.split(chunk or N)]
-            tokens, pooled = (torch.cat(t)[:N] for t in zip(*outs))  # (N, n, D), (N, D)
+                if not chunk:
+                    tokens, pooled = encode(media.raw)  # (N, n, D), (N, D)
+                else:
+                    N = len(media)
+                    raw = torch.cat([media.raw, media.raw.new_zeros(-N % chunk, *media.raw.shape[1:])])
+                    outs = [encode(part) for part in raw.split(chunk)]
+                    tokens, pooled = (torch.cat(t)[:N] for t in zip(*outs))  # (N, n, D), (N, D)
         return self.projectors[modality](tokens, pooled)
 
     def embed(self, batch: Batch, media_chunk: int = 0) -> torch.Tensor:
