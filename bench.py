@@ -505,6 +505,7 @@ def time_prediction(args, device: str = "cuda", n_val: int = 2000, shape: dict =
     # rows after it see a machine as a user's second run does
     rows.append(run("default, first process", "generate.py", val))
     rows.append(run("default (recorded eager steps)", "generate.py", val))
+    rows.append(run("default, --batch_size 512", "generate.py", val, "--batch_size", "512"))
     rows.append(run("--compile", "generate.py", val, "--compile"))
     rows.append(run("--eager", "generate.py", val, "--eager"))
     rows.append(run("default, text only", "generate.py", text_only))
@@ -553,16 +554,12 @@ def hf_generate_row(merged: Path, data_file: Path, cfg, device: str) -> dict:
 
 class PhaseTimer:
     """Seconds per phase of `generate.predict`, with a sync at the end of each phase (so the phases do not overlap):
-    the wait for the loader's next batch, the aligner (`embed`), the prompt's pass and the decode calls (the
-    graphs' recordings and replays)."""
+    the wait for the loader's next batch, the aligner (`embed`), the prompts' passes (`GraphDecoder.admit`) and the
+    decode calls (the graphs' recordings and replays: `GraphDecoder.advance`)."""
 
     def __init__(self, model, decoder):
         self.seconds: dict[str, float] = {}
-        self.model, self.embed = model, model.embed
-        self.steps, self.buffers, self.prompt_width = decoder.steps, decoder.buffers, decoder.prompt_width
-        self.batch_rows = decoder.batch_rows
-        self.prefill = self.timed("prompt's pass", decoder.prefill)
-        self.decode = self.timed("decode calls", decoder.__call__)
+        self.model, self.decoder = model, decoder
 
     def timed(self, name: str, fn):
         def run(*args, **kw):
@@ -573,9 +570,6 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             return out
         return run
-
-    def __call__(self, *args, **kw):  # the decoder's call, timed
-        return self.decode(*args, **kw)
 
     def batches(self, *args, **kw):  # data.prompt_batches, each wait for the next batch timed
         it = self.real_batches(*args, **kw)
@@ -589,13 +583,17 @@ class PhaseTimer:
             yield item
 
     def predict(self, *args, **kw) -> dict:
-        """generate.predict(*args, **kw) with this timer as its decoder: the timing with "phases" added."""
+        """generate.predict(*args, **kw), its phases timed: the timing with "phases" added."""
         self.seconds, self.real_batches = {}, data.prompt_batches
-        self.model.embed, data.prompt_batches = self.timed("aligner", self.embed), self.batches
+        self.model.embed, data.prompt_batches = self.timed("aligner", self.model.embed), self.batches
+        self.decoder.admit = self.timed("prompts' passes", self.decoder.admit)
+        self.decoder.advance = self.timed("decode calls", self.decoder.advance)
         try:
             metrics = generate.predict(*args, **kw)
         finally:
-            self.model.embed, data.prompt_batches = self.embed, self.real_batches
+            data.prompt_batches = self.real_batches
+            for obj, name in ((self.model, "embed"), (self.decoder, "admit"), (self.decoder, "advance")):
+                del obj.__dict__[name]  # the method again
         return {**metrics["timing"], "phases": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
@@ -604,7 +602,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def profiled_share(export_dir: Path, data_file: Path, root: Path) -> dict:
+def profiled_share(export_dir: Path, data_file: Path, root: Path, rows: int = 256) -> dict:
     """The default prediction path in this process: a first pass timed by phase (`PhaseTimer`), a second under
     torch.profiler (the GPU's kernel time over the wall time of answering), a third timed by phase again."""
     from torch.profiler import ProfilerActivity, profile
@@ -614,13 +612,11 @@ def profiled_share(export_dir: Path, data_file: Path, root: Path) -> dict:
     sampling = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, **generate.decoding(model.llm, args)}
     out = root / "profiled.jsonl"
     timer = PhaseTimer(model, sampling["decoder"])
-    first = timer.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, {**sampling, "decoder": timer},
-                          False, workers=8)
+    first = timer.predict(model, tokenizer, cfg, str(data_file), out, rows, 32, sampling, False, workers=8)
     print(json.dumps({"impl": "default, in process, first pass by phase", **first}), flush=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        metrics = generate.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, sampling, False, workers=8)
-    later = timer.predict(model, tokenizer, cfg, str(data_file), out, 256, 32, {**sampling, "decoder": timer},
-                          False, workers=8)
+        metrics = generate.predict(model, tokenizer, cfg, str(data_file), out, rows, 32, sampling, False, workers=8)
+    later = timer.predict(model, tokenizer, cfg, str(data_file), out, rows, 32, sampling, False, workers=8)
     print(json.dumps({"impl": "default, in process, third pass by phase", **later}), flush=True)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
     kernels = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6

@@ -1,9 +1,12 @@
-"""The fast decoder of `generate.py --compile`: opt-in speed machinery for decoding on a GPU, kept apart from the
-user's path. LoRA is merged, each layer's q/k/v and gate/up run as one matmul, and the decode step is compiled
-and recorded as one CUDA graph for several steps at a time (`GraphDecoder`):
+"""The fast decoder of `generate.py` on a GPU: opt-in speed machinery for decoding, kept apart from the plain path
+(`LLM.generate`'s own steps). LoRA is merged, each layer's q/k/v and gate/up run as one matmul, several decode
+steps at a time are recorded as one CUDA graph (eager, or compiled first with --compile), and a dataset's prompts
+take the rows that finished answers free (continuous batching; `GraphDecoder.stream`):
 
     decoder = GraphDecoder(llm)                        # prepares llm for decoding (in place)
-    llm.generate(prompts, 32, decoder=decoder)         # LLM.generate's decode steps, replayed
+    llm.generate(prompts, 32, decoder=decoder)         # one batch, its decode steps replayed
+    for finished in decoder.stream(batches, 32, pick, stop_ids):   # [(key, tokens), ...] as rows finish
+        ...
 
 The compiled step calls two Triton kernels (decode_kernels.py): `one_row_linear`, a matmul of one row with the RMSNorm
 before it, the SwiGLU before down or the residual add after it (batch 1), and `decode_attention`, RoPE, the cache
@@ -12,13 +15,18 @@ eager steps and a CPU install (no Triton) run torch's ops.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import itertools
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+from model import prebuilt_attention
 
 kernels = None  # decode_kernels.py, once `load_kernels` has imported it
 
@@ -36,17 +44,19 @@ def load_kernels() -> None:
         kernels = loaded
 
 
-def static_decode(llm, tokens: torch.Tensor, valid: torch.Tensor, caches: list, slot: torch.Tensor) -> torch.Tensor:
-    """LLM.decode_step with fixed shapes: the new token (B, 1) goes to cache slot `slot` (1,), attends to every
-    valid slot of the whole cache (B, S), and its position is the count of its row's valid slots before it."""
-    pos = valid.sum(-1, keepdim=True) - 1  # (B, 1)
-    h = llm.hidden_states(llm.model.embed_tokens(tokens), pos, valid[:, None, None, :], caches, slot)  # (B, 1, H)
+def static_decode(llm, tokens: torch.Tensor, caches: list, slot: torch.Tensor) -> torch.Tensor:
+    """LLM.decode_step with fixed shapes: row b's new token (B, 1) goes to its cache slot slot[b] (slot (B,)) and
+    attends to the slots up to it over the whole cache (B, S); its position is the slot itself, each row's prompt
+    filling the slots from 0 on."""
+    S = caches[0].k.shape[2]
+    mask = torch.arange(S, device=slot.device) <= slot[:, None]  # (B, S)
+    h = llm.hidden_states(llm.model.embed_tokens(tokens), slot[:, None], mask[:, None, None, :], caches, slot)
     return llm.lm_head(h[:, -1]).float()  # (B, V)
 
 
 def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> torch.Tensor:
     """`Attention.heads` for decoding: x (B, T, H) -> (B, T, nh*hd). For one new token a row on the GPU in compiled
-    code (the recorded decode step: `cache_start` a (1,) tensor, `mask` the (B, 1, 1, S) valid slots), the q/k/v
+    code (the recorded decode step: `cache_start` the (B,) slots, `mask` the (B, 1, 1, S) valid slots), the q/k/v
     matmul with its norm, then one Triton kernel for RoPE, the cache write and attention (`decode_attention`; a
     second one combines the parts of a long cache); otherwise `Attention.heads`."""
     B, T, _ = x.shape
@@ -141,25 +151,51 @@ def prepare_for_decoding(llm) -> None:
     llm.lm_head.forward = lambda x: decode_linear(x, head.weight, head.bias)
 
 
-class GraphDecoder:
-    """LLM.decode with fixed shapes, `steps` decode steps recorded as one CUDA graph. The eager step launches a few
-    hundred small kernels per token, so at small batches the host sets the pace; replayed, the recorded steps cost
-    the host one launch and one read of the tokens per `steps` tokens (gpt-fast records one step with
-    torch.compile's "reduce-overhead"; several per graph leave the host less to do). The step's kernels are
-    Inductor's and, at batch 1, `decode_linear`'s (torch.compile, once per batch size and cache length). The cache
-    slot and the positions live on the device, and the caches and the mask of valid slots are buffers the decoder
-    owns, one set per (batch, cache length), so that a recorded graph always finds them at the same address; cache
-    lengths are rounded up to `bucket` to keep the shapes few. Sampling is recorded too: it draws from the default
-    CUDA generator, so seed that (torch.manual_seed) rather than passing a generator.
+class Rows:
+    """A layer's KVCache as the prompts' pass into some of a decoder's rows sees it (`GraphDecoder.admit`): the
+    pass's keys and values (k, n_kv, T, hd) go to slots 0..T-1 of cache rows `rows` (k,), and attention takes them
+    as they are."""
 
-    Use: `llm.generate(prompts, n, decoder=GraphDecoder(llm))`. Making one prepares the model for decoding (LoRA
-    merged, each layer as `decode_block`: `prepare_for_decoding`). `compile=False` records the eager step as it is
-    (vLLM's and gpt-fast's CUDA graphs without the compiler): a recording is a run of the steps, well under a
-    second, so there is no compile wait, and the prompt's pass runs eager too; `generate.py --predict` decodes so
-    by default on a GPU. `record=False` runs the same steps eagerly, neither compiled nor recorded (what the CPU
-    tests check). All recorded graphs share one memory pool: they are replayed one at a time. `prepare=False`
-    records the model as it is, its adapters unmerged (training's evaluation: the weights keep their addresses while
-    AdamW updates them in place, and a new decoder is made for each evaluation)."""
+    def __init__(self, cache, rows: torch.Tensor):
+        self.cache, self.rows = cache, rows
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.cache.k[self.rows, :, :T] = k
+        self.cache.v[self.rows, :, :T] = v
+        return k, v
+
+
+@dataclasses.dataclass
+class Slots:
+    """A decoder's rows on the device, at the fixed addresses that a recorded graph reads and writes."""
+    caches: list  # one KVCache (R, n_kv, S, hd) a layer
+    token: torch.Tensor  # (R, 1) each row's last token
+    slot: torch.Tensor  # (R,) the cache slot its next token goes to, which is also that token's position
+    out: torch.Tensor  # (R, steps) the tokens of the last call
+
+
+class GraphDecoder:
+    """Decoding with fixed shapes, `steps` decode steps recorded as one CUDA graph, and continuous batching
+    (`stream`): a finished row takes the next prompt. The eager step launches a few hundred small kernels per
+    token, so at small batches the host sets the pace; replayed, the recorded steps cost the host one launch and
+    one read of the tokens per `steps` tokens (gpt-fast records one step with torch.compile's "reduce-overhead";
+    several per graph leave the host less to do). Each row has its own cache slot for its next token (its prompt
+    fills the slots from 0 on, so the slot is also the token's position), and the caches, slots and tokens are
+    buffers the decoder owns, one set per (rows, cache length), so that a recorded graph always finds them at the
+    same address. Sampling is recorded too: it draws from the default CUDA generator, so seed that
+    (torch.manual_seed) rather than passing a generator.
+
+    Use: `llm.generate(prompts, n, decoder=GraphDecoder(llm))` for one batch, `stream` for a dataset. Making one
+    prepares the model for decoding (LoRA merged, each layer as `decode_block`: `prepare_for_decoding`).
+    `compile=False` records the eager step as it is (vLLM's and gpt-fast's CUDA graphs without the compiler): a
+    recording is a run of the steps, well under a second, so there is no compile wait, and the prompt's pass runs
+    eager too; `generate.py --predict` decodes so by default on a GPU. With `compile`, the steps are Inductor's and,
+    at batch 1, `decode_linear`'s (torch.compile, once per shape). `record=False` runs the same steps eagerly,
+    neither compiled nor recorded (what the CPU tests check). All recorded graphs share one memory pool: they are
+    replayed one at a time. `prepare=False` records the model as it is, its adapters unmerged (training's
+    evaluation: the weights keep their addresses while AdamW updates them in place, and a new decoder is made for
+    each evaluation)."""
 
     def __init__(self, llm, steps: int = 8, bucket: int = 256, record: bool = True, compile: bool = True,
                  prepare: bool = True):
@@ -174,14 +210,14 @@ class GraphDecoder:
         self.step = torch.compile(static_decode, fullgraph=True) if compiled else static_decode
         # the prompt's pass: compiled for any length (dynamic shapes), not recorded
         self.prefill = torch.compile(llm.prefill, dynamic=True) if compiled else llm.prefill
-        self.shapes: dict = {}  # (B, S, dtype) -> (valid (B, S), caches)
-        self.graphs: dict = {}  # (B, S, dtype, sampling) -> (graph, token (B, 1), slot (1,), out (B, steps))
+        self.states: dict = {}  # (R, S) -> Slots
+        self.graphs: dict = {}  # (R, S, sampling) -> graph
         self.pool = None  # the graphs' memory pool
 
     def batch_rows(self, B: int) -> int:
         """The rows that a batch of B prompts runs in, recorded: B rounded up to a multiple of 64 (one prompt runs
         alone), so that batches share their graphs (and the attention kernels that cuDNN builds for each shape).
-        The extra rows take their share of each sampling step's random draws."""
+        The extra rows idle, and take their share of each sampling step's random draws."""
         return B if B == 1 or not self.record else -(-B // 64) * 64
 
     def prompt_width(self, P: int) -> int:
@@ -190,58 +226,159 @@ class GraphDecoder:
         m = max(16, (1 << (P.bit_length() - 1)) // 4)
         return -(-P // m) * m
 
-    def buffers(self, B: int, S: int, device, dtype) -> tuple[torch.Tensor, list]:
-        S = -(-S // self.bucket) * self.bucket
-        if (B, S, dtype) not in self.shapes:
-            self.shapes[B, S, dtype] = (torch.zeros(B, S, dtype=torch.bool, device=device),
-                                        self.llm.setup_caches(B, S, device, dtype))
-        return self.shapes[B, S, dtype]
+    def slots(self, R: int, S: int) -> Slots:
+        if (R, S) not in self.states:
+            w = self.llm.model.embed_tokens.weight
+            zeros = functools.partial(torch.zeros, dtype=torch.long, device=w.device)
+            self.states[R, S] = Slots(self.llm.setup_caches(R, S, w.device, w.dtype), zeros(R, 1), zeros(R),
+                                      zeros(R, self.steps))
+        return self.states[R, S]
 
-    def run(self, token: torch.Tensor, valid: torch.Tensor, caches: list, slot: torch.Tensor, out: torch.Tensor,
-            pick) -> None:
-        """The steps as recorded: from token (B, 1) at cache slot `slot` (1,), write the next tokens to out (B, n)."""
-        for j in range(out.shape[1]):
-            valid.index_fill_(1, slot, True)
-            token = pick(self.step(self.llm, token, valid, caches, slot))[:, None]  # (B, 1)
-            out[:, j:j + 1] = token
-            slot.add_(1)
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, pick, stop_ids=(),
+                 prompt_embeds: list | None = None, on_token=None) -> list[list[int]]:
+        """`LLM.generate`'s decoding, for one batch: its prompts take rows together (`batch_rows`), in a cache
+        whose length is rounded up to `bucket`, so that calls of similar lengths share their graphs."""
+        embeds = prompt_embeds or [None] * len(prompts)
+        done: dict = {}
+        for finished in self.stream(iter([list(zip(range(len(prompts)), prompts, embeds))]), max_new_tokens, pick,
+                                    stop_ids, self.batch_rows(len(prompts)), bucket=self.bucket, on_token=on_token):
+            done.update(finished)
+        return [done[b] for b in range(len(prompts))]
 
-    def __call__(self, token: torch.Tensor, valid: torch.Tensor, caches: list, start: int, n: int, pick
-                 ) -> torch.Tensor:
-        device = token.device
-        if not self.record:
-            out = torch.empty(token.shape[0], n, dtype=torch.long, device=device)
-            self.run(token, valid, caches, torch.full((1,), start, device=device), out, pick)
-            return out
-        if pick.keywords["generator"] is not None:
+    def stream(self, batches: Iterator[list[tuple]], max_new_tokens: int, pick, stop_ids=(), rows: int = 256,
+               slots: int | None = None, bucket: int = 64, on_token=None) -> Iterator[list[tuple]]:
+        """Continuous batching: the prompts of `batches` (lists of (key, ids, embeddings (T, H) or None), longest
+        first, as data.length_batches sends them) take the free rows of `rows` rows (at most `slots` cache slots
+        in all); yields lists of (key, new tokens without the stop token) as rows finish. A row runs until a stop
+        token or `max_new_tokens`. After each call of `steps` decode steps the host reads the tokens, frees the
+        finished rows, and, once a quarter of the rows is free (or none runs), runs the next prompts' pass into
+        the free rows' caches (`admit`). The cache has room for the first prompts' width and `max_new_tokens`,
+        rounded up to `bucket`; a longer prompt waits until every row has finished, then gets a cache of its own.
+        `on_token` receives each step's new tokens of the first prompts' rows, in order (streaming one batch)."""
+        if self.record and pick.keywords.get("generator") is not None:
             raise ValueError("a recorded decoder samples with the default CUDA generator: seed it with "
                              "torch.manual_seed and pass no generator")
-        key = (*valid.shape, caches[0].k.dtype, tuple(pick.keywords.items()))
-        if key not in self.graphs:
-            self.graphs[key] = self.capture(token, valid, caches, start, pick)
-        graph, token_in, slot, out = self.graphs[key]
-        token_in.copy_(token)
-        slot.fill_(start)
-        graph.replay()
-        return out.clone()  # the next replay writes `out` again
+        stops, n = set(stop_ids), self.steps
+        room = -(-(max_new_tokens - 1) // n) * n  # the decode steps' slots that a row may take
+        pending: collections.deque = collections.deque()
+        active: dict[int, tuple] = {}  # row -> (key, its tokens so far)
+        state, R, S, exhausted, shown, streamed = None, rows, 0, False, 0, []
+        while True:
+            while not exhausted and len(pending) < R - len(active):
+                got = next(batches, None)
+                exhausted = got is None
+                pending.extend(got or [])
+            if not pending and not active:
+                return
+            finished = []
+            if pending and (not active or 4 * (R - len(active)) >= R):
+                if state is None:  # a cache with room for the next rows' longest prompt
+                    P = max(len(ids) for _, ids, _ in itertools.islice(pending, rows))
+                    S = -(-(self.prompt_width(P) + room) // bucket) * bucket
+                    R = rows if slots is None else max(1, min(rows, slots // S))
+                    state = self.slots(R, S)
+                free = [r for r in range(R) if r not in active]
+                take = []
+                while pending and len(take) < len(free) and self.prompt_width(len(pending[0][1])) + room <= S:
+                    take.append(pending.popleft())
+                if not take and not active:  # the next prompt is longer than this cache has room for
+                    self.drop(R, S)
+                    state = None
+                    continue
+                at = free[:len(take)]
+                firsts = self.admit(state, at, take, pick) if take else []
+                streamed = streamed or at
+                if take and on_token is not None and shown < max_new_tokens:
+                    on_token(firsts[:len(streamed)])
+                    shown += 1
+                for r, (key, _, _), t in zip(at, take, firsts):
+                    tokens = [] if t in stops or max_new_tokens < 1 else [t]
+                    if t in stops or len(tokens) >= max_new_tokens:
+                        finished.append((key, tokens))
+                    else:
+                        active[r] = (key, tokens)
+            if active:
+                self.advance(state, pick)
+                new = state.out.tolist()  # (R, steps)
+                for j in range(n):
+                    if on_token is not None and shown < max_new_tokens:
+                        on_token([new[r][j] for r in streamed])
+                        shown += 1
+                for r in list(active):
+                    key, tokens = active[r]
+                    for t in new[r]:
+                        if t in stops or len(tokens) >= max_new_tokens:
+                            break
+                        tokens.append(t)
+                    if t in stops or len(tokens) >= max_new_tokens:
+                        finished.append(active.pop(r))
+            if finished:
+                yield finished
 
-    def capture(self, token: torch.Tensor, valid: torch.Tensor, caches: list, start: int, pick) -> tuple:
-        token_in, slot = token.clone(), torch.full((1,), start, device=token.device)
-        out = torch.zeros(token.shape[0], self.steps, dtype=torch.long, device=token.device)
-        before = valid.clone()
+    def admit(self, state: Slots, rows: list[int], items: list[tuple], pick, budget: int = 1 << 16) -> list[int]:
+        """The prompts' pass of `items` (key, ids, embeddings or None) into cache rows `rows`, in parts of at most
+        `budget` padded tokens: each row's keys and values at slots 0.., its first token and its next slot set.
+        Returns the first tokens."""
+        device, firsts, s = state.slot.device, [], 0
+        while s < len(items):
+            e = s + 1
+            while e < len(items) and (e + 1 - s) * self.prompt_width(max(len(x[1]) for x in items[s:e + 1])) <= budget:
+                e += 1
+            prompts = [ids for _, ids, _ in items[s:e]]
+            x, lengths = self.llm.embed_prompts(prompts, [emb for *_, emb in items[s:e]],
+                                                self.prompt_width(max(map(len, prompts))))  # (k, W, H), (k,)
+            at = torch.tensor(rows[s:e], device=device)
+            with prebuilt_attention():
+                first = pick(self.prefill(x, (lengths - 1).to(device), [Rows(c, at) for c in state.caches]))  # (k,)
+            state.token[at, 0] = first
+            state.slot[at] = lengths.to(device)
+            firsts.append(first)
+            s = e
+        return torch.cat(firsts).tolist()
+
+    def advance(self, state: Slots, pick) -> None:
+        """Every row's next `steps` tokens, to `state.out`: the recorded steps' replay (recorded at the first call
+        of their shape), or the steps run as they are."""
+        if not self.record:
+            self.run(state, pick)
+            return
+        key = (*state.caches[0].k.shape[::2], tuple(pick.keywords.items()))  # (R, S, sampling)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(state, pick)
+        self.graphs[key].replay()
+
+    def run(self, state: Slots, pick) -> None:
+        """The steps as recorded: each row's next tokens from its last, to state.out (R, steps); the slots move on
+        (an idle row's stay within the cache), and state.token ends at each row's last token."""
+        S, token = state.caches[0].k.shape[2], state.token
+        for j in range(self.steps):
+            token = pick(self.step(self.llm, token, state.caches, state.slot))[:, None]  # (R, 1)
+            state.out[:, j:j + 1] = token
+            state.slot.add_(1).clamp_(max=S - 1)
+        state.token.copy_(token)
+
+    def capture(self, state: Slots, pick) -> torch.cuda.CUDAGraph:
+        saved = state.token.clone(), state.slot.clone()
         side = torch.cuda.Stream()  # compile and warm up off the main stream, as recording wants
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             # one warm-up run of the eager steps (two of compiled ones, whose second call may compile again);
             # these steps write the cache slots that the replay then writes again
             for _ in range(2 if self.compiled else 1):
-                slot.fill_(start)
-                self.run(token_in, valid, caches, slot, out, pick)
+                state.token.copy_(saved[0])
+                state.slot.copy_(saved[1])
+                self.run(state, pick)
         torch.cuda.current_stream().wait_stream(side)
-        valid.copy_(before)
+        state.token.copy_(saved[0])
+        state.slot.copy_(saved[1])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.run(token_in, valid, caches, slot, out, pick)
+            self.run(state, pick)
         self.pool = graph.pool()
-        return graph, token_in, slot, out
+        return graph
 
+    def drop(self, R: int, S: int) -> None:
+        """Free the rows of shape (R, S) and their graphs."""
+        self.states.pop((R, S), None)
+        for key in [k for k in self.graphs if k[:2] == (R, S)]:
+            del self.graphs[key]

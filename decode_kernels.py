@@ -109,14 +109,14 @@ def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k
     NH / NKV query heads of key/value head h in row b: it rotates the new q and k, and attends over the valid
     slots before the new token in its part of the cache (slots part*CHUNK onwards, CHUNK of them), with an
     online softmax over blocks of BLOCK_S slots (flash attention's). Part 0 also writes the new k and v to
-    cache slot `slot` and counts the new token itself. The q/k/v row is qkv (B, (NH + 2 NKV) HD); with one
+    cache slot slot[b] and counts the new token itself. The q/k/v row is qkv (B, (NH + 2 NKV) HD); with one
     part, the output y (B, NH HD) is laid out as o_proj reads it; with several (flash-decoding, for long
     caches), y holds each part's unnormalised sum (B NKV SPLITS, GP, HD), m_ptr and l_ptr its running max and
     sum (B NKV SPLITS, GP), for `decode_attention_combine`. Scores and the softmax are fp32; q, k and v round
     where the model rounds."""
     b, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = NH // NKV
-    slot = tl.minimum(tl.load(slot_ptr), S - 1).to(tl.int32)
+    slot = tl.minimum(tl.load(slot_ptr + b), S - 1).to(tl.int32)
     d = tl.arange(0, HD)  # (HD,)
     turned = (d + HD // 2) % HD  # rotate_half: the other half, negated in the first half
     sign = tl.where(d < HD // 2, -1.0, 1.0)
@@ -207,7 +207,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_
                      k_norm: torch.Tensor | None, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      valid: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """qkv (B, (nh + 2 n_kv) hd) of one new token a row, cos/sin (B, hd), caches (B, n_kv, S, hd), valid
-    (B, S), slot (1,) -> the heads' outputs (B, nh hd); k and v written to the caches at `slot`. A cache of
+    (B, S), slot (B,) -> the heads' outputs (B, nh hd); each row's k and v written to the caches at its slot. A cache of
     more than `SLOTS_A_PROGRAM` slots is split into parts (`PARTS` at most) that run side by side, then combined."""
     B, n_kv, S, hd = k_cache.shape
     nh = qkv.shape[1] // hd - 2 * n_kv

@@ -280,11 +280,14 @@ def check_outputs(outputs: list[Path], inputs: set[Path]) -> None:
 
 def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, out: Path, batch_size: int,
             max_new_tokens: int, sampling: dict, resume: bool, inputs: frozenset[Path] = frozenset(),
-            batch_tokens: int = 1 << 16, workers: int = 0) -> dict:
+            batch_tokens: int | None = None, workers: int = 0) -> dict:
     """Answer every sample of a dataset (the prompt is every turn before its last reply, the reference that reply),
-    in batches of similar length (`data.length_batches`: at most `batch_size` rows and `batch_tokens` cache slots),
-    their media decoded by `workers` DataLoader processes (0: in this one), writing one JSON line per sample as
-    each batch ends, in that order; `resume` skips the ids already in `out`. Samples that cannot be used are listed
+    longest first, at most `batch_size` rows at a time and `batch_tokens` cache slots in all (default:
+    `cache_slots`), the media decoded by `workers` DataLoader processes (0: in this one), in batches of similar
+    length (`data.length_batches`). With a decoder in `sampling` (decode.GraphDecoder, on a GPU), a finished answer's
+    row takes the next prompt (continuous batching); else each batch is answered whole (`MultimodalLM.generate`).
+    One JSON line per sample is written as its answer ends; `resume` skips the ids already in `out`. Samples that
+    cannot be used are listed
     and skipped; ids must be unique, since they key `resume`. `out` and the metrics file may not name any of
     `inputs` (the run's files), the dataset or its media. Returns the metrics, also written to
     `<out stem>.metrics.json` with the time taken (`timing`: from the first batch on, so without loading)."""
@@ -305,31 +308,35 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
         raise ValueError(f"{out}: holds predictions of ids that {path} does not have ({foreign[:3]}); it is another "
                          "dataset's: give a new --out, or leave out --resume")
     todo = [i for i, ex in enumerate(ds.examples) if ex.id not in done]
-    device = model.llm.lm_head.weight.device
-    batches = data.prompt_batches(ds, todo, batch_size, batch_tokens, max_new_tokens, tokenizer.pad_id, device,
-                                  workers)
-    t0, written, first = time.perf_counter(), 0, None
-    with open(out, "a" if resume else "w") as f:
+    slots = batch_tokens or cache_slots(model.llm)
+    batches = data.prompt_batches(ds, todo, batch_size, slots, max_new_tokens, tokenizer.pad_id,
+                                  model.llm.lm_head.weight.device, workers)
+
+    def decoded():  # (kept samples and their references, their prompts), the samples that do not decode listed
         for kept, references, bad, batch in batches:
             for i in bad:
                 print(f"skipped {ds.path}:{ds.examples[i].line}: sample {ds.examples[i].id!r}: a medium does "
                       "not decode", file=sys.stderr)
-            if batch is None:
-                continue
-            with half_precision(model):
-                outs = model.generate(batch, max_new_tokens, stop_ids=tokenizer.stop_ids, **sampling)
+            if batch is not None:
+                yield list(zip(kept, references)), batch
+    t0, written, first, shown = time.perf_counter(), 0, None, 0.0
+    with open(out, "a" if resume else "w") as f, half_precision(model):
+        for answered in model.answer_batches(decoded(), max_new_tokens, tokenizer.stop_ids, rows=batch_size,
+                                             slots=slots, **sampling):
             lines = []
-            for i, reference, o in zip(kept, references, outs):
+            for (i, reference), o in answered:
                 ex = ds.examples[i]
                 lines.append(json.dumps({"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
                                          "media": {m: [str(p) for p in ex.media[m]] for m in MODALITIES}}) + "\n")
             f.write("".join(lines))  # whole lines, in one write
             f.flush()
-            first = first or time.perf_counter() - t_start
-            written += len(kept)
-            rate = written / (time.perf_counter() - t0)
-            print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
-                  f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+            now = time.perf_counter()
+            first = first or now - t_start
+            written += len(answered)
+            if now - shown >= 1.0 or written == len(todo):  # progress at most once a second
+                shown, rate = now, written / (now - t0)
+                print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
+                      f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
     rows = [r for r in read_predictions(out).values() if r["id"] in ids]
     metrics = prediction_metrics(rows)
@@ -338,6 +345,17 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
                          "dataset_s": round(t0 - t_start, 3)}
     train.write_json(metrics_file, metrics)
     return metrics
+
+
+def cache_slots(llm, share: float = 0.25) -> int:
+    """The cache slots (rows x length) that `share` of the GPU's free memory holds (vLLM's memory share, kept low:
+    the prompts' passes need room too), which bound --predict's rows; 65,536 on a CPU."""
+    w = llm.model.embed_tokens.weight
+    if not w.is_cuda:
+        return 1 << 16
+    c = llm.config
+    per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * w.dtype.itemsize  # k and v
+    return int(share * torch.cuda.mem_get_info(w.device)[0]) // per_slot
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,9 +420,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--predict", metavar="DATA", help="answer every sample of a dataset (JSONL or JSON list)")
     ap.add_argument("--out", help="with --predict: the JSONL of predictions")
     ap.add_argument("--resume", action="store_true", help="with --predict: skip ids already in --out")
-    ap.add_argument("--batch_size", type=int, default=256, help="with --predict: rows a batch, at most")
-    ap.add_argument("--batch_tokens", type=int, default=1 << 16, help="with --predict: cache slots a batch, at most "
-                    "(rows x (longest sample + max_new_tokens))")
+    ap.add_argument("--batch_size", type=int, default=256, help="with --predict: rows decoded together, at most")
+    ap.add_argument("--batch_tokens", type=int, help="with --predict: cache slots in all, at most (rows x (longest "
+                    "sample + max_new_tokens)); default: what a quarter of the GPU's free memory holds, 65,536 on a "
+                    "CPU")
     ap.add_argument("--workers", type=int, help="with --predict: DataLoader processes that decode the media "
                     "(default: up to 8 on a GPU, 0 on a CPU)")
     ap.add_argument("--export", metavar="DIR", help="write the export folder (adapter/, merged/, ...) to DIR")

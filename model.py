@@ -20,7 +20,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -141,8 +141,9 @@ class KVCache:
     """Preallocated keys and values of one layer for generation.
 
     `update` writes new keys and values at slots start..start+T-1. With `start` an int it returns the slots filled
-    so far; with `start` a (1,) tensor (one new token) it returns the whole cache, whose shapes then never change
-    (what a decode step recorded as a CUDA graph needs): the caller's mask hides the slots not yet written."""
+    so far; with `start` a (B,) tensor (one new token a row, row b's at slot start[b]) it returns the whole cache,
+    whose shapes then never change (what a decode step recorded as a CUDA graph needs): the caller's mask hides the
+    slots not yet written."""
 
     def __init__(self, batch: int, n_kv: int, length: int, head_dim: int, device, dtype):
         self.k = torch.zeros(batch, n_kv, length, head_dim, device=device, dtype=dtype)  # (B, n_kv, S, hd)
@@ -151,8 +152,9 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.is_tensor(start):
-            self.k.index_copy_(2, start, k)
-            self.v.index_copy_(2, start, v)
+            at = start.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])  # (B, n_kv, 1, hd)
+            self.k.scatter_(2, at, k)
+            self.v.scatter_(2, at, v)
             return self.k, self.v
         T = k.shape[2]
         self.k[:, :, start:start + T] = k
@@ -383,6 +385,20 @@ class LLM(nn.Module):
             new.append(token)
         return torch.cat(new, 1)
 
+    def embed_prompts(self, prompts: list[list[int]], prompt_embeds: list[torch.Tensor | None] | None, width: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts right-padded to `width` and embedded, (B, width, H), each prompt's embeddings (T_i, H) written
+        over its ids' where given; and the prompts' lengths (B,) on the host."""
+        B = len(prompts)
+        ids = torch.zeros(B, width, dtype=torch.long)  # made on the host, then one copy (not one a row)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        x = self.model.embed_tokens(ids.to(self.lm_head.weight.device))  # (B, width, H)
+        for b, e in enumerate(prompt_embeds or []):
+            if e is not None:
+                x[b, :e.shape[0]] = e.to(x.dtype)
+        return x, torch.tensor([len(p) for p in prompts])
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
@@ -397,42 +413,23 @@ class LLM(nn.Module):
         multimodal prompts. `on_token` is called with each row's new token as it comes (for streaming).
         Returns the new tokens of each row, without the stop token.
 
-        The prefill runs the prompts in one call; then the decode steps make the tokens a few at a time (one at a
-        time for `on_token`), with `LLM.decode`. `decoder` may replace them: an object with `steps` (tokens per call),
-        `batch_rows(B)` (the rows, at least B, that a batch runs in), `prompt_width(P)` (the width, at least P,
-        that the prompts are padded to), `buffers(B, S, device, dtype) -> (valid, caches)` for at least S cache
-        slots, `prefill` (as `LLM.prefill`) and `LLM.decode`'s call (decode.GraphDecoder records its steps as one
-        CUDA graph)."""
-        device = self.lm_head.weight.device
-        asked = len(prompts)
-        if decoder is not None:  # copies of the last prompt fill the rows of the decoder's shape; cut at the end
-            extra = decoder.batch_rows(asked) - asked
-            prompts = prompts + prompts[-1:] * extra
-            prompt_embeds = prompt_embeds and prompt_embeds + prompt_embeds[-1:] * extra
-        B, P = len(prompts), max(len(p) for p in prompts)
-        if decoder is not None:
-            P = decoder.prompt_width(P)
-        n = decoder.steps if decoder is not None else 1 if on_token else 8
-        S = P + -(-(max_new_tokens - 1) // n) * n  # the prompt and every decode step's slot
-        dtype = self.model.embed_tokens.weight.dtype
-        if decoder is not None:
-            valid, caches = decoder.buffers(B, S, device, dtype)
-            valid.zero_()
-        else:
-            valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # cache slots of real tokens
-            caches = self.setup_caches(B, S, device, dtype)
-        ids = torch.zeros(B, P, dtype=torch.long)  # made on the host, then one copy (not one a row)
-        for b, p in enumerate(prompts):
-            ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in prompts])  # (B,)
-        valid[:, :P] = (torch.arange(P) < lengths[:, None]).to(device)
-        x = self.model.embed_tokens(ids.to(device))  # (B, P, H)
-        for b, e in enumerate(prompt_embeds or []):
-            x[b, :e.shape[0]] = e.to(x.dtype)
+        The prefill runs the prompts in one call; then the decode steps (`LLM.decode`) make the tokens a few at a
+        time (one at a time for `on_token`). `decoder` replaces all of it: an object whose `generate(prompts,
+        max_new_tokens, pick, stop_ids, prompt_embeds, on_token)` returns the same, `pick` choosing a token from
+        logits (decode.GraphDecoder, which records its decode steps as CUDA graphs)."""
         pick = partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        prefill = self.prefill if decoder is None else decoder.prefill
+        if decoder is not None:
+            return decoder.generate(prompts, max_new_tokens, pick, stop_ids, prompt_embeds, on_token)
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        n = 1 if on_token else 8
+        S = P + -(-(max_new_tokens - 1) // n) * n  # the prompt and every decode step's slot
+        valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # cache slots of real tokens
+        caches = self.setup_caches(B, S, device, self.model.embed_tokens.weight.dtype)
+        x, lengths = self.embed_prompts(prompts, prompt_embeds, P)  # (B, P, H), (B,)
+        valid[:, :P] = (torch.arange(P) < lengths[:, None]).to(device)
         with prebuilt_attention():
-            tokens = pick(prefill(x, (lengths - 1).to(device), caches))[:, None]  # the prompts' pass, its token (B, 1)
+            tokens = pick(self.prefill(x, (lengths - 1).to(device), caches))[:, None]  # the prompts' pass, (B, 1)
         stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
         shown = 0
         while True:
@@ -444,13 +441,18 @@ class LLM(nn.Module):
             # runs these; a finished row's extra tokens are cut below
             if tokens.shape[1] >= max_new_tokens or torch.isin(tokens, stops).any(1).all():
                 break
-            new = (decoder or self.decode)(tokens[:, -1:], valid, caches, P + tokens.shape[1] - 1, n, pick)  # (B, n)
+            new = self.decode(tokens[:, -1:], valid, caches, P + tokens.shape[1] - 1, n, pick)  # (B, n)
             tokens = torch.cat([tokens, new], 1)
-        rows = tokens[:asked, :max_new_tokens].tolist()
-        return [next((row[:j] for j, t in enumerate(row) if t in stop_ids), row) for row in rows]
+        return [until_stop(row, stop_ids) for row in tokens[:, :max_new_tokens].tolist()]
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator=None) -> torch.Tensor:
+def until_stop(tokens: list[int], stop_ids) -> list[int]:
+    """The tokens before the first of `stop_ids`."""
+    return next((tokens[:j] for j, t in enumerate(tokens) if t in stop_ids), tokens)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator=None
+           ) -> torch.Tensor:
     """Pick the next token from logits (B, V): argmax at temperature 0, else top-k / top-p sampling.
 
     A draw is the argmax of the kept logits plus Gumbel noise, which picks each token with its softmax probability
@@ -1680,19 +1682,42 @@ class MultimodalLM(nn.Module):
         return LossOutput(losses.sum(), weight.sum(), sample_loss, sample_tokens)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 32, media_chunk: int | None = None, **kw
-                 ) -> list[list[int]]:
-        """Answer a collated batch of prompts (right-padded) with their media; `kw` as in `LLM.generate`. The
-        aligner's calls take `media_chunk` media each (`media_embeds`; default 64 on a GPU, where a new shape costs
-        its kernels' set-up, and the whole batch on a CPU)."""
+    def prompt_inputs(self, batch: Batch, media_chunk: int | None = None
+                      ) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """A collated batch of prompts (right-padded) as `LLM.generate` takes them: each prompt's ids and its
+        embeddings (T_i, H), media projected in. The aligner's calls take `media_chunk` media each (`media_embeds`;
+        default 64 on a GPU, where a new shape costs its kernels' set-up, and the whole batch on a CPU)."""
         ids = batch.input_ids.tolist()  # one read, before the aligner is queued: the host does not wait for it
         if media_chunk is None:
             media_chunk = 64 if batch.input_ids.is_cuda else 0
         with prebuilt_attention():
             x = self.embed(batch, media_chunk)
-        prompts = [ids[b][:n] for b, n in enumerate(batch.lengths)]
-        embeds = [x[b, :n] for b, n in enumerate(batch.lengths)]
+        return [ids[b][:n] for b, n in enumerate(batch.lengths)], [x[b, :n] for b, n in enumerate(batch.lengths)]
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 32, media_chunk: int | None = None, **kw
+                 ) -> list[list[int]]:
+        """Answer a collated batch of prompts (right-padded) with their media; `kw` as in `LLM.generate`."""
+        prompts, embeds = self.prompt_inputs(batch, media_chunk)
         return self.llm.generate(prompts, max_new_tokens, prompt_embeds=embeds, **kw)
+
+    @torch.no_grad()
+    def answer_batches(self, batches: Iterable[tuple[list, Batch]], max_new_tokens: int = 32,
+                       stop_ids: tuple[int, ...] = (), decoder=None, rows: int = 256, slots: int | None = None,
+                       **sampling) -> Iterator[list[tuple]]:
+        """Answers to a stream of prompt batches, as they are ready: `batches` yields (keys, a collated batch), and
+        this yields lists of (key, new tokens without the stop token); `sampling` as in `LLM.generate`. Without a
+        decoder a batch is answered whole (`generate`); a decoder's `stream` takes prompts in as its rows free up
+        (continuous batching, at most `rows` rows and `slots` cache slots: decode.GraphDecoder)."""
+        if decoder is None:
+            for keys, batch in batches:
+                yield list(zip(keys, self.generate(batch, max_new_tokens, stop_ids=stop_ids, **sampling)))
+            return
+
+        def prompts():
+            for keys, batch in batches:
+                yield list(zip(keys, *self.prompt_inputs(batch)))
+        yield from decoder.stream(prompts(), max_new_tokens, partial(sample, **sampling), stop_ids, rows, slots)
 
 
 def parameter_report(groups: dict[str, list[nn.Parameter]]) -> str:

@@ -417,17 +417,17 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
                 correct += score(o, answer, tokenizer)
         model.reshard()
     else:  # generate.py --predict's path: batches of similar length, prompts made in workers, recorded decode steps
-        # (the loader draws no number from the run's RNG: resuming after an evaluation draws the same masks)
+        # and continuous batching on a GPU (the loader draws no number from the run's RNG: resuming after an
+        # evaluation draws the same masks)
         prompts = data.prompt_batches(ds, gen, 256, 1 << 16, cfg.train.max_new_tokens, tokenizer.pad_id,
                                       world.device, cfg.data.num_workers)
-        recorded = recorded_decoder(model.llm)
-        for _, answers, _, batch in prompts:
-            if batch is None:
-                continue
-            with autocast(cache_enabled=False):  # a recording keeps no cast weights between replays
-                outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=tokenizer.stop_ids, **recorded)
-            for o, answer in zip(outs, answers):
-                correct += score(o, answer, tokenizer)
+        with autocast(cache_enabled=False):  # a recording keeps no cast weights between replays
+            for answered in model.answer_batches(((answers, batch) for _, answers, _, batch in prompts
+                                                  if batch is not None), cfg.train.max_new_tokens,
+                                                 tokenizer.stop_ids, rows=256, slots=1 << 16,
+                                                 **recorded_decoder(model.llm)):
+                for answer, o in answered:
+                    correct += score(o, answer, tokenizer)
     correct = all_sum(correct.to(world.device), world)
     row["correct"], row["answered"] = int(correct[0]), int(correct[1])
     row["accuracy"] = row["correct"] / row["answered"] if row["answered"] else None

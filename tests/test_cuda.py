@@ -192,7 +192,7 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
                 for c in caches:
                     c.k.normal_(), c.v.normal_()
                 caches[1].k.copy_(caches[0].k), caches[1].v.copy_(caches[0].v)
-                at = torch.full((1,), slot, device="cuda")
+                at = torch.full((B,), slot, device="cuda")
                 tol = 4e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: RoPE rounds once, softmax weights in bf16
                 with torch.no_grad():
                     y = step(attn, x, cos, sin, valid[:, None, None, :], caches[0], at)

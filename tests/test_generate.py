@@ -1,6 +1,7 @@
 """generate.py: loading a run or an export folder, one question, chat, predictions with metrics, the export folder
 loaded by transformers and peft, and bad input."""
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -162,6 +163,42 @@ def test_the_recorded_decoders_steps_equal_the_plain_ones(hf_models, family):
     assert streamed[:7] == [[t] for t in greedy[0][:7]]
     assert llm.generate(prompts, 9, temperature=0.8, top_k=50, top_p=0.9, decoder=decoder,
                         generator=torch.Generator().manual_seed(3)) == sampled
+
+
+def test_continuous_batching_gives_each_prompt_its_own_answer(hf_models):
+    """`GraphDecoder.stream` (the decoder of --predict and of training's evaluation, run eagerly): prompts of
+    different lengths in several batches, more of them than rows, so that finished rows take new prompts; rows
+    that stop early and rows that run to max_new_tokens; a longer prompt after shorter ones (a cache of its own);
+    rows capped by the cache slots; one new token. Each answer equals LLM.generate's for that prompt alone, and
+    no more rows run than asked for."""
+    from model import load_llm, sample
+    llm = load_llm(hf_models["qwen3"][0])
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (30, 27, 21, 19, 14, 12, 9, 7, 5, 3, 2, 40)]
+    alone = [llm.generate([p], 10)[0] for p in prompts]
+    stops = (alone[1][2], alone[4][5])  # rows that stop early (at least these two)
+    expected = [llm.generate([p], 10, stop_ids=stops)[0] for p in prompts]
+    assert sum(len(e) < 10 for e in expected) >= 2 and sum(len(e) == 10 for e in expected) >= 2
+    decoder = decode.GraphDecoder(llm, steps=4, record=False)
+    admitted = []
+    admit = decoder.admit
+    decoder.admit = lambda state, rows, items, pick: admitted.append(
+        (*state.caches[0].k.shape[::2], rows)) or admit(state, rows, items, pick)
+    # caches (rows, slots): the first prompts' longest (30: 32 wide) + 12 decode slots, rounded up to 16, then one
+    # for the last prompt (40: 48 + 12 -> 64); or with all prompts waiting at once, one for the 40, 2 rows of 64
+    for n_rows, slots, caches in ((4, None, {(4, 48), (4, 64)}), (3, None, {(3, 48), (3, 64)}), (16, 150, {(2, 64)})):
+        admitted.clear()
+        batches = iter([[(i, prompts[i], None) for i in range(s, min(s + 5, len(prompts)))]
+                        for s in range(0, len(prompts), 5)])
+        got = {}
+        for finished in decoder.stream(batches, 10, functools.partial(sample), stops, n_rows, slots, bucket=16):
+            assert all(k not in got for k, _ in finished)
+            got.update(finished)
+        assert [got[i] for i in range(len(prompts))] == expected, (n_rows, slots)
+        assert len(admitted) > 2 and all(r < R for R, _, at in admitted for r in at)  # rows freed, taken again
+        assert {(R, S) for R, S, _ in admitted} == caches
+    one = list(decoder.stream(iter([[(0, prompts[0], None)]]), 1, functools.partial(sample), (), 4))
+    assert one == [[(0, alone[0][:1])]]
 
 
 def test_length_batches_keep_their_caps_and_workers_give_the_same_answers(trained_run, demo_dir, tmp_path):
