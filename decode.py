@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from model import prebuilt_attention
+from model import apply_rope, prebuilt_attention
 
 kernels = None  # decode_kernels.py, once `load_kernels` has imported it
 
@@ -58,7 +58,8 @@ def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> tor
     """`Attention.heads` for decoding: x (B, T, H) -> (B, T, nh*hd). For one new token a row on the GPU in compiled
     code (the recorded decode step: `cache_start` the (B,) slots, `mask` the (B, 1, 1, S) valid slots), the q/k/v
     matmul with its norm, then one Triton kernel for RoPE, the cache write and attention (`decode_attention`; a
-    second one combines the parts of a long cache); otherwise `Attention.heads`."""
+    second one combines the parts of a long cache). Otherwise, with q and k side by side in one matmul's output
+    (`NormQKV`, no q/k norms), RoPE runs once on both; else `Attention.heads`."""
     B, T, _ = x.shape
     hd = attn.head_dim
     if (kernels is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
@@ -70,6 +71,12 @@ def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> tor
         y = kernels.decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm, eps,
                              cache.k, cache.v, mask.reshape(B, -1), cache_start)
         return y.view(B, 1, -1)
+    if isinstance(attn.qkv, NormQKV) and not attn.qk_norm:  # q and k side by side: one RoPE for both
+        nh, n_kv = attn.n_heads, attn.n_kv
+        qkv = attn.qkv.joined(x)  # (B, T, (nh + 2 n_kv) hd)
+        qk = apply_rope(qkv[..., :(nh + n_kv) * hd].view(B, T, nh + n_kv, hd), cos, sin)  # (B, T, nh + n_kv, hd)
+        q, k = qk.split([nh, n_kv], dim=2)
+        return attn.attend(q, k, qkv[..., (nh + n_kv) * hd:].view(B, T, n_kv, hd), mask, cache, cache_start)
     return attn.heads(x, cos, sin, mask, cache, cache_start)
 
 

@@ -118,8 +118,7 @@ def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k
     G: tl.constexpr = NH // NKV
     slot = tl.minimum(tl.load(slot_ptr + b), S - 1).to(tl.int32)
     d = tl.arange(0, HD)  # (HD,)
-    turned = (d + HD // 2) % HD  # rotate_half: the other half, negated in the first half
-    sign = tl.where(d < HD // 2, -1.0, 1.0)
+    turned = (d + HD // 2) % HD  # rotate_half: the other half (sin comes with its first half negated)
     cos = tl.load(cos_ptr + b * HD + d).to(tl.float32)
     sin = tl.load(sin_ptr + b * HD + d).to(tl.float32)
     row = qkv_ptr + b * (NH + 2 * NKV) * HD
@@ -138,8 +137,8 @@ def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k
         k_rstd = 1.0 / tl.sqrt(tl.sum(k.to(tl.float32) * k.to(tl.float32), axis=0) / HD + eps)
         k = (k.to(tl.float32) * k_rstd).to(v.dtype) * tl.load(k_norm_ptr + d)
         k2 = (k2.to(tl.float32) * k_rstd).to(v.dtype) * tl.load(k_norm_ptr + turned)
-    q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q2.to(tl.float32) * sin[None, :]).to(v.dtype)
-    k = (k.to(tl.float32) * cos + sign * k2.to(tl.float32) * sin).to(v.dtype)
+    q = (q.to(tl.float32) * cos[None, :] + q2.to(tl.float32) * sin[None, :]).to(v.dtype)
+    k = (k.to(tl.float32) * cos + k2.to(tl.float32) * sin).to(v.dtype)
     cache = (b * NKV + h).to(tl.int64) * S * HD  # cache (B, NKV, S, HD)
     first = (d * 0 + part) == 0  # (HD,) the new token belongs to part 0
     tl.store(k_cache_ptr + cache + slot * HD + d, k, mask=first)

@@ -127,14 +127,12 @@ def rope_inv_freq(cfg: LLMConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, T, nh, hd), cos/sin (B, T, 1, hd)
-    return x * cos + rotate_half(x) * sin
+    """x (B, T, heads, hd) rotated: x * cos + rotate_half(x) * sin, Hugging Face's RoPE, where rotate_half(x) =
+    [-x2, x1] for x = [x1, x2]. `sin` (B, T, 1, hd) comes with its first half negated (`LLM.rope`), so the rotated
+    half is x rolled by hd/2, [x2, x1], times it: the same values (only signs differ before the product), in one
+    kernel where rotate_half takes three."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
@@ -210,13 +208,17 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = k.reshape(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
-        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        # RoPE in the (B, T, heads, hd) layout, then a transposed view: attention's output keeps that layout, so
-        # that o_proj reads it without a copy
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, nh, T, hd)
-        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.attend(q, k, v.reshape(B, T, self.n_kv, self.head_dim), mask, cache, cache_start)
+
+    def attend(self, q, k, v, mask=None, cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
+        """q (B, T, nh, hd) and k (B, T, n_kv, hd) after RoPE, v (B, T, n_kv, hd) -> (B, T, nh*hd). The heads'
+        layout is kept and attention runs on transposed views: its output keeps that layout, so that o_proj reads
+        it without a copy."""
+        B, T = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(k, v, cache_start)  # (B, n_kv, S, hd)
         y = attend(q, k, v, mask)  # (B, nh, T, hd)
@@ -307,9 +309,13 @@ class LLM(nn.Module):
         return self
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's cos and sin (B, T, 1, hd) at `position_ids` (B, T), sin with its first half negated, as
+        `apply_rope` takes it."""
         freqs = position_ids[:, :, None].float() * self.inv_freq.float()  # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sign = torch.ones(emb.shape[-1], device=emb.device)
+        sign[:emb.shape[-1] // 2] = -1.0
+        return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
     def hidden_states(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None,
                       caches: list[KVCache] | None = None, cache_start: int = 0) -> torch.Tensor:
