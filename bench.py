@@ -505,7 +505,8 @@ def time_prediction(args, device: str = "cuda", n_val: int = 2000, shape: dict =
     # rows after it see a machine as a user's second run does
     rows.append(run("default, first process", "generate.py", val))
     rows.append(run("default (recorded eager steps)", "generate.py", val))
-    rows.append(run("default, --batch_size 512", "generate.py", val, "--batch_size", "512"))
+    rows.append(run("--batch_size 256", "generate.py", val, "--batch_size", "256"))
+    rows.append(run("--batch_size 1024", "generate.py", val, "--batch_size", "1024"))
     rows.append(run("--compile", "generate.py", val, "--compile"))
     rows.append(run("--eager", "generate.py", val, "--eager"))
     rows.append(run("default, text only", "generate.py", text_only))
@@ -602,7 +603,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def profiled_share(export_dir: Path, data_file: Path, root: Path, rows: int = 256) -> dict:
+def profiled_share(export_dir: Path, data_file: Path, root: Path, rows: int = 512) -> dict:
     """The default prediction path in this process: a first pass timed by phase (`PhaseTimer`), a second under
     torch.profiler (the GPU's kernel time over the wall time of answering), a third timed by phase again."""
     from torch.profiler import ProfilerActivity, profile

@@ -624,7 +624,8 @@ def prompt_batches(ds: ConversationDataset, todo: list[int], max_rows: int, max_
     references, those whose media do not decode, the collated prompts on `device`, or None when none is left).
     With `workers`, DataLoader processes decode the media, each batch cut in parts of `part_rows` (default: one part
     a worker, 16 rows at least), so that the first batch is ready in the time of a part; the parts join on `device`
-    (`concat_batches`)."""
+    (`concat_batches`). The workers start at this call, before the first batch is asked for: a caller may load its
+    model meanwhile."""
     batches = length_batches(ds, todo, max_rows, max_tokens, max_new_tokens)
     part_rows = part_rows or (max(16, -(-max_rows // workers)) if workers else max_rows)
     parts = PromptParts(ds, batches, pad_id, part_rows)
@@ -634,6 +635,11 @@ def prompt_batches(ds: ConversationDataset, todo: list[int], max_rows: int, max_
     # its own generator: an iterator draws a seed from it, which the caller's RNG must not give
     loader = torch.utils.data.DataLoader(parts, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", generator=torch.Generator())
+    return joined_parts(iter(loader), n_parts, pad_id, device)  # iter(): the workers start now
+
+
+def joined_parts(loader, n_parts: list[int], pad_id: int, device: torch.device):
+    """`prompt_batches`' batches from its loader's parts, joined on `device`."""
     got: list = []
     for k, kept, references, bad, prompts in loader:
         got.append((kept, references, bad, None if prompts is None else prompts.to(device)))

@@ -29,7 +29,8 @@ import torch
 
 import data
 import train
-from model import MODALITIES, MultimodalLM, Tokenizer, check_tensors, read_json, read_safetensors
+from model import (MODALITIES, MultimodalLM, Tokenizer, aligner_config, check_tensors, load_tokenizer, read_json,
+                   read_safetensors)
 from checkpoint import (CheckpointWriteError, check_export_folder, checkpoints_in, export, read_checkpoint,
                         restore_trainable)
 from config import Config, config_from_dict
@@ -49,6 +50,35 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     falling back to the latest where no validation ran; "latest"; or a checkpoint folder) or an export folder.
     `device` defaults to the GPU when there is one, `dtype` ("bfloat16", "float32") to bf16 there, fp32 on a CPU.
     A file that cannot be read (cut short, not JSON, keys missing) is a ValueError naming it and what to do."""
+    folder, cfg = Path(folder), run_config(folder, device, dtype)
+    manifest = folder / "mmlora.json"
+    target = torch.device("cuda" if uses_cuda(cfg) else "cpu")
+    if manifest.is_file():
+        doc = read_json(manifest, "")
+        try:
+            tokenizer, model = train.build_model(cfg, target, adapters=False)
+            tensors = read_safetensors(folder / doc["projectors"])
+        except ValueError as e:
+            raise ValueError(f"{e}. In an export folder: {EXPORT_HINT}") from None
+        expected = model.projectors.state_dict()
+        check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
+                      f"{folder / doc['projectors']}: the projectors do not fit the export's config")
+        model.projectors.load_state_dict(tensors)
+    else:
+        path = checkpoint_folder(folder, checkpoint)
+        tokenizer, model = train.build_model(cfg, target)
+        state, tensors = read_checkpoint(path, "trainable.safetensors", hint=CHECKPOINT_HINT)
+        restore_trainable(path, state, tensors, model, instead="--checkpoint PATH of a checkpoint of this run")
+    return model.eval(), tokenizer, cfg
+
+
+def uses_cuda(cfg: Config) -> bool:
+    return cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+
+
+def run_config(folder: str | Path, device: str | None = None, dtype: str | None = None) -> Config:
+    """The config that `load_run` builds the model of: the run's, or the export's with its folder's paths, set for
+    generation on `device` in `dtype`."""
     folder = Path(folder)
     manifest = folder / "mmlora.json"
     if manifest.is_file():
@@ -74,24 +104,7 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     cfg.train.compile, cfg.train.cuda_graph, cfg.train.activation_checkpointing = "none", False, False
     cfg.train.offload_activations = False
     cfg.train.strategy = "ddp"  # a run trained sharded (fsdp) is used whole, on one device
-    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-    target = torch.device("cuda" if use_cuda else "cpu")
-    if manifest.is_file():
-        try:
-            tokenizer, model = train.build_model(cfg, target, adapters=False)
-            tensors = read_safetensors(folder / doc["projectors"])
-        except ValueError as e:
-            raise ValueError(f"{e}. In an export folder: {EXPORT_HINT}") from None
-        expected = model.projectors.state_dict()
-        check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in tensors.items()},
-                      f"{folder / doc['projectors']}: the projectors do not fit the export's config")
-        model.projectors.load_state_dict(tensors)
-    else:
-        path = checkpoint_folder(folder, checkpoint)
-        tokenizer, model = train.build_model(cfg, target)
-        state, tensors = read_checkpoint(path, "trainable.safetensors", hint=CHECKPOINT_HINT)
-        restore_trainable(path, state, tensors, model, instead="--checkpoint PATH of a checkpoint of this run")
-    return model.eval(), tokenizer, cfg
+    return cfg
 
 
 def checkpoint_folder(run: Path, checkpoint: str) -> Path:
@@ -278,39 +291,56 @@ def check_outputs(outputs: list[Path], inputs: set[Path]) -> None:
             raise ValueError(f"{o}: is a folder; give --out a file, for example {o / 'pred.jsonl'}")
 
 
+class PredictionSet:
+    """--predict's samples, read and checked before the model loads: the dataset (the prompt is every turn before
+    its last reply, the reference that reply), the ids already in `out` with `resume`, and the loader of the rest,
+    whose `workers` (DataLoader processes; 0: none) start decoding the media at once, longest prompts first, in
+    batches of at most `batch_size` rows (`data.length_batches`; on a CPU also at most `batch_tokens` cache slots,
+    65,536 by default). Samples that cannot be used are listed and skipped; ids must be unique, since they key
+    `resume`. `out` and the metrics file may not name any of `inputs` (the run's files), the dataset or its
+    media."""
+
+    def __init__(self, path: str, out: Path, tokenizer: Tokenizer, aligner_config, cfg: Config, batch_size: int,
+                 max_new_tokens: int, resume: bool, inputs: frozenset[Path], batch_tokens: int | None, workers: int,
+                 device: torch.device):
+        t_start = time.perf_counter()
+        self.out, self.metrics_file = out, out.with_name(out.stem + ".metrics.json")
+        self.ds = ds = data.ConversationDataset(path, tokenizer, aligner_config, cfg.model.tokens_per_media,
+                                                cfg.data.max_len, truncate=True, on_error="skip",
+                                                allow_outside_paths=True, max_audio_windows=cfg.data.max_audio_windows)
+        data.check_unique_ids(ds.path, ds.examples, "predictions are keyed by sample id (--resume skips those done)")
+        media = {f.resolve() for ex in ds.examples for m in MODALITIES for f in ex.media[m]}
+        check_outputs([out, self.metrics_file], set(inputs) | media | {ds.path.resolve()})
+        for s in ds.skipped:
+            print(f"skipped {s['file']}:{s['line']}: sample {s['id']!r}: {s['reason']}", file=sys.stderr)
+        self.done = read_predictions(out) if resume and out.is_file() else {}
+        self.ids = {ex.id for ex in ds.examples}
+        foreign = sorted(set(self.done) - self.ids)
+        if foreign:
+            raise ValueError(f"{out}: holds predictions of ids that {path} does not have ({foreign[:3]}); it is "
+                             "another dataset's: give a new --out, or leave out --resume")
+        self.todo = [i for i, ex in enumerate(ds.examples) if ex.id not in self.done]
+        self.resume = resume
+        slots = batch_tokens or (1 << 16 if device.type == "cpu" else 1 << 40)
+        self.batches = data.prompt_batches(ds, self.todo, batch_size, slots, max_new_tokens, tokenizer.pad_id,
+                                           device, workers)
+        self.dataset_s = time.perf_counter() - t_start
+
+
 def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, out: Path, batch_size: int,
             max_new_tokens: int, sampling: dict, resume: bool, inputs: frozenset[Path] = frozenset(),
-            batch_tokens: int | None = None, workers: int = 0) -> dict:
-    """Answer every sample of a dataset (the prompt is every turn before its last reply, the reference that reply),
-    longest first, at most `batch_size` rows at a time and `batch_tokens` cache slots in all (default:
-    `cache_slots`), the media decoded by `workers` DataLoader processes (0: in this one), in batches of similar
-    length (`data.length_batches`). With a decoder in `sampling` (decode.GraphDecoder, on a GPU), a finished answer's
-    row takes the next prompt (continuous batching); else each batch is answered whole (`MultimodalLM.generate`).
-    One JSON line per sample is written as its answer ends; `resume` skips the ids already in `out`. Samples that
-    cannot be used are listed
-    and skipped; ids must be unique, since they key `resume`. `out` and the metrics file may not name any of
-    `inputs` (the run's files), the dataset or its media. Returns the metrics, also written to
-    `<out stem>.metrics.json` with the time taken (`timing`: from the first batch on, so without loading)."""
-    t_start = time.perf_counter()
-    ds = data.ConversationDataset(path, tokenizer, model.aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
-                                  truncate=True, on_error="skip", allow_outside_paths=True,
-                                  max_audio_windows=cfg.data.max_audio_windows)
-    data.check_unique_ids(ds.path, ds.examples, "predictions are keyed by sample id (--resume skips those done)")
-    metrics_file = out.with_name(out.stem + ".metrics.json")
-    media = {f.resolve() for ex in ds.examples for m in MODALITIES for f in ex.media[m]}
-    check_outputs([out, metrics_file], set(inputs) | media | {ds.path.resolve()})
-    for s in ds.skipped:
-        print(f"skipped {s['file']}:{s['line']}: sample {s['id']!r}: {s['reason']}", file=sys.stderr)
-    done = read_predictions(out) if resume and out.is_file() else {}
-    ids = {ex.id for ex in ds.examples}
-    foreign = sorted(set(done) - ids)
-    if foreign:
-        raise ValueError(f"{out}: holds predictions of ids that {path} does not have ({foreign[:3]}); it is another "
-                         "dataset's: give a new --out, or leave out --resume")
-    todo = [i for i, ex in enumerate(ds.examples) if ex.id not in done]
+            batch_tokens: int | None = None, workers: int = 0, samples: PredictionSet | None = None) -> dict:
+    """Answer every sample of a dataset (`PredictionSet`: what is read and checked, and how the media are
+    decoded; `samples` if it was made before the model loaded), at most `batch_size` rows at a time and
+    `batch_tokens` cache slots in all (default: `cache_slots`). With a decoder in `sampling` (decode.GraphDecoder,
+    on a GPU), a finished answer's row takes the next prompt (continuous batching); else each batch is answered
+    whole (`MultimodalLM.generate`). One JSON line per sample is written as its answer ends; `resume` skips the ids
+    already in `out`. Returns the metrics, also written to `<out stem>.metrics.json` with the time taken
+    (`timing`: from the first batch on, so without loading)."""
+    samples = samples or PredictionSet(path, out, tokenizer, model.aligner.config, cfg, batch_size, max_new_tokens,
+                                       resume, inputs, batch_tokens, workers, model.llm.lm_head.weight.device)
+    ds, done, todo, batches = samples.ds, samples.done, samples.todo, samples.batches
     slots = batch_tokens or cache_slots(model.llm)
-    batches = data.prompt_batches(ds, todo, batch_size, slots, max_new_tokens, tokenizer.pad_id,
-                                  model.llm.lm_head.weight.device, workers)
 
     def decoded():  # (kept samples and their references, their prompts), the samples that do not decode listed
         for kept, references, bad, batch in batches:
@@ -320,7 +350,7 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
             if batch is not None:
                 yield list(zip(kept, references)), batch
     t0, written, first, shown = time.perf_counter(), 0, None, 0.0
-    with open(out, "a" if resume else "w") as f, half_precision(model):
+    with open(out, "a" if samples.resume else "w") as f, half_precision(model):
         for answered in model.answer_batches(decoded(), max_new_tokens, tokenizer.stop_ids, rows=batch_size,
                                              slots=slots, **sampling):
             lines = []
@@ -331,19 +361,19 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
             f.write("".join(lines))  # whole lines, in one write
             f.flush()
             now = time.perf_counter()
-            first = first or now - t_start
+            first = first or samples.dataset_s + now - t0
             written += len(answered)
             if now - shown >= 1.0 or written == len(todo):  # progress at most once a second
                 shown, rate = now, written / (now - t0)
                 print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
                       f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
-    rows = [r for r in read_predictions(out).values() if r["id"] in ids]
+    rows = [r for r in read_predictions(out).values() if r["id"] in samples.ids]
     metrics = prediction_metrics(rows)
     metrics["timing"] = {"samples": written, "seconds": round(seconds, 3), "samples_per_s": round(written / seconds, 1)
                          if seconds > 0 else None, "first_answer_s": None if first is None else round(first, 3),
-                         "dataset_s": round(t0 - t_start, 3)}
-    train.write_json(metrics_file, metrics)
+                         "dataset_s": round(samples.dataset_s, 3)}
+    train.write_json(samples.metrics_file, metrics)
     return metrics
 
 
@@ -420,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--predict", metavar="DATA", help="answer every sample of a dataset (JSONL or JSON list)")
     ap.add_argument("--out", help="with --predict: the JSONL of predictions")
     ap.add_argument("--resume", action="store_true", help="with --predict: skip ids already in --out")
-    ap.add_argument("--batch_size", type=int, default=256, help="with --predict: rows decoded together, at most")
+    ap.add_argument("--batch_size", type=int, default=512, help="with --predict: rows decoded together, at most")
     ap.add_argument("--batch_tokens", type=int, help="with --predict: cache slots in all, at most (rows x (longest "
                     "sample + max_new_tokens)); default: what a quarter of the GPU's free memory holds, 65,536 on a "
                     "CPU")
@@ -453,20 +483,26 @@ def main(argv: list[str] | None = None) -> None:
             export(model, Path(args.export), cfg, getattr(torch, args.dtype) if args.dtype else None)
             print(f"exported to {args.export}: adapter/ (peft), merged/ (transformers), projectors, aligner")
             return
-        inputs = frozenset()
         if args.predict:
             out = Path(args.out)
             inputs = frozenset(input_files(Path(args.run), args.checkpoint) | {Path(args.predict).resolve()})
             check_outputs([out, out.with_name(out.stem + ".metrics.json")], set(inputs))
+            cfg = run_config(args.run, args.device, args.dtype)
+            args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
+            cuda = uses_cuda(cfg)
+            workers = args.workers if args.workers is not None else min(8, os.cpu_count() - 1) if cuda else 0
+            # read and checked before the model loads, while the loader's workers (forked now, from a process
+            # without a GPU context yet) decode the first batches' media
+            samples = PredictionSet(args.predict, out, load_tokenizer(cfg.model.llm, cfg.model.chat_format or None),
+                                    aligner_config(cfg.model.aligner), cfg, args.batch_size, args.max_new_tokens,
+                                    args.resume, inputs, args.batch_tokens, workers,
+                                    torch.device("cuda" if cuda else "cpu"))
         model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype)
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                     **decoding(model.llm, args)}
         if args.predict:
-            args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
-            cuda = model.llm.lm_head.weight.is_cuda
-            workers = args.workers if args.workers is not None else min(8, os.cpu_count() - 1) if cuda else 0
-            metrics = predict(model, tokenizer, cfg, args.predict, Path(args.out), args.batch_size,
-                              args.max_new_tokens, sampling, args.resume, inputs, args.batch_tokens, workers)
+            metrics = predict(model, tokenizer, cfg, args.predict, out, args.batch_size, args.max_new_tokens,
+                              sampling, args.resume, inputs, args.batch_tokens, workers, samples)
             t = metrics["timing"]
             print(f"{t['samples']} answered in {t['seconds']:.2f} s ({t['samples_per_s']} samples/s), the first "
                   f"batch {t['first_answer_s']} s after reading started", file=sys.stderr)

@@ -1086,12 +1086,18 @@ def aligner_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
+def aligner_config(path: str | os.PathLike) -> AlignerConfig:
+    """The config of a Phase-1 aligner folder (its aligner.json), or of a Phase-1 run's `aligner/`."""
+    return AlignerConfig.from_dict(read_json(aligner_folder(path) / "aligner.json",
+                                             "a Phase-1 aligner folder needs aligner.json"))
+
+
 def load_aligner(path: str | os.PathLike, device="cpu", init_missing: bool = False) -> Aligner:
     """Read a Phase-1 aligner folder (aligner.json + aligner.safetensors), or a Phase-1 run's folder (its
     `aligner/`); returned frozen and in eval mode. With `init_missing` (the start of Phase 1), a folder holding
     aligner.json alone gives a freshly initialised aligner (Hugging Face towers still load from their folders)."""
     folder = aligner_folder(path)
-    cfg = AlignerConfig.from_dict(read_json(folder / "aligner.json", "a Phase-1 aligner folder needs aligner.json"))
+    cfg = aligner_config(folder)
     weights = folder / "aligner.safetensors"
     if not weights.is_file() and not init_missing:
         raise FileNotFoundError(f"{weights}: not found; a Phase-1 aligner folder needs aligner.safetensors")
