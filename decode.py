@@ -270,11 +270,14 @@ class GraphDecoder:
         pending: collections.deque = collections.deque()
         active: dict[int, tuple] = {}  # row -> (key, its tokens so far)
         state, R, S, exhausted, shown, streamed = None, rows, 0, False, 0, []
-        while True:
-            while not exhausted and len(pending) < R - len(active):
+        def fill(n: int) -> None:  # the next batches, until n prompts wait
+            nonlocal exhausted
+            while not exhausted and len(pending) < n:
                 got = next(batches, None)
                 exhausted = got is None
                 pending.extend(got or [])
+        while True:
+            fill(R - len(active))
             if not pending and not active:
                 return
             finished = []
@@ -306,6 +309,9 @@ class GraphDecoder:
                         active[r] = (key, tokens)
             if active:
                 self.advance(state, pick)
+                # the next prompts' media pass (the aligner), queued behind these steps while they run: the host
+                # launches it instead of waiting for the tokens
+                fill(R)
                 new = state.out.tolist()  # (R, steps)
                 for j in range(n):
                     if on_token is not None and shown < max_new_tokens:

@@ -400,9 +400,10 @@ class LLM(nn.Module):
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
         x = self.model.embed_tokens(ids.to(self.lm_head.weight.device))  # (B, width, H)
-        for b, e in enumerate(prompt_embeds or []):
-            if e is not None:
-                x[b, :e.shape[0]] = e.to(x.dtype)
+        given = [(b, e) for b, e in enumerate(prompt_embeds or []) if e is not None]
+        if given:  # one copy of them all to their flat positions
+            at = torch.cat([torch.arange(len(e)) + b * width for b, e in given]).to(x.device)
+            x.view(B * width, -1).index_copy_(0, at, torch.cat([e for _, e in given]).to(x.dtype))
         return x, torch.tensor([len(p) for p in prompts])
 
     @torch.no_grad()
