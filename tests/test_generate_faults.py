@@ -83,11 +83,14 @@ def test_resume_redoes_a_cut_last_line_and_names_any_other_bad_line(trained_run,
     assert_one_line_error(code, err, f"{pred}:3: not a line of predictions")
 
 
-def test_duplicate_ids_are_refused_where_ids_key_something(trained_run, val_copy, tmp_path, capsys):
+def test_duplicate_ids_are_refused_where_ids_key_something(trained_run, val_copy, tmp_path, capsys,
+                                                             monkeypatch):
     samples = [json.loads(x) for x in val_copy.read_text().splitlines()]
     samples[5]["id"] = samples[2]["id"]
     val_copy.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    code, _, err = run(["--run", trained_run, "--predict", val_copy, "--out", tmp_path / "p.jsonl"], capsys)
+    with monkeypatch.context() as patched:  # the dataset is read and checked before the model loads
+        patched.setattr(generate, "load_run", lambda *a, **k: pytest.fail("the model loaded before the check"))
+        code, _, err = run(["--run", trained_run, "--predict", val_copy, "--out", tmp_path / "p.jsonl"], capsys)
     assert_one_line_error(code, err, f"{val_copy}:6: sample id {samples[2]['id']!r} is also the id of the sample "
                                      "on line 3")
     assert not (tmp_path / "p.jsonl").exists()
@@ -168,6 +171,35 @@ def test_ctrl_c_in_predict_says_where_the_predictions_are_and_resumes(trained_ru
     assert run(args + ["--resume"], capsys)[0] == 0
     ids = [r["id"] for r in lines(pred)]
     assert len(ids) == len(set(ids)) == 12
+
+
+def test_an_interrupted_continuous_batch_keeps_its_finished_answers_and_resumes(trained_run, val_copy, tmp_path,
+                                                                               monkeypatch):
+    """--predict's decoder (continuous batching, run eagerly here) stopped by Ctrl-C as it takes in the second
+    prompts: the answers that finished are in the file as whole lines, and `resume` answers the rest, each sample
+    once, as the plain path answers them."""
+    import decode
+    m, tok, cfg = generate.load_run(trained_run, device="cpu")
+    plain = generate.predict(m, tok, cfg, str(val_copy), tmp_path / "plain.jsonl", 4, 8, {}, False)
+    decoder = decode.GraphDecoder(m.llm, steps=2, record=False, prepare=False)
+    real, calls = decoder.admit, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(decoder, "admit", interrupted)
+    pred = tmp_path / "pred.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        generate.predict(m, tok, cfg, str(val_copy), pred, 4, 8, {"decoder": decoder}, False)
+    assert 0 < len(lines(pred)) < 12 and pred.read_text().endswith("\n")
+    monkeypatch.undo()
+    metrics = generate.predict(m, tok, cfg, str(val_copy), pred, 4, 8, {"decoder": decoder}, True)
+    rows = lines(pred)
+    assert len(rows) == len({r["id"] for r in rows}) == 12 and metrics["exact_match"] == plain["exact_match"]
+    assert {r["id"]: r["prediction"] for r in rows} == {r["id"]: r["prediction"] for r in lines(tmp_path /
+                                                                                                 "plain.jsonl")}
 
 
 def test_chat_checks_media_when_attached_and_names_unknown_commands(trained_run, demo_dir, tmp_path, capsys,
