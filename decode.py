@@ -160,10 +160,10 @@ def prepare_for_decoding(llm) -> None:
 
 class Rows:
     """A layer's KVCache as the prompts' pass into some of a decoder's rows sees it (`GraphDecoder.admit`): the
-    pass's keys and values (k, n_kv, T, hd) go to slots 0..T-1 of cache rows `rows` (k,), and attention takes them
-    as they are."""
+    pass's keys and values (k, n_kv, T, hd) go to slots 0..T-1 of cache rows `rows` (a slice, or a (k,) tensor of
+    rows), and attention takes them as they are."""
 
-    def __init__(self, cache, rows: torch.Tensor):
+    def __init__(self, cache, rows: slice | torch.Tensor):
         self.cache, self.rows = cache, rows
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,9 +270,10 @@ class GraphDecoder:
         pending: collections.deque = collections.deque()
         active: dict[int, tuple] = {}  # row -> (key, its tokens so far)
         state, R, S, exhausted, shown, streamed = None, rows, 0, False, 0, []
-        def fill(n: int) -> None:  # the next batches, until n prompts wait
+
+        def fill(want: int) -> None:  # the next batches, until `want` prompts wait
             nonlocal exhausted
-            while not exhausted and len(pending) < n:
+            while not exhausted and len(pending) < want:
                 got = next(batches, None)
                 exhausted = got is None
                 pending.extend(got or [])
@@ -340,7 +341,9 @@ class GraphDecoder:
             prompts = [ids for _, ids, _ in items[s:e]]
             x, lengths = self.llm.embed_prompts(prompts, [emb for *_, emb in items[s:e]],
                                                 self.prompt_width(max(map(len, prompts))))  # (k, W, H), (k,)
-            at = torch.tensor(rows[s:e], device=device)
+            # rows side by side (every row of a wave that starts together) as a slice: a plain copy, not a scatter
+            contiguous = rows[s:e] == list(range(rows[s], rows[s] + e - s))
+            at = slice(rows[s], rows[s] + e - s) if contiguous else torch.tensor(rows[s:e], device=device)
             with prebuilt_attention():
                 first = pick(self.prefill(x, (lengths - 1).to(device), [Rows(c, at) for c in state.caches]))  # (k,)
             state.token[at, 0] = first

@@ -196,6 +196,8 @@ def test_continuous_batching_gives_each_prompt_its_own_answer(hf_models):
             got.update(finished)
         assert [got[i] for i in range(len(prompts))] == expected, (n_rows, slots)
         assert len(admitted) > 2 and all(r < R for R, _, at in admitted for r in at)  # rows freed, taken again
+        scattered = [at != list(range(at[0], at[0] + len(at))) for *_, at in admitted]
+        assert not scattered[0] and (any(scattered) or n_rows != 4)  # rows side by side, and rows apart
         assert {(R, S) for R, S, _ in admitted} == caches
     one = list(decoder.stream(iter([[(0, prompts[0], None)]]), 1, functools.partial(sample), (), 4))
     assert one == [[(0, alone[0][:1])]]
