@@ -154,6 +154,32 @@ def test_one_row_matmul_kernel_equals_linear():
                                        atol=tol, msg=lambda m: f"{(N, K)} {dtype} {case}: {m}")
 
 
+def test_recorded_continuous_batching_gives_the_plain_tokens():
+    """--predict's path as recorded on a GPU (`GraphDecoder.stream`, eager steps recorded as one graph): more
+    prompts than rows, rows that stop early taking the next prompts, give each prompt the tokens that the plain
+    steps give it alone (fp32, greedy)."""
+    import functools
+
+    import decode
+    import model
+    torch.manual_seed(0)
+    cfg = model.LLMConfig(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          qkv_bias=True, tie_word_embeddings=True)
+    llm = model.LLM(cfg).cuda().eval()
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (40, 33, 29, 20, 17, 12, 9, 5, 3)]
+    alone = [llm.generate([p], 12)[0] for p in prompts]
+    stops = (alone[0][3], alone[2][6])
+    expected = [llm.generate([p], 12, stop_ids=stops)[0] for p in prompts]
+    decoder = decode.GraphDecoder(llm, compile=False)
+    got = {}
+    batches = iter([[(i, prompts[i], None) for i in range(s, min(s + 3, len(prompts)))] for s in (0, 3, 6)])
+    with torch.no_grad():
+        for finished in decoder.stream(batches, 12, functools.partial(model.sample), stops, rows=2):
+            got.update(finished)
+    assert [got[i] for i in range(len(prompts))] == expected and len(decoder.graphs) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
     """The recorded decoder's attention for one new token a row (in compiled code, one Triton kernel for RoPE, the
