@@ -44,19 +44,20 @@ CHECKPOINT_HINT = "Give --checkpoint another of the run's checkpoints (a checkpo
 EXPORT_HINT = "export it again with `python generate.py --run RUN_DIR --export DIR`"
 
 
-def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = None, dtype: str | None = None
-             ) -> tuple[MultimodalLM, Tokenizer, Config]:
+def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = None, dtype: str | None = None,
+             tokenizer: Tokenizer | None = None) -> tuple[MultimodalLM, Tokenizer, Config]:
     """The trained model (eval mode), its tokenizer and the run's config, from a run folder (`checkpoint`: "best",
     falling back to the latest where no validation ran; "latest"; or a checkpoint folder) or an export folder.
     `device` defaults to the GPU when there is one, `dtype` ("bfloat16", "float32") to bf16 there, fp32 on a CPU.
-    A file that cannot be read (cut short, not JSON, keys missing) is a ValueError naming it and what to do."""
+    A file that cannot be read (cut short, not JSON, keys missing) is a ValueError naming it and what to do.
+    `tokenizer`: the run's, where the caller has loaded it already."""
     folder, cfg = Path(folder), run_config(folder, device, dtype)
     manifest = folder / "mmlora.json"
     target = torch.device("cuda" if uses_cuda(cfg) else "cpu")
     if manifest.is_file():
         doc = read_json(manifest, "")
         try:
-            tokenizer, model = train.build_model(cfg, target, adapters=False)
+            tokenizer, model = train.build_model(cfg, target, adapters=False, tokenizer=tokenizer)
             tensors = read_safetensors(folder / doc["projectors"])
         except ValueError as e:
             raise ValueError(f"{e}. In an export folder: {EXPORT_HINT}") from None
@@ -66,7 +67,7 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
         model.projectors.load_state_dict(tensors)
     else:
         path = checkpoint_folder(folder, checkpoint)
-        tokenizer, model = train.build_model(cfg, target)
+        tokenizer, model = train.build_model(cfg, target, tokenizer=tokenizer)
         state, tensors = read_checkpoint(path, "trainable.safetensors", hint=CHECKPOINT_HINT)
         restore_trainable(path, state, tensors, model, instead="--checkpoint PATH of a checkpoint of this run")
     return model.eval(), tokenizer, cfg
@@ -493,11 +494,12 @@ def main(argv: list[str] | None = None) -> None:
             workers = args.workers if args.workers is not None else min(8, os.cpu_count() - 1) if cuda else 0
             # read and checked before the model loads, while the loader's workers (forked now, from a process
             # without a GPU context yet) decode the first batches' media
-            samples = PredictionSet(args.predict, out, load_tokenizer(cfg.model.llm, cfg.model.chat_format or None),
-                                    aligner_config(cfg.model.aligner), cfg, args.batch_size, args.max_new_tokens,
-                                    args.resume, inputs, args.batch_tokens, workers,
-                                    torch.device("cuda" if cuda else "cpu"))
-        model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype)
+            tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
+            samples = PredictionSet(args.predict, out, tokenizer, aligner_config(cfg.model.aligner), cfg,
+                                    args.batch_size, args.max_new_tokens, args.resume, inputs, args.batch_tokens,
+                                    workers, torch.device("cuda" if cuda else "cpu"))
+        model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype,
+                                         tokenizer if args.predict else None)
         sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                     **decoding(model.llm, args)}
         if args.predict:

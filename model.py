@@ -311,11 +311,9 @@ class LLM(nn.Module):
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE's cos and sin (B, T, 1, hd) at `position_ids` (B, T), sin with its first half negated, as
         `apply_rope` takes it."""
-        freqs = position_ids[:, :, None].float() * self.inv_freq.float()  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd)
-        sign = torch.ones(emb.shape[-1], device=emb.device)
-        sign[:emb.shape[-1] // 2] = -1.0
-        return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
+        freqs = position_ids[:, :, None, None].float() * self.inv_freq.float()  # (B, T, 1, hd/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # (B, T, 1, hd)
 
     def hidden_states(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None, mask=None,
                       caches: list[KVCache] | None = None, cache_start: int = 0) -> torch.Tensor:

@@ -53,7 +53,7 @@ from distributed import (GatherRows, World, all_sum, any_rank, average_gradients
                          gradient_sync, is_sharded, materialize_sharded, read_shards, setup_distributed, whole)
 from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, cross_entropy_chunk,
                    document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm, load_tokenizer,
-                   parameter_report, weights_hash, write_json)
+                   parameter_report, until_stop, weights_hash, write_json)
 from quant import NF4Linear, load_llm_nf4
 from step_graph import GraphedStep
 
@@ -61,12 +61,13 @@ from step_graph import GraphedStep
 # The model: built whole on each rank (ddp), or sharded over the ranks as it is read (fsdp; distributed.py)
 
 
-def build_model(cfg: Config, device: torch.device, adapters: bool = True, world: World | None = None
-                ) -> tuple[Tokenizer, MultimodalLM | align.AlignModel]:
-    """Tokenizer, LLM (frozen, with LoRA unless `adapters` is False), frozen aligner and projectors, as the config
-    says; in Phase 1 (train.phase = "align") the aligner to train, on the frozen LLM (`align.AlignModel`). With
-    train.strategy = "fsdp", the model sharded over `world` (`build_sharded`)."""
-    tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
+def build_model(cfg: Config, device: torch.device, adapters: bool = True, world: World | None = None,
+                tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, MultimodalLM | align.AlignModel]:
+    """Tokenizer (`tokenizer` if one was loaded already), LLM (frozen, with LoRA unless `adapters` is False), frozen
+    aligner and projectors, as the config says; in Phase 1 (train.phase = "align") the aligner to train, on the
+    frozen LLM (`align.AlignModel`). With train.strategy = "fsdp", the model sharded over `world`
+    (`build_sharded`)."""
+    tokenizer = tokenizer or load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
     if cfg.train.strategy == "fsdp":
@@ -437,7 +438,7 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
 
 def score(tokens: list[int], answer: str, tokenizer: Tokenizer) -> torch.Tensor:
     """(1 if the answer, cut at its first stop token, is the reference under `normalize_answer`, else 0; 1)."""
-    tokens = next((tokens[:j] for j, t in enumerate(tokens) if t in tokenizer.stop_ids), tokens)
+    tokens = until_stop(tokens, tokenizer.stop_ids)
     return torch.tensor([float(normalize_answer(tokenizer.decode(tokens)) == normalize_answer(answer)), 1.0],
                         device=torch.device("cpu"))
 
