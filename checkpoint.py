@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 import lora
 from config import Config
 from distributed import World, shard_of, whole
 from model import MultimodalLM, check_tensors, copy_aligner, save_llm, save_tensors, write_json
+from quant import NF4Linear
 
 
 @dataclass
@@ -124,16 +127,22 @@ def write_folder(final: Path, write, advice: str = "The previous checkpoint is i
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors report a full disk so
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"cannot write {final}: {e}. {advice}") from None
     except BaseException:  # Ctrl-C in an export, say: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = final.parent / f".old-{final.name}-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
+    try:
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as e:  # a mount point or a folder in use cannot be renamed: the old one is put back
+        if old.exists() and not final.exists():
+            old.rename(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot put {final} in place ({e}). {advice}") from None
     shutil.rmtree(old, ignore_errors=True)
     fsync_dir(final.parent)
 
@@ -158,10 +167,39 @@ def write_checkpoint(ckpt_dir: Path, name: str, tensors: dict[str, torch.Tensor]
     return final
 
 
-def clean_leftovers(ckpt_dir: Path) -> None:
-    """Remove half-written folders of an earlier crash (they never carry a `latest` name)."""
-    for p in ckpt_dir.glob(".*"):
+# what a writer leaves while it works: `write_folder`'s temporary and set-aside folders, `save_tensors`' and
+# `write_json`'s temporary files, the next `latest`; each named with the writer's PID
+LEFTOVER = re.compile(r"\.(?:tmp-.*|old-.*|.+\.tmp|latest)-(\d+)")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: the check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(folder: Path, log, name: str | None = None) -> None:
+    """Remove what a writer that died (its PID gone: a kill -9, a crash) left half-written in `folder` (of the
+    folder `name` only, if given), saying so through `log`. A folder it had set aside while swapping in the new one
+    is put back where the new one never arrived."""
+    if not folder.is_dir():
+        return
+    for p in sorted(folder.glob(".*")):
+        m = LEFTOVER.fullmatch(p.name)
+        if m is None or (name is not None and not p.name.startswith((f".tmp-{name}-", f".old-{name}-"))) \
+                or pid_alive(int(m[1])):
+            continue
+        kept = folder / p.name.removeprefix(".old-").removesuffix(f"-{m[1]}")
+        if p.name.startswith(".old-") and not kept.exists():
+            p.rename(kept)
+            log(f"put back {kept}, which a stopped process (pid {m[1]}) had set aside as {p.name}")
+            continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        log(f"removed {p}, left half-written by a stopped process (pid {m[1]})")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -232,6 +270,14 @@ def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor],
         diff = sorted(k for k in saved_llm if saved_llm[k] != getattr(model.llm.config, k, None))
         raise ValueError(f"{path}: checkpoint was trained on a different base model (config differs in {diff}); "
                          f"use the model.llm it was trained with, or {instead}")
+    saved_quantize = state.get("config", {}).get("model", {}).get("quantize")
+    nf4 = any(isinstance(m, NF4Linear) for m in model.llm.modules())
+    if saved_quantize is not None and (saved_quantize == "nf4") != nf4:
+        bases = {True: "an NF4 (4-bit, QLoRA) base, model.quantize = \"nf4\"",
+                 False: "an unquantized base, model.quantize = \"none\""}
+        raise ValueError(f"{path}: checkpoint was trained on {bases[saved_quantize == 'nf4']}, and this run loads "
+                         f"{bases[nf4]}: its adapters learned the other base's weights; use model.quantize = "
+                         f"\"{saved_quantize}\" as it was trained, or {instead}")
     alphas = {m.alpha for m in lora.lora_modules(model.llm).values()}
     saved_alpha = state.get("config", {}).get("lora", {}).get("alpha")
     if saved_alpha is not None and alphas and alphas != {saved_alpha}:
@@ -266,12 +312,27 @@ def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) 
     return TrainState(state["step"], state["consumed"], state["best"], state["bad_steps"])
 
 
+class RunFolderError(RuntimeError):
+    """run.out_dir cannot take this run: another run holds it, or it holds an earlier run's checkpoints and the
+    run would start afresh over them."""
+
+
+def check_fresh_start(cfg: Config) -> None:
+    """A RunFolderError if train.resume = "none" would write a new run over the checkpoints of one in out_dir."""
+    ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
+    found = checkpoints_in(ckpt_dir) if cfg.train.resume == "none" else []
+    if found:
+        raise RunFolderError(f"{cfg.run.out_dir} holds the checkpoints of an earlier run (up to step "
+                             f"{max(map(checkpoint_step, found))}, in {ckpt_dir}), which train.resume = \"none\" would "
+                             "write over: give a new run.out_dir, or continue that run with train.resume = \"auto\"")
+
+
 class RunLock:
     """An exclusive lock on a run's folder, so that two runs never share it: `fcntl.flock` on `<out_dir>/run.lock`,
     which names the holder's host and PID. The system drops the lock when the process ends, so a crashed run
-    leaves none behind."""
+    leaves none behind. `probe`: only check that no run holds it (a RunFolderError if one does), and let go."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, probe: bool = False):
         import fcntl
         import socket
 
@@ -282,8 +343,11 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise RuntimeError(f"{out_dir} is in use by another run ({holder}); wait for it to end, or give this "
-                               "run another run.out_dir") from None
+            raise RunFolderError(f"{out_dir} is in use by another run ({holder}); wait for it to end, or give this "
+                                 "run another run.out_dir") from None
+        if probe:
+            self.release()
+            return
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -298,15 +362,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def check_export_folder(folder: Path) -> None:
-    """A ValueError unless `folder` may take an export: new, empty, or an export folder (which is replaced)."""
+    """A ValueError unless `folder` may take an export: new, empty, or an export folder (which is replaced); not the
+    current folder (nor one holding it), which a rename cannot replace, and not inside an export or a checkpoint."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: is a file; give a folder for the export")
+    where = folder.resolve()
+    if where == Path.cwd() or where in Path.cwd().parents:
+        raise ValueError(f"{folder}: is the current folder (or holds it), which the export would replace whole; give "
+                         f"a new folder, for example {folder / 'export'}")
+    inside = next((p for p in where.parents if (p / "mmlora.json").is_file() or (p / "state.json").is_file()), None)
+    if inside is not None:
+        raise ValueError(f"{folder}: lies inside the export or checkpoint folder {inside}, whose files are loaded "
+                         "as a whole; give a folder outside it")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "mmlora.json").is_file():
         raise ValueError(f"{folder}: holds files and is not an export folder (no mmlora.json); give a new or empty "
                          "folder, so that nothing there is overwritten")
 
 
-def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | None = None) -> None:
+def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | None = None, log=print) -> None:
     """The run's result as one folder that transformers, peft and mmlora load:
 
     adapter/                 peft's format; base_model_name_or_path is the base's absolute path
@@ -319,8 +392,10 @@ def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | 
     The model itself is not changed (the merge is computed aside), `dtype` casts the merged weights. The folder is
     written beside `folder` under a temporary name, then takes its place (`write_folder`): an export folder already
     there is replaced whole, never mixed with the new one. A file, or a folder that holds anything but an export,
-    is refused (ValueError) before anything is written. Files are readable by all."""
+    is refused (ValueError) before anything is written. What an earlier export killed midway left beside `folder`
+    is removed first, said through `log`. Files are readable by all."""
     check_export_folder(folder)
+    remove_leftovers(folder.parent, log, name=folder.name)
     base = Path(cfg.model.llm).resolve()
 
     def write(tmp: Path) -> None:

@@ -10,6 +10,7 @@ is an error that says what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 
@@ -164,6 +165,11 @@ def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
 
 def check_config(cfg: Config) -> None:
     """Reject impossible values, naming the key and what is allowed."""
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+                raise ValueError(f"{section.name}.{f.name} = {value}; it must be a finite number")
     for (s, k), allowed in CHOICES.items():
         if getattr(getattr(cfg, s), k) not in allowed:
             raise ValueError(f"{s}.{k} = {getattr(getattr(cfg, s), k)!r}; allowed: {', '.join(allowed)}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import wave
 from dataclasses import replace
 from pathlib import Path
@@ -335,8 +336,12 @@ def make_missing(folder: Path, phase1: bool, device: torch.device | None, **kw) 
             f"--data.train_file={d / 'pairs_train.jsonl'}", f"--data.val_file={d / 'pairs_val.jsonl'}",
             "--data.make_demo=", f"--run.out_dir={folder / 'align'}"])
         if train.fit(cfg, World(device=device or torch.device("cpu"))).get("stopped"):  # even under torchrun
-            raise RuntimeError(f"demo: Phase 1 was stopped; run the command again to resume it in {folder / 'align'}")
+            raise PhaseOneStopped(f"Phase 1 was stopped; run the command again to resume it in {folder / 'align'}")
         (folder / "align" / "DONE").write_text("Phase 1 complete\n")
+
+
+class PhaseOneStopped(RuntimeError):
+    """A signal stopped the demo's Phase 1, which saved an emergency checkpoint to resume from."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -349,6 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         ensure_demo(args.folder, args.phase1, torch.device(args.device))
+    except PhaseOneStopped as e:  # a clean stop, which train.py (that started this process) tells from a failure
+        import train
+        print(f"demo: {e}", file=sys.stderr, flush=True)
+        sys.exit(train.DEMO_STOPPED)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"demo: {e}") from None
 

@@ -29,8 +29,8 @@ import torch
 
 import data
 import train
-from model import (MODALITIES, MultimodalLM, Tokenizer, aligner_config, check_tensors, load_tokenizer, read_json,
-                   read_safetensors)
+from model import (MODALITIES, LLMConfig, MultimodalLM, Tokenizer, aligner_config, check_tensors, load_tokenizer,
+                   read_json, read_safetensors)
 from checkpoint import (CheckpointWriteError, check_export_folder, checkpoints_in, export, read_checkpoint,
                         restore_trainable)
 from config import Config, config_from_dict
@@ -282,14 +282,68 @@ def read_predictions(out: Path) -> dict[str, dict]:
     return rows
 
 
-def check_outputs(outputs: list[Path], inputs: set[Path]) -> None:
-    """A ValueError, before anything is written, if an output path is one of the files read, or a folder."""
-    for o in outputs:
-        if o.resolve() in inputs:
-            raise ValueError(f"{o}: this is one of the files read (the dataset, a medium or the run's); writing it "
-                             "would destroy it. Give --out a new file")
+class OutputError(Exception):
+    """An output of --predict could not be written (a read-only or full disk); the message names it."""
+
+
+def check_outputs(out: Path, inputs: set[Path]) -> Path | None:
+    """A ValueError (or FileNotFoundError), before anything is written, unless --out may take the
+    predictions: it is none of the files read (`inputs`, hard links included), lies in no run, checkpoint or export
+    folder (`owner`), and is new, empty or an earlier predictions file; its folder is writable. Returns the metrics
+    file beside it, checked the same way, or None where --out is a stream (a pipe, /dev/stdout: the predictions
+    are written through, and no file goes beside it)."""
+    if out.exists() and not out.is_file() and not out.is_dir():  # a pipe or a character device
+        return None
+    target = out.resolve() if out.is_symlink() else out  # /dev/stdout redirected to a file: beside that file
+    metrics = target.with_name(target.stem + ".metrics.json")
+    for o, kind, key in ((out, "predictions", "prediction"), (metrics, "prediction metrics", "exact_match")):
         if o.is_dir():
             raise ValueError(f"{o}: is a folder; give --out a file, for example {o / 'pred.jsonl'}")
+        if not o.parent.is_dir():
+            raise FileNotFoundError(f"{o.parent}: no such folder; make it, or give --out a file in a folder that is "
+                                    "there")
+        if o.resolve() in inputs or (o.exists() and any(os.path.samefile(o, f) for f in inputs if f.exists())):
+            raise ValueError(f"{o}: this is one of the files read (the dataset, a medium or the run's); writing it "
+                             "would destroy it. Give --out a new file")
+        folder, what = owner(o)
+        if folder is not None:
+            raise ValueError(f"{o}: lies in the {what} {folder}, whose files are its own; give --out a file "
+                             "outside it")
+        if o.is_file() and o.stat().st_size and not holds(o, key):
+            raise ValueError(f"{o}: is there and is not a {kind} file of generate.py; it is kept. Give --out a new "
+                             "file (or delete that one first)")
+    probe = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:  # a read-only folder is found now, not after the model has loaded
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write in {out.parent} ({e.strerror}); give --out a file in a writable folder") \
+            from None
+    return metrics
+
+
+def owner(path: Path) -> tuple[Path | None, str]:
+    """The run, checkpoint or export folder that `path` lies in, by its marker file, and what it is."""
+    for folder in path.resolve().parents:
+        if (folder / "mmlora.json").is_file():
+            return folder, "export folder"
+        if (folder / "state.json").is_file():
+            return folder, "checkpoint folder"
+        if (folder / "run.lock").is_file() or (folder / "checkpoints").is_dir() and (folder / "config.json").is_file():
+            return folder, "run folder"
+    return None, ""
+
+
+def holds(path: Path, key: str) -> bool:
+    """Whether a file is one that generate.py writes: its first line (predictions: a JSON object a line) or its
+    whole text (metrics: one JSON object) is a JSON object with `key`."""
+    with open(path, "rb") as f:
+        text = f.read(1 << 20) if key == "exact_match" else f.readline(1 << 20)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and key in doc
 
 
 class PredictionSet:
@@ -298,22 +352,30 @@ class PredictionSet:
     whose `workers` (DataLoader processes; 0: none) start decoding the media at once, longest prompts first, in
     batches of at most `batch_size` rows (`data.length_batches`; on a CPU also at most `batch_tokens` cache slots,
     65,536 by default). Samples that cannot be used are listed and skipped; ids must be unique, since they key
-    `resume`. `out` and the metrics file may not name any of `inputs` (the run's files), the dataset or its
-    media."""
+    `resume`; every prompt and `max_new_tokens` must fit the model's context. `out` and the metrics file may not
+    name any of `inputs` (the run's files), the dataset or its media (`check_outputs`); `metrics_file` is None where
+    `out` is a stream."""
 
     def __init__(self, path: str, out: Path, tokenizer: Tokenizer, aligner_config, cfg: Config, batch_size: int,
                  max_new_tokens: int, resume: bool, inputs: frozenset[Path], batch_tokens: int | None, workers: int,
                  device: torch.device):
         t_start = time.perf_counter()
-        self.out, self.metrics_file = out, out.with_name(out.stem + ".metrics.json")
+        self.out = out
         self.ds = ds = data.ConversationDataset(path, tokenizer, aligner_config, cfg.model.tokens_per_media,
                                                 cfg.data.max_len, truncate=True, on_error="skip",
                                                 allow_outside_paths=True, max_audio_windows=cfg.data.max_audio_windows)
         data.check_unique_ids(ds.path, ds.examples, "predictions are keyed by sample id (--resume skips those done)")
         media = {f.resolve() for ex in ds.examples for m in MODALITIES for f in ex.media[m]}
-        check_outputs([out, self.metrics_file], set(inputs) | media | {ds.path.resolve()})
+        self.metrics_file = check_outputs(out, set(inputs) | media | {ds.path.resolve()})
+        if resume and self.metrics_file is None:
+            raise ValueError(f"{out}: --resume reads the predictions so far back, which a stream cannot give; give "
+                             "--out a file")
+        check_context(ds, max_new_tokens, model_context(cfg))
         for s in ds.skipped:
             print(f"skipped {s['file']}:{s['line']}: sample {s['id']!r}: {s['reason']}", file=sys.stderr)
+        if not resume and out.is_file() and out.stat().st_size:
+            print(f"generate.py: {out} holds earlier predictions, which these replace (--resume would continue "
+                  "them instead)", file=sys.stderr)
         self.done = read_predictions(out) if resume and out.is_file() else {}
         self.ids = {ex.id for ex in ds.examples}
         foreign = sorted(set(self.done) - self.ids)
@@ -328,6 +390,33 @@ class PredictionSet:
         self.dataset_s = time.perf_counter() - t_start
 
 
+def model_context(cfg: Config) -> int:
+    """The LLM's context (max_position_embeddings), from its config.json: known before the model loads."""
+    path = Path(cfg.model.llm) / "config.json"
+    return LLMConfig.from_hf(read_json(path, "a Hugging Face model folder needs config.json"),
+                             str(path)).max_position_embeddings
+
+
+def prompt_length(ex: data.Example) -> int:
+    """The tokens of a sample's prompt: its conversation up to where its last reply starts (label t is the target
+    of position t, token t + 1)."""
+    t = max(i for i, x in enumerate(ex.labels) if x != -100)
+    while t > 0 and ex.labels[t - 1] != -100:
+        t -= 1
+    return t + 1
+
+
+def check_context(ds: data.ConversationDataset, max_new_tokens: int, context: int) -> None:
+    """A ValueError naming the sample with the longest prompt, if it and `max_new_tokens` pass the context: the
+    rule a single question follows (`prompt_item`)."""
+    ex = max(ds.examples, key=prompt_length)
+    n = prompt_length(ex)
+    if n + max_new_tokens > context:
+        fix = f"lower --max_new_tokens to {context - n} at most" if n < context else "shorten that sample"
+        raise ValueError(f"{ds.path}:{ex.line}: sample {ex.id!r}: its prompt is {n} tokens and --max_new_tokens "
+                         f"asks for {max_new_tokens} more, more than the model's context of {context}; {fix}")
+
+
 def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, out: Path, batch_size: int,
             max_new_tokens: int, sampling: dict, resume: bool, inputs: frozenset[Path] = frozenset(),
             batch_tokens: int | None = None, workers: int = 0, samples: PredictionSet | None = None) -> dict:
@@ -337,7 +426,8 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
     on a GPU), a finished answer's row takes the next prompt (continuous batching); else each batch is answered
     whole (`MultimodalLM.generate`). One JSON line per sample is written as its answer ends; `resume` skips the ids
     already in `out`. Returns the metrics, also written to `<out stem>.metrics.json` with the time taken
-    (`timing`: from the first batch on, so without loading)."""
+    (`timing`: from the first batch on, so without loading), where `out` is a file (a stream, /dev/stdout say,
+    gets the lines only). A write that fails (a full disk) is an OutputError naming `out`."""
     samples = samples or PredictionSet(path, out, tokenizer, model.aligner.config, cfg, batch_size, max_new_tokens,
                                        resume, inputs, batch_tokens, workers, model.llm.lm_head.weight.device)
     ds, done, todo, batches = samples.ds, samples.done, samples.todo, samples.batches
@@ -351,31 +441,57 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
             if batch is not None:
                 yield list(zip(kept, references)), batch
     t0, written, first, shown = time.perf_counter(), 0, None, 0.0
-    with open(out, "a" if samples.resume else "w") as f, half_precision(model):
-        for answered in model.answer_batches(decoded(), max_new_tokens, tokenizer.stop_ids, rows=batch_size,
-                                             slots=slots, **sampling):
-            lines = []
-            for (i, reference), o in answered:
-                ex = ds.examples[i]
-                lines.append(json.dumps({"id": ex.id, "prediction": tokenizer.decode(o), "reference": reference,
-                                         "media": {m: [str(p) for p in ex.media[m]] for m in MODALITIES}}) + "\n")
-            f.write("".join(lines))  # whole lines, in one write
-            f.flush()
-            now = time.perf_counter()
-            first = first or samples.dataset_s + now - t0
-            written += len(answered)
-            if now - shown >= 1.0 or written == len(todo):  # progress at most once a second
-                shown, rate = now, written / (now - t0)
-                print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
-                      f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+    rows = list(done.values())  # the metrics are of these, never read back from `out` (which may be a pipe)
+    fd = open_output(out, samples.resume)
+    try:
+        with half_precision(model):
+            for answered in model.answer_batches(decoded(), max_new_tokens, tokenizer.stop_ids, rows=batch_size,
+                                                 slots=slots, **sampling):
+                new = [{"id": ds.examples[i].id, "prediction": tokenizer.decode(o), "reference": reference,
+                        "media": {m: [str(p) for p in ds.examples[i].media[m]] for m in MODALITIES}}
+                       for (i, reference), o in answered]
+                write_all(fd, "".join(json.dumps(r) + "\n" for r in new).encode(), out)  # whole lines, one write
+                rows += new
+                now = time.perf_counter()
+                first = first or samples.dataset_s + now - t0
+                written += len(answered)
+                if now - shown >= 1.0 or written == len(todo):  # progress at most once a second
+                    shown, rate = now, written / (now - t0)
+                    print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
+                          f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+    finally:
+        os.close(fd)
     seconds = time.perf_counter() - t0
-    rows = [r for r in read_predictions(out).values() if r["id"] in samples.ids]
     metrics = prediction_metrics(rows)
     metrics["timing"] = {"samples": written, "seconds": round(seconds, 3), "samples_per_s": round(written / seconds, 1)
                          if seconds > 0 else None, "first_answer_s": None if first is None else round(first, 3),
                          "dataset_s": round(samples.dataset_s, 3)}
-    train.write_json(samples.metrics_file, metrics)
+    if samples.metrics_file is not None:
+        try:
+            train.write_json(samples.metrics_file, metrics)
+        except OSError as e:
+            raise OutputError(f"cannot write {samples.metrics_file} ({e.strerror}); the predictions are whole") \
+                from None
     return metrics
+
+
+def open_output(out: Path, resume: bool) -> int:
+    """--out opened for writing (appended to with `resume`, else emptied; a stream as it is): its descriptor."""
+    try:
+        return os.open(out, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC), 0o644)
+    except OSError as e:
+        raise OutputError(f"cannot write {out} ({e.strerror})") from None
+
+
+def write_all(fd: int, text: bytes, out: Path) -> None:
+    """`text` written to `fd` whole, unbuffered (so that nothing waits in a buffer to fail again at close); a
+    write that fails is an OutputError naming `out`."""
+    view = memoryview(text)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as e:
+        raise OutputError(f"cannot write {out} ({e.strerror})") from None
 
 
 def cache_slots(llm, share: float = 0.25) -> int:
@@ -480,16 +596,17 @@ def main(argv: list[str] | None = None) -> None:
             if (Path(args.run) / "mmlora.json").is_file():
                 raise ValueError(f"{args.run} is an export folder already; export from the run folder")
             check_export_folder(Path(args.export))  # before the minutes of loading
+            check_options(args, None)
             model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device or "cpu", "float32")
             export(model, Path(args.export), cfg, getattr(torch, args.dtype) if args.dtype else None)
             print(f"exported to {args.export}: adapter/ (peft), merged/ (transformers), projectors, aligner")
             return
+        cfg = run_config(args.run, args.device, args.dtype)
+        check_options(args, model_context(cfg))
         if args.predict:
             out = Path(args.out)
             inputs = frozenset(input_files(Path(args.run), args.checkpoint) | {Path(args.predict).resolve()})
-            check_outputs([out, out.with_name(out.stem + ".metrics.json")], set(inputs))
-            cfg = run_config(args.run, args.device, args.dtype)
-            args.max_new_tokens = args.max_new_tokens or cfg.train.max_new_tokens
+            args.max_new_tokens = cfg.train.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
             cuda = uses_cuda(cfg)
             workers = args.workers if args.workers is not None else min(8, os.cpu_count() - 1) if cuda else 0
             # read and checked before the model loads, while the loader's workers (forked now, from a process
@@ -508,11 +625,12 @@ def main(argv: list[str] | None = None) -> None:
             t = metrics["timing"]
             print(f"{t['samples']} answered in {t['seconds']:.2f} s ({t['samples_per_s']} samples/s), the first "
                   f"batch {t['first_answer_s']} s after reading started", file=sys.stderr)
+            summary = sys.stderr if same_file(out, sys.stdout) else sys.stdout  # off the predictions' stream
             print(f"{metrics['samples']} samples | exact match {100 * metrics['exact_match']:.1f}% | token F1 "
                   f"{100 * metrics['f1']:.1f}% | " + ", ".join(f"{k} {100 * v['exact_match']:.1f}% ({v['samples']})"
-                                                              for k, v in metrics["by_mix"].items()))
+                                                              for k, v in metrics["by_mix"].items()), file=summary)
             return
-        args.max_new_tokens = args.max_new_tokens or 256
+        args.max_new_tokens = 256 if args.max_new_tokens is None else args.max_new_tokens
         if args.chat:
             chat(model, tokenizer, cfg, args, sampling)
             return
@@ -525,10 +643,38 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, ImportError, CheckpointWriteError) as e:
         print(f"generate.py: {e}", file=sys.stderr)
         sys.exit(2)
+    except OutputError as e:
+        print(f"generate.py: {e}; {stopped_note(args, argv)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print(file=sys.stderr)  # off the line that ^C was echoed on
         print(f"generate.py: stopped (Ctrl-C). {stopped_note(args, argv)}", file=sys.stderr)
         sys.exit(130)
+
+
+def check_options(args, context: int | None) -> None:
+    """A ValueError naming the first option out of its range, before the model loads (0 is a value, never "the
+    default"); `--max_new_tokens` also below the model's `context`, where known (the prompt takes part of it)."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: give 1 or more")
+    if args.max_new_tokens is not None and context is not None and args.max_new_tokens >= context:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: the model's context is {context} tokens, prompt "
+                         "included; give fewer")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size}: give 1 or more (rows decoded together)")
+    if not args.temperature >= 0:  # nan too
+        raise ValueError(f"--temperature {args.temperature}: give 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p {args.top_p}: give a value in (0, 1] (1: every token)")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k {args.top_k}: give 0 (every token) or more")
+
+
+def same_file(path: Path, stream) -> bool:
+    """Whether `path` names the file `stream` (sys.stdout, say) writes to."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.path.samestat(os.stat(path), os.fstat(stream.fileno()))
+    return False
 
 
 def decoding(llm, args) -> dict:
@@ -564,6 +710,8 @@ def stopped_note(args, argv: list[str] | None) -> str:
     if not args.predict:
         return "Nothing was written"
     out = Path(args.out)
+    if out.exists() and not out.is_file():
+        return f"the predictions so far went to {out}"
     done = sum(1 for line in out.read_bytes().split(b"\n") if line.strip()) if out.is_file() else 0
     cmd = [sys.executable, "generate.py", *(sys.argv[1:] if argv is None else argv)]
     if "--resume" not in cmd:

@@ -870,7 +870,11 @@ def load_tokenizer(path: str | os.PathLike, chat_format: str | None = None) -> T
     folder = Path(path)
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder / 'tokenizer.json'}: not found; the tokenizer is read from tokenizer.json")
-    backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library names neither the file nor the fault's kind
+        raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e}); it may be cut short: copy "
+                         "it again from where the model came from") from None
     tcfg = read_json(folder / "tokenizer_config.json", "") if (folder / "tokenizer_config.json").is_file() else {}
     gcfg = read_json(folder / "generation_config.json", "") if (folder / "generation_config.json").is_file() else {}
     mcfg = read_json(folder / "config.json", "") if (folder / "config.json").is_file() else {}

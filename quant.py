@@ -182,6 +182,16 @@ def quantized_linears(llm: nn.Module) -> list[str]:
     return sorted(n for n, m in llm.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}")
 
 
+def check_blocks(llm: nn.Module, path, block_size: int) -> list[str]:
+    """The linear layers that QLoRA stores in NF4 (`quantized_linears`), after checking that blocks of `block_size`
+    fit each one's rows (a ValueError naming the first that does not); on a skeleton (`model.llm_skeleton`), so
+    nothing is read but config.json."""
+    names = quantized_linears(llm)
+    for n in names:
+        check_block(tuple(llm.get_submodule(n).weight.shape), block_size, f"{path}: {n}")
+    return names
+
+
 def load_llm_nf4(path, device="cpu", dtype: torch.dtype = torch.bfloat16, block_size: int = 64,
                  double_quant: bool = True):
     """`model.load_llm` with the decoder layers' linear weights in NF4, each quantized on `device` as it is read
@@ -190,9 +200,7 @@ def load_llm_nf4(path, device="cpu", dtype: torch.dtype = torch.bfloat16, block_
     from model import check_tensors, llm_skeleton, open_safetensors, rope_inv_freq, set_tensor
 
     llm, files = llm_skeleton(path)
-    names = quantized_linears(llm)
-    for n in names:
-        check_block(tuple(llm.get_submodule(n).weight.shape), block_size, f"{path}: {n}")
+    names = check_blocks(llm, path, block_size)
     expected = {k: tuple(v.shape) for k, v in llm.state_dict().items()}
     found = {}
     for f in files:

@@ -45,16 +45,16 @@ from torch.nn.attention.flex_attention import BlockMask
 import align
 import data
 import lora
-from checkpoint import (CheckpointReadError, CheckpointWriteError, RunLock, TrainState, clean_leftovers, export,
-                        load_checkpoint, optimizer_state, resume_candidates, rng_state, trainable_state,
-                        write_checkpoint, write_folder)
+from checkpoint import (CheckpointReadError, CheckpointWriteError, RunFolderError, RunLock, TrainState,
+                        check_fresh_start, export, load_checkpoint, optimizer_state, remove_leftovers,
+                        resume_candidates, rng_state, trainable_state, write_checkpoint, write_folder)
 from config import Config, TrainConfig, load_config
 from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel, gather_rows,
                          gradient_sync, is_sharded, materialize_sharded, read_shards, setup_distributed, whole)
 from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, cross_entropy_chunk,
                    document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm, load_tokenizer,
                    parameter_report, until_stop, weights_hash, write_json)
-from quant import NF4Linear, load_llm_nf4
+from quant import NF4Linear, check_blocks, load_llm_nf4
 from step_graph import GraphedStep
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,6 +326,36 @@ class Metrics:
             self.jsonl.write(json.dumps(row) + "\n")
             self.csv_file.flush()
             self.jsonl.flush()
+
+
+def trim_metrics(out_dir: Path, step: int, log) -> None:
+    """Drop the rows past `step` from metrics.jsonl and metrics.csv, so that each step appears once: a run resumed
+    at `step` logs the steps after it again, which the attempt that stopped may have logged already (and a line cut
+    short by a kill goes too). Each file is rewritten under a temporary name and renamed into place."""
+    dropped = 0
+    for path in (out_dir / "metrics.jsonl", out_dir / "metrics.csv"):
+        if not path.is_file():
+            continue
+        lines = path.read_bytes().splitlines(keepends=True)
+        head = lines[:1] if path.suffix == ".csv" else []
+        kept = [x for x in lines[len(head):] if x.endswith(b"\n") and logged_step(x, path.suffix) <= step]
+        if len(head) + len(kept) < len(lines):
+            dropped = max(dropped, len(lines) - len(head) - len(kept))
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(b"".join(head + kept))
+            os.replace(tmp, path)
+    if dropped:
+        log(f"dropped {dropped} metric rows past step {step} from metrics.jsonl and metrics.csv (the stopped attempt "
+            "logged them after the checkpoint this run resumed from)")
+
+
+def logged_step(line: bytes, suffix: str) -> float:
+    """The step of a row of metrics.jsonl or metrics.csv (whose first column is the step); inf for a line that is
+    not a whole row."""
+    try:
+        return int(json.loads(line)["step"] if suffix == ".jsonl" else line.split(b",", 1)[0])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def group_sums(out: LossOutput, groups: torch.Tensor) -> torch.Tensor:
@@ -665,6 +695,13 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "G
                       "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
+DEMO_STOPPED = 3  # demo.py's exit code when a signal stopped its Phase 1 (an emergency checkpoint was saved)
+
+
+class Stopped(Exception):
+    """A signal stopped the run before its loop began (in the demo's Phase 1), with an emergency checkpoint."""
+
+
 def make_demo(folder: str, phase1: bool, device: torch.device) -> None:
     """`data.make_demo`: the demo's assets in `folder` (with `phase1`, its aligner too) unless they are there, made by
     `python demo.py` in a process of its own, on `device`, outside torchrun's group. The demo sits above training
@@ -672,14 +709,18 @@ def make_demo(folder: str, phase1: bool, device: torch.device) -> None:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
     cmd = [sys.executable, str(Path(__file__).with_name("demo.py")), folder, "--device", str(device)]
     done = subprocess.run(cmd + ["--phase1"] * phase1, env=env)
+    if done.returncode == DEMO_STOPPED:
+        raise Stopped(f"the demo's Phase 1 saved an emergency checkpoint in {Path(folder) / 'align'}; run the "
+                      "command again to resume it")
     if done.returncode != 0:
         raise RuntimeError(f"demo.py could not make the demo in {folder} (exit code {done.returncode}); its output "
                            "above says why. Run the command again to continue where it stopped")
 
 
 def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
-    """Rank 0 makes out_dir and locks it, clears half-written checkpoints of a crash, writes config.json and the
-    demo's assets if asked; the other ranks wait for it, and all stop if it could not. Returns rank 0's lock."""
+    """Rank 0 makes out_dir and locks it, checks that a fresh start writes over no earlier run, clears what writers
+    that died left half-written, writes config.json and the demo's assets if asked; the other ranks wait for it, and
+    all stop if it could not. Returns rank 0's lock."""
     lock, error = None, None
     if world.master:
         out_dir = Path(cfg.run.out_dir)
@@ -691,16 +732,22 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
         try:
             if error is None:
                 lock = RunLock(out_dir)
-                clean_leftovers(out_dir / "checkpoints")
+                check_fresh_start(cfg)
+                remove_leftovers(out_dir, print)
+                remove_leftovers(out_dir / "checkpoints", print)
                 write_json(out_dir / "config.json", dataclasses.asdict(resolved_paths(cfg)))
                 if cfg.data.make_demo:  # Phase 2 on the demo needs its aligner from Phase 1
                     make_demo(cfg.data.make_demo, phase1=cfg.train.phase == "instruct", device=world.device)
         except Exception as e:
             error = e
+            if isinstance(e, OSError):  # a read-only or full disk
+                error = CheckpointWriteError(f"cannot use run.out_dir = {str(out_dir)!r} ({type(e).__name__}: {e}); "
+                                             "give a folder this process can write to")
             if lock is not None:
                 lock.release()
     if any_rank(error is not None, world):
-        raise error or RuntimeError(f"rank 0 could not prepare run.out_dir = {cfg.run.out_dir!r}; its error says why")
+        raise error or RunFolderError(f"rank 0 could not prepare run.out_dir = {cfg.run.out_dir!r}; its error says "
+                                      "why")
     return lock
 
 
@@ -790,6 +837,8 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
         torch.manual_seed(cfg.train.seed + world.rank)  # dropout differs across ranks, the same on every run
     step_fn = make_step(model, opt, scaler, params, autocast, world, cfg)  # after a resume: graphs keep its state
     model.train()
+    if world.master:
+        trim_metrics(out_dir, run.step, log)
     metrics = Metrics(out_dir, world.master, metric_fields(cfg.train.phase))
     bad_seen: set[tuple] = set()  # samples that failed to decode during training, on this rank
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
@@ -869,23 +918,45 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--build_feature_cache", action="store_true",
                     help="compute the aligner's features of data.train_file and data.val_file into data.feature_cache, "
                          "then exit")
+    ap.add_argument("--check", action="store_true", help="check the config and run.out_dir without loading the "
+                    "model (`check_start`), print run.out_dir and exit: launch.sh's first step")
     args, overrides = ap.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
     try:
+        if args.check:
+            check_start(cfg)
+            print(cfg.run.out_dir)
+            return
         if args.build_feature_cache:
             build_cache(cfg)
             return
         result = fit(cfg)
-    except (ValueError, FileNotFoundError, CheckpointWriteError) as e:  # bad input: a sample, a file, a checkpoint,
-        print(f"error: {e}", file=sys.stderr, flush=True)  # a setup; each names what is at fault and what to do
-        sys.exit(2)
+    except (ValueError, FileNotFoundError, CheckpointWriteError, RunFolderError) as e:  # bad input: a sample, a
+        print(f"error: {e}", file=sys.stderr, flush=True)  # file, a checkpoint, a setup, a folder in use; each
+        sys.exit(2)  # names what is at fault and what to do
+    except Stopped as e:
+        print(f"stop requested: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if dist.is_initialized():
         dist.destroy_process_group()
     if result.get("stopped"):
         sys.exit(1)
+
+
+def check_start(cfg: Config) -> None:
+    """What would stop the run as it starts, checked without reading any weights (launch.sh runs it before
+    torchrun, which would start a stopped run again): run.out_dir held by no other run, and, with train.resume =
+    "none", holding no earlier run's checkpoints; with model.quantize = "nf4", blocks of model.quant_block that fit
+    every layer of the base (read from its config.json, where it is there already)."""
+    out_dir = Path(cfg.run.out_dir)
+    if (out_dir / "run.lock").is_file():
+        RunLock(out_dir, probe=True)
+    check_fresh_start(cfg)
+    if cfg.model.quantize == "nf4" and (Path(cfg.model.llm) / "config.json").is_file():
+        check_blocks(llm_skeleton(cfg.model.llm)[0], cfg.model.llm, cfg.model.quant_block)
 
 
 def build_cache(cfg: Config) -> None:
