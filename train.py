@@ -718,7 +718,7 @@ def make_demo(folder: str, phase1: bool, device: torch.device) -> None:
 
 
 def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
-    """Rank 0 makes out_dir and locks it, checks that a fresh start writes over no earlier run, clears what writers
+    """Rank 0 makes out_dir, checks that a fresh start writes over no earlier run, locks it, clears what writers
     that died left half-written, writes config.json and the demo's assets if asked; the other ranks wait for it, and
     all stop if it could not. Returns rank 0's lock."""
     lock, error = None, None
@@ -731,8 +731,8 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
                                          "give a folder this process can write to")
         try:
             if error is None:
+                check_fresh_start(cfg)  # before the lock, which writes its holder into run.lock
                 lock = RunLock(out_dir)
-                check_fresh_start(cfg)
                 remove_leftovers(out_dir, print)
                 remove_leftovers(out_dir / "checkpoints", print)
                 write_json(out_dir / "config.json", dataclasses.asdict(resolved_paths(cfg)))

@@ -147,6 +147,26 @@ def cli_args(cfg):
     return [f"--{s}.{k}={v}" for s, sub in dataclasses.asdict(cfg).items() for k, v in sub.items()]
 
 
+def toml_file(cfg, path):
+    """The config as a TOML file (what launch.sh takes): `path`."""
+    lines = []
+    for section in ("model", "lora", "data", "train", "run"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in vars(getattr(cfg, section)).items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def launch_sh(cfg, folder, name, *args, **env) -> subprocess.Popen:
+    """bash launch.sh on `cfg` (written to `folder`/`name`.toml, given by that relative path; one CPU process), run
+    from `folder` in a session of its own, its output on .stdout."""
+    toml_file(cfg, folder / f"{name}.toml")
+    return subprocess.Popen(["bash", str(ROOT / "launch.sh"), f"{name}.toml", *args], cwd=folder, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "NPROC_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "",
+                                 "OMP_NUM_THREADS": "1", **env})
+
+
 def torchrun(args, nproc, script=ROOT / "train.py", env=None, timeout=240):
     """`script` under torchrun with `nproc` gloo ranks; the finished process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),

@@ -1,8 +1,10 @@
 """Faults, kills and bad input: each scenario of the README's "Fault tolerance" table, proved."""
+import csv
 import errno
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -10,14 +12,14 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import ROOT, cli_args, demo_config, torchrun
+from conftest import ROOT, cli_args, demo_config, launch_sh, torchrun
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
 import train
 from model import load_aligner, load_tokenizer
-from checkpoint import CheckpointWriteError, find_resume, load_checkpoint
+from checkpoint import CheckpointWriteError, RunLock, find_resume, load_checkpoint
 from distributed import World
 
 DRIVER = str(ROOT / "tests" / "fault_driver.py")
@@ -224,3 +226,197 @@ def test_fuzz_media_decoders(tmp_path_factory, blob, suffix):
         assert out.dtype in (torch.float32, torch.uint8)
     except ValueError as e:  # the one documented error, naming the file
         assert str(path) in str(e) and "cannot decode" in str(e)
+
+
+# -- A run's folder: never written over, each metric row once, leftovers cleared, one-line errors ------------------
+
+
+def main_of(module, argv, capsys) -> tuple[int, str, str]:
+    """`module.main(argv)` in this process: (exit code, stdout, stderr); a message given to sys.exit goes to
+    stderr, as Python prints it."""
+    try:
+        module.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err: str, expect: str) -> None:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and expect in err, err
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A copy of the trained run (6 steps; checkpoints step_0000006 and best, metrics, export)."""
+    shutil.copytree(trained_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def trained_run_config(demo_dir, out_dir, **sections):
+    """The trained run's config (as conftest's `trained_run` made it), `sections` changed."""
+    train_keys = {"max_steps": 6, "gen_samples": 2, "lr_lora": 2e-2, "lr_projector": 1e-2, **sections.pop("train", {})}
+    return demo_config(demo_dir, out_dir, lora={"dropout": 0.0}, train=train_keys, **sections)
+
+
+def test_a_fresh_start_over_a_finished_run_is_refused(demo_dir, run_copy, capsys):
+    before = snapshot(run_copy)
+    cfg = trained_run_config(demo_dir, run_copy, train={"resume": "none", "seed": 5, "max_steps": 10})
+    code, _, err = main_of(train, cli_args(cfg), capsys)
+    assert code == 2
+    one_error_line(err, f"{run_copy} holds the checkpoints of an earlier run (up to step 6, in ")
+    assert "give a new run.out_dir, or continue that run with train.resume = \"auto\"" in err
+    assert snapshot(run_copy) == before
+
+
+def test_a_busy_out_dir_is_one_line(demo_dir, run_copy, capsys):
+    lock = RunLock(run_copy)
+    try:
+        code, _, err = main_of(train, cli_args(trained_run_config(demo_dir, run_copy, train={"max_steps": 8})), capsys)
+    finally:
+        lock.release()
+    assert code == 2
+    one_error_line(err, f"{run_copy} is in use by another run (host ")
+    assert f"pid {os.getpid()}" in err
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_folder(demo_dir, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    cfg = demo_config(demo_dir, tmp_path, data={"val_file": ""}, train={"max_steps": 1})
+    code, _, err = main_of(train, cli_args(cfg), capsys)
+    assert code == 2
+    one_error_line(err, f"error: cannot write {tmp_path / 'checkpoints' / 'step_0000001'}: Error while serializing")
+    assert "No space left on device" in err and "The previous checkpoint is intact" in err
+    assert not list((tmp_path / "checkpoints").iterdir())  # no temporary folder left, no checkpoint that looks whole
+
+
+def cut_tokenizer(source, folder):
+    """A copy of an LLM folder whose tokenizer.json is cut short: its path."""
+    shutil.copytree(source, folder)
+    tok = folder / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:300])
+    return tok
+
+
+def test_a_cut_tokenizer_is_one_line_naming_it_in_training_and_validation(demo_dir, tmp_path, capsys, monkeypatch):
+    import validate
+    tok = cut_tokenizer(demo_dir / "llm", tmp_path / "llm")
+    cfg = demo_config(demo_dir, tmp_path / "run", model={"llm": str(tmp_path / "llm")})
+    code, _, err = main_of(train, cli_args(cfg), capsys)
+    assert code == 2
+    one_error_line(err, f"error: {tok}: not a readable tokenizer (")
+    monkeypatch.setattr(validate.Validator, "distributed", lambda self: "skipped in this test")
+    row = {r["check"]: r for r in validate.validate(cfg, quick=True)}["Model initialization"]
+    assert not row["passed"] and f"{tok}: not a readable tokenizer" in row["detail"]
+
+
+@pytest.mark.parametrize("key,value", [("train.lr_lora", "nan"), ("lora.alpha", "inf"), ("train.grad_clip", "-inf")])
+def test_a_config_float_that_is_not_finite_is_refused_by_name(demo_dir, tmp_path, capsys, key, value):
+    code, _, err = main_of(train, [*cli_args(demo_config(demo_dir, tmp_path)), f"--{key}={value}"], capsys)
+    assert code == 1
+    one_error_line(err, f"config error: {key} = {float(value)}; it must be a finite number")
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("saved,resumed", [("none", "nf4"), ("nf4", "none")])
+def test_resume_across_quantization_is_refused_naming_both_bases(demo_dir, trained_run, tmp_path, capsys, saved,
+                                                                 resumed):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_run / "checkpoints" / "best", ckpt)
+    if saved == "nf4":  # what a QLoRA run's checkpoint records; its tensors have these names and shapes too
+        state = json.loads((ckpt / "state.json").read_text())
+        state["config"]["model"]["quantize"] = "nf4"
+        (ckpt / "state.json").write_text(json.dumps(state))
+    cfg = trained_run_config(demo_dir, tmp_path / "run", model={"quantize": resumed},
+                             train={"resume": str(ckpt), "max_steps": 8})
+    code, _, err = main_of(train, cli_args(cfg), capsys)
+    bases = {"nf4": "an NF4 (4-bit, QLoRA) base, model.quantize = \"nf4\"",
+             "none": "an unquantized base, model.quantize = \"none\""}
+    assert code == 2
+    one_error_line(err, f"{ckpt}: checkpoint was trained on {bases[saved]}, and this run loads {bases[resumed]}")
+    assert f"use model.quantize = \"{saved}\" as it was trained" in err
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_resume_drops_the_metric_rows_of_the_stopped_attempt_past_its_checkpoint(demo_dir, run_copy, capsys):
+    """Killed at step 8 after its checkpoint of step 6 (the rows of 7 and 8 logged, the last cut short): the
+    resumed run logs each step once, in both files."""
+    for name, lines in (("metrics.jsonl", [json.dumps({"step": 7, "split": "train", "loss": 1.0}) + "\n",
+                                           '{"step": 8, "spl']),
+                        ("metrics.csv", ["7,0.5,train,1.0\n", "8,0.6,tr"])):
+        with open(run_copy / name, "a") as f:
+            f.write("".join(lines))
+    result = train.fit(trained_run_config(demo_dir, run_copy, train={"max_steps": 8}))
+    assert result["step"] == 8 and "dropped 2 metric rows past step 6" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in rows if r["split"] == "val"] == [6, 8]
+    with open(run_copy / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(int(r["step"]), r["split"]) for r in table] == [(r["step"], r["split"]) for r in rows]
+
+
+def test_leftovers_of_dead_writers_are_removed_at_the_next_start(demo_dir, run_copy, capsys):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its PID is free: a writer killed with -9
+    dead = [run_copy / "checkpoints" / f".tmp-step_0000008-{gone.pid}", run_copy / f".tmp-export-{gone.pid}",
+            run_copy / "checkpoints" / f".latest-{gone.pid}"]
+    for p in dead[:2]:
+        p.mkdir()
+        (p / "trainable.safetensors").write_bytes(b"half written")
+    dead[2].write_text("step_0000008\n")
+    (run_copy / "checkpoints" / "best").rename(run_copy / "checkpoints" / f".old-best-{gone.pid}")  # in its swap
+    live = run_copy / f".tmp-export-{os.getppid()}"  # a live writer's (generate.py --export, say) stays
+    live.mkdir()
+    lock = train.prepare_out_dir(trained_run_config(demo_dir, run_copy), World())
+    lock.release()
+    out = capsys.readouterr().out
+    assert not any(p.exists() for p in dead) and live.is_dir(), out
+    assert all(f"removed {p}, left half-written by a stopped process (pid {gone.pid})" in out for p in dead), out
+    assert (run_copy / "checkpoints" / "best" / "state.json").is_file() and "put back" in out
+
+
+def test_phase1_of_the_demo_stopped_by_a_signal_stops_train_py_cleanly(demo_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM to demo.py --phase1 (train.py's child): it saves its emergency checkpoint and exits with the code
+    that says so (DEMO_STOPPED); train.py then stops as a stopped Phase 2 does, in one line, no traceback."""
+    import demo
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_dir, folder, ignore=shutil.ignore_patterns("align"))
+    (folder / "READY").write_text("demo assets complete\n")
+    monkeypatch.setattr(train, "fit", lambda cfg, world=None: {"stopped": True, "step": 3})  # the child's Phase 1
+    code, _, err = main_of(demo, [folder, "--phase1"], capsys)
+    assert code == train.DEMO_STOPPED
+    one_error_line(err, f"demo: Phase 1 was stopped; run the command again to resume it in {folder / 'align'}")
+    monkeypatch.undo()
+    monkeypatch.setattr(train.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, code))
+    cfg = demo_config(demo_dir, tmp_path / "run", data={"make_demo": str(folder)})
+    code, _, err = main_of(train, cli_args(cfg), capsys)
+    assert code == 1
+    one_error_line(err, f"stop requested: the demo's Phase 1 saved an emergency checkpoint in {folder / 'align'}; "
+                        "run the command again to resume it")
+
+
+def test_launch_sh_stops_a_config_error_once_before_torchrun(demo_dir, tmp_path):
+    """A bad key, and a bad value that only the model's shapes show (NF4 blocks of 7), with the pre-flight off:
+    one line each, before torchrun starts (which would start train.py again on each restart)."""
+    cfg = demo_config(demo_dir, tmp_path / "run", run={"device": "cpu"})
+    bad_key = launch_sh(cfg, tmp_path, "a", "--train.bogus=1")
+    bad_value = launch_sh(cfg, tmp_path, "b", "--model.quantize=nf4", "--model.quant_block=7", SKIP_PREFLIGHT="1")
+    for p, code, expect in ((bad_key, 1, "config error: command line: unknown key train.bogus"),
+                            (bad_value, 2, "error: model.quant_block = 7: a power of two")):
+        out = p.communicate(timeout=120)[0]
+        assert p.returncode == code and out.strip().startswith(expect) and out.count("\n") == 1, out
+    assert not (tmp_path / "run" / "logs").exists()  # stopped before anything was started

@@ -1,10 +1,13 @@
 """generate.py on hostile input: every file it reads or writes, Ctrl-C and the chat's commands. Each case ends in
 one line that names the file and what to do (exit code 2), a listed skip, or correct output, and nothing that
 was there before is lost."""
+import errno
 import io
 import json
+import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +235,251 @@ def test_a_checkpoint_read_error_keeps_train_s_hint_in_training(trained_run, tmp
     (ckpt / "trainable.safetensors").write_bytes(b"cut")
     with pytest.raises(CheckpointReadError, match="--train.resume=PATH"):
         read_checkpoint(ckpt, "trainable.safetensors")
+
+
+# -- What generate.py writes: never a file that a run or an export owns, nor any file read ----------------------
+
+
+@pytest.fixture(scope="module")
+def run_copy(trained_run, tmp_path_factory):
+    """A copy of the trained run (its checkpoints, metrics and export), for the tests that aim --out into it."""
+    folder = tmp_path_factory.mktemp("run_copy") / "run"
+    shutil.copytree(trained_run, folder)
+    return folder
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def no_model(monkeypatch):
+    """Fails the test if the model loads: the checks must come first."""
+    monkeypatch.setattr(generate, "load_run", lambda *a, **k: pytest.fail("the model loaded before the check"))
+
+
+@pytest.mark.parametrize("target,owner", [("checkpoints/step_0000006/trainable.safetensors", "checkpoint folder"),
+                                          ("metrics.jsonl", "run folder"),
+                                          ("export/merged/model.safetensors", "export folder"),
+                                          ("pred.jsonl", "run folder")])
+def test_out_inside_a_run_checkpoint_or_export_folder_is_refused(run_copy, val_copy, capsys, monkeypatch, target,
+                                                                 owner):
+    """A checkpoint that was not the one loaded, the run's metrics, its export's weights, or a new file beside
+    them: all belong to the run, and nothing there is written."""
+    before = snapshot(run_copy)
+    no_model(monkeypatch)
+    code, _, err = run(["--run", run_copy, "--predict", val_copy, "--out", run_copy / target], capsys)
+    assert_one_line_error(code, err, f"{run_copy / target}: lies in the {owner} ")
+    assert snapshot(run_copy) == before
+
+
+def test_out_that_is_a_hard_link_of_the_dataset_is_refused(run_copy, val_copy, tmp_path, capsys, monkeypatch):
+    before = val_copy.read_bytes()
+    link = tmp_path / "link.jsonl"
+    os.link(val_copy, link)
+    no_model(monkeypatch)
+    code, _, err = run(["--run", run_copy, "--predict", val_copy, "--out", link], capsys)
+    assert_one_line_error(code, err, f"{link}: this is one of the files read")
+    assert val_copy.read_bytes() == before
+
+
+def test_out_replaces_only_an_earlier_predictions_file(run_copy, val_copy, tmp_path, capsys):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"id": "mine", "text": "a dataset, not predictions"}\n')
+    args = ["--run", run_copy, "--predict", val_copy, "--max_new_tokens", 2]
+    code, _, err = run(args + ["--out", notes], capsys)
+    assert_one_line_error(code, err, f"{notes}: is there and is not a predictions file")
+    assert notes.read_text() == '{"id": "mine", "text": "a dataset, not predictions"}\n'
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"id": "old", "prediction": "x", "reference": "y", "media": {}}) + "\n")
+    code, _, err = run(args + ["--out", pred], capsys)
+    assert code == 0 and f"generate.py: {pred} holds earlier predictions, which these replace" in err, err
+    assert len(lines(pred)) == 12 and "old" not in {r["id"] for r in lines(pred)}
+
+
+def test_out_to_a_pipe_streams_the_lines_and_ends(run_copy, val_copy, tmp_path, capsys):
+    """`--out /dev/stdout | cat`: the lines go through the pipe, the run ends without reading its output back,
+    and no metrics file is written beside a stream."""
+    import threading
+
+    r, w = os.pipe()
+    result = {}
+
+    def predict():
+        try:
+            generate.main([str(a) for a in ["--run", run_copy, "--predict", val_copy, "--out", f"/dev/fd/{w}",
+                                            "--max_new_tokens", 2]])
+            result["code"] = 0
+        except SystemExit as e:
+            result["code"] = e.code
+    t = threading.Thread(target=predict, daemon=True)
+    t.start()
+    t.join(120)
+    os.close(w)
+    assert not t.is_alive(), "generate.py hangs on its own pipe"
+    with os.fdopen(r, "rb") as f:
+        streamed = [json.loads(x) for x in f.read().splitlines()]
+    assert result["code"] == 0 and len({x["id"] for x in streamed}) == 12
+    assert "12 samples | exact match" in capsys.readouterr().out  # the summary, off the stream
+    assert not list(tmp_path.glob("*.metrics.json")) and not Path(f"/dev/fd/{w}.metrics.json").exists()
+
+
+def test_out_in_a_read_only_folder_is_one_line_before_the_model_loads(run_copy, val_copy, tmp_path, capsys,
+                                                                      monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):  # a read-only mount: nothing is created or written in `ro`
+        if str(path).startswith(str(ro)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(os, "open", read_only)
+    no_model(monkeypatch)
+    code, _, err = run(["--run", run_copy, "--predict", val_copy, "--out", ro / "pred.jsonl"], capsys)
+    assert_one_line_error(code, err, f"cannot write in {ro} (Read-only file system)")
+    assert not any(ro.iterdir())
+
+
+def test_a_full_disk_while_predicting_is_one_line_and_resume_completes(run_copy, val_copy, tmp_path, capsys,
+                                                                       monkeypatch):
+    pred = tmp_path / "pred.jsonl"
+    real_write, writes = os.write, []
+
+    def full_disk(fd, data):  # the second batch's lines find the disk full
+        if os.readlink(f"/proc/self/fd/{fd}") == str(pred.resolve()):
+            writes.append(len(data))
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", full_disk)
+    args = ["--run", run_copy, "--predict", val_copy, "--out", pred, "--batch_size", 4, "--max_new_tokens", 2]
+    code, _, err = run(args, capsys)
+    last = err.strip().splitlines()[-1]  # after the progress line of the first batch
+    assert code == 2 and "Traceback" not in err and last.startswith(f"generate.py: cannot write {pred} (No space "
+                                                                    f"left on device); 4 predictions are in {pred}; "
+                                                                    "continue with: "), err
+    assert last.endswith("--resume") and len(lines(pred)) == 4
+    monkeypatch.undo()
+    assert run(args + ["--resume"], capsys)[0] == 0
+    assert len({r["id"] for r in lines(pred)}) == len(lines(pred)) == 12
+
+
+@pytest.mark.parametrize("mode,option,value,expect", [
+    ("question", "--max_new_tokens", -5, "--max_new_tokens -5: give 1 or more"),
+    ("predict", "--max_new_tokens", -1, "--max_new_tokens -1: give 1 or more"),
+    ("predict", "--max_new_tokens", 0, "--max_new_tokens 0: give 1 or more"),
+    ("question", "--max_new_tokens", 0, "--max_new_tokens 0: give 1 or more"),
+    ("predict", "--batch_size", -1, "--batch_size -1: give 1 or more"),
+    ("question", "--temperature", -1, "--temperature -1.0: give 0 (greedy) or more"),
+    ("question", "--top_p", -0.5, "--top_p -0.5: give a value in (0, 1]"),
+    ("question", "--top_k", -3, "--top_k -3: give 0 (every token) or more"),
+    ("predict", "--max_new_tokens", 100000000, "--max_new_tokens 100000000: the model's context is 512 tokens"),
+])
+def test_every_option_is_checked_before_the_model_loads(run_copy, val_copy, tmp_path, capsys, monkeypatch, mode,
+                                                        option, value, expect):
+    no_model(monkeypatch)
+    task = ["What is two plus three?"] if mode == "question" else ["--predict", val_copy, "--out",
+                                                                    tmp_path / "p.jsonl"]
+    code, _, err = run(["--run", run_copy, *task, option, value], capsys)
+    assert_one_line_error(code, err, expect)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_predict_checks_each_prompt_against_the_context_as_one_question_does(run_copy, val_copy, tmp_path, capsys,
+                                                                            monkeypatch):
+    no_model(monkeypatch)
+    code, _, err = run(["--run", run_copy, "--predict", val_copy, "--out", tmp_path / "p.jsonl", "--max_new_tokens",
+                        500], capsys)
+    assert_one_line_error(code, err, "tokens and --max_new_tokens asks for 500 more, more than the model's context "
+                                     "of 512; lower --max_new_tokens to")
+    assert f"{val_copy}:" in err and not (tmp_path / "p.jsonl").exists()
+
+
+def test_export_into_the_current_folder_or_one_that_cannot_be_renamed(run_copy, tmp_path, capsys, monkeypatch):
+    """`--export .`: refused before loading (the current folder cannot be swapped for another); a folder the
+    system refuses to rename (a mount point: EBUSY) is one line, and no temporary folder is left."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    no_model(monkeypatch)
+    code, _, err = run(["--run", run_copy, "--export", "."], capsys)
+    assert_one_line_error(code, err, ".: is the current folder (or holds it)")
+    assert not any(here.iterdir())
+    monkeypatch.undo()
+    out = tmp_path / "mount"
+    out.mkdir()
+    real_rename = Path.rename
+
+    def busy(self, target):
+        if self == out:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+        return real_rename(self, target)
+    (out / "mmlora.json").write_text("{}")  # an export there already, which is to be replaced
+    monkeypatch.setattr(Path, "rename", busy)
+    code, _, err = run(["--run", run_copy, "--export", out], capsys)
+    assert_one_line_error(code, err, f"cannot put {out} in place ([Errno 16] Device or resource busy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "mount"]
+    assert [p.name for p in out.iterdir()] == ["mmlora.json"]
+
+
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_export_there(exported, tmp_path, trained_run, capsys,
+                                                                       monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    before = snapshot(out)
+
+    def full_disk(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    code, _, err = run(["--run", trained_run, "--export", out], capsys)
+    assert_one_line_error(code, err, f"cannot write {out}: Error while serializing")
+    assert "No space left on device" in err and "An export folder already there is intact" in err
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_killed_export_s_temporary_folder_is_removed_at_the_next(run_copy, tmp_path, capsys):
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its PID is free: the writer of the leftover is dead
+    left = tmp_path / f".tmp-exp-{gone.pid}"
+    (left / "merged").mkdir(parents=True)
+    (left / "merged" / "model.safetensors").write_bytes(b"half written")
+    live = tmp_path / f".tmp-exp-{os.getppid()}"  # a writer still at work (a live PID) keeps its folder
+    live.mkdir()
+    code, out, _ = run(["--run", run_copy, "--export", tmp_path / "exp"], capsys)
+    assert code == 0 and f"removed {left}, left half-written by a stopped process (pid {gone.pid})" in out
+    assert not left.exists() and live.is_dir() and (tmp_path / "exp" / "mmlora.json").is_file()
+
+
+def cut_tokenizer(source, folder):
+    """A copy of an LLM folder whose tokenizer.json is cut short."""
+    shutil.copytree(source, folder)
+    tok = folder / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:300])
+    return tok
+
+
+def test_a_cut_tokenizer_of_a_run_is_one_line_naming_it(run_copy, tmp_path, capsys):
+    config = json.loads((run_copy / "config.json").read_text())
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_copy, run_dir, ignore=shutil.ignore_patterns("export"))
+    tok = cut_tokenizer(config["model"]["llm"], tmp_path / "llm")
+    config["model"]["llm"] = str(tmp_path / "llm")
+    (run_dir / "config.json").write_text(json.dumps(config))
+    code, _, err = run(["--run", run_dir, "What?"], capsys)
+    assert_one_line_error(code, err, f"{tok}: not a readable tokenizer")
+
+
+def test_a_cut_tokenizer_of_an_export_is_one_line_naming_it(exported, tmp_path, capsys):
+    folder = tmp_path / "export"
+    shutil.copytree(exported, folder)
+    tok = folder / "merged" / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:200])
+    code, _, err = run(["--run", folder, "What?"], capsys)
+    assert_one_line_error(code, err, f"{tok}: not a readable tokenizer")
+    assert "--export" in err

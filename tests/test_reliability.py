@@ -1,8 +1,11 @@
 """Hostile input and faults, one test per kind: each is a clear error that names what to fix, a listed skip, or
 correct training, and nothing that was saved is lost."""
+import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -11,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, demo_config, rows
+from conftest import ROOT, demo_config, launch_sh, rows
 
 import data
 import model
@@ -240,18 +243,33 @@ def test_validate_names_the_users_file_not_its_subset(demo_dir, tmp_path, monkey
     assert f"{path}:6: sample 'nan'" in res["Resume"]["detail"] and "subset" not in res["Resume"]["detail"]
 
 
-def test_launch_sh_takes_a_config_path_relative_to_where_it_is_run(demo_dir, tmp_path):
-    cfg = demo_config(demo_dir, tmp_path / "run", train={"max_steps": 1}, run={"device": "cpu"})
-    lines = []
-    for section in ("model", "lora", "data", "train", "run"):
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in vars(getattr(cfg, section)).items()]
-    (tmp_path / "my.toml").write_text("\n".join(lines) + "\n")
-    r = subprocess.run(["bash", str(ROOT / "launch.sh"), "my.toml"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=180, env={**os.environ, "SKIP_PREFLIGHT": "1", "NPROC_PER_NODE": "1",
-                                         "CUDA_VISIBLE_DEVICES": ""})
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert rows(tmp_path / "run")[-1]["step"] == 1
+def test_launch_sh_beside_a_busy_default_port_and_stopped_by_sigterm(demo_dir, tmp_path):
+    """launch.sh with a config path relative to where it is run, port 29500 taken (another launch.sh, say): a
+    one-node run picks a free port and trains. A SIGTERM to the launcher reaches torchrun and train.py, which saves
+    its emergency checkpoint; nothing keeps training."""
+    cfg = demo_config(demo_dir, tmp_path / "run", run={"device": "cpu"}, data={"val_file": ""},
+                      train={"max_steps": 100000})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with socket.socket() as busy:
+        with contextlib.suppress(OSError):  # taken already: busy all the same
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        p = launch_sh(cfg, tmp_path, "my", SKIP_PREFLIGHT="1")
+        try:
+            deadline = time.time() + 150
+            while not (metrics.is_file() and metrics.read_text().count("\n")):  # a step is done
+                assert p.poll() is None and time.time() < deadline, p.communicate()[0][-3000:]
+                time.sleep(0.2)
+            worker = int(re.search(r"pid (\d+)", (tmp_path / "run" / "run.lock").read_text())[1])
+            os.kill(p.pid, signal.SIGTERM)
+            out = p.communicate(timeout=90)[0]
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "emergency" / "state.json").read_text())
+    assert state["step"] >= 1 and "EADDRINUSE" not in out and "stop requested: emergency checkpoint" in out, out
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
 
 
 def test_a_second_first_run_waits_for_the_demo_being_made(tmp_path):
