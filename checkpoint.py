@@ -336,7 +336,7 @@ class RunLock:
         import fcntl
         import socket
 
-        self.file = open(out_dir / "run.lock", "a+")
+        self.file = open(out_dir / "run.lock", "r" if probe else "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -11,7 +11,9 @@
 folder (its mmlora.json: the merged LLM, projectors and aligner, nothing else needed). Media given with `--image` /
 `--audio` are attached to the question; `<image>` / `<audio>` in the text place them, else they go first. Bad input
 (no checkpoint, one that does not fit, a missing or undecodable medium, more media than placeholders, a prompt
-longer than the context) is one line saying what to fix, and exit code 2.
+longer than the context, an option out of range, an --out that is a file read or lies in a run's or an export's
+folder, a disk that cannot take the output) is one line saying what to fix, and exit code 2. `--out` may replace
+only an earlier predictions file, and may be a stream (`--out /dev/stdout | ...`).
 """
 from __future__ import annotations
 

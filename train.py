@@ -740,7 +740,7 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
                     make_demo(cfg.data.make_demo, phase1=cfg.train.phase == "instruct", device=world.device)
         except Exception as e:
             error = e
-            if isinstance(e, OSError):  # a read-only or full disk
+            if type(e) in (OSError, PermissionError):  # a read-only or full disk, a folder not ours
                 error = CheckpointWriteError(f"cannot use run.out_dir = {str(out_dir)!r} ({type(e).__name__}: {e}); "
                                              "give a folder this process can write to")
             if lock is not None:
