@@ -660,8 +660,8 @@ def check_options(args, context: int | None) -> None:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens}: give 1 or more")
     if args.max_new_tokens is not None and context is not None and args.max_new_tokens >= context:
-        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: the model's context is {context} tokens, prompt "
-                         "included; give fewer")
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens}: more than the model's context of {context} "
+                         "tokens, which holds the prompt too; give fewer")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: give 1 or more (rows decoded together)")
     if not args.temperature >= 0:  # nan too

@@ -135,6 +135,20 @@ def rows(out_dir, split="train"):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
+def snapshot(folder):
+    """Every file below `folder` and its bytes: what a refused command must leave as it was."""
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def cut_tokenizer(source, folder):
+    """A copy of the LLM folder `source` in `folder`, its tokenizer.json cut short: that file's path."""
+    import shutil
+    shutil.copytree(source, folder)
+    tok = Path(folder) / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[:300])
+    return tok
+
+
 def final_weights(out_dir):
     """The trainable tensors of a run's latest checkpoint."""
     from safetensors.torch import load_file

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import ROOT, cli_args, demo_config, launch_sh, torchrun
+from conftest import ROOT, cli_args, cut_tokenizer, demo_config, launch_sh, snapshot, torchrun
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -249,10 +249,6 @@ def one_error_line(err: str, expect: str) -> None:
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and expect in err, err
 
 
-def snapshot(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 @pytest.fixture
 def run_copy(trained_run, tmp_path):
     """A copy of the trained run (6 steps; checkpoints step_0000006 and best, metrics, export)."""
@@ -301,14 +297,6 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_naming_the_folder(demo_dir, tmp
     one_error_line(err, f"error: cannot write {tmp_path / 'checkpoints' / 'step_0000001'}: Error while serializing")
     assert "No space left on device" in err and "The previous checkpoint is intact" in err
     assert not list((tmp_path / "checkpoints").iterdir())  # no temporary folder left, no checkpoint that looks whole
-
-
-def cut_tokenizer(source, folder):
-    """A copy of an LLM folder whose tokenizer.json is cut short: its path."""
-    shutil.copytree(source, folder)
-    tok = folder / "tokenizer.json"
-    tok.write_bytes(tok.read_bytes()[:300])
-    return tok
 
 
 def test_a_cut_tokenizer_is_one_line_naming_it_in_training_and_validation(demo_dir, tmp_path, capsys, monkeypatch):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cut_tokenizer, snapshot
 
 import data
 import generate
@@ -248,10 +249,6 @@ def run_copy(trained_run, tmp_path_factory):
     return folder
 
 
-def snapshot(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def no_model(monkeypatch):
     """Fails the test if the model loads: the checks must come first."""
     monkeypatch.setattr(generate, "load_run", lambda *a, **k: pytest.fail("the model loaded before the check"))
@@ -373,7 +370,7 @@ def test_a_full_disk_while_predicting_is_one_line_and_resume_completes(run_copy,
     ("question", "--temperature", -1, "--temperature -1.0: give 0 (greedy) or more"),
     ("question", "--top_p", -0.5, "--top_p -0.5: give a value in (0, 1]"),
     ("question", "--top_k", -3, "--top_k -3: give 0 (every token) or more"),
-    ("predict", "--max_new_tokens", 100000000, "--max_new_tokens 100000000: the model's context is 512 tokens"),
+    ("predict", "--max_new_tokens", 100000000, "--max_new_tokens 100000000: more than the model's context of 512"),
 ])
 def test_every_option_is_checked_before_the_model_loads(run_copy, val_copy, tmp_path, capsys, monkeypatch, mode,
                                                         option, value, expect):
@@ -454,14 +451,6 @@ def test_a_killed_export_s_temporary_folder_is_removed_at_the_next(run_copy, tmp
     code, out, _ = run(["--run", run_copy, "--export", tmp_path / "exp"], capsys)
     assert code == 0 and f"removed {left}, left half-written by a stopped process (pid {gone.pid})" in out
     assert not left.exists() and live.is_dir() and (tmp_path / "exp" / "mmlora.json").is_file()
-
-
-def cut_tokenizer(source, folder):
-    """A copy of an LLM folder whose tokenizer.json is cut short."""
-    shutil.copytree(source, folder)
-    tok = folder / "tokenizer.json"
-    tok.write_bytes(tok.read_bytes()[:300])
-    return tok
 
 
 def test_a_cut_tokenizer_of_a_run_is_one_line_naming_it(run_copy, tmp_path, capsys):
