@@ -66,7 +66,7 @@ SEED_ALIGNER = AlignerConfig(dim=1024, image=EncoderConfig(768, 6, 12), audio=En
                              image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
 
 
-def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig = SEED_ALIGNER,
+def bench_model(args, device, shape: dict | None = None, aligner_config: AlignerConfig = SEED_ALIGNER,
           world: World | None = None) -> tuple[Config, MultimodalLM]:
     shape = shape or SHAPES[getattr(args, "shape", "0.5b")]
     cfg = Config()
@@ -200,7 +200,7 @@ def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
 
 def time_ours(args, world: World) -> dict:
     before = torch.cuda.memory_allocated()  # what earlier workloads still hold does not count as this one's
-    cfg, model = build(args, world.device, world=world)
+    cfg, model = bench_model(args, world.device, world=world)
     opt, params = train.make_optimizer(model, cfg.train)
     scaler, autocast = train.mixed_precision(cfg.train, world.device)
     train.store_for_autocast(model.aligner, autocast)
@@ -350,7 +350,7 @@ def write_random_towers(folder: str, vision: dict = SIGLIP_SO400M, audio: dict =
     """Hugging Face folders of a SigLIP-so400m-shaped vision tower and a Whisper-small-shaped encoder with random
     bf16 weights (the keys as SiglipVisionModel and WhisperModel write them) and their preprocessing configs."""
     out = []
-    for name, cfg, build, prefix, pre in (
+    for name, cfg, tower_class, prefix, pre in (
             ("siglip", vision, lambda c: VisionTower(c, "siglip"), "vision_model.",
              {"do_resize": True, "size": {"height": vision["image_size"], "width": vision["image_size"]},
               "resample": 3, "do_rescale": True,
@@ -360,7 +360,7 @@ def write_random_towers(folder: str, vision: dict = SIGLIP_SO400M, audio: dict =
         path = os.path.join(folder, name)
         os.makedirs(path, exist_ok=True)
         torch.manual_seed(0)
-        tower = build(cfg).to(torch.bfloat16)
+        tower = tower_class(cfg).to(torch.bfloat16)
         save_tensors({prefix + k: v for k, v in tower.state_dict().items()}, os.path.join(path, "model.safetensors"))
         write_json(Path(path) / "config.json", cfg)
         write_json(Path(path) / "preprocessor_config.json", pre)
