@@ -478,19 +478,21 @@ class GraphDecoder:
         state.token.copy_(token)
 
     def capture(self, state: Slots, pick) -> torch.cuda.CUDAGraph:
-        saved = state.token.clone(), state.slot.clone()
+        # what the warm-up steps move on, put back before each run: tokens, slots (and per-row draw counts)
+        moved = [state.token, state.slot] + ([self.settings.drawn] if self.settings is not None else [])
+        saved = [t.clone() for t in moved]
         side = torch.cuda.Stream()  # compile and warm up off the main stream, as recording wants
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             # one warm-up run of the eager steps (two of compiled ones, whose second call may compile again);
             # these steps write the cache slots that the replay then writes again
             for _ in range(2 if self.compiled else 1):
-                state.token.copy_(saved[0])
-                state.slot.copy_(saved[1])
+                for t, s in zip(moved, saved):
+                    t.copy_(s)
                 self.run(state, pick)
         torch.cuda.current_stream().wait_stream(side)
-        state.token.copy_(saved[0])
-        state.slot.copy_(saved[1])
+        for t, s in zip(moved, saved):
+            t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self.run(state, pick)
