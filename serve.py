@@ -474,6 +474,8 @@ class Request:
         if len(text) > len(self.sent) and text.startswith(self.sent):
             self.emit("text", text[len(self.sent):])
             self.sent = text
+        elif not final:  # new tokens whose text may still change (or that have none): a chunk without text
+            self.emit("text", "")
         return self.reason is not None
 
 
