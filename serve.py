@@ -189,8 +189,9 @@ def run_specs(given: list[str]) -> list[tuple[str, Path]]:
 
 class ApiError(Exception):
     """A refused request: its HTTP status and OpenAI's error object (message, type, param, code)."""
-    TYPES: ClassVar[dict[int, str]] = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+        429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict | None = None):
@@ -513,14 +514,14 @@ class Engine:
     def cancel(self, req: Request, error: ApiError | None = None) -> None:
         """End a request at the next step: its client went away (no error), or the server ends it (`error`)."""
         req.error = req.error or error
-        req.gone = error is None
+        req.gone = req.gone or error is None
 
     def loop(self) -> None:
         with torch.no_grad(), generate.half_precision(self.runs[0].model):
             while True:
                 with self.cond:
                     self.cond.wait_for(lambda: self.waiting or self.stopping)
-                    if self.stopping and not self.live:
+                    if self.stopping:
                         return
                 try:
                     for finished in self.decoder.stream(
@@ -530,10 +531,10 @@ class Engine:
                             self.finish(self.live[key], tokens)
                 except Exception:  # noqa: BLE001  a fault of the engine: its requests fail, the server goes on
                     traceback.print_exc()
-                    for req in list(self.live.values()):
-                        if req not in self.waiting:
-                            req.error = ApiError(500, "the engine failed on this batch; see the server's log")
-                            self.finish(req, req.tokens)
+                    for req in [r for r in self.live.values() if r not in self.waiting]:
+                        self.rows.wanted.pop(req.key, None)
+                        req.error = ApiError(500, "the engine failed on this batch; see the server's log")
+                        self.finish(req, req.tokens)
                 self.metrics.running.set(0)
                 self.metrics.slots.set(0)
 
@@ -569,10 +570,10 @@ class Engine:
                 self.metrics.ttft.observe(now - req.t0)
             if req.gone or req.error or req.update(tokens, req.ask.run.tokenizer, final=False):
                 gone.add(key)
-        S = next(iter(self.decoder.states))[1] if self.decoder.states else 0
+        R, S = next(iter(self.decoder.states), (0, 0))  # the cache's rows and length
         self.metrics.running.set(len(running) - len(gone))
         self.metrics.slots.set((len(running) - len(gone)) * S)
-        self.metrics.slots_total.set(len(self.rows.run) * S if S else 0)
+        self.metrics.slots_total.set(R * S)
         return gone
 
     def finish(self, req: Request, tokens: list[int]) -> None:

@@ -43,7 +43,8 @@ def derived_run(trained_run: Path, out: Path, seed: int) -> Path:
     tensors = load_file(str(src / "trainable.safetensors"))
     g = torch.Generator().manual_seed(seed)
     for k, v in tensors.items():
-        tensors[k] = torch.randn(v.shape, generator=g) * 0.2 if "lora_B" in k else v + torch.randn(v.shape, generator=g) * 0.05
+        noise = torch.randn(v.shape, generator=g)
+        tensors[k] = noise * 0.2 if "lora_B" in k else v + noise * 0.05
     save_file(tensors, str(out / "checkpoints" / "best" / "trainable.safetensors"))
     return out
 
