@@ -39,13 +39,18 @@ import torch.distributed as dist
 
 import data
 import demo
+import media
 import generate
+import build
 import train
 from checkpoint import export
 from config import Config, load_config
 from distributed import World, materialize_sharded, read_shards, setup_distributed
-from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
-                   llm_skeleton, load_tokenizer, rope_inv_freq, sample, save_tensors, set_tensor, skeleton, write_json)
+from weights import save_tensors, set_tensor, skeleton, write_json
+from model import LLM, LLMConfig, llm_skeleton, rope_inv_freq, sample
+from tokenizer import load_tokenizer
+from encoders import Aligner, AlignerConfig, EncoderConfig, VisionTower, WhisperTower
+from multimodal import MultimodalLM
 from lora import lora_modules
 from quant import NF4Linear, quantized_linears
 
@@ -96,7 +101,7 @@ def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig
             llm = LLM(LLMConfig(**shape)).init_weights().to(torch.bfloat16)
     aligner = Aligner(aligner_config).to(device).requires_grad_(False).eval()
     media_ids = {"image": shape["vocab_size"] - 2, "audio": shape["vocab_size"] - 1}
-    model = train.assemble(cfg, llm, aligner, media_ids)
+    model = build.assemble(cfg, llm, aligner, media_ids)
     if sharded:
         materialize_sharded(model, cfg.train, world, random_shards)
     return cfg, model
@@ -308,7 +313,7 @@ def load_sharded(folder: str) -> None:
     llm.to(torch.bfloat16)
     small = AlignerConfig(dim=64, image=EncoderConfig(64, 1, 2), audio=EncoderConfig(64, 1, 2))
     vocab = llm.config.vocab_size
-    model = train.assemble(cfg, llm, Aligner(small), {"image": vocab - 2, "audio": vocab - 1})
+    model = build.assemble(cfg, llm, Aligner(small), {"image": vocab - 2, "audio": vocab - 1})
     materialize_sharded(model, cfg.train, world, lambda sharded: read_shards(sharded, files))
     held = sum(p.to_local().numel() * p.element_size() for p in model.llm.parameters()) / 2**30
     whole = sum(p.numel() * p.element_size() for p in model.llm.parameters()) / 2**30
@@ -464,7 +469,7 @@ def time_prediction(args, device: str = "cuda", n_val: int = 2000, shape: dict =
     text_only.write_text("".join(x + "\n" for x in val.read_text().splitlines()
                                  if '"image"' not in x and '"audio"' not in x))
     if not (export_dir / "mmlora.json").is_file():
-        _, mm = train.build_model(cfg, torch.device(device))
+        _, mm = build.build_model(cfg, torch.device(device))
         export(mm, export_dir, cfg)
         del mm
     rows = []
@@ -571,6 +576,7 @@ def time_serving(args, root: str = "/tmp/mmlora-serve", port: int = 8771) -> lis
     aligner on the CPU, a few requests a row (a smoke run of this code)."""
     import subprocess
 
+    import build  # the module (this file's `build` is its own function)
     tiny = getattr(args, "tiny", False)
     device, clients = ("cpu", (1, 2, 4)) if tiny else ("cuda", (1, 8, 32, 128))
     mid = clients[-2]  # the clients of the four runs' row and of the comparisons (32)
@@ -586,7 +592,7 @@ def time_serving(args, root: str = "/tmp/mmlora-serve", port: int = 8771) -> lis
     exports = [root / f"export-{i}" for i in range(4)]
     for i, folder in enumerate(exports):
         if not (folder / "mmlora.json").is_file():
-            _, mm = train.build_model(cfg, torch.device(device))
+            _, mm = build.build_model(cfg, torch.device(device))
             g = torch.Generator().manual_seed(i)
             for m in lora_modules(mm.llm).values():  # adapters of their own, so that the runs answer apart
                 m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.01)
@@ -652,7 +658,7 @@ def chat_request(sample: dict, folder: Path) -> dict:
     parts = []
     for path in data.media_paths(sample, "image"):
         buf = io.BytesIO()
-        Image.fromarray(data.load_image(folder / path).permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        Image.fromarray(media.load_image(folder / path).permute(1, 2, 0).numpy()).save(buf, format="PNG")
         parts.append({"type": "image_url", "image_url": {
             "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
     for path in data.media_paths(sample, "audio"):

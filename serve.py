@@ -57,14 +57,17 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 
+import build
 import data
 import generate
 import lora
-import train
 from checkpoint import read_checkpoint
 from config import Config
 from decode import GraphDecoder, RowSettings, sample_rows
-from model import MODALITIES, MultimodalLM, Tokenizer, check_tensors, load_tokenizer, read_json, read_safetensors
+from media import wav_info
+from multimodal import MODALITIES, MultimodalLM
+from tokenizer import Tokenizer, load_tokenizer
+from weights import check_tensors, read_json, read_safetensors
 
 CHAT_PAGE = Path(__file__).resolve().with_name("chat.html")
 
@@ -145,10 +148,10 @@ def load_runs(specs: list[tuple[str, Path]], checkpoint: str, device: str | None
     cfg = first.cfg
     cfg.model.llm, cfg.model.aligner = str(first.base), str(first.aligner)
     target = torch.device("cuda" if generate.uses_cuda(cfg) else "cpu")
-    tokenizer, base = train.build_model(cfg, target, adapters=False)
+    tokenizer, base = build.build_model(cfg, target, adapters=False)
     runs = []
     for i, ((name, path), p) in enumerate(zip(specs, parts)):
-        model = train.assemble(p.cfg, base.llm, base.aligner, base.media_token_ids, adapters=False).eval()
+        model = build.assemble(p.cfg, base.llm, base.aligner, base.media_token_ids, adapters=False).eval()
         found = {k: v for k, v in p.projectors.items() if not (p.cfg.model.shared_projector and k.startswith("audio."))}
         expected = dict(model.projectors.named_parameters())  # a shared projector once
         check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in found.items()},
@@ -391,7 +394,7 @@ def decode_media(ask: Ask, limits: Limits) -> dict[str, list[torch.Tensor]]:
                         raise ApiError(400, f"{param}: the image has {pixels:,} pixels, more than this server takes "
                                        f"({limits.image_pixels:,}, --max_image_pixels)", param)
                 else:
-                    info = data.wav_info(f)
+                    info = wav_info(f)
                     length = info.data_bytes / (info.channels * info.bits // 8) / info.rate
                     if length > seconds:
                         raise ApiError(400, f"{param}: the clip is {length:.1f} s, more than this server takes "
