@@ -210,6 +210,7 @@ class RowSettings:
         return bool(self.samplers)
 
     def place(self, rows: list[int], keys: list) -> None:
+        """The settings of the prompts `keys` (their `wanted`), written to the rows they take, draw counts at 0."""
         run, temperature, top_p, seed = zip(*[self.wanted.pop(k) for k in keys])
         at = torch.tensor(rows, device=self.run.device)
         for buffer, values in ((self.run, run), (self.temperature, temperature), (self.top_p, top_p),

@@ -132,7 +132,7 @@ class LoRALinear(nn.Module):
 
 class BatchedLoRALinear(nn.Module):
     """Several runs' adapters on one frozen base layer, each row of a batch applying its own run's (the batched LoRA
-    of S-LoRA and punica, arXiv 2311.03285, 2310.18547): y[b] = base(x[b]) + B_i A_i x[b] for i = index(B)[b], the
+    of S-LoRA and punica, arXiv 2311.03285, 2310.18547): y[b] = base(x[b]) + B_i A_i x[b] for i = index(n)[b], the
     run of row b, nothing merged. Every run's A is stacked into one (n*r, in) matrix and every scaled B into one
     (out, n*r), runs of a lower rank or without an adapter on this layer padded with zeros; x's product with all
     the A's is masked to row b's own r columns (a row of `mask`, gathered by the index) before the product with the

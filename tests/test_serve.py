@@ -204,7 +204,7 @@ def test_sixteen_clients_at_once_get_what_each_gets_alone(server, oracle, media)
              a.choices[0].message.content for i, a in enumerate(answers)]
     assert texts[:14] == [oracle["a"](turns, media, 24) for turns in cases]
     alone = ask(15)
-    assert texts[14] == texts[15] == alone.choices[0].message.content
+    assert texts[14] == texts[15] == alone.choices[0].message.content != oracle["a"](CONVERSATIONS["image"], media, 24)
     assert max(running) > 4
 
 
@@ -215,8 +215,8 @@ def metric(engine, name: str) -> float:
 
 def test_a_client_that_goes_away_frees_its_row(server, media):
     """A streaming client leaves after the first piece of its answer (the engine held after the step that sent it
-    until the server has seen the client go, so that the answer cannot end first): its row ends at the next step, the slots in use
-    return to 0, it counts as 499, and the next request is answered."""
+    until the server has seen the client go, so that the answer cannot end first): its row ends at the next step,
+    the slots in use return to 0, it counts as 499, and the next request is answered."""
     gone = metric(server, 'mmlora_requests_total{status="499"}')
     held, progress = threading.Event(), server.progress
     server.progress = lambda rows: [progress(rows), any(server.live[k].sent for k in rows) and held.wait(10)][0]
