@@ -576,7 +576,6 @@ def time_serving(args, root: str = "/tmp/mmlora-serve", port: int = 8771) -> lis
     aligner on the CPU, a few requests a row (a smoke run of this code)."""
     import subprocess
 
-    import build  # the module (this file's `build` is its own function)
     tiny = getattr(args, "tiny", False)
     device, clients = ("cpu", (1, 2, 4)) if tiny else ("cuda", (1, 8, 32, 128))
     mid = clients[-2]  # the clients of the four runs' row and of the comparisons (32)
