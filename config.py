@@ -14,8 +14,6 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 
-from step_graph import GraphedStep
-
 
 @dataclass
 class ModelConfig:
@@ -185,8 +183,18 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
     if cfg.lora.dropout >= 1.0:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
-    if cfg.train.cuda_graph:
-        GraphedStep.check_config(cfg)
+    if cfg.train.cuda_graph:  # what recording the step (step_graph.py) cannot record
+        if cfg.train.compile in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their "
+                             f"own (train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
+                             "\"max-autotune-no-cudagraphs\" (or none) with it")
+        if cfg.train.amp == "fp16":
+            raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
+        if cfg.data.pack:
+            raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
+                             "set data.pack = false with it")
+        if cfg.train.phase == "align":
+            raise ValueError("train.cuda_graph records Phase 2's step; set it to false with train.phase = \"align\"")
     if cfg.train.offload_activations and not cfg.train.activation_checkpointing:
         raise ValueError("train.offload_activations moves each checkpointed layer's input to host memory: set "
                          "train.activation_checkpointing = true with it")

@@ -30,9 +30,14 @@ from pathlib import Path
 import torch
 
 import data
-import train
-from model import (MODALITIES, LLMConfig, MultimodalLM, Tokenizer, aligner_config, check_tensors, load_tokenizer,
-                   read_json, read_safetensors)
+
+import media
+import build
+from weights import check_tensors, read_json, read_safetensors, write_json
+from tokenizer import Tokenizer, load_tokenizer
+from encoders import aligner_config
+from multimodal import MODALITIES, MultimodalLM
+from model import LLMConfig
 from checkpoint import (CheckpointWriteError, check_export_folder, checkpoints_in, export, read_checkpoint,
                         restore_trainable)
 from config import Config, config_from_dict
@@ -59,7 +64,7 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     if manifest.is_file():
         doc = read_json(manifest, "")
         try:
-            tokenizer, model = train.build_model(cfg, target, adapters=False, tokenizer=tokenizer)
+            tokenizer, model = build.build_model(cfg, target, adapters=False, tokenizer=tokenizer)
             tensors = read_safetensors(folder / doc["projectors"])
         except ValueError as e:
             raise ValueError(f"{e}. In an export folder: {EXPORT_HINT}") from None
@@ -69,7 +74,7 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
         model.projectors.load_state_dict(tensors)
     else:
         path = checkpoint_folder(folder, checkpoint)
-        tokenizer, model = train.build_model(cfg, target, tokenizer=tokenizer)
+        tokenizer, model = build.build_model(cfg, target, tokenizer=tokenizer)
         state, tensors = read_checkpoint(path, "trainable.safetensors", hint=CHECKPOINT_HINT)
         restore_trainable(path, state, tensors, model, instead="--checkpoint PATH of a checkpoint of this run")
     return model.eval(), tokenizer, cfg
@@ -158,8 +163,8 @@ def decode_medium(kind: str, path: str | Path, model: MultimodalLM, cfg: Config)
     if not f.is_file():
         raise FileNotFoundError(f"{f}: {kind} file not found")
     if kind == "image":
-        return data.preprocess_image(data.load_image(f), c)[None]
-    x = data.preprocess_audio(data.load_audio(f, c.sample_rate), c)
+        return media.preprocess_image(media.load_image(f), c)[None]
+    x = media.preprocess_audio(media.load_audio(f, c.sample_rate), c)
     if len(x) > cfg.data.max_audio_windows:
         raise ValueError(f"{f} fills {len(x)} windows of {c.clip_seconds:g} s, more than "
                          f"data.max_audio_windows = {cfg.data.max_audio_windows}; cut the clip")
@@ -170,13 +175,21 @@ def prompt_item(messages: list[dict], media: list[tuple[str, str]], tokenizer: T
                 cfg: Config, max_new_tokens: int) -> data.Item:
     """The conversation so far, ending with the generation prompt, with its media decoded in placeholder order."""
     raw = {m: [decode_medium(m, p, model, cfg) for kind, p in media if kind == m] for m in MODALITIES}
+    item = encode_prompt(messages, raw, tokenizer, model, cfg)
     context = model.llm.config.max_position_embeddings
+    if len(item.input_ids) + max_new_tokens > context:
+        raise ValueError(f"the prompt is {len(item.input_ids)} tokens and {max_new_tokens} new ones are asked for, "
+                         f"more than the model's context of {context}; shorten the question or lower --max_new_tokens")
+    return item
+
+
+def encode_prompt(messages: list[dict], raw: dict[str, list[torch.Tensor]], tokenizer: Tokenizer,
+                  model: MultimodalLM, cfg: Config) -> data.Item:
+    """The conversation ending with the generation prompt, as an item for data.collate, with its decoded media
+    (`raw`: modality -> the media in placeholder order, as `decode_medium` gives them) attached."""
     ids, _, counts = data.encode_conversation(messages, tokenizer, cfg.model.tokens_per_media, 10**9, False,
                                               add_generation_prompt=True,
                                               blocks={m: [len(x) for x in raw[m]] for m in MODALITIES})
-    if len(ids) + max_new_tokens > context:
-        raise ValueError(f"the prompt is {len(ids)} tokens and {max_new_tokens} new ones are asked for, more than "
-                         f"the model's context of {context}; shorten the question or lower --max_new_tokens")
     item = data.Item("prompt", ids, [-100] * len(ids))
     for m in MODALITIES:
         if raw[m]:
@@ -227,7 +240,7 @@ def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_t
 
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD's token-level F1 on the normalised answers (whitespace tokens)."""
-    p, r = train.normalize_answer(prediction).split(), train.normalize_answer(reference).split()
+    p, r = data.normalize_answer(prediction).split(), data.normalize_answer(reference).split()
     common = sum((collections.Counter(p) & collections.Counter(r)).values())
     if not p or not r:
         return float(p == r)
@@ -246,7 +259,7 @@ def prediction_metrics(rows: list[dict]) -> dict:
     """Exact match (training's normalisation) and token F1, overall and per mix of media."""
     def score(rs):
         return {"samples": len(rs),
-                "exact_match": sum(train.normalize_answer(r["prediction"]) == train.normalize_answer(r["reference"])
+                "exact_match": sum(data.normalize_answer(r["prediction"]) == data.normalize_answer(r["reference"])
                                    for r in rs) / max(len(rs), 1),
                 "f1": sum(token_f1(r["prediction"], r["reference"]) for r in rs) / max(len(rs), 1)}
     groups = collections.defaultdict(list)
@@ -460,7 +473,7 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
                 if now - shown >= 1.0 or written == len(todo):  # progress at most once a second
                     shown, rate = now, written / (now - t0)
                     print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
-                          f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+                          f"{data.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
     finally:
         os.close(fd)
     seconds = time.perf_counter() - t0
@@ -470,7 +483,7 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
                          "dataset_s": round(samples.dataset_s, 3)}
     if samples.metrics_file is not None:
         try:
-            train.write_json(samples.metrics_file, metrics)
+            write_json(samples.metrics_file, metrics)
         except OSError as e:
             raise OutputError(f"cannot write {samples.metrics_file} ({e.strerror}); the predictions are whole") \
                 from None
