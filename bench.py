@@ -184,16 +184,6 @@ def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Ba
     return data.collate(items, 0, pack=args.pack, max_len=T).to(device)
 
 
-def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
-    c = model.llm.config
-    lm_head = c.vocab_size * c.hidden_size
-    body = sum(p.numel() for p in model.llm.model.layers.parameters() if not p.requires_grad)
-    body += sum(m.in_features * m.out_features for m in model.llm.model.layers.modules() if isinstance(m, NF4Linear))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * c.num_hidden_layers * seq * c.num_attention_heads \
-        * c.head_dim
-
-
 def time_ours(args, world: World) -> dict:
     before = torch.cuda.memory_allocated()  # what earlier workloads still hold does not count as this one's
     cfg, model = build(args, world.device, world=world)
@@ -239,7 +229,7 @@ def time_ours(args, world: World) -> dict:
     b = batches[0]
     tokens = sum(b.lengths)
     labelled = float((b.labels != -100).sum()) / tokens
-    fpt = flops_per_token(model, args.seq, labelled)
+    fpt = train.flops_per_token(model, args.seq, labelled)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
             "cuda_graph": args.cuda_graph, "shape": args.shape, "strategy": "fsdp" if args.fsdp else "ddp",
             "memory_budget": args.memory_budget, "loss_chunk": cfg.model.loss_chunk, "qlora": args.qlora,

@@ -38,7 +38,7 @@ def test_no_import_circles_and_model_py_stands_alone():
         if u not in state:
             visit(u, [])
     assert graph["model"] == set(), graph["model"]
-    order = ["model", "quant_kernels", "quant", "lora", "data", "align", "decode_kernels", "decode", "step_graph",
+    order = ["model", "quant_kernels", "quant", "lora", "data", "align", "decode_kernels", "decode", "step_graph", "track",
              "config", "distributed", "checkpoint", "train", "demo", "generate", "validate", "bench"]  # README's table
     assert sorted(order) == sorted(graph)
     for i, name in enumerate(order):
