@@ -27,8 +27,9 @@ and W&B skip the rows they already hold, TensorBoard's readers drop the events p
 
 Alerts run `alert_command` in a shell, the event as JSON on its standard input and in environment variables
 (MMLORA_EVENT, MMLORA_LEVEL, MMLORA_MESSAGE, MMLORA_STEP, MMLORA_RUN_DIR), from a thread of their own. Events:
-nonfinite, spike, stall, slow, checkpoint_failed (level error or warning) and end (level info when the run finished
-or stopped, error when it crashed). Each kind but end fires at most once an hour (a stall once per stall), so a
+nonfinite, spike, stall (no step ended for alert_stall_s, counted from the end of the first step, which compiles),
+slow, checkpoint_failed (level error or warning) and end (level info when the run finished or stopped, error when it
+crashed). Each kind but end fires at most once an hour (a stall once per stall), so a
 sick run pages once, not at every step. The heartbeat, <out_dir>/heartbeat.json, holds the last step, its time and
 the run's status, for a cluster's health checks.
 """
@@ -56,7 +57,7 @@ ALERT_TIMEOUT = 60.0  # seconds an alert command may run
 QUIET_S = 3600.0  # an alert of one kind fires at most once in this many seconds
 MIN_ROWS = 5  # logged training rows before a loss spike or a slow row is judged (the first ones compile, warm up)
 SPIKE_FLOOR = 0.1  # a spike must also exceed the moving average by this much: ratios of losses near zero are noise
-HEARTBEAT_S = 10.0  # seconds between the watchdog's looks (shorter with a short alert_stall_s)
+WATCH_S = 1.0  # seconds between the watchdog's looks
 
 
 def check_trackers(names: list[str]) -> None:
@@ -261,6 +262,7 @@ class WandbTracker:
                 art.add_file(str(f), name=str(Path(folder) / f.name))
             self.run.log_artifact(art)
         self.run.finish(exit_code=0 if status != "crashed" else 1)
+        self.wandb.teardown()  # waits for W&B's service to write the run's files whole
 
 
 TRACKERS = {t.name: t for t in (MLflowTracker, TensorBoardTracker, WandbTracker)}
@@ -393,7 +395,7 @@ class Alerts:
         self.watchdog.start()
 
     def beat(self, step: int) -> None:
-        """A step ended (or the loop starts at `step`): what the watchdog and the heartbeat read."""
+        """Step `step` ended: what the watchdog and the heartbeat read."""
         self.last = (step, time.time())
 
     def check(self, row: dict) -> None:
@@ -416,13 +418,15 @@ class Alerts:
             bisect.insort(self.speeds, speed)
 
     def fire(self, kind: str, message: str, step: int | None, level: str = "error", **details) -> None:
-        """Say the event in the log, and run the alert command on it (in the alerts' thread), unless an event of
-        this kind fired less than QUIET_S ago."""
+        """Say the event in the log, and run the alert command on it (in the alerts' thread) unless an event of
+        this kind was sent less than QUIET_S ago."""
         now = time.time()
-        if not self.enabled or (kind != "end" and now - self.fired.get(kind, -QUIET_S) < QUIET_S):
+        if not self.enabled:
+            return
+        self.say(f"alert {kind}: {message}", flush=True)
+        if kind != "end" and now - self.fired.get(kind, -QUIET_S) < QUIET_S:
             return
         self.fired[kind] = now
-        self.say(f"alert {kind}: {message}", flush=True)
         if self.runner is not None:
             self.commands.put({"event": kind, "level": level, "message": message, "step": step,
                                "time": local_time(now), "run_dir": str(self.out_dir.resolve()),
@@ -444,10 +448,9 @@ class Alerts:
                 self.say(f"alert command failed on {event['event']}: {e}", flush=True)
 
     def watch(self) -> None:
-        """The watchdog: every few seconds the heartbeat, when a step ended since, and a stall once per stall."""
+        """The watchdog: every WATCH_S the heartbeat, when a step ended since, and a stall, once per stall."""
         written = stalled = None
-        period = min(HEARTBEAT_S, self.stall_s / 4) if self.stall_s else HEARTBEAT_S
-        while not self.closed.wait(period):
+        while not self.closed.wait(WATCH_S):
             last = self.last
             if last is not None and last != written:
                 self.heartbeat("running")

@@ -910,7 +910,6 @@ def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Tra
                              epoch_size=len(train_ds), alerts=alerts)  # save("step_0000100"): the run as it is then
     loader = iter(make_loader(train_ds, cfg, world, tokenizer, run.consumed))
     t_last, tokens_since, waited, last_row = time.perf_counter(), 0, 0.0, {}
-    alerts.beat(run.step)  # the watchdog's clock starts
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -930,7 +929,7 @@ def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Tra
                 run.bad_in_row, run.bad_steps = run.bad_in_row + 1, run.bad_steps + 1
                 log(f"step {run.step}: non-finite loss or gradient norm; step skipped ({run.bad_in_row} in a row)")
             opt.zero_grad(set_to_none=True)
-            alerts.beat(run.step)
+            alerts.beat(run.step)  # the watchdog's clock (from the first step on: it compiles, records graphs)
             if run.bad_in_row >= cfg.train.max_bad_steps:
                 why = (f"{run.bad_in_row} non-finite steps in a row (max_bad_steps = {cfg.train.max_bad_steps}): the "
                        "loss or the gradients overflow")
