@@ -135,12 +135,12 @@ class MLflowTracker:
     def start(self, params: dict, tags: dict, saved: dict | None, resumed_step: int) -> dict:
         import logging
 
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
+        check_reachable(uri)
         from mlflow import MlflowClient
         from mlflow.entities import Param
         for name in ("mlflow", "alembic"):  # not the store's lines about making its tables
             logging.getLogger(name).setLevel(logging.WARNING)
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(self.out_dir / 'mlflow.db').resolve()}"
-        check_reachable(uri)
         self.client = client = MlflowClient(uri)
         if saved and saved.get("tracking_uri") == uri and resumed_step > 0:
             self.run_id = saved["run_id"]
@@ -297,6 +297,7 @@ class Trackers:
                                                                             project, artifacts, say)
         self.queue: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
+        self.started = threading.Event()  # set once each tracker started (or failed to)
 
     def start(self, params: dict, tags: dict, resumed_step: int) -> None:
         if self.names:
@@ -332,6 +333,7 @@ class Trackers:
                                                                                         resumed_step)})):
                 live.append(tracker)
         self.attempt(None, "save the trackers' run ids", lambda: write_atomic(state_file, saved))
+        self.started.set()
         while True:
             kind, *item = self.queue.get()
             if kind == "close":
