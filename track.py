@@ -41,7 +41,6 @@ import importlib.util
 import json
 import os
 import queue
-import shutil
 import socket
 import subprocess
 import threading

@@ -485,8 +485,9 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
         prompts = data.prompt_batches(ds, gen, 256, 1 << 16, cfg.train.max_new_tokens, tokenizer.pad_id,
                                       world.device, cfg.data.num_workers)
         with autocast(cache_enabled=False):  # a recording keeps no cast weights between replays
-            for answered in model.answer_batches(((list(zip(kept, answers)), batch) for kept, answers, _, batch in prompts
-                                                  if batch is not None), cfg.train.max_new_tokens,
+            for answered in model.answer_batches(((list(zip(kept, answers)), batch)
+                                                  for kept, answers, _, batch in prompts if batch is not None),
+                                                 cfg.train.max_new_tokens,
                                                  tokenizer.stop_ids, rows=256, slots=1 << 16,
                                                  **recorded_decoder(model.llm)):
                 for (i, answer), o in answered:
