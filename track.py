@@ -26,12 +26,13 @@ and W&B skip the rows they already hold, TensorBoard's readers drop the events p
     W&B           <out_dir>/wandb; WANDB_MODE=offline writes there only (`wandb sync` uploads it later)
 
 Alerts run `alert_command` in a shell, the event as JSON on its standard input and in environment variables
-(MMLORA_EVENT, MMLORA_LEVEL, MMLORA_MESSAGE, MMLORA_STEP, MMLORA_RUN_DIR), from a thread of their own. Events:
-nonfinite, spike, stall (no step ended for alert_stall_s, counted from the end of the first step, which compiles),
-slow, checkpoint_failed (level error or warning) and end (level info when the run finished or stopped, error when it
-crashed). Each kind but end fires at most once an hour (a stall once per stall), so a
-sick run pages once, not at every step. The heartbeat, <out_dir>/heartbeat.json, holds the last step, its time and
-the run's status, for a cluster's health checks.
+(MMLORA_EVENT, MMLORA_LEVEL, MMLORA_MESSAGE, MMLORA_STEP, MMLORA_RUN_DIR), from a thread of their own. Events, with
+their level: nonfinite (error: more non-finite steps in a row than train.max_bad_steps, the run stops), spike and
+slow (warning), stall (error: no step ended for alert_stall_s, counted from the end of the first step, which
+compiles), checkpoint_failed (error), and end (info when the run finished or stopped, error when it crashed). Every
+event is a line in the log; the command runs for each kind but end at most once an hour (a stall: once per stall),
+so a sick run pages once, not at every step. The heartbeat, <out_dir>/heartbeat.json, holds the last step, its time
+and the run's status, for a cluster's health checks.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def artifact_files(paths: list[Path], mode: str) -> list[tuple[Path, str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The trackers, each with the same five calls: start, scalars, samples, finish (and `logged`, the steps it holds)
+# The trackers, each with the same four calls: start, scalars, samples, finish; `logged`: the steps it holds
 
 
 class MLflowTracker:
@@ -319,6 +320,12 @@ class Trackers:
         self.thread = None
 
     def work(self, params: dict, tags: dict, resumed_step: int) -> None:
+        """The thread: start each tracker (continuing the run this folder's resume continues), then send each queued
+        row to each tracker that still works, until `close`."""
+        self.attempt(None, "run", lambda: self.serve(params, tags, resumed_step))
+        self.started.set()
+
+    def serve(self, params: dict, tags: dict, resumed_step: int) -> None:
         state_file = self.out_dir / "trackers.json"
         try:
             saved = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -357,7 +364,7 @@ class Trackers:
             return True
         except Exception as e:
             why = (str(e).strip().splitlines() or [""])[0][:300]
-            name = f"tracker {tracker.name}" if tracker else "trackers"
+            name = f"tracker {tracker.name}" if tracker else "the trackers"
             self.say(f"{name} stopped ({what}): {type(e).__name__}: {why}; metrics.csv/jsonl carry on", flush=True)
             return False
 

@@ -10,8 +10,9 @@ image-text, audio-text and image-audio pairs.
 Read top to bottom: model -> data stream -> schedule -> checkpoints -> metrics -> eval -> the step -> the loop
 (`fit`). What the loop leans on lives in files named for it: config.py (the TOML sections and their checks),
 distributed.py (ranks, collectives, DDP and FSDP2's sharding, train.strategy = "fsdp"), checkpoint.py (the run
-folder: lock, checkpoints, restore, export) and step_graph.py (the whole step as CUDA graphs, train.cuda_graph,
-an opt-in wrapper around `train_step`).
+folder: lock, checkpoints, restore, export), step_graph.py (the whole step as CUDA graphs, train.cuda_graph,
+an opt-in wrapper around `train_step`) and track.py (MLflow, TensorBoard and W&B fed with the metrics rows, alerts
+on a sick run, the heartbeat file).
 Every optimizer step consumes `batch_size * grad_accum * world_size` samples of one global stream (epoch-seeded
 permutations, concatenated), so the data position is one number and a resume on any number of ranks continues
 from the same global sample. The loss of a step is summed over tokens (Phase 1: pairs) and divided by the labelled
