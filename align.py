@@ -23,7 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import PAIR_KINDS, PairBatch
-from model import LLM, MODALITIES, Aligner, LossOutput, save_aligner, save_tensors, write_json
+from weights import save_tensors, write_json
+from model import LLM
+from encoders import Aligner, save_aligner
+from multimodal import MODALITIES, LossOutput
 
 
 def gather_one(x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -43,13 +43,17 @@ import torch.distributed as dist
 import data
 import demo
 import generate
+import build
 import track
 import train
 from checkpoint import TrainState, export
-from config import Config, load_config
+from config import TRACKERS, Config, load_config
 from distributed import World, materialize_sharded, read_shards, setup_distributed
-from model import (LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, MultimodalLM, VisionTower, WhisperTower,
-                   llm_skeleton, load_tokenizer, rope_inv_freq, sample, save_tensors, set_tensor, skeleton, write_json)
+from weights import save_tensors, set_tensor, skeleton, write_json
+from model import LLM, LLMConfig, llm_skeleton, rope_inv_freq, sample
+from tokenizer import load_tokenizer
+from encoders import Aligner, AlignerConfig, EncoderConfig, VisionTower, WhisperTower
+from multimodal import MultimodalLM
 from quant import NF4Linear, quantized_linears
 
 PEAK_FLOPS = 790e12
@@ -99,7 +103,7 @@ def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig
             llm = LLM(LLMConfig(**shape)).init_weights().to(torch.bfloat16)
     aligner = Aligner(aligner_config).to(device).requires_grad_(False).eval()
     media_ids = {"image": shape["vocab_size"] - 2, "audio": shape["vocab_size"] - 1}
-    model = train.assemble(cfg, llm, aligner, media_ids)
+    model = build.assemble(cfg, llm, aligner, media_ids)
     if sharded:
         materialize_sharded(model, cfg.train, world, random_shards)
     return cfg, model
@@ -329,7 +333,7 @@ def load_sharded(folder: str) -> None:
     llm.to(torch.bfloat16)
     small = AlignerConfig(dim=64, image=EncoderConfig(64, 1, 2), audio=EncoderConfig(64, 1, 2))
     vocab = llm.config.vocab_size
-    model = train.assemble(cfg, llm, Aligner(small), {"image": vocab - 2, "audio": vocab - 1})
+    model = build.assemble(cfg, llm, Aligner(small), {"image": vocab - 2, "audio": vocab - 1})
     materialize_sharded(model, cfg.train, world, lambda sharded: read_shards(sharded, files))
     held = sum(p.to_local().numel() * p.element_size() for p in model.llm.parameters()) / 2**30
     whole = sum(p.numel() * p.element_size() for p in model.llm.parameters()) / 2**30
@@ -485,7 +489,7 @@ def time_prediction(args, device: str = "cuda", n_val: int = 2000, shape: dict =
     text_only.write_text("".join(x + "\n" for x in val.read_text().splitlines()
                                  if '"image"' not in x and '"audio"' not in x))
     if not (export_dir / "mmlora.json").is_file():
-        _, mm = train.build_model(cfg, torch.device(device))
+        _, mm = build.build_model(cfg, torch.device(device))
         export(mm, export_dir, cfg)
         del mm
     rows = []
@@ -659,7 +663,7 @@ def workload(seq: int, **flags) -> dict:
             "compile_mode": "", "loss_chunk": 0, "offload": False, "trackers": None, **flags}
 
 
-ALL_TRACKERS = ",".join(track.PACKAGES)
+ALL_TRACKERS = ",".join(TRACKERS)
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
 GRIDS = {
     # QLoRA: the 7B shape in NF4 beside bf16 (eager, checkpointed, 8 x 2048), and the same with the checkpointed

@@ -27,7 +27,10 @@ import torch.nn as nn
 import lora
 from config import Config
 from distributed import World, shard_of, whole
-from model import MultimodalLM, check_tensors, copy_aligner, save_llm, save_tensors, write_json
+from weights import check_tensors, save_tensors, write_json
+from model import save_llm
+from encoders import copy_aligner
+from multimodal import MultimodalLM
 
 
 @dataclass

@@ -10,11 +10,9 @@ is an error that says what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 from dataclasses import dataclass, field
-
-import track
-from step_graph import GraphedStep
 
 
 @dataclass
@@ -145,6 +143,10 @@ CHOICES = {("train", "phase"): ("instruct", "align"), ("model", "dtype"): ("auto
            ("run", "tracker_artifacts"): ("light", "all", "none")}
 
 
+# the experiment trackers run.trackers may name (track.py), each with the package it needs
+TRACKERS = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
             ("data", "max_len"), ("model", "image_tokens"), ("model", "audio_tokens"), ("model", "loss_chunk"),
             ("run", "log_every"), ("data", "pad_multiple"), ("train", "keep_last"), ("train", "max_bad_steps"),
@@ -201,11 +203,21 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
     if cfg.run.alert_slow >= 1.0:
         raise ValueError(f"run.alert_slow = {cfg.run.alert_slow}; it must be below 1 (a share of the median tokens/s)")
-    track.check_trackers(cfg.run.trackers)
+    check_trackers(cfg.run.trackers)
     if cfg.lora.dropout >= 1.0:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
-    if cfg.train.cuda_graph:
-        GraphedStep.check_config(cfg)
+    if cfg.train.cuda_graph:  # what recording the step (step_graph.py) cannot record
+        if cfg.train.compile in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their "
+                             f"own (train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
+                             "\"max-autotune-no-cudagraphs\" (or none) with it")
+        if cfg.train.amp == "fp16":
+            raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
+        if cfg.data.pack:
+            raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
+                             "set data.pack = false with it")
+        if cfg.train.phase == "align":
+            raise ValueError("train.cuda_graph records Phase 2's step; set it to false with train.phase = \"align\"")
     if cfg.train.offload_activations and not cfg.train.activation_checkpointing:
         raise ValueError("train.offload_activations moves each checkpointed layer's input to host memory: set "
                          "train.activation_checkpointing = true with it")
@@ -241,6 +253,18 @@ def check_config(cfg: Config) -> None:
     if cfg.data.max_len <= longest:
         raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
                          "(model.image_tokens / model.audio_tokens); raise data.max_len")
+
+
+def check_trackers(names: list[str]) -> None:
+    """A ValueError naming what to install, or what is allowed, unless every tracker named is known and installed
+    (its package found, not imported)."""
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ValueError(f"run.trackers: unknown tracker {unknown[0]!r}; known: {', '.join(TRACKERS)}")
+    missing = [n for n in dict.fromkeys(names) if importlib.util.find_spec(TRACKERS[n]) is None]
+    if missing:
+        raise ValueError(f"run.trackers names {', '.join(missing)}, not installed here: pip install "
+                         f"{' '.join(TRACKERS[n] for n in missing)} (or pip install -r requirements-track.txt)")
 
 
 def config_from_dict(doc: dict, source: str, cfg: Config | None = None) -> Config:

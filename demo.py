@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from model import LLM, Aligner, AlignerConfig, EncoderConfig, LLMConfig, load_tokenizer, save_aligner, save_llm
+from model import LLM, LLMConfig, save_llm
+from tokenizer import load_tokenizer
+from encoders import Aligner, AlignerConfig, EncoderConfig, save_aligner
 from config import load_config
 from distributed import World
 

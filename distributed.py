@@ -27,7 +27,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from config import Config, TrainConfig
-from model import LLM, MultimodalLM, check_tensors, rope_inv_freq
+from weights import check_tensors
+from model import LLM, rope_inv_freq
+from multimodal import MultimodalLM
 
 
 @dataclass

@@ -28,9 +28,13 @@ from pathlib import Path
 import torch
 
 import data
-import train
-from model import (MODALITIES, MultimodalLM, Tokenizer, aligner_config, check_tensors, load_tokenizer, read_json,
-                   read_safetensors)
+
+import media
+import build
+from weights import check_tensors, read_json, read_safetensors, write_json
+from tokenizer import Tokenizer, load_tokenizer
+from encoders import aligner_config
+from multimodal import MODALITIES, MultimodalLM
 from checkpoint import (CheckpointWriteError, check_export_folder, checkpoints_in, export, read_checkpoint,
                         restore_trainable)
 from config import Config, config_from_dict
@@ -57,7 +61,7 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
     if manifest.is_file():
         doc = read_json(manifest, "")
         try:
-            tokenizer, model = train.build_model(cfg, target, adapters=False, tokenizer=tokenizer)
+            tokenizer, model = build.build_model(cfg, target, adapters=False, tokenizer=tokenizer)
             tensors = read_safetensors(folder / doc["projectors"])
         except ValueError as e:
             raise ValueError(f"{e}. In an export folder: {EXPORT_HINT}") from None
@@ -67,7 +71,7 @@ def load_run(folder: str | Path, checkpoint: str = "best", device: str | None = 
         model.projectors.load_state_dict(tensors)
     else:
         path = checkpoint_folder(folder, checkpoint)
-        tokenizer, model = train.build_model(cfg, target, tokenizer=tokenizer)
+        tokenizer, model = build.build_model(cfg, target, tokenizer=tokenizer)
         state, tensors = read_checkpoint(path, "trainable.safetensors", hint=CHECKPOINT_HINT)
         restore_trainable(path, state, tensors, model, instead="--checkpoint PATH of a checkpoint of this run")
     return model.eval(), tokenizer, cfg
@@ -156,8 +160,8 @@ def decode_medium(kind: str, path: str | Path, model: MultimodalLM, cfg: Config)
     if not f.is_file():
         raise FileNotFoundError(f"{f}: {kind} file not found")
     if kind == "image":
-        return data.preprocess_image(data.load_image(f), c)[None]
-    x = data.preprocess_audio(data.load_audio(f, c.sample_rate), c)
+        return media.preprocess_image(media.load_image(f), c)[None]
+    x = media.preprocess_audio(media.load_audio(f, c.sample_rate), c)
     if len(x) > cfg.data.max_audio_windows:
         raise ValueError(f"{f} fills {len(x)} windows of {c.clip_seconds:g} s, more than "
                          f"data.max_audio_windows = {cfg.data.max_audio_windows}; cut the clip")
@@ -225,7 +229,7 @@ def answer(model: MultimodalLM, tokenizer: Tokenizer, item: data.Item, max_new_t
 
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD's token-level F1 on the normalised answers (whitespace tokens)."""
-    p, r = train.normalize_answer(prediction).split(), train.normalize_answer(reference).split()
+    p, r = data.normalize_answer(prediction).split(), data.normalize_answer(reference).split()
     common = sum((collections.Counter(p) & collections.Counter(r)).values())
     if not p or not r:
         return float(p == r)
@@ -244,7 +248,7 @@ def prediction_metrics(rows: list[dict]) -> dict:
     """Exact match (training's normalisation) and token F1, overall and per mix of media."""
     def score(rs):
         return {"samples": len(rs),
-                "exact_match": sum(train.normalize_answer(r["prediction"]) == train.normalize_answer(r["reference"])
+                "exact_match": sum(data.normalize_answer(r["prediction"]) == data.normalize_answer(r["reference"])
                                    for r in rs) / max(len(rs), 1),
                 "f1": sum(token_f1(r["prediction"], r["reference"]) for r in rs) / max(len(rs), 1)}
     groups = collections.defaultdict(list)
@@ -367,14 +371,14 @@ def predict(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, path: str, o
             if now - shown >= 1.0 or written == len(todo):  # progress at most once a second
                 shown, rate = now, written / (now - t0)
                 print(f"{len(done) + written}/{len(done) + len(todo)} samples | {rate:.1f} samples/s | ETA "
-                      f"{train.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
+                      f"{data.duration((len(todo) - written) / max(rate, 1e-9))}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
     rows = [r for r in read_predictions(out).values() if r["id"] in samples.ids]
     metrics = prediction_metrics(rows)
     metrics["timing"] = {"samples": written, "seconds": round(seconds, 3), "samples_per_s": round(written / seconds, 1)
                          if seconds > 0 else None, "first_answer_s": None if first is None else round(first, 3),
                          "dataset_s": round(samples.dataset_s, 3)}
-    train.write_json(samples.metrics_file, metrics)
+    write_json(samples.metrics_file, metrics)
     return metrics
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import check_tensors, save_tensors, write_json
+from weights import check_tensors, save_tensors, write_json
 from quant import NF4Linear
 
 PEFT_PREFIX = "base_model.model."

@@ -187,7 +187,8 @@ def load_llm_nf4(path, device="cpu", dtype: torch.dtype = torch.bfloat16, block_
     """`model.load_llm` with the decoder layers' linear weights in NF4, each quantized on `device` as it is read
     from the safetensors files, one tensor at a time: the bf16 base is never whole in memory. Every key and shape is
     checked first, as `load_llm` checks them."""
-    from model import check_tensors, llm_skeleton, open_safetensors, rope_inv_freq, set_tensor
+    from weights import check_tensors, open_safetensors, set_tensor
+    from model import llm_skeleton, rope_inv_freq
 
     llm, files = llm_skeleton(path)
     names = quantized_linears(llm)

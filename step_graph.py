@@ -17,7 +17,7 @@ class GraphedStep:
     CUDA graph per batch shape and replayed.
 
     A replay is one launch for the whole step, where the step otherwise costs the host thousands of kernel
-    launches. What recording asks, all here or in `check_config`:
+    launches. What recording asks, all here or in config.py's `check_config`:
     - few shapes: each batch is padded by `Batch.pad_static` (rows to `pad_multiple`, labelled positions and media
       to few counts, at weight 0), since every shape is a graph of its own; at most `max_graphs` are recorded and
       the others run as they are;
@@ -46,21 +46,6 @@ class GraphedStep:
             m.recompute_dropout = True  # in compiled layers; memory the recorded step gets for free (`lora_down`)
         for g in opt.param_groups:
             g["capturable"] = True
-
-    @staticmethod
-    def check_config(cfg) -> None:
-        """Refuse what cannot be recorded, naming the key."""
-        if cfg.train.compile in ("reduce-overhead", "max-autotune"):
-            raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their "
-                             f"own (train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
-                             "\"max-autotune-no-cudagraphs\" (or none) with it")
-        if cfg.train.amp == "fp16":
-            raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
-        if cfg.data.pack:
-            raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
-                             "set data.pack = false with it")
-        if cfg.train.phase == "align":
-            raise ValueError("train.cuda_graph records Phase 2's step; set it to false with train.phase = \"align\"")
 
     def run(self, micro: list):
         """Run or record the step with the learning rates as device tensors, then give the groups their floats."""

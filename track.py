@@ -50,26 +50,12 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-# tracker -> (the module it needs, what to pip install)
-PACKAGES = {"mlflow": ("mlflow", "mlflow"), "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 CLOSE_TIMEOUT = 300.0  # seconds the trackers get at the end to send what is queued and their artifacts
 ALERT_TIMEOUT = 60.0  # seconds an alert command may run
 QUIET_S = 3600.0  # an alert of one kind fires at most once in this many seconds
 MIN_ROWS = 5  # logged training rows before a loss spike or a slow row is judged (the first ones compile, warm up)
 SPIKE_FLOOR = 0.1  # a spike must also exceed the moving average by this much: ratios of losses near zero are noise
 WATCH_S = 1.0  # seconds between the watchdog's looks
-
-
-def check_trackers(names: list[str]) -> None:
-    """A ValueError naming what to install, or what is allowed, unless every tracker named is known and installed
-    (its package found, not imported)."""
-    unknown = [n for n in names if n not in PACKAGES]
-    if unknown:
-        raise ValueError(f"run.trackers: unknown tracker {unknown[0]!r}; known: {', '.join(PACKAGES)}")
-    missing = [n for n in dict.fromkeys(names) if importlib.util.find_spec(PACKAGES[n][0]) is None]
-    if missing:
-        raise ValueError(f"run.trackers names {', '.join(missing)}, not installed here: pip install "
-                         f"{' '.join(PACKAGES[n][1] for n in missing)} (or pip install -r requirements-track.txt)")
 
 
 def flatten(doc: dict, prefix: str = "") -> dict:
@@ -265,7 +251,7 @@ class WandbTracker:
         self.wandb.teardown()  # waits for W&B's service to write the run's files whole
 
 
-TRACKERS = {t.name: t for t in (MLflowTracker, TensorBoardTracker, WandbTracker)}
+TRACKERS = {t.name: t for t in (MLflowTracker, TensorBoardTracker, WandbTracker)}  # as config.TRACKERS names
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

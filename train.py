@@ -42,143 +42,24 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.attention.flex_attention import BlockMask
 
 import align
 import data
-import lora
 import track
-from checkpoint import (CheckpointReadError, CheckpointWriteError, RunLock, TrainState, clean_leftovers, export,
-                        load_checkpoint, optimizer_state, resume_candidates, rng_state, trainable_state,
-                        write_checkpoint, write_folder)
+from weights import weights_hash, write_json
+from model import LLM, until_stop
+from tokenizer import Tokenizer, load_tokenizer
+from encoders import Aligner, load_aligner
+from multimodal import LossOutput, MultimodalLM, parameter_report
+from media import load_audio, load_image
+from quant import NF4Linear
+from step_graph import GraphedStep
 from config import Config, TrainConfig, load_config
 from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel, gather_rows,
-                         gradient_sync, is_sharded, materialize_sharded, read_shards, setup_distributed, whole)
-from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, cross_entropy_chunk,
-                   document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm, load_tokenizer,
-                   parameter_report, until_stop, weights_hash, write_json)
-from quant import NF4Linear, load_llm_nf4
-from step_graph import GraphedStep
-
-# ----------------------------------------------------------------------------------------------------------------
-# The model: built whole on each rank (ddp), or sharded over the ranks as it is read (fsdp; distributed.py)
-
-
-def build_model(cfg: Config, device: torch.device, adapters: bool = True, world: World | None = None,
-                tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, MultimodalLM | align.AlignModel]:
-    """Tokenizer (`tokenizer` if one was loaded already), LLM (frozen, with LoRA unless `adapters` is False), frozen
-    aligner and projectors, as the config says; in Phase 1 (train.phase = "align") the aligner to train, on the
-    frozen LLM (`align.AlignModel`). With train.strategy = "fsdp", the model sharded over `world`
-    (`build_sharded`)."""
-    tokenizer = tokenizer or load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    if cfg.train.strategy == "fsdp":
-        return tokenizer, build_sharded(cfg, world or World(device=device), tokenizer, dtype)
-    if cfg.model.quantize == "nf4":  # QLoRA: the decoder layers' weights in NF4, quantized as they are read
-        llm = load_llm_nf4(cfg.model.llm, device, dtype, cfg.model.quant_block, cfg.model.double_quant)
-    else:
-        llm = load_llm(cfg.model.llm, device, dtype)
-    if cfg.train.phase == "align":
-        aligner = load_aligner(cfg.model.aligner, device, init_missing=True)
-        torch.manual_seed(cfg.train.seed)  # the same text head on every rank
-        return tokenizer, align.AlignModel(aligner, llm, cfg.train.align_encoders).to(device)
-    aligner = load_aligner(cfg.model.aligner, device)
-    media_ids = {m: tokenizer.media_token_id(m) for m in MODALITIES}
-    return tokenizer, assemble(cfg, llm, aligner, media_ids, adapters)
-
-
-def build_sharded(cfg: Config, world: World, tokenizer: Tokenizer, dtype: torch.dtype) -> MultimodalLM:
-    """`build_model` under FSDP, with no whole copy of the base anywhere: the LLM is built on the meta device,
-    LoRA, projectors and aligner are made as `assemble` makes them (LoRA on the CPU: its base has no device yet),
-    the model is sharded, and each rank reads only its rows of each base weight from the safetensors files, one
-    file at a time."""
-    if world.size < 2:
-        raise ValueError("train.strategy = \"fsdp\" shards the model over torchrun's processes: run it under torchrun "
-                         "with 2 or more (bash launch.sh CONFIG), or use train.strategy = \"ddp\" on one process")
-    llm, files = llm_skeleton(cfg.model.llm)
-    llm.to(dtype)
-    aligner = load_aligner(cfg.model.aligner, world.device)
-    model = assemble(cfg, llm, aligner, {m: tokenizer.media_token_id(m) for m in MODALITIES})
-    materialize_sharded(model, cfg.train, world, lambda sharded_llm: read_shards(sharded_llm, files))
-    return model
-
-
-def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int], adapters: bool = True
-             ) -> MultimodalLM:
-    """Add projectors and LoRA (unless `adapters` is False: an LLM with LoRA merged) to a loaded LLM and aligner;
-    set activation checkpointing and compilation."""
-    torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
-    H, D = llm.config.hidden_size, aligner.config.dim
-    K = cfg.model.tokens_per_media
-    projectors = {m: Projector(D, cfg.model.projector_hidden or H, H, K[m], cfg.model.projector_mode)
-                  for m in MODALITIES}
-    if cfg.model.shared_projector:
-        projectors = {m: projectors["image"] for m in MODALITIES}
-    projectors = nn.ModuleDict(projectors).to(next(aligner.parameters()).device)
-    if adapters:
-        targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
-        lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
-    else:
-        llm.requires_grad_(False)
-    lora.fuse_qkv(llm)
-    llm.gradient_checkpointing = cfg.train.activation_checkpointing
-    llm.offload_activations = cfg.train.offload_activations
-    model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
-    compile_model(model, cfg.train)
-    return model
-
-
-def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
-    """torch.compile where it pays, and the compiler's settings, in one place.
-
-    On a GPU the loss's chunk is compiled, so that the softmax and its gradient are a few fused passes over the
-    logits. With `train.compile`, each decoder layer is compiled (one graph, shared by all layers: same code, same
-    shapes). Evaluation and generation run them eager (`evaluate` sets torch.compiler's "force_eager" stance),
-    since their shapes change from call to call."""
-    on_gpu = next(model.aligner.parameters()).is_cuda  # (the LLM may still be on the meta device, to be sharded)
-    if on_gpu:
-        model.chunk_loss = torch.compile(cross_entropy_chunk, dynamic=True)
-    if cfg.compile == "none":
-        return
-    # compiled, flex attention skips what packed rows' masks hide; not in the modes that record each layer as a CUDA
-    # graph, which would record it again at every step (each step's block mask is made of new tensors)
-    if on_gpu and cfg.compile in ("default", "max-autotune-no-cudagraphs"):
-        model.document_mask = training_document_mask
-    dynamic = None
-    if cfg.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones with the
-        dynamic = False  # recomputation inside; one compilation per batch shape, not eager after Dynamo's default 8
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    # dropout through ATen's generator rather than Inductor's: the compiled layers draw the masks the eager layers
-    # draw (so compiled and eager steps agree), and the step is faster (BENCHMARKS.md)
-    torch._inductor.config.fallback_random = True
-    torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
-    mode = None if cfg.compile == "default" else cfg.compile
-    for layer in model.llm.model.layers:
-        if cfg.strategy == "fsdp":  # the layer's forward only: FSDP's hooks on the layer stay outside the compiled code
-            layer.forward = torch.compile(layer.forward, mode=mode, dynamic=dynamic)
-        else:
-            layer.compile(mode=mode, dynamic=dynamic)
-
-
-def training_document_mask(doc: torch.Tensor) -> torch.Tensor | BlockMask:
-    """Packed rows' mask where the layers are compiled: a BlockMask for the training step's flex attention; the
-    dense mask for evaluation, which runs the layers eager (flex attention uncompiled computes every score)."""
-    return document_block_mask(doc) if torch.is_grad_enabled() else document_mask(doc)
-
-
-def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[nn.Parameter]]:
-    """The parts of the model as the parameter report shows them."""
-    if isinstance(model, align.AlignModel):
-        return {"aligner": list(model.aligner.parameters()), "text head": [*model.text_head.parameters(),
-                                                                           model.logit_scale],
-                "llm": list(model.llm.parameters())}
-    named = list(model.llm.named_parameters())
-    # an NF4 weight is buffers, not a parameter: a meta tensor of its shape counts it as frozen
-    nf4 = [torch.empty(m.out_features, m.in_features, device="meta") for m in model.llm.modules()
-           if isinstance(m, NF4Linear)]
-    return {"aligner": list(model.aligner.parameters()), "projectors": list(model.projectors.parameters()),
-            "llm": [p for n, p in named if ".lora_" not in n] + nf4, "lora": [p for n, p in named if ".lora_" in n]}
+    gradient_sync, is_sharded, setup_distributed, whole)
+from checkpoint import (CheckpointReadError, CheckpointWriteError, RunLock, TrainState, clean_leftovers, export,
+    load_checkpoint, optimizer_state, resume_candidates, rng_state, trainable_state, write_checkpoint, write_folder)
+from build import build_model, parameter_groups
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,18 +285,9 @@ def model_flops_utilization(model: MultimodalLM | align.AlignModel, micro: list[
     return flops_per_token(model, seq, labelled) * tokens_per_s / (peak * world.size)
 
 
-def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 5400 \
-        else f"{seconds / 3600:.1f} h"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Eval: validation loss (all and per modality) and exact-match accuracy of greedy answers
 
-
-def normalize_answer(text: str) -> str:
-    """What exact-match accuracy compares: the answer without surrounding space, in lower case."""
-    return text.strip().lower()
 
 
 def eager_layers(fn):
@@ -505,7 +377,7 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
 def score(tokens: list[int], answer: str, tokenizer: Tokenizer) -> torch.Tensor:
     """(1 if the answer, cut at its first stop token, is the reference under `normalize_answer`, else 0; 1)."""
     tokens = until_stop(tokens, tokenizer.stop_ids)
-    return torch.tensor([float(normalize_answer(tokenizer.decode(tokens)) == normalize_answer(answer)), 1.0],
+    return torch.tensor([float(data.normalize_answer(tokenizer.decode(tokens)) == data.normalize_answer(answer)), 1.0],
                         device=torch.device("cpu"))
 
 
@@ -520,8 +392,8 @@ def prediction_sample(ds: data.ConversationDataset, i: int, tokens: list[int], a
               "reference": answer, "correct": correct, "images": [], "audio": []}
     rate = ds.aligner_config.sample_rate
     with contextlib.suppress(Exception):  # a medium that no longer decodes is left out of the table
-        sample["images"] = [data.load_image(p).permute(1, 2, 0).numpy() for p in ex.media["image"][:1]]
-        sample["audio"] = [(data.load_audio(p, rate).numpy(), rate, p) for p in ex.media["audio"][:1]]
+        sample["images"] = [load_image(p).permute(1, 2, 0).numpy() for p in ex.media["image"][:1]]
+        sample["audio"] = [(load_audio(p, rate).numpy(), rate, p) for p in ex.media["audio"][:1]]
     return sample
 
 
@@ -836,7 +708,7 @@ def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int
         eta = (cfg.train.max_steps - run.step) * row["step_time"]
         speed = f"{row[f'{unit}_per_s']:,.0f} {'tok' if unit == 'tokens' else unit}/s"
         print(f"step {run.step:>6} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | {speed} | "
-              f"ETA {duration(eta)} | {'mem' if world.device.type == 'cuda' else 'host mem'} "
+              f"ETA {data.duration(eta)} | {'mem' if world.device.type == 'cuda' else 'host mem'} "
               f"{row['peak_mem_gib']:.2f} GiB")
     return row
 

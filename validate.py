@@ -29,8 +29,9 @@ import torch
 import data
 import demo
 import lora
+import build
 import train
-from model import MODALITIES, parameter_report
+from multimodal import MODALITIES, parameter_report
 from checkpoint import load_checkpoint, optimizer_state, rng_state, trainable_state, write_checkpoint
 from config import Config, check_config, load_config
 from distributed import World
@@ -94,12 +95,12 @@ class Validator:
                 f"(train.compile = {self.compile!r}, train.cuda_graph = {self.cuda_graph} when training)")
 
     def model_init(self) -> str:
-        self.tokenizer, self.model = train.build_model(self.cfg, self.device)
-        print(parameter_report(train.parameter_groups(self.model)))
+        self.tokenizer, self.model = build.build_model(self.cfg, self.device)
+        print(parameter_report(build.parameter_groups(self.model)))
         return f"{sum(p.numel() for p in self.model.parameters()):,} parameters"
 
     def freezing(self) -> str:
-        groups = train.parameter_groups(self.model)
+        groups = build.parameter_groups(self.model)
         if self.phase1:
             return self.freezing_phase1(groups)
         for part in ("aligner", "llm"):
@@ -226,7 +227,7 @@ class Validator:
         except OSError as e:
             raise CheckFailed(f"cannot write a checkpoint in {folder}: {e}",
                               "make run.out_dir a writable folder with free space") from None
-        _, fresh = train.build_model(self.cfg, self.device)
+        _, fresh = build.build_model(self.cfg, self.device)
         _, opt2 = self.step(fresh)
         load_checkpoint(path, fresh, opt2, scaler, World())
         a, b = trainable_state(self.model), trainable_state(fresh)
@@ -253,7 +254,7 @@ class Validator:
 
     def short_run(self) -> str:
         steps = 20 if self.quick else 60
-        _, model = train.build_model(self.cfg, self.device)
+        _, model = build.build_model(self.cfg, self.device)
         step, opt = self.step(model, lr=1e-2 if self.phase1 else 3e-3)
         model.train()
         losses = []

@@ -160,11 +160,11 @@ def small_bench(device: str, **flags):
     import argparse
 
     import bench
-    import model
+    import encoders
     args = argparse.Namespace(**{**bench.workload(128, compile=False), "batch": 2, "compile_mode": "", **flags})
     shape = dict(bench.QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    small = model.AlignerConfig(dim=32, image=model.EncoderConfig(32, 1, 2), audio=model.EncoderConfig(32, 1, 2),
+    small = encoders.AlignerConfig(dim=32, image=encoders.EncoderConfig(32, 1, 2), audio=encoders.EncoderConfig(32, 1, 2),
                                 image_size=32, patch_size=8)
     return (args, *bench.build(args, device, shape, small))
 

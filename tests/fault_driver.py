@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import model  # noqa: E402
+import multimodal  # noqa: E402
 import train  # noqa: E402
 
 kind = os.environ["FAULT"]
@@ -22,7 +22,7 @@ if kind == "slow_fsync":
         real_fsync(fd)
     os.fsync = slow_fsync
 else:
-    real_forward = model.MultimodalLM.forward
+    real_forward = multimodal.MultimodalLM.forward
     calls = 0
 
     def forward(self, batch):
@@ -34,6 +34,6 @@ else:
                 raise RuntimeError("injected fault")
             out.loss_sum = out.loss_sum * float("nan")
         return out
-    model.MultimodalLM.forward = forward
+    multimodal.MultimodalLM.forward = forward
 
 train.main(sys.argv[1:])

@@ -14,13 +14,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
+import build
 import train  # noqa: E402
 from config import load_config
 from distributed import data_parallel, gather_rows, setup_distributed
 
 cfg = load_config(None, sys.argv[1:])
 world = setup_distributed(cfg)
-tokenizer, model = train.build_model(cfg, world.device)
+tokenizer, model = build.build_model(cfg, world.device)
 if world.size > 1:
     model.gather = functools.partial(gather_rows, world=world)
 ds = train.make_dataset(cfg, cfg.data.train_file, tokenizer, model.aligner)

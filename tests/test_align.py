@@ -12,8 +12,10 @@ from conftest import ROOT, align_config, cli_args, demo_config, final_weights, r
 import align
 import data
 import generate
+import build
 import train
-from model import load_aligner, load_tokenizer
+from tokenizer import load_tokenizer
+from encoders import load_aligner
 from distributed import World
 
 
@@ -178,7 +180,7 @@ def test_two_ranks_give_the_losses_and_gradients_of_one(demo_dir, tmp_path):
                    env={"GLOBAL": "6", "GRADS_OUT": str(tmp_path / "2.pt")})
     assert res.returncode == 0, res.stderr[-3000:]
     world = World()  # 1 rank, in this process: the driver's step on all 6 pairs
-    tokenizer, model = train.build_model(cfg, world.device)
+    tokenizer, model = build.build_model(cfg, world.device)
     ds = train.make_dataset(cfg, cfg.data.train_file, tokenizer, model.aligner)
     scaler, autocast = train.mixed_precision(cfg.train, world.device)
     train.forward_backward(model, [data.collate_pairs([ds[i] for i in range(6)], tokenizer.pad_id)], scaler,

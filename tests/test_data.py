@@ -12,9 +12,13 @@ import torch
 from conftest import demo_config
 
 import data
+
+import media
 import demo
+import build
 import train
-from model import MODALITIES, document_block_mask, load_tokenizer
+from tokenizer import load_tokenizer
+from multimodal import MODALITIES, document_block_mask
 
 
 def write_wav(path, samples: np.ndarray, rate: int, width: int, channels: int = 1):
@@ -40,7 +44,7 @@ def test_wav_decoding_across_depths_and_channels(tmp_path, width, channels):
     else:
         raw = q.astype({2: "<i2", 4: "<i4"}[width])
     write_wav(tmp_path / "a.wav", raw, 16000, width, channels)
-    out = data.load_audio(tmp_path / "a.wav", 16000)
+    out = media.load_audio(tmp_path / "a.wav", 16000)
     assert out.dtype == torch.float32 and out.shape == (800,)
     np.testing.assert_allclose(out.numpy(), x.mean(1), atol=2.0 / 2 ** (bits - 1) + 1e-6)
 
@@ -48,7 +52,7 @@ def test_wav_decoding_across_depths_and_channels(tmp_path, width, channels):
 def test_wav_is_resampled_to_the_aligner_rate(tmp_path):
     t = np.arange(8000) / 8000
     write_wav(tmp_path / "a.wav", (np.sin(2 * np.pi * 200 * t) * 20000).astype(np.int16), 8000, 2)
-    out = data.load_audio(tmp_path / "a.wav", 16000)
+    out = media.load_audio(tmp_path / "a.wav", 16000)
     assert out.shape == (16000,)
     ref = np.sin(2 * np.pi * 200 * np.arange(16000) / 16000) * 20000 / 32768
     assert np.abs(out.numpy()[100:-100] - ref[100:-100]).max() < 0.02
@@ -60,7 +64,7 @@ def test_images_from_npy_and_png(tmp_path):
     np.save(tmp_path / "a.npy", img)
     Image.fromarray(img).save(tmp_path / "a.png")
     for f in ("a.npy", "a.png"):
-        out = data.load_image(tmp_path / f)
+        out = media.load_image(tmp_path / f)
         assert out.dtype == torch.uint8 and out.shape == (3, 20, 30)
         assert torch.equal(out, torch.from_numpy(img).permute(2, 0, 1))
 
@@ -152,7 +156,7 @@ def test_bad_samples_raise_or_are_skipped(tmp_path, demo_dir, case):
     np.save(media / "cube.npy", np.zeros((2, 2, 100), np.float32))
     np.save(tmp_path / "outside.npy", np.zeros((4, 4, 3), np.uint8))
     tok = load_tokenizer(demo_dir / "llm", chat_format="chatml")
-    from model import load_aligner
+    from encoders import load_aligner
     acfg = load_aligner(demo_dir / "aligner-init").config
     kw = dict(tokens_per_media={"image": 16, "audio": 8}, max_len=128)
     with pytest.raises(data.SampleError, match=re.escape(reason)) as e:
@@ -176,7 +180,7 @@ def test_skipped_samples_are_written_and_counted(tmp_path, demo_dir):
 
 def model_and_data(demo_dir, tmp_path, **kw):
     cfg = demo_config(demo_dir, tmp_path, **kw)
-    tok, mm = train.build_model(cfg, torch.device("cpu"))
+    tok, mm = build.build_model(cfg, torch.device("cpu"))
     ds = data.ConversationDataset(cfg.data.train_file, tok, mm.aligner.config, {"image": 16, "audio": 8}, 128,
                                   feature_cache=train.cache_folder(cfg, cfg.data.train_file))
     return cfg, tok, mm, ds
@@ -319,7 +323,7 @@ def test_demo_is_deterministic(tmp_path):
 
 def test_chunked_loss_equals_full_logits_cross_entropy():
     """The chunked loss and its gradient equal cross-entropy over full logits (the unoptimised path)."""
-    from model import LinearCrossEntropy
+    from multimodal import LinearCrossEntropy
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(50, 16, generator=g)
@@ -432,7 +436,7 @@ def test_mel_filterbank_equals_transformers():
     """The audio encoder's HTK-mel filters are those of transformers' `mel_filter_bank` (no normalisation)."""
     from transformers.audio_utils import mel_filter_bank
 
-    from model import mel_filterbank
+    from encoders import mel_filterbank
     for n_fft, n_mels, rate in ((400, 40, 16000), (400, 80, 16000), (512, 64, 22050)):
         ref = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
                               max_frequency=rate / 2, sampling_rate=rate, norm=None, mel_scale="htk")
@@ -445,10 +449,10 @@ def test_image_preprocessing_equals_pillow(size):
     within one grey level."""
     from PIL import Image
 
-    from model import AlignerConfig
+    from encoders import AlignerConfig
     img = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
     cfg = AlignerConfig(image_size=32, image_mean=(0.48, 0.46, 0.41), image_std=(0.27, 0.26, 0.28))
-    ours = data.preprocess_image(torch.from_numpy(img).permute(2, 0, 1), cfg).permute(1, 2, 0).numpy()
+    ours = media.preprocess_image(torch.from_numpy(img).permute(2, 0, 1), cfg).permute(1, 2, 0).numpy()
     ref = np.asarray(Image.fromarray(img).resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255.0
     ref = (ref - np.array(cfg.image_mean)) / np.array(cfg.image_std)
     assert np.abs(ours - ref).max() < 1.0 / 255.0 / min(cfg.image_std)
@@ -458,7 +462,7 @@ def test_long_audio_becomes_windows_of_k_tokens_each(demo_dir, tmp_path):
     """A clip longer than the aligner's window (1 s in the demo) is never cut: it becomes consecutive windows, each
     with its K placeholder tokens, up to data.max_audio_windows; beyond, an error that names its duration."""
     tok = load_tokenizer(demo_dir / "llm", chat_format="chatml")
-    from model import load_aligner
+    from encoders import load_aligner
     acfg = load_aligner(demo_dir / "aligner-init").config
     wave_ = (np.sin(np.arange(40000) * 0.05) * 20000).astype(np.int16)  # 2.5 s at 16 kHz
     (tmp_path / "media").mkdir()

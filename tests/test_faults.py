@@ -15,8 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
+
+import media
+import build
 import train
-from model import load_aligner, load_tokenizer
+from tokenizer import load_tokenizer
+from encoders import load_aligner
 from checkpoint import CheckpointWriteError, find_resume, load_checkpoint
 from distributed import World
 
@@ -27,7 +31,7 @@ def loads_cleanly(cfg) -> int:
     """Resume as train.py would: the checkpoint it picks loads into a fresh model. Returns its step."""
     path = find_resume(cfg)
     assert path is not None and not path.name.startswith(".")
-    _, mm = train.build_model(cfg, torch.device("cpu"))
+    _, mm = build.build_model(cfg, torch.device("cpu"))
     opt, _ = train.make_optimizer(mm, cfg.train)
     scaler, _ = train.mixed_precision(cfg.train, torch.device("cpu"))
     return load_checkpoint(path, mm, opt, scaler, World()).step
@@ -220,7 +224,7 @@ def test_fuzz_media_decoders(tmp_path_factory, blob, suffix):
     path = tmp_path_factory.mktemp("m") / f"x{suffix}"
     path.write_bytes(blob)
     try:
-        out = data.load_audio(path, 16000) if suffix in (".wav", ".npy") else data.load_image(path)
+        out = media.load_audio(path, 16000) if suffix in (".wav", ".npy") else media.load_image(path)
         assert out.dtype in (torch.float32, torch.uint8)
     except ValueError as e:  # the one documented error, naming the file
         assert str(path) in str(e) and "cannot decode" in str(e)

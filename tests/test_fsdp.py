@@ -83,13 +83,14 @@ SHARD_DRIVER = r'''
 import json, os, sys
 import torch
 sys.path.insert(0, os.getcwd())
+import build
 import train
 from config import load_config
 from distributed import setup_distributed, shard_rows
 from model import load_llm
 cfg = load_config(None, sys.argv[1:])
 world = setup_distributed(cfg)
-_, model = train.build_model(cfg, world.device, world=world)
+_, model = build.build_model(cfg, world.device, world=world)
 full = load_llm(cfg.model.llm)
 out = {}
 for name, p in model.llm.named_parameters():

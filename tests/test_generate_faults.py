@@ -11,7 +11,7 @@ import pytest
 import data
 import generate
 import lora
-import model
+import multimodal
 from checkpoint import CheckpointReadError, export, read_checkpoint
 
 
@@ -155,14 +155,14 @@ def test_ctrl_c_in_predict_says_where_the_predictions_are_and_resumes(trained_ru
     pred = tmp_path / "pred.jsonl"
     args = ["--run", trained_run, "--predict", val_copy, "--out", pred, "--batch_size", 4]
     calls = []
-    real = model.MultimodalLM.generate
+    real = multimodal.MultimodalLM.generate
 
     def interrupted(self, *a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(self, *a, **k)
-    monkeypatch.setattr(model.MultimodalLM, "generate", interrupted)
+    monkeypatch.setattr(multimodal.MultimodalLM, "generate", interrupted)
     code, _, err = run(args, capsys)
     last = err.strip().splitlines()[-1]
     assert code == 130 and "Traceback" not in err and f"4 predictions are in {pred}" in last and "--resume" in last

@@ -1,5 +1,5 @@
 """The project's files as a reader and a vendoring user rely on them: each file imports only files below it (no
-circles, type-only imports counted), model.py stands alone, the fast decoder's Triton code stays out of
+circles, type-only imports counted), the LLM needs only its weights' reader and config.py nothing of the project, the fast decoder's Triton code stays out of
 generate.py, and importing the user's entry points leaves the compiler and FSDP out until they are used."""
 import ast
 import subprocess
@@ -23,7 +23,7 @@ def project_imports() -> dict[str, set[str]]:
     return graph
 
 
-def test_no_import_circles_and_model_py_stands_alone():
+def test_no_import_circles_and_files_import_only_files_below_them():
     graph = project_imports()
     state: dict[str, str] = {}
 
@@ -37,13 +37,30 @@ def test_no_import_circles_and_model_py_stands_alone():
     for u in sorted(graph):
         if u not in state:
             visit(u, [])
-    assert graph["model"] == set(), graph["model"]
-    order = ["model", "quant_kernels", "quant", "lora", "data", "align", "decode_kernels", "decode", "step_graph", "track",
-             "config", "distributed", "checkpoint", "train", "demo", "generate", "validate", "bench"]  # README's table
+    assert graph["weights"] == set() and graph["model"] == {"weights"}, graph["model"]  # the LLM alone, vendorable
+    assert graph["config"] == set(), graph["config"]
+    order = ["weights", "model", "tokenizer", "encoders", "multimodal", "quant_kernels", "quant", "lora", "media",
+             "data", "align", "decode_kernels", "decode", "step_graph", "config", "track", "distributed", "checkpoint",
+             "build", "train", "demo", "generate", "validate", "bench"]  # README's table
     assert sorted(order) == sorted(graph)
     for i, name in enumerate(order):
         assert graph[name] <= set(order[:i]), f"{name}.py imports {sorted(graph[name] - set(order[:i]))}, below it"
     assert "demo" not in graph["train"] and "train" in graph["demo"]  # the demo sits above training
+
+
+HEAVY = ("torch._dynamo", "torch._inductor", "torch.distributed.fsdp", "triton", "sympy")
+# What the code below prints: the heavy modules that the project's imports (and `then`) load beyond bare torch.
+# Measured against `import torch` of the same version, so a torch that loads one of them itself changes nothing.
+LIGHT = ("import sys; sys.path.insert(0, sys.argv[1]); import torch; before = set(sys.modules); {imports}; {then}; "
+         "print(sorted({{m for m in set(sys.modules) - before if m.split('.')[0] in {{'triton', 'sympy'}} or "
+         "any(m == h or m.startswith(h + '.') for h in {heavy})}}))")
+
+
+def loaded_beyond_torch(imports: str, then: str = "pass", *args: str) -> list[str]:
+    code = LIGHT.format(imports=imports, then=then, heavy=HEAVY)
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return eval(r.stdout.strip().splitlines()[-1])
 
 
 def test_generate_py_holds_no_triton_and_entry_points_import_light():
@@ -52,19 +69,15 @@ def test_generate_py_holds_no_triton_and_entry_points_import_light():
     top = {a.name for node in ast.parse((ROOT / "decode.py").read_text()).body if isinstance(node, ast.Import)
            for a in node.names}
     assert not top & {"decode_kernels", "triton"}, top
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import generate, train, decode; "
-            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.fsdp', 'triton', 'sympy') "
-            "if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    assert loaded_beyond_torch("import generate, train, decode") == []
 
 
 def test_loading_a_run_leaves_the_compiler_out(trained_run):
     """generate.load_run builds the model on the meta device without random init (which would import the
     compiler there) and reads its weights: one question's start pays for no dynamo, sympy or FSDP."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import generate; generate.load_run(sys.argv[2]); "
-            "print(sorted(m for m in ('torch._dynamo', 'torch.distributed.fsdp', 'triton', 'sympy') "
-            "if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code, str(ROOT), str(trained_run)], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    assert loaded_beyond_torch("import generate", "generate.load_run(sys.argv[2])", str(trained_run)) == []
+
+
+def test_the_lightness_check_sees_what_it_looks_for():
+    """The check above names the compiler when something loads it, so it can fail."""
+    assert "torch._dynamo" in loaded_beyond_torch("import model", "import torch._dynamo")

@@ -6,7 +6,10 @@ import torch
 from conftest import FAMILIES, build_hf
 
 import model
-from model import load_llm, load_tokenizer
+import multimodal
+import encoders
+from model import load_llm
+from tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -203,11 +206,11 @@ def test_multimodal_generation_equals_transformers(hf_models):
     folder, hf = hf_models["llama"]
     llm = load_llm(folder)
     H = llm.config.hidden_size
-    small = model.EncoderConfig(16, 1, 2)
+    small = encoders.EncoderConfig(16, 1, 2)
     torch.manual_seed(0)
-    aligner = model.Aligner(model.AlignerConfig(dim=16, image=small, audio=small, image_size=16, patch_size=8)).eval()
-    projectors = torch.nn.ModuleDict({m: model.Projector(16, 32, H, 3) for m in model.MODALITIES})
-    mm = model.MultimodalLM(llm, aligner, projectors, {"image": 5, "audio": 6})
+    aligner = encoders.Aligner(encoders.AlignerConfig(dim=16, image=small, audio=small, image_size=16, patch_size=8)).eval()
+    projectors = torch.nn.ModuleDict({m: multimodal.Projector(16, 32, H, 3) for m in multimodal.MODALITIES})
+    mm = multimodal.MultimodalLM(llm, aligner, projectors, {"image": 5, "audio": 6})
     image = data.Media(torch.arange(2, 5), raw=torch.randn(1, 3, 16, 16))
     audio = data.Media(torch.arange(1, 4), raw=torch.randn(1, 16000) * 0.1)
     items = [data.Item("a", [10, 11, 5, 5, 5, 12, 13], [-100] * 7, {"image": image}),

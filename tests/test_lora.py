@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import QWEN25_05B_CONFIG, randomize_lora
 
 import model
+import multimodal
 from lora import (StackedLinear, apply_lora, fuse_qkv, load_adapter, lora_down, merge_lora, save_adapter,
                   unmerge_lora)
 from model import load_llm
@@ -194,5 +195,5 @@ def test_parameter_report_counts_parts():
     apply_lora(llm, rank=16, alpha=32)
     lora = [p for n, p in llm.named_parameters() if ".lora_" in n]
     base = [p for n, p in llm.named_parameters() if ".lora_" not in n]
-    report = model.parameter_report({"llm": base, "lora": lora})
+    report = multimodal.parameter_report({"llm": base, "lora": lora})
     assert "2,162,688" in report and "494,032,768" in report

@@ -10,6 +10,7 @@ from conftest import demo_config, final_weights, rows
 import generate
 import lora
 import quant
+import build
 import train
 from checkpoint import export
 from config import load_config
@@ -114,14 +115,14 @@ def test_a_qlora_run_resumes_exactly_and_exports_for_transformers_and_peft(demo_
     assert [r["loss"] for r in rows(tmp_path / "a")] == [r["loss"] for r in rows(tmp_path / "b")]
     wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and out
-    _, mm = train.build_model(straight, torch.device("cpu"))
+    _, mm = build.build_model(straight, torch.device("cpu"))
     from checkpoint import read_checkpoint, restore_trainable
     ckpt = tmp_path / "a" / "checkpoints" / (tmp_path / "a" / "checkpoints" / "latest").read_text().strip()
     restore_trainable(ckpt, *read_checkpoint(ckpt, "trainable.safetensors"), mm)
     assert any(isinstance(m, quant.NF4Linear) for m in mm.llm.modules())
-    _, plain = train.build_model(demo_config(demo_dir, tmp_path / "c"), torch.device("cpu"))
+    _, plain = build.build_model(demo_config(demo_dir, tmp_path / "c"), torch.device("cpu"))
     def llm_count(m):  # the parameter report counts each NF4 weight as the frozen parameter it stands for
-        return sum(p.numel() for p in train.parameter_groups(m)["llm"])
+        return sum(p.numel() for p in build.parameter_groups(m)["llm"])
     assert llm_count(mm) == llm_count(plain) > 0
     assert not any(k.endswith(".packed") for k in wa)  # the 4-bit base is rebuilt from the base, never saved
     export(mm, tmp_path / "export", straight)

@@ -14,7 +14,12 @@ import torch
 from conftest import ROOT, demo_config, rows
 
 import data
+
+import media
 import model
+import tokenizer
+import encoders
+import build
 import train
 from checkpoint import CheckpointReadError, CheckpointWriteError
 
@@ -78,15 +83,15 @@ def test_16_bit_images_and_integer_audio_arrays_are_scaled(tmp_path):
     from PIL import Image
     grey = np.linspace(0, 65535, 64 * 64).astype(np.uint16).reshape(64, 64)
     Image.fromarray(grey).save(tmp_path / "a.png")  # a 16-bit greyscale PNG
-    out = data.load_image(tmp_path / "a.png")
+    out = media.load_image(tmp_path / "a.png")
     assert out.shape == (3, 64, 64) and torch.equal(out[0], out[2])
     np.testing.assert_allclose(out[0].numpy(), grey / 257.0, atol=0.51)  # 256 levels, not 17
     np.save(tmp_path / "b.npy", np.stack([grey] * 3 + [grey], -1))  # uint16 RGBA: alpha dropped
-    assert torch.equal(data.load_image(tmp_path / "b.npy"), out)
+    assert torch.equal(media.load_image(tmp_path / "b.npy"), out)
     wave = np.sin(np.linspace(0, 20, 1600)) * 0.5
     for dtype, scale in ((np.int16, 32768), (np.int32, 2 ** 31), (np.float32, 1.0)):
         np.save(tmp_path / "c.npy", (wave * scale).astype(dtype))
-        np.testing.assert_allclose(data.load_audio(tmp_path / "c.npy", 16000).numpy(), wave, atol=1e-4)
+        np.testing.assert_allclose(media.load_audio(tmp_path / "c.npy", 16000).numpy(), wave, atol=1e-4)
 
 
 def wav_bytes(samples: bytes, fmt: int, channels: int, bits: int, extensible: bool = False, rate: int = 16000):
@@ -112,10 +117,10 @@ def test_float_and_extensible_wavs_decode(tmp_path, kind):
     else:
         raw, fmt, bits, channels = np.round(np.stack([x, x], -1) * 32767).astype("<i2").tobytes(), 1, 16, 2
     (tmp_path / "a.wav").write_bytes(wav_bytes(raw, fmt, channels, bits, extensible="extensible" in kind))
-    np.testing.assert_allclose(data.load_audio(tmp_path / "a.wav", 16000).numpy(), x, atol=1e-4)
+    np.testing.assert_allclose(media.load_audio(tmp_path / "a.wav", 16000).numpy(), x, atol=1e-4)
     (tmp_path / "b.wav").write_bytes(wav_bytes(raw, 2, channels, bits))  # format 2 (ADPCM) is named and refused
     with pytest.raises(ValueError, match="format 2 .*-bit WAV is not supported; supported: PCM 8/16/24/32-bit"):
-        data.load_audio(tmp_path / "b.wav", 16000)
+        media.load_audio(tmp_path / "b.wav", 16000)
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
@@ -148,9 +153,9 @@ def test_a_stale_feature_cache_is_refused(demo_dir, tmp_path):
     cfg = demo_config(demo_dir, tmp_path / "run", data={"train_file": str(data_dir / "train.jsonl"), "val_file": "",
                                                         "feature_cache": str(tmp_path / "cache")})
     train.build_cache(cfg)
-    tokenizer, mm = train.build_model(cfg, torch.device("cpu"))
+    tokenizer, mm = build.build_model(cfg, torch.device("cpu"))
     assert len(train.make_dataset(cfg, cfg.data.train_file, tokenizer, mm.aligner)) == 48
-    other = model.Aligner(mm.aligner.config)  # same shapes, other weights
+    other = encoders.Aligner(mm.aligner.config)  # same shapes, other weights
     with pytest.raises(ValueError, match="built with other aligner weights .* rebuild it"):
         train.make_dataset(cfg, cfg.data.train_file, tokenizer, other)
     medium = data.ConversationDataset(cfg.data.train_file, tokenizer, mm.aligner.config, {"image": 16, "audio": 8},
@@ -169,8 +174,8 @@ def test_a_stale_feature_cache_is_refused(demo_dir, tmp_path):
 
 
 def test_a_byte_order_mark_is_accepted_and_json_lists_give_lines(demo_dir, tmp_path):
-    tok = model.load_tokenizer(demo_dir / "llm", chat_format="chatml")
-    acfg = model.load_aligner(demo_dir / "aligner-init").config
+    tok = tokenizer.load_tokenizer(demo_dir / "llm", chat_format="chatml")
+    acfg = encoders.load_aligner(demo_dir / "aligner-init").config
     good = {"id": "g", "messages": [{"role": "user", "content": "one plus one?"}, {"role": "assistant",
                                                                                   "content": "two"}]}
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n")

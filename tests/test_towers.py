@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import model
+
+import encoders
 from config import load_config
 
 SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -37,7 +38,7 @@ def vision_folder(tmp_path, kind: str, sharded: bool = False, bf16: bool = False
 def test_vision_towers_equal_transformers(tmp_path, kind, layer, sharded, bf16):
     folder, hf = vision_folder(tmp_path, kind, sharded, bf16)
     assert sharded == (folder / "model.safetensors.index.json").is_file()
-    tower = model.load_vision_tower(folder, dtype=torch.float32, layer=layer)
+    tower = encoders.load_vision_tower(folder, dtype=torch.float32, layer=layer)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = hf(pixel_values=pixels, output_hidden_states=True)
@@ -55,7 +56,7 @@ def test_whisper_encoder_equals_transformers(tmp_path):
                                      num_mel_bins=80)
     hf = transformers.WhisperForConditionalGeneration(cfg).eval()
     hf.save_pretrained(tmp_path)  # WhisperForConditionalGeneration: keys model.encoder.*, model.decoder.*
-    tower = model.load_audio_tower(tmp_path, dtype=torch.float32)
+    tower = encoders.load_audio_tower(tmp_path, dtype=torch.float32)
     features = torch.randn(1, 80, 3000)
     with torch.no_grad():
         ref = hf.model.encoder(features).last_hidden_state
@@ -70,15 +71,15 @@ def test_a_tower_that_does_not_fit_names_the_folder_and_key(tmp_path):
     key = next(k for k in state if k.endswith("layers.1.mlp.fc1.weight"))
     save_file({k: v for k, v in state.items() if k != key}, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match=f"{folder}: the tower's weights .*missing tensors.*layers.1.mlp.fc1.weight"):
-        model.load_vision_tower(folder)
+        encoders.load_vision_tower(folder)
     state[key] = state[key][:, :5].contiguous()
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match="wrong shapes.*layers.1.mlp.fc1.weight"):
-        model.load_vision_tower(folder)
+        encoders.load_vision_tower(folder)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "dinov2"}))
     with pytest.raises(ValueError, match="model_type 'dinov2' is not a supported vision tower"):
-        model.load_vision_tower(folder)
+        encoders.load_vision_tower(folder)
 
 
 def photo(rng, h, w):
@@ -95,15 +96,16 @@ def test_image_processors_equal_transformers(tmp_path, kind, fmt):
     import transformers
     from PIL import Image
 
-    import data
+
+    import media
     proc = transformers.CLIPImageProcessor(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}) \
         if kind == "clip" else transformers.SiglipImageProcessor(size={"height": 24, "width": 24})
     proc.save_pretrained(tmp_path)
-    ours = model.image_processor(tmp_path)
+    ours = encoders.image_processor(tmp_path)
     rng = np.random.default_rng(0)
     for h, w in ((37, 53), (61, 29), (24, 24)):
         Image.fromarray(photo(rng, h, w)).save(tmp_path / f"a.{fmt}")
-        image = data.load_image(tmp_path / f"a.{fmt}")
+        image = media.load_image(tmp_path / f"a.{fmt}")
         ref = proc(images=Image.open(tmp_path / f"a.{fmt}"), return_tensors="pt").pixel_values[0]
         got = ours(image)
         assert got.shape == ref.shape == (3, 24, 24)
@@ -117,7 +119,7 @@ def test_whisper_log_mel_equals_the_feature_extractor(n_mels):
     wave = (np.sin(np.arange(16000 * 7) * 0.05) * 0.3 + rng.normal(0, 0.05, 16000 * 7)).astype(np.float32)
     ref = transformers.WhisperFeatureExtractor(feature_size=n_mels)(wave, sampling_rate=16000,
                                                                    return_tensors="pt").input_features[0]
-    got = model.whisper_log_mel(torch.from_numpy(wave), n_mels)
+    got = encoders.whisper_log_mel(torch.from_numpy(wave), n_mels)
     assert got.shape == ref.shape == (n_mels, 3000)
     assert (got - ref).abs().max() < 1e-3
 
@@ -137,14 +139,14 @@ def test_a_phase_2_run_on_an_aligner_of_hugging_face_towers(demo_dir, tmp_path):
     transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
         d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80)).save_pretrained(tmp_path / "whisper")
-    cfg = model.AlignerConfig(dim=16, image=model.EncoderConfig(hf=str(clip), layer=-2),
-                              audio=model.EncoderConfig(hf=str(tmp_path / "whisper")))
+    cfg = encoders.AlignerConfig(dim=16, image=encoders.EncoderConfig(hf=str(clip), layer=-2),
+                              audio=encoders.EncoderConfig(hf=str(tmp_path / "whisper")))
     assert (cfg.sample_rate, cfg.clip_seconds) == (16000, 30.0)  # Whisper's window
-    model.save_aligner(model.Aligner(cfg), tmp_path / "aligner")
+    encoders.save_aligner(encoders.Aligner(cfg), tmp_path / "aligner")
     from safetensors import safe_open
     with safe_open(str(tmp_path / "aligner" / "aligner.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["audio.head.bias", "audio.head.weight", "image.head.bias", "image.head.weight"]
-    aligner = model.load_aligner(tmp_path / "aligner")
+    aligner = encoders.load_aligner(tmp_path / "aligner")
     tokens, pooled = aligner.image(torch.randn(2, 3, 32, 32))
     assert tokens.shape == (2, 16, 16) and pooled.shape == (2, 16)  # 16 patches, CLIP's class token dropped
     assert not any(p.requires_grad for p in aligner.parameters())
@@ -162,11 +164,11 @@ def test_random_towers_for_gpu_runs_load_as_hugging_face_folders(tmp_path):
                   num_attention_heads=4, image_size=28, patch_size=14)
     audio = dict(bench.WHISPER_SMALL, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64)
     siglip, whisper = bench.write_random_towers(str(tmp_path), vision, audio)
-    assert model.load_vision_tower(siglip)(torch.randn(1, 3, 28, 28)).shape == (1, 4, 32)
-    assert model.load_audio_tower(whisper)(torch.randn(1, 80, 3000)).shape == (1, 1500, 32)
-    assert model.image_processor(siglip)(torch.zeros(3, 50, 70, dtype=torch.uint8)).shape == (3, 28, 28)
-    aligner = model.Aligner(model.AlignerConfig(dim=8, image=model.EncoderConfig(hf=siglip),
-                                                audio=model.EncoderConfig(hf=whisper)))
+    assert encoders.load_vision_tower(siglip)(torch.randn(1, 3, 28, 28)).shape == (1, 4, 32)
+    assert encoders.load_audio_tower(whisper)(torch.randn(1, 80, 3000)).shape == (1, 1500, 32)
+    assert encoders.image_processor(siglip)(torch.zeros(3, 50, 70, dtype=torch.uint8)).shape == (3, 28, 28)
+    aligner = encoders.Aligner(encoders.AlignerConfig(dim=8, image=encoders.EncoderConfig(hf=siglip),
+                                                audio=encoders.EncoderConfig(hf=whisper)))
     assert aligner.audio(torch.zeros(1, 480000))[0].shape == (1, 1500, 8)
     from conftest import ROOT
     cfg = load_config(str(ROOT / "configs" / "qwen2.5-0.5b-siglip-whisper.toml"), [])
@@ -179,5 +181,5 @@ def test_keys_a_config_leaves_out_take_transformers_defaults(family, config):
     """Folders such as google/siglip2-base-patch16-512 list only a few keys of their vision config."""
     import transformers
     ref = getattr(transformers, config)().to_dict()
-    for key, value in model.TOWER_DEFAULTS[family].items():
+    for key, value in encoders.TOWER_DEFAULTS[family].items():
         assert ref[key] == value, key

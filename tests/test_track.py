@@ -17,6 +17,7 @@ from conftest import ROOT, demo_config, rows
 import track
 import train
 from checkpoint import CheckpointWriteError
+import config
 from config import load_config
 
 
@@ -167,8 +168,9 @@ def free_port():
 
 
 def test_a_tracker_not_installed_stops_at_the_config_with_the_pip_command(monkeypatch, tmp_path, capsys):
-    real = track.importlib.util.find_spec
-    monkeypatch.setattr(track.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    real = config.importlib.util.find_spec
+    monkeypatch.setattr(config.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"run.trackers names wandb, not installed here: pip install wandb \(or"):
         load_config(None, ["--run.trackers=mlflow,wandb"])
     with pytest.raises(ValueError, match="unknown tracker 'comet'; known: mlflow, tensorboard, wandb"):

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import QWEN25_05B_CONFIG, ROOT, cli_args, demo_config, final_weights, rows, small_bench, torchrun
 
+import build
+
 import train
 from checkpoint import export, trainable_state
 from config import TrainConfig, load_config
@@ -96,7 +98,7 @@ def test_a_finished_run_continues_with_more_steps(demo_dir, tmp_path):
     import lora
     from safetensors.torch import load_file
     final = final_weights(tmp_path)
-    _, mm = train.build_model(cfg, torch.device("cpu"))
+    _, mm = build.build_model(cfg, torch.device("cpu"))
     lora.load_adapter(mm.llm, tmp_path / "export" / "adapter")
     for k, v in lora.lora_state_dict(mm.llm).items():
         assert torch.equal(v, final["llm." + k])
@@ -266,8 +268,8 @@ def test_signal_saves_an_emergency_checkpoint_and_resume_matches(demo_dir, tmp_p
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(demo_dir, tmp_path, monkeypatch):
     cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 10, "max_bad_steps": 3})
-    import model
-    real = model.MultimodalLM.forward
+    import multimodal
+    real = multimodal.MultimodalLM.forward
     calls = {"n": 0}
 
     def poisoned(self, batch):  # the loss turns NaN from the third micro-step on
@@ -276,7 +278,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_dir, tmp_path, monk
         if calls["n"] >= 3:
             out.loss_sum = out.loss_sum * float("nan")
         return out
-    monkeypatch.setattr(model.MultimodalLM, "forward", poisoned)
+    monkeypatch.setattr(multimodal.MultimodalLM, "forward", poisoned)
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
         train.fit(cfg)
     state = json.loads((tmp_path / "checkpoints" / "emergency" / "state.json").read_text())
@@ -302,27 +304,29 @@ def test_seed_setup_parameter_report():
     """configs/qwen2.5-0.5b.toml on Qwen2.5-0.5B's shape with a seed-sized aligner, on the meta device."""
     import bench
     import model
+    import multimodal
+    import encoders
     cfg = load_config(str(ROOT / "configs" / "qwen2.5-0.5b.toml"), [])
     with torch.device("meta"):
         llm = model.LLM(model.LLMConfig.from_hf(QWEN25_05B_CONFIG))
-        aligner = model.Aligner(bench.SEED_ALIGNER).requires_grad_(False)
-        mm = train.assemble(cfg, llm, aligner, {"image": 151655, "audio": 151656})
-    groups = train.parameter_groups(mm)
+        aligner = encoders.Aligner(bench.SEED_ALIGNER).requires_grad_(False)
+        mm = build.assemble(cfg, llm, aligner, {"image": 151655, "audio": 151656})
+    groups = build.parameter_groups(mm)
     count = {k: sum(p.numel() for p in v) for k, v in groups.items()}
     assert count["lora"] == 2_162_688 and count["llm"] == 494_032_768
     assert count["projectors"] == 7_870_208  # the seed had 8,397,824: Linear-GELU-Linear, D=1024 -> 2048 -> 896
     total = sum(count.values())
     assert abs(total - 588_503_584) / 588_503_584 < 0.02  # the seed's total, within 2%
-    report = model.parameter_report(groups)
+    report = multimodal.parameter_report(groups)
     assert "2,162,688" in report and f"{total:,}" in report
 
 
 def test_the_frozen_aligner_stored_for_autocast_gives_the_same_features_and_exports_its_own(demo_dir, tmp_path):
     """With its matmul weights stored in bf16, the aligner's features under bf16 autocast are bit-identical, and the
     export still holds the aligner's fp32 weights, read from its folder."""
-    import model
+    import encoders
     cfg = demo_config(demo_dir, tmp_path / "run", train={"amp": "bf16"})
-    _, mm = train.build_model(cfg, torch.device("cpu"))
+    _, mm = build.build_model(cfg, torch.device("cpu"))
     _, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
     c, g = mm.aligner.config, torch.Generator().manual_seed(0)
     pixels = torch.randn(2, 3, c.image_size, c.image_size, generator=g)
@@ -338,8 +342,8 @@ def test_the_frozen_aligner_stored_for_autocast_gives_the_same_features_and_expo
     assert dtypes["image.encoder.pos_embed"] == dtypes["image.encoder.norm.weight"] == torch.float32
     assert all(torch.equal(a, b) for a, b in zip(before, features()))
     export(mm, tmp_path / "export", cfg)
-    source = model.load_aligner(cfg.model.aligner).state_dict()
-    exported = model.load_aligner(tmp_path / "export" / "aligner").state_dict()
+    source = encoders.load_aligner(cfg.model.aligner).state_dict()
+    exported = encoders.load_aligner(tmp_path / "export" / "aligner").state_dict()
     assert source.keys() == exported.keys() and all(torch.equal(source[k], exported[k]) for k in source)
 
 
@@ -360,13 +364,13 @@ def test_demo_assets_with_another_llm_shape_train(tmp_path):
 def test_bench_batches_run_through_the_training_step(variant):
     """bench.py's synthetic batches (GPU-only timing) fit the model, on a small shape on the CPU."""
     import bench
-    import model
+    import multimodal
     args, cfg, mm = small_bench("cpu", pack=variant == "pack", multimodal=variant in ("multimodal", "cache"),
                                 cache=variant == "cache")
     mm.llm.float()
     batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert batch.input_ids.shape == (2, 128)  # one static shape, packed or not, for the compiled layers
-    for m in model.MODALITIES:  # the slots bench.py gives its items are the placeholders
+    for m in multimodal.MODALITIES:  # the slots bench.py gives its items are the placeholders
         placeholders = (batch.input_ids == mm.media_token_ids[m]).flatten().nonzero()[:, 0]
         assert torch.equal(batch.media[m].slots if m in batch.media else placeholders[:0], placeholders)
         assert len(placeholders) == (2 * 2 * 32 if m == "image" else 2 * 32) * args.multimodal

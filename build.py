@@ -1,0 +1,147 @@
+"""Building the model a config describes: the tokenizer, the LLM (bf16 or NF4, or sharded over FSDP's ranks as
+it is read), the frozen aligner, projectors and LoRA, with activation checkpointing and torch.compile where the
+config asks for them. Training, generation, the pre-flight checks and the benchmarks all build it here.
+
+    tokenizer, model = build_model(cfg, torch.device("cuda"))    # MultimodalLM, or align.AlignModel in Phase 1
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+import align
+import lora
+from model import LLM, llm_skeleton, load_llm
+from tokenizer import Tokenizer, load_tokenizer
+from encoders import Aligner, load_aligner
+from multimodal import MODALITIES, MultimodalLM, Projector, cross_entropy_chunk, document_block_mask, document_mask
+from quant import NF4Linear, load_llm_nf4
+from config import Config, TrainConfig
+from distributed import World, materialize_sharded, read_shards
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: built whole on each rank (ddp), or sharded over the ranks as it is read (fsdp; distributed.py)
+
+
+def build_model(cfg: Config, device: torch.device, adapters: bool = True, world: World | None = None,
+                tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, MultimodalLM | align.AlignModel]:
+    """Tokenizer (`tokenizer` if one was loaded already), LLM (frozen, with LoRA unless `adapters` is False), frozen
+    aligner and projectors, as the config says; in Phase 1 (train.phase = "align") the aligner to train, on the
+    frozen LLM (`align.AlignModel`). With train.strategy = "fsdp", the model sharded over `world`
+    (`build_sharded`)."""
+    tokenizer = tokenizer or load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[cfg.model.dtype]
+    if cfg.train.strategy == "fsdp":
+        return tokenizer, build_sharded(cfg, world or World(device=device), tokenizer, dtype)
+    if cfg.model.quantize == "nf4":  # QLoRA: the decoder layers' weights in NF4, quantized as they are read
+        llm = load_llm_nf4(cfg.model.llm, device, dtype, cfg.model.quant_block, cfg.model.double_quant)
+    else:
+        llm = load_llm(cfg.model.llm, device, dtype)
+    if cfg.train.phase == "align":
+        aligner = load_aligner(cfg.model.aligner, device, init_missing=True)
+        torch.manual_seed(cfg.train.seed)  # the same text head on every rank
+        return tokenizer, align.AlignModel(aligner, llm, cfg.train.align_encoders).to(device)
+    aligner = load_aligner(cfg.model.aligner, device)
+    media_ids = {m: tokenizer.media_token_id(m) for m in MODALITIES}
+    return tokenizer, assemble(cfg, llm, aligner, media_ids, adapters)
+
+
+def build_sharded(cfg: Config, world: World, tokenizer: Tokenizer, dtype: torch.dtype) -> MultimodalLM:
+    """`build_model` under FSDP, with no whole copy of the base anywhere: the LLM is built on the meta device,
+    LoRA, projectors and aligner are made as `assemble` makes them (LoRA on the CPU: its base has no device yet),
+    the model is sharded, and each rank reads only its rows of each base weight from the safetensors files, one
+    file at a time."""
+    if world.size < 2:
+        raise ValueError("train.strategy = \"fsdp\" shards the model over torchrun's processes: run it under torchrun "
+                         "with 2 or more (bash launch.sh CONFIG), or use train.strategy = \"ddp\" on one process")
+    llm, files = llm_skeleton(cfg.model.llm)
+    llm.to(dtype)
+    aligner = load_aligner(cfg.model.aligner, world.device)
+    model = assemble(cfg, llm, aligner, {m: tokenizer.media_token_id(m) for m in MODALITIES})
+    materialize_sharded(model, cfg.train, world, lambda sharded_llm: read_shards(sharded_llm, files))
+    return model
+
+
+def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int], adapters: bool = True
+             ) -> MultimodalLM:
+    """Add projectors and LoRA (unless `adapters` is False: an LLM with LoRA merged) to a loaded LLM and aligner;
+    set activation checkpointing and compilation."""
+    torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
+    H, D = llm.config.hidden_size, aligner.config.dim
+    K = cfg.model.tokens_per_media
+    projectors = {m: Projector(D, cfg.model.projector_hidden or H, H, K[m], cfg.model.projector_mode)
+                  for m in MODALITIES}
+    if cfg.model.shared_projector:
+        projectors = {m: projectors["image"] for m in MODALITIES}
+    projectors = nn.ModuleDict(projectors).to(next(aligner.parameters()).device)
+    if adapters:
+        targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
+        lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
+    else:
+        llm.requires_grad_(False)
+    lora.fuse_qkv(llm)
+    llm.gradient_checkpointing = cfg.train.activation_checkpointing
+    llm.offload_activations = cfg.train.offload_activations
+    model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
+    compile_model(model, cfg.train)
+    return model
+
+
+def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
+    """torch.compile where it pays, and the compiler's settings, in one place.
+
+    On a GPU the loss's chunk is compiled, so that the softmax and its gradient are a few fused passes over the
+    logits. With `train.compile`, each decoder layer is compiled (one graph, shared by all layers: same code, same
+    shapes). Evaluation and generation run them eager (`evaluate` sets torch.compiler's "force_eager" stance),
+    since their shapes change from call to call."""
+    on_gpu = next(model.aligner.parameters()).is_cuda  # (the LLM may still be on the meta device, to be sharded)
+    if on_gpu:
+        model.chunk_loss = torch.compile(cross_entropy_chunk, dynamic=True)
+    if cfg.compile == "none":
+        return
+    # compiled, flex attention skips what packed rows' masks hide; not in the modes that record each layer as a CUDA
+    # graph, which would record it again at every step (each step's block mask is made of new tensors)
+    if on_gpu and cfg.compile in ("default", "max-autotune-no-cudagraphs"):
+        model.document_mask = training_document_mask
+    dynamic = None
+    if cfg.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones with the
+        dynamic = False  # recomputation inside; one compilation per batch shape, not eager after Dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # dropout through ATen's generator rather than Inductor's: the compiled layers draw the masks the eager layers
+    # draw (so compiled and eager steps agree), and the step is faster (BENCHMARKS.md)
+    torch._inductor.config.fallback_random = True
+    torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
+    mode = None if cfg.compile == "default" else cfg.compile
+    for layer in model.llm.model.layers:
+        if cfg.strategy == "fsdp":  # the layer's forward only: FSDP's hooks on the layer stay outside the compiled code
+            layer.forward = torch.compile(layer.forward, mode=mode, dynamic=dynamic)
+        else:
+            layer.compile(mode=mode, dynamic=dynamic)
+
+
+def training_document_mask(doc: torch.Tensor) -> torch.Tensor | BlockMask:
+    """Packed rows' mask where the layers are compiled: a BlockMask for the training step's flex attention; the
+    dense mask for evaluation, which runs the layers eager (flex attention uncompiled computes every score)."""
+    return document_block_mask(doc) if torch.is_grad_enabled() else document_mask(doc)
+
+
+def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[nn.Parameter]]:
+    """The parts of the model as the parameter report shows them."""
+    if isinstance(model, align.AlignModel):
+        return {"aligner": list(model.aligner.parameters()), "text head": [*model.text_head.parameters(),
+                                                                           model.logit_scale],
+                "llm": list(model.llm.parameters())}
+    named = list(model.llm.named_parameters())
+    # an NF4 weight is buffers, not a parameter: a meta tensor of its shape counts it as frozen
+    nf4 = [torch.empty(m.out_features, m.in_features, device="meta") for m in model.llm.modules()
+           if isinstance(m, NF4Linear)]
+    return {"aligner": list(model.aligner.parameters()), "projectors": list(model.projectors.parameters()),
+            "llm": [p for n, p in named if ".lora_" not in n] + nf4, "lora": [p for n, p in named if ".lora_" in n]}
+
+
