@@ -170,8 +170,9 @@ def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
     if key not in fields:
         raise ValueError(f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(fields)}")
     typ = type(getattr(type(sub)(), key))
-    if source == "command line" and typ is list:  # --run.trackers=mlflow,tensorboard
-        value = [v for v in value.split(",") if v]
+    if source == "command line" and typ is list:  # --run.trackers=mlflow,tensorboard, or ["mlflow", "tensorboard"]
+        value = [v.strip().strip("'\"") for v in value.strip().removeprefix("[").removesuffix("]").split(",")]
+        value = [v for v in value if v]
     elif source == "command line" and typ is not str:  # text to parse
         try:
             value = {"true": True, "false": False}[value.lower()] if typ is bool else typ(value)

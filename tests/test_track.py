@@ -179,6 +179,8 @@ def test_a_tracker_not_installed_stops_at_the_config_with_the_pip_command(monkey
         train.main(["--run.trackers=wandb", f"--run.out_dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run").exists()  # stopped before anything was made
     assert load_config(None, []).run.trackers == []
+    for written in ("mlflow,tensorboard", "['mlflow', 'tensorboard']", '["mlflow","tensorboard"]'):
+        assert load_config(None, [f"--run.trackers={written}"]).run.trackers == ["mlflow", "tensorboard"]
 
 
 def test_a_sick_run_alerts_once_for_each_sickness_and_its_failing_trackers_say_why(demo_dir, tmp_path, monkeypatch,
