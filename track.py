@@ -295,14 +295,14 @@ class Trackers:
         if self.thread is not None:
             self.queue.put(("row", row, samples))
 
-    def close(self, artifacts: list[Path], status: str) -> None:
-        """Send what is queued, the artifacts (mode `artifacts`), the run's end; wait for it, CLOSE_TIMEOUT at most."""
+    def close(self, artifacts: list[Path], status: str, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Send what is queued, the artifacts (mode `artifacts`), the run's end; wait for it, `timeout` at most."""
         if self.thread is None:
             return
         self.queue.put(("close", artifacts, status))
-        self.thread.join(CLOSE_TIMEOUT)
+        self.thread.join(timeout)
         if self.thread.is_alive():
-            self.say(f"trackers: still sending after {CLOSE_TIMEOUT:.0f} s; their runs may lack the last rows")
+            self.say(f"trackers: still sending after {timeout:.0f} s; their runs may lack the last rows", flush=True)
         self.thread = None
 
     def work(self, params: dict, tags: dict, resumed_step: int) -> None:

@@ -736,7 +736,8 @@ def fit(cfg: Config, world: World | None = None) -> dict:
     finally:
         alerts.close(status, error)
         results = [out_dir / ("aligner" if cfg.train.phase == "align" else "export")] if status == "finished" else []
-        trackers.close([p for p in [out_dir / "config.json", *results] if p.exists()], status)
+        trackers.close([p for p in [out_dir / "config.json", *results] if p.exists()], status,
+                       timeout=0 if isinstance(error, KeyboardInterrupt) else track.CLOSE_TIMEOUT)  # Ctrl-C twice
         stop.restore()
         if lock is not None:
             lock.release()
