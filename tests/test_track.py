@@ -14,15 +14,16 @@ import pytest
 import torch
 from conftest import ROOT, demo_config, rows
 
+import config
 import track
 import train
 from checkpoint import CheckpointWriteError
-import config
 from config import load_config
 
 
 def alert_command(folder):
-    """A shell command that appends each event's JSON (stdin) and its MMLORA_EVENT, MMLORA_STEP to files."""
+    """A shell command that appends each event's JSON (its stdin) and its MMLORA_EVENT, MMLORA_STEP and MMLORA_LEVEL
+    to files in `folder`."""
     return (f"cat >> {folder}/events.jsonl; echo >> {folder}/events.jsonl; "
             f"echo \"$MMLORA_EVENT $MMLORA_STEP $MMLORA_LEVEL\" >> {folder}/env.txt")
 
@@ -94,8 +95,8 @@ def test_trackers_hold_the_rows_once_across_a_kill_and_resume(demo_dir, tmp_path
             "train/loss_image", "val/loss", "val/accuracy"} <= set(want)
     assert held_by_tensorboard(out / "tensorboard")[0] == as_float32(want)
 
-    config = json.loads((out / "config.json").read_text())
-    assert run.data.params == {k: str(v) for k, v in track.flatten(config).items()}
+    resolved = json.loads((out / "config.json").read_text())
+    assert run.data.params == {k: str(v) for k, v in track.flatten(resolved).items()}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     tags = run.data.tags
     assert tags["world_size"] == "1" and tags["devices"] == "1 x CPU" and tags["phase"] == "instruct"
@@ -167,7 +168,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_a_tracker_not_installed_stops_at_the_config_with_the_pip_command(monkeypatch, tmp_path, capsys):
+def test_a_tracker_not_installed_stops_at_the_config_with_the_pip_command(monkeypatch, tmp_path):
     real = config.importlib.util.find_spec
     monkeypatch.setattr(config.importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real(name, *a))
