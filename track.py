@@ -89,7 +89,8 @@ def scalars(row: dict) -> dict[str, float]:
 
 
 def write_atomic(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    """`doc` as JSON in `path`, whole or not at all (one writer a run folder: its lock)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, path)
 
