@@ -10,6 +10,7 @@
     torchrun --nproc_per_node=2 bench.py --grid fsdp --peer ...       # 7B ddp vs fsdp (and the peer), 72B fsdp
     torchrun --nproc_per_node=2 bench.py --load_sharded HF_DIR       # each rank's peak host memory, sharded load
     python bench.py --grid predict [--old DIR]                        # generate.py --predict on 2,000 samples
+    python bench.py --grid serve [--tiny]                             # serve.py under 1-128 streaming clients
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
     python bench.py --make_assets /tmp/qwen-towers --towers           # ... and SigLIP / Whisper-shaped towers
     python bench.py --grid track --rounds 3                           # the main 8 x 512 step with a metrics row a
@@ -42,6 +43,7 @@ import torch.distributed as dist
 
 import data
 import demo
+import media
 import generate
 import build
 import track
@@ -54,6 +56,7 @@ from model import LLM, LLMConfig, llm_skeleton, rope_inv_freq, sample
 from tokenizer import load_tokenizer
 from encoders import Aligner, AlignerConfig, EncoderConfig, VisionTower, WhisperTower
 from multimodal import MultimodalLM
+from lora import lora_modules
 from quant import NF4Linear, quantized_linears
 
 PEAK_FLOPS = 790e12
@@ -71,7 +74,7 @@ SEED_ALIGNER = AlignerConfig(dim=1024, image=EncoderConfig(768, 6, 12), audio=En
                              image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
 
 
-def build(args, device, shape: dict | None = None, aligner_config: AlignerConfig = SEED_ALIGNER,
+def bench_model(args, device, shape: dict | None = None, aligner_config: AlignerConfig = SEED_ALIGNER,
           world: World | None = None) -> tuple[Config, MultimodalLM]:
     shape = shape or SHAPES[getattr(args, "shape", "0.5b")]
     cfg = Config()
@@ -218,7 +221,7 @@ def row_writer(args, cfg: Config, world: World, folder: Path):
 
 def time_ours(args, world: World) -> dict:
     before = torch.cuda.memory_allocated()  # what earlier workloads still hold does not count as this one's
-    cfg, model = build(args, world.device, world=world)
+    cfg, model = bench_model(args, world.device, world=world)
     write_row, trackers = row_writer(args, cfg, world, Path(tempfile.mkdtemp(prefix="mmlora-bench-rows-")))
     opt, params = train.make_optimizer(model, cfg.train)
     scaler, autocast = train.mixed_precision(cfg.train, world.device)
@@ -373,7 +376,7 @@ def write_random_towers(folder: str, vision: dict = SIGLIP_SO400M, audio: dict =
     """Hugging Face folders of a SigLIP-so400m-shaped vision tower and a Whisper-small-shaped encoder with random
     bf16 weights (the keys as SiglipVisionModel and WhisperModel write them) and their preprocessing configs."""
     out = []
-    for name, cfg, build, prefix, pre in (
+    for name, cfg, tower_class, prefix, pre in (
             ("siglip", vision, lambda c: VisionTower(c, "siglip"), "vision_model.",
              {"do_resize": True, "size": {"height": vision["image_size"], "width": vision["image_size"]},
               "resample": 3, "do_rescale": True,
@@ -383,7 +386,7 @@ def write_random_towers(folder: str, vision: dict = SIGLIP_SO400M, audio: dict =
         path = os.path.join(folder, name)
         os.makedirs(path, exist_ok=True)
         torch.manual_seed(0)
-        tower = build(cfg).to(torch.bfloat16)
+        tower = tower_class(cfg).to(torch.bfloat16)
         save_tensors({prefix + k: v for k, v in tower.state_dict().items()}, os.path.join(path, "model.safetensors"))
         write_json(Path(path) / "config.json", cfg)
         write_json(Path(path) / "preprocessor_config.json", pre)
@@ -580,6 +583,263 @@ def hf_generate_row(merged: Path, data_file: Path, cfg, device: str) -> dict:
     return row
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --grid serve: serve.py under concurrent streaming clients, beside a transformers-based server and --predict
+
+
+def time_serving(args, root: str = "/tmp/mmlora-serve", port: int = 8771) -> list[dict]:
+    """`--grid serve`: serve.py on the demo with a random Qwen2.5-0.5B-shaped LLM (as `--grid predict`), four
+    exports of it with different random adapters, driven by N concurrent streaming clients (1, 8, 32, 128) sending
+    the demo's validation questions (text, image, audio and both, in the file's order) for 32 greedy new tokens each
+    (random weights run every answer to its limit). Rows: requests/s, output tokens/s, time to first token and per
+    output token (p50, p99, from the client's side), errors. Beside them, in the same run: a transformers-based
+    server (`hf_server`: the merged model, transformers' generate, one request at a time; at most 64 requests a
+    row), `generate.py --predict`'s offline samples/s on the same samples (all of the 128-client row's), and serve.py
+    with the four runs on one base at 32 clients, requests spread over the runs. `--tiny`: the demo's tiny LLM and
+    aligner on the CPU, a few requests a row (a smoke run of this code)."""
+    import subprocess
+
+    tiny = getattr(args, "tiny", False)
+    device, clients = ("cpu", (1, 2, 4)) if tiny else ("cuda", (1, 8, 32, 128))
+    mid = clients[-2]  # the clients of the four runs' row and of the comparisons (32)
+    root = Path(root + ("-tiny" if tiny else ""))
+    assets = root / "assets"
+    if not (assets / "READY").is_file():
+        demo.make_demo(assets, n_train=64, n_val=64 if tiny else 2000, pretrain_steps=0,
+                       llm_config=None if tiny else LLMConfig(**QWEN25_05B),
+                       aligner_config=None if tiny else SEED_ALIGNER, log=print)
+    cfg = load_config("configs/demo.toml" if tiny else "configs/qwen2.5-0.5b.toml",
+                      [f"--model.llm={assets}/llm", "--model.chat_format=chatml",
+                       f"--model.aligner={assets}/aligner-init", "--data.max_len=512"])
+    exports = [root / f"export-{i}" for i in range(4)]
+    for i, folder in enumerate(exports):
+        if not (folder / "mmlora.json").is_file():
+            _, mm = build.build_model(cfg, torch.device(device))
+            g = torch.Generator().manual_seed(i)
+            for m in lora_modules(mm.llm).values():  # adapters of their own, so that the runs answer apart
+                m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.01)
+            export(mm, folder, cfg)
+            del mm
+    val = assets / "data" / "val.jsonl"
+    samples = [json.loads(x) for x in val.read_text().splitlines()]
+    bodies = [chat_request(x, val.parent) for x in samples]
+    common = ["--max_prompt_tokens", "512", "--max_tokens", "32", "--max_waiting", "100000", "--port", str(port)]
+    common += ["--device", "cpu", "--rows", "16"] if tiny else []
+    url, rows, warm = f"http://127.0.0.1:{port}", [], 4 if tiny else 64  # warm-up: the graphs' recordings
+
+    def measure(impl: str, n: int, count: int, models: list[str]) -> dict:
+        requests = [{**b, "model": models[i % len(models)]} for i, b in enumerate(bodies[:count])]
+        row = {"impl": impl, "clients": n, **drive(url, requests, n)}
+        print(json.dumps(row), flush=True)
+        return row
+
+    with server_process([sys.executable, "serve.py", "--run", f"m={exports[0]}", *common], url, root / "serve.log"):
+        measure("warm-up", 8, warm, ["m"])
+        for n in clients:
+            rows.append(measure("serve.py", n, min(len(bodies), max(64, 16 * n)) if not tiny else 8, ["m"]))
+    with server_process([sys.executable, "serve.py", *[f"--run=r{i}={e}" for i, e in enumerate(exports)], *common],
+                        url, root / "serve-4.log"):
+        measure("warm-up", 8, warm, ["r0", "r1", "r2", "r3"])
+        rows.append(measure("serve.py, 4 runs of one base", mid, 512 if not tiny else 8, ["r0", "r1", "r2", "r3"]))
+    with server_process([sys.executable, "bench.py", "--hf_server", str(exports[0]), "--port", str(port), "--device",
+                         device], url, root / "hf.log"):
+        measure("warm-up", 1, 2, ["hf"])
+        for n in clients:
+            rows.append(measure("transformers server (one request at a time)", n, 64 if not tiny else 4, ["hf"]))
+    pred = root / "pred.jsonl"
+    count = min(len(bodies), 16 * clients[-1]) if not tiny else 8
+    subset = val.with_name(f"samples-{count}.jsonl")  # beside val.jsonl: the media paths are relative to it
+    subset.write_text("".join(json.dumps(x) + "\n" for x in samples[:count]))
+    r = subprocess.run([sys.executable, "generate.py", "--run", str(exports[0]), "--predict", str(subset.resolve()),
+                        "--out", str(pred), "--max_new_tokens", "32", *(["--device", "cpu"] if tiny else [])],
+                       capture_output=True, text=True)
+    timing = json.loads(pred.with_name(pred.stem + ".metrics.json").read_text())["timing"] if r.returncode == 0 else {}
+    rows.append({"impl": "generate.py --predict (offline)", "samples": count, "rc": r.returncode, **timing,
+                 **({"error": r.stderr[-600:]} if r.returncode else {})})
+    print(json.dumps(rows[-1]), flush=True)
+    by = {(r["impl"], r.get("clients")): r for r in rows}
+    ours, four = by["serve.py", mid], by["serve.py, 4 runs of one base", mid]
+    peer, most = by["transformers server (one request at a time)", mid], by["serve.py", clients[-1]]
+
+    def ratio(a, b):
+        return a / b if a and b else float("nan")
+    tokens = ratio(four["output_tokens_per_s"], ours["output_tokens_per_s"])
+    print(f"at {mid} clients: {ratio(ours['requests_per_s'], peer['requests_per_s']):.1f}x the transformers "
+          f"server's requests/s; four runs of one base: {tokens:.0%} of one run's tokens/s; at {clients[-1]} clients: "
+          f"{ratio(most['requests_per_s'], timing.get('samples_per_s')):.0%} of --predict's samples/s", flush=True)
+    return rows
+
+
+def chat_request(sample: dict, folder: Path) -> dict:
+    """A demo sample's question as an OpenAI chat request: its image as a PNG data: URL, its clip as base64 WAV
+    (both before the text), 32 greedy new tokens, streamed with the usage at the end."""
+    import base64
+    import io
+
+    from PIL import Image
+    parts = []
+    for path in data.media_paths(sample, "image"):
+        buf = io.BytesIO()
+        Image.fromarray(media.load_image(folder / path).permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        parts.append({"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
+    for path in data.media_paths(sample, "audio"):
+        parts.append({"type": "input_audio", "input_audio": {
+            "data": base64.b64encode((folder / path).read_bytes()).decode(), "format": "wav"}})
+    question = sample["conversations"][0]["value"]
+    for placeholder in data.PLACEHOLDERS.values():
+        question = question.replace(placeholder + "\n", "").replace(placeholder, "")
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}],
+            "max_tokens": 32, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def drive(url: str, requests: list[dict], clients: int) -> dict:
+    """`clients` concurrent streaming clients sending `requests` until none is left: requests/s, output tokens/s
+    (each answer's usage), time to first token (the first chunk after the role's) and per output token after it
+    (p50, p99, in ms), errors."""
+    import asyncio
+
+    import httpx
+    import numpy as np
+
+    todo, done = list(reversed(requests)), []
+
+    async def client(http) -> None:
+        while todo:
+            body, t0, first, tokens, ok = todo.pop(), time.perf_counter(), None, 0, False
+            try:
+                async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        doc = json.loads(line[6:])
+                        if doc.get("usage"):
+                            tokens, ok = doc["usage"]["completion_tokens"], r.status_code == 200
+                        elif first is None and doc.get("choices") and "role" not in doc["choices"][0]["delta"]:
+                            first = time.perf_counter()
+            except httpx.HTTPError:
+                pass
+            done.append((ok, t0, first, time.perf_counter(), tokens))
+
+    async def run() -> float:
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients)) as http:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(http) for _ in range(clients)))
+            return time.perf_counter() - t0
+    wall = asyncio.run(run())
+    good = [d for d in done if d[0] and d[2] is not None]
+    ttft = [1e3 * (first - t0) for _, t0, first, _, _ in good]
+    tpot = [1e3 * (end - first) / (n - 1) for _, _, first, end, n in good if n > 1]
+
+    def pct(x, q):
+        return round(float(np.percentile(x, q)), 2) if x else None
+    return {"requests": len(done), "errors": len(done) - len(good), "seconds": round(wall, 2),
+            "requests_per_s": round(len(good) / wall, 2),
+            "output_tokens_per_s": round(sum(d[4] for d in good) / wall, 1),
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "tpot_p50_ms": pct(tpot, 50),
+            "tpot_p99_ms": pct(tpot, 99)}
+
+
+class server_process:
+    """A server started as a process of its own (its output to `log`), ready once GET /health answers 200; SIGTERM
+    at the end (serve.py drains, then exits)."""
+
+    def __init__(self, cmd: list[str], url: str, log: Path):
+        self.cmd, self.url, self.log = cmd, url, log
+
+    def __enter__(self):
+        import subprocess
+
+        import httpx
+        self.out = open(self.log, "w")
+        self.p = subprocess.Popen(self.cmd, stdout=self.out, stderr=subprocess.STDOUT)
+        for _ in range(6000):
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{' '.join(self.cmd)} exited: {self.log.read_text()[-1500:]}")
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{' '.join(self.cmd)} did not answer /health in 10 minutes")
+
+    def __exit__(self, *exc):
+        self.p.terminate()
+        self.p.wait(120)
+        self.out.close()
+
+
+def hf_server(export_dir: str, port: int, device: str) -> None:
+    """`--hf_server`: `--grid serve`'s baseline, a server as LLaMA-Factory's transformers backend and LLaVA's model
+    worker answer: transformers' `generate` on the export's merged/ model, greedy, one request at a time, streamed
+    (a chunk per token). The prompt and its media embeddings are serve.py's (its request parsing, our aligner and
+    projectors), handed to generate as inputs_embeds."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    import serve
+    run = serve.load_runs([("hf", Path(export_dir))], "best", device, None, None)[0]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(Path(export_dir) / "merged", torch_dtype=dtype).to(device).eval()
+    limits = serve.Limits(prompt_tokens=512, max_tokens=32)
+    shape = SimpleNamespace(prompt_tokens=512, context=run.model.llm.config.max_position_embeddings)
+    one_at_a_time = threading.Lock()
+    app = FastAPI()
+
+    class Tokens(BaseStreamer):  # generate's new tokens, counted into the request's queue (None at the end)
+        def __init__(self, loop, queue):
+            self.loop, self.queue, self.prompt = loop, queue, True
+
+        def put(self, value):
+            if not self.prompt:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, value.numel())
+            self.prompt = False
+
+        def end(self):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    def answer(item, n: int, streamer: Tokens) -> None:
+        with one_at_a_time, torch.no_grad(), generate.half_precision(run.model):
+            _, embeds = run.model.prompt_inputs(data.collate([item], run.tokenizer.pad_id).to(device))
+            x = embeds[0][None].to(dtype)
+            hf.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=device),
+                        max_new_tokens=n, do_sample=False, eos_token_id=list(run.tokenizer.stop_ids),
+                        pad_token_id=run.tokenizer.pad_id, streamer=streamer)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    async def chat(request):  # a Starlette route: `request` is the request itself
+        try:
+            ask = serve.parse_request(await request.json(), {"hf": run}, limits)
+            item, n = await asyncio.to_thread(serve.prompt, ask, shape, limits)
+        except serve.ApiError as e:
+            return JSONResponse(e.body(), e.status)
+        queue: asyncio.Queue = asyncio.Queue()
+        threading.Thread(target=answer, args=(item, n, Tokens(asyncio.get_running_loop(), queue)), daemon=True).start()
+
+        async def events():
+            yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'role': 'assistant'}}]})}\n\n"
+            tokens = 0
+            while (got := await queue.get()) is not None:
+                tokens += got
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': ''}}]})}\n\n"
+            usage = {"prompt_tokens": len(item.input_ids), "completion_tokens": tokens}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
 class PhaseTimer:
     """Seconds per phase of `generate.predict`, with a sync at the end of each phase (so the phases do not overlap):
     the wait for the loader's next batch, the aligner (`embed`), the prompts' passes (`GraphDecoder.admit`) and the
@@ -769,8 +1029,14 @@ def peer_row(args, ckpt: bool, compile_: bool, liger: bool, world: World) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--grid", choices=[*GRIDS, "predict"], help="a set of workloads (else the one given by the flags); "
-                    "predict: generate.py --predict on 2,000 demo samples (time_prediction)")
+    ap.add_argument("--grid", choices=[*GRIDS, "predict", "serve"], help="a set of workloads (else the one given by "
+                    "the flags); predict: generate.py --predict on 2,000 demo samples (time_prediction); serve: "
+                    "serve.py under concurrent clients (time_serving)")
+    ap.add_argument("--tiny", action="store_true", help="with --grid serve: the demo's tiny model on the CPU, a few "
+                    "requests (a smoke run)")
+    ap.add_argument("--hf_server", metavar="EXPORT", help="run --grid serve's transformers-based server on EXPORT")
+    ap.add_argument("--port", type=int, default=8771, help="with --hf_server")
+    ap.add_argument("--device", default="cuda", help="with --hf_server")
     ap.add_argument("--old", help="with --grid predict: a checkout of an earlier commit, whose generate.py is timed "
                     "too")
     ap.add_argument("--make_assets", metavar="DIR", help="write the demo data with a random Qwen2.5-0.5B-shaped LLM "
@@ -828,6 +1094,14 @@ def main() -> None:
               f"--model.aligner={args.make_assets}/aligner-init --model.chat_format=chatml "
               f"--data.train_file={args.make_assets}/data/train.jsonl "
               f"--data.val_file={args.make_assets}/data/val.jsonl")
+        return
+    if args.hf_server:
+        hf_server(args.hf_server, args.port, args.device)
+        return
+    if args.grid == "serve":
+        rows = time_serving(args)
+        with open(os.path.join(args.out, "bench_serve.json"), "w") as f:
+            json.dump(rows, f, indent=1)
         return
     if args.grid == "predict":
         rows = time_prediction(args)

@@ -8,6 +8,9 @@ take the rows that finished answers free (continuous batching; `GraphDecoder.str
     for finished in decoder.stream(batches, 32, pick, stop_ids):   # [(key, tokens), ...] as rows finish
         ...
 
+A server feeds `stream` from requests that arrive at any time (serve.py): each row then has its own sampling and
+run (`RowSettings`, `sample_rows`), and the server ends rows early (a client gone, a stop string).
+
 The compiled step calls two Triton kernels (decode_kernels.py): `one_row_linear`, a matmul of one row with the RMSNorm
 before it, the SwiGLU before down or the residual add after it (batch 1), and `decode_attention`, RoPE, the cache
 write and attention of one new token. They are loaded only for a compiled decoder (`load_kernels`); the recorded
@@ -16,6 +19,7 @@ eager steps and a CPU install (no Triton) run torch's ops.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -182,6 +186,85 @@ class Slots:
     out: torch.Tensor  # (R, steps) the tokens of the last call
 
 
+class RowSettings:
+    """What differs from row to row beside the cache when requests share a batch (serve.py): each row's run (the
+    index `lora.BatchedLoRALinear` gathers its adapters by) and sampling (temperature, 0 for greedy; top-p; the seed
+    of its draws and how many it has drawn), in buffers of `rows` entries at fixed addresses, which recorded steps
+    read. `wanted[key]` holds a prompt's (run, temperature, top_p, seed) until the prompt takes a row (`place`).
+    `rows(n)` are the n rows of the pass running, rows 0..n-1 in a decode step, those being filled in a prompts'
+    pass (`of_rows`); `now(t, n)` is buffer t at those rows."""
+
+    def __init__(self, rows: int, device):
+        self.run = torch.zeros(rows, dtype=torch.long, device=device)
+        self.temperature = torch.zeros(rows, device=device)
+        self.top_p = torch.ones(rows, device=device)
+        self.seed = torch.zeros(rows, dtype=torch.long, device=device)
+        self.drawn = torch.zeros(rows, dtype=torch.long, device=device)
+        self.wanted: dict = {}
+        self.samplers: set[int] = set()  # rows placed with a temperature above 0 (until a greedy prompt takes one)
+        self.at: slice | torch.Tensor | None = None
+
+    @property
+    def sampling(self) -> bool:
+        """Whether any row samples; if none does, a step picks each row's argmax and nothing else."""
+        return bool(self.samplers)
+
+    def place(self, rows: list[int], keys: list) -> None:
+        """The settings of the prompts `keys` (their `wanted`), written to the rows they take, draw counts at 0."""
+        run, temperature, top_p, seed = zip(*[self.wanted.pop(k) for k in keys])
+        at = torch.tensor(rows, device=self.run.device)
+        for buffer, values in ((self.run, run), (self.temperature, temperature), (self.top_p, top_p),
+                               (self.seed, seed), (self.drawn, [0] * len(rows))):
+            buffer[at] = torch.tensor(values, dtype=buffer.dtype).to(buffer.device)
+        self.samplers = (self.samplers - set(rows)) | {r for r, t in zip(rows, temperature) if t > 0}
+
+    @contextlib.contextmanager
+    def of_rows(self, at: slice | torch.Tensor):
+        self.at = at
+        try:
+            yield
+        finally:
+            self.at = None
+
+    def rows(self, n: int) -> slice | torch.Tensor:
+        return slice(0, n) if self.at is None else self.at
+
+    def now(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        return t[self.rows(n)]
+
+
+def hashed_uniform(seed: torch.Tensor, count: torch.Tensor, V: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), (n, V): each a hash of its row's seed, the row's draw count and the vocabulary
+    index, a counter-based generator (as Philox is) in integer ops, so that a row's draws depend on its own seed
+    and count only, never on the rows beside it."""
+    def mix(x):  # a 32-bit integer hash of x in [0, 2^32); the multiplier is below 2^31, so products fit in int64
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        return (x >> 16) ^ x
+    row = mix(mix(seed & 0xFFFFFFFF) ^ (count & 0xFFFFFFFF))  # (n,)
+    x = mix(row[:, None] ^ torch.arange(V, device=seed.device))  # (n, V)
+    return ((x >> 9).float() + 0.5) / (1 << 23)  # 23 bits: float32 keeps them exact, strictly inside (0, 1)
+
+
+def sample_rows(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
+    """Each row's next token from logits (n, V) by its own settings (`rows`): the argmax where its temperature is
+    0, else top-p sampling at its temperature, the Gumbel-max draw of `model.sample` with noise from its seed and
+    draw count (`hashed_uniform`)."""
+    greedy = logits.argmax(-1)
+    if not rows.sampling:
+        return greedy
+    n = logits.shape[0]
+    temperature, top_p = rows.now(rows.temperature, n), rows.now(rows.top_p, n)
+    x = logits / temperature.clamp(min=1e-6)[:, None]  # (n, V)
+    sorted_x, order = x.sort(-1, descending=True)
+    p = sorted_x.softmax(-1)
+    drop = p.cumsum(-1) - p > top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
+    x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    u = hashed_uniform(rows.now(rows.seed, n), rows.now(rows.drawn, n), x.shape[1])
+    rows.drawn[rows.rows(n)] += 1
+    return torch.where(temperature > 0, (x - (-u.log()).log()).argmax(-1), greedy)
+
+
 class GraphDecoder:
     """Decoding with fixed shapes, `steps` decode steps recorded as one CUDA graph, and continuous batching
     (`stream`): a finished row takes the next prompt. The eager step launches a few hundred small kernels per
@@ -220,6 +303,7 @@ class GraphDecoder:
         self.states: dict = {}  # (R, S) -> Slots
         self.graphs: dict = {}  # (R, S, sampling) -> graph
         self.pool = None  # the graphs' memory pool
+        self.settings = None  # the RowSettings of the running stream, if any
 
     def batch_rows(self, B: int) -> int:
         """The rows that a batch of B prompts runs in, recorded: B rounded up to a multiple of 64 (one prompt runs
@@ -253,7 +337,8 @@ class GraphDecoder:
         return [done[b] for b in range(len(prompts))]
 
     def stream(self, batches: Iterator[list[tuple]], max_new_tokens: int, pick, stop_ids=(), rows: int = 256,
-               slots: int | None = None, bucket: int = 64, on_token=None) -> Iterator[list[tuple]]:
+               slots: int | None = None, bucket: int = 64, on_token=None, prompt_tokens: int | None = None,
+               progress=None, settings: RowSettings | None = None) -> Iterator[list[tuple]]:
         """Continuous batching: the prompts of `batches` (lists of (key, ids, embeddings (T, H) or None), longest
         first, as data.length_batches sends them) take the free rows of `rows` rows (at most `slots` cache slots
         in all); yields lists of (key, new tokens without the stop token) as rows finish. A row runs until a stop
@@ -261,7 +346,13 @@ class GraphDecoder:
         finished rows, and, once a quarter of the rows is free (or none runs), runs the next prompts' pass into
         the free rows' caches (`admit`). The cache has room for the first prompts' width and `max_new_tokens`,
         rounded up to `bucket`; a longer prompt waits until every row has finished, then gets a cache of its own.
-        `on_token` receives each step's new tokens of the first prompts' rows, in order (streaming one batch)."""
+        `on_token` receives each step's new tokens of the first prompts' rows, in order (streaming one batch).
+
+        Requests that arrive at any time (serve.py): `batches` yields [] while none waits, and the stream returns
+        once no row runs and none waits; `prompt_tokens` sizes the cache for the longest prompt that may come;
+        `progress({key: tokens so far})` sees the running rows after each admission and each call, and returns the
+        keys to end now (a client gone, a stop string, a request's own token limit), which finish there; `settings`
+        holds each row's own sampling and run, written as a prompt takes its row (`RowSettings.place`)."""
         if self.record and pick.keywords.get("generator") is not None:
             raise ValueError("a recorded decoder samples with the default CUDA generator: seed it with "
                              "torch.manual_seed and pass no generator")
@@ -270,13 +361,20 @@ class GraphDecoder:
         pending: collections.deque = collections.deque()
         active: dict[int, tuple] = {}  # row -> (key, its tokens so far)
         state, R, S, exhausted, shown, streamed = None, rows, 0, False, 0, []
+        self.settings = settings
 
         def fill(want: int) -> None:  # the next batches, until `want` prompts wait
             nonlocal exhausted
             while not exhausted and len(pending) < want:
                 got = next(batches, None)
                 exhausted = got is None
-                pending.extend(got or [])
+                if not got:  # the end, or none waits now
+                    break
+                pending.extend(got)
+
+        def ended() -> list[tuple]:  # the rows that `progress` ends, taken out
+            gone = progress({key: tokens for key, tokens in active.values()})
+            return [active.pop(r) for r in [r for r, (key, _) in active.items() if key in gone]]
         while True:
             fill(R - len(active))
             if not pending and not active:
@@ -284,7 +382,7 @@ class GraphDecoder:
             finished = []
             if pending and (not active or 4 * (R - len(active)) >= R):
                 if state is None:  # a cache with room for the next rows' longest prompt
-                    P = max(len(ids) for _, ids, _ in itertools.islice(pending, rows))
+                    P = prompt_tokens or max(len(ids) for _, ids, _ in itertools.islice(pending, rows))
                     S = -(-(self.prompt_width(P) + room) // bucket) * bucket
                     R = rows if slots is None else max(1, min(rows, slots // S))
                     state = self.slots(R, S)
@@ -297,6 +395,8 @@ class GraphDecoder:
                     state = None
                     continue
                 at = free[:len(take)]
+                if settings is not None and take:
+                    settings.place(at, [key for key, _, _ in take])
                 firsts = self.admit(state, at, take, pick) if take else []
                 streamed = streamed or at
                 if take and on_token is not None and shown < max_new_tokens:
@@ -308,6 +408,8 @@ class GraphDecoder:
                         finished.append((key, tokens))
                     else:
                         active[r] = (key, tokens)
+                if progress is not None:
+                    finished += ended()
             if active:
                 self.advance(state, pick)
                 # the next prompts' media pass (the aligner), queued behind these steps while they run: the host
@@ -326,6 +428,8 @@ class GraphDecoder:
                         tokens.append(t)
                     if t in stops or len(tokens) >= max_new_tokens:
                         finished.append(active.pop(r))
+                if progress is not None:
+                    finished += ended()
             if finished:
                 yield finished
 
@@ -344,7 +448,7 @@ class GraphDecoder:
             # rows side by side (every row of a wave that starts together) as a slice: a plain copy, not a scatter
             contiguous = rows[s:e] == list(range(rows[s], rows[s] + e - s))
             at = slice(rows[s], rows[s] + e - s) if contiguous else torch.tensor(rows[s:e], device=device)
-            with prebuilt_attention():
+            with prebuilt_attention(), self.rows_of(at):
                 first = pick(self.prefill(x, (lengths - 1).to(device), [Rows(c, at) for c in state.caches]))  # (k,)
             state.token[at, 0] = first
             state.slot[at] = lengths.to(device)
@@ -358,7 +462,8 @@ class GraphDecoder:
         if not self.record:
             self.run(state, pick)
             return
-        key = (*state.caches[0].k.shape[::2], tuple(pick.keywords.items()))  # (R, S, sampling)
+        sampled = self.settings is not None and self.settings.sampling  # per-row settings: does any row sample?
+        key = (*state.caches[0].k.shape[::2], tuple(pick.keywords.items()), sampled)  # (R, S, sampling)
         if key not in self.graphs:
             self.graphs[key] = self.capture(state, pick)
         self.graphs[key].replay()
@@ -374,24 +479,30 @@ class GraphDecoder:
         state.token.copy_(token)
 
     def capture(self, state: Slots, pick) -> torch.cuda.CUDAGraph:
-        saved = state.token.clone(), state.slot.clone()
+        # what the warm-up steps move on, put back before each run: tokens, slots (and per-row draw counts)
+        moved = [state.token, state.slot] + ([self.settings.drawn] if self.settings is not None else [])
+        saved = [t.clone() for t in moved]
         side = torch.cuda.Stream()  # compile and warm up off the main stream, as recording wants
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             # one warm-up run of the eager steps (two of compiled ones, whose second call may compile again);
             # these steps write the cache slots that the replay then writes again
             for _ in range(2 if self.compiled else 1):
-                state.token.copy_(saved[0])
-                state.slot.copy_(saved[1])
+                for t, s in zip(moved, saved):
+                    t.copy_(s)
                 self.run(state, pick)
         torch.cuda.current_stream().wait_stream(side)
-        state.token.copy_(saved[0])
-        state.slot.copy_(saved[1])
+        for t, s in zip(moved, saved):
+            t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self.run(state, pick)
         self.pool = graph.pool()
         return graph
+
+    def rows_of(self, at: slice | torch.Tensor):
+        """The context of a prompts' pass into rows `at`: there, per-row settings are those rows' (`RowSettings`)."""
+        return self.settings.of_rows(at) if self.settings is not None else contextlib.nullcontext()
 
     def drop(self, R: int, S: int) -> None:
         """Free the rows of shape (R, S) and their graphs."""

@@ -172,13 +172,21 @@ def prompt_item(messages: list[dict], media: list[tuple[str, str]], tokenizer: T
                 cfg: Config, max_new_tokens: int) -> data.Item:
     """The conversation so far, ending with the generation prompt, with its media decoded in placeholder order."""
     raw = {m: [decode_medium(m, p, model, cfg) for kind, p in media if kind == m] for m in MODALITIES}
+    item = encode_prompt(messages, raw, tokenizer, model, cfg)
     context = model.llm.config.max_position_embeddings
+    if len(item.input_ids) + max_new_tokens > context:
+        raise ValueError(f"the prompt is {len(item.input_ids)} tokens and {max_new_tokens} new ones are asked for, "
+                         f"more than the model's context of {context}; shorten the question or lower --max_new_tokens")
+    return item
+
+
+def encode_prompt(messages: list[dict], raw: dict[str, list[torch.Tensor]], tokenizer: Tokenizer,
+                  model: MultimodalLM, cfg: Config) -> data.Item:
+    """The conversation ending with the generation prompt, as an item for data.collate, with its decoded media
+    (`raw`: modality -> the media in placeholder order, as `decode_medium` gives them) attached."""
     ids, _, counts = data.encode_conversation(messages, tokenizer, cfg.model.tokens_per_media, 10**9, False,
                                               add_generation_prompt=True,
                                               blocks={m: [len(x) for x in raw[m]] for m in MODALITIES})
-    if len(ids) + max_new_tokens > context:
-        raise ValueError(f"the prompt is {len(ids)} tokens and {max_new_tokens} new ones are asked for, more than "
-                         f"the model's context of {context}; shorten the question or lower --max_new_tokens")
     item = data.Item("prompt", ids, [-100] * len(ids))
     for m in MODALITIES:
         if raw[m]:

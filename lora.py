@@ -130,6 +130,40 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+class BatchedLoRALinear(nn.Module):
+    """Several runs' adapters on one frozen base layer, each row of a batch applying its own run's (the batched LoRA
+    of S-LoRA and punica, arXiv 2311.03285, 2310.18547): y[b] = base(x[b]) + B_i A_i x[b] for i = index(n)[b], the
+    run of row b, nothing merged. Every run's A is stacked into one (n*r, in) matrix and every scaled B into one
+    (out, n*r), runs of a lower rank or without an adapter on this layer padded with zeros; x's product with all
+    the A's is masked to row b's own r columns (a row of `mask`, gathered by the index) before the product with the
+    B's: two matmuls for any mix of runs, in the same shapes for every batch (what a recorded decode step needs).
+
+    `adapters[i]` is run i's (A (r, in), B (out, r) times its alpha / r) or None; `index(n)` gives the run of each
+    of the n rows of the pass running, (n,) int64 (decode.RowSettings)."""
+
+    def __init__(self, base_layer: nn.Linear | NF4Linear, adapters: list[tuple[torch.Tensor, torch.Tensor] | None],
+                 index):
+        super().__init__()
+        self.base_layer, self.index = base_layer, index
+        n, r = len(adapters), max((a.shape[0] for a, _ in filter(None, adapters)), default=1)
+        dev = (base_layer.packed if isinstance(base_layer, NF4Linear) else base_layer.weight).device
+        A = torch.zeros(n, r, base_layer.in_features, device=dev)  # fp32, as LoRALinear keeps them
+        B = torch.zeros(base_layer.out_features, n, r, device=dev)
+        for i, adapter in enumerate(adapters):
+            if adapter is not None:
+                A[i, :len(adapter[0])] = adapter[0]
+                B[:, i, :adapter[1].shape[1]] = adapter[1]
+        self.register_buffer("lora_A", A.view(n * r, -1))  # (n*r, in)
+        self.register_buffer("lora_B", B.view(len(B), n * r))  # (out, n*r)
+        self.register_buffer("mask", torch.eye(n, device=dev).repeat_interleave(r, dim=1))  # (n, n*r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (b, T, in)
+        out = self.base_layer(x)  # (b, T, out)
+        x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+        h = F.linear(x_lora, self.lora_A) * self.mask[self.index(len(x))][:, None]  # (b, T, n*r), other runs' 0
+        return out + F.linear(h, self.lora_B).to(out.dtype)
+
+
 def base_linear(m: nn.Module) -> nn.Linear:
     """The frozen linear layer of `m`: its base layer if LoRA wraps it, else `m` itself."""
     return m.base_layer if isinstance(m, LoRALinear) else m

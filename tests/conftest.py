@@ -166,7 +166,7 @@ def small_bench(device: str, **flags):
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     small = encoders.AlignerConfig(dim=32, image=encoders.EncoderConfig(32, 1, 2), audio=encoders.EncoderConfig(32, 1, 2),
                                 image_size=32, patch_size=8)
-    return (args, *bench.build(args, device, shape, small))
+    return (args, *bench.bench_model(args, device, shape, small))
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ import json
 import pytest
 from conftest import align_config, demo_config
 
+import build
 import model
-import train
 import validate
 
 
@@ -46,8 +46,8 @@ def broken(demo_dir, tmp_path, what, monkeypatch):
         cfg.lora.targets = "q_proj,qkv_proj"
         return cfg, "Model initialization", "match no linear layer"
     if what == "trainable aligner":
-        real = train.load_aligner
-        monkeypatch.setattr(train, "load_aligner", lambda *a, **k: real(*a, **k).requires_grad_(True))
+        real = build.load_aligner
+        monkeypatch.setattr(build, "load_aligner", lambda *a, **k: real(*a, **k).requires_grad_(True))
         return cfg, "Parameter freezing", "parameters of the aligner are trainable"
     if what == "no supervision":
         path = tmp_path / "d.jsonl"
