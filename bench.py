@@ -13,6 +13,8 @@
     python bench.py --grid serve [--tiny]                             # serve.py under 1-128 streaming clients
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
     python bench.py --make_assets /tmp/qwen-towers --towers           # ... and SigLIP / Whisper-shaped towers
+    python bench.py --grid track --rounds 3                           # the main 8 x 512 step with a metrics row a
+                                                                      # step, beside the same with all three trackers
 
 The step is train.py's own (`train.make_step`, its optimizer and AMP setup, batches from `data.collate`) on
 a model of Qwen2.5-0.5B's shape with random weights (frozen base in bf16, LoRA r=16 on q,k,v,o and projectors
@@ -24,6 +26,7 @@ to `bench_*.json`; with `--peer`, a closing Markdown table gives ours beside eac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import importlib.util
@@ -31,6 +34,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,9 +46,10 @@ import demo
 import media
 import generate
 import build
+import track
 import train
-from checkpoint import export
-from config import Config, load_config
+from checkpoint import TrainState, export
+from config import TRACKERS, Config, load_config
 from distributed import World, materialize_sharded, read_shards, setup_distributed
 from weights import save_tensors, set_tensor, skeleton, write_json
 from model import LLM, LLMConfig, llm_skeleton, rope_inv_freq, sample
@@ -191,19 +196,33 @@ def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Ba
     return data.collate(items, 0, pack=args.pack, max_len=T).to(device)
 
 
-def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
-    c = model.llm.config
-    lm_head = c.vocab_size * c.hidden_size
-    body = sum(p.numel() for p in model.llm.model.layers.parameters() if not p.requires_grad)
-    body += sum(m.in_features * m.out_features for m in model.llm.model.layers.modules() if isinstance(m, NF4Linear))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * c.num_hidden_layers * seq * c.num_attention_heads \
-        * c.head_dim
+def row_writer(args, cfg: Config, world: World, folder: Path):
+    """With `args.trackers` (a comma-separated list, "" for none): what train.py does at a logged step, at every
+    step (log_every = 1): the metrics row (`train.train_row`, its host reads) written by `train.Metrics` to the CSV
+    and JSONL in `folder` and queued for the trackers named (W&B offline unless WANDB_MODE says otherwise).
+    Returns (write(out, opt, elapsed, tokens), the trackers to close), or (None, None) without `args.trackers`."""
+    if getattr(args, "trackers", None) is None:
+        return None, None
+    names = [n for n in args.trackers.split(",") if n]
+    if "wandb" in names:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, log_every=1, trackers=names))
+    trackers = track.Trackers(names, folder, "mmlora-bench")
+    trackers.start(track.flatten(dataclasses.asdict(cfg)), {"bench": "1"}, 0)
+    trackers.started.wait(300)  # the timed steps do not overlap the trackers' imports and starts
+    metrics = train.Metrics(folder, world.master, train.metric_fields("instruct"), trackers)
+    run = TrainState()
+
+    def write(out, opt, elapsed: float, tokens: int) -> None:
+        run.step += 1
+        metrics.log(train.train_row(run, out, opt, elapsed, tokens, 0.0, None, 0, 1, world, cfg))
+    return write, trackers
 
 
 def time_ours(args, world: World) -> dict:
     before = torch.cuda.memory_allocated()  # what earlier workloads still hold does not count as this one's
     cfg, model = bench_model(args, world.device, world=world)
+    write_row, trackers = row_writer(args, cfg, world, Path(tempfile.mkdtemp(prefix="mmlora-bench-rows-")))
     opt, params = train.make_optimizer(model, cfg.train)
     scaler, autocast = train.mixed_precision(cfg.train, world.device)
     train.store_for_autocast(model.aligner, autocast)
@@ -226,8 +245,12 @@ def time_ours(args, world: World) -> dict:
         out = run_step([batches[i % 3]])
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        if write_row is not None:  # the row's host reads follow the synchronize, as in train.py
+            write_row(out, opt, time.perf_counter() - t0, sum(batches[i % 3].lengths) * world.size)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    if trackers is not None:
+        trackers.close([], "finished")
     if trace:
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
@@ -246,11 +269,11 @@ def time_ours(args, world: World) -> dict:
     b = batches[0]
     tokens = sum(b.lengths)
     labelled = float((b.labels != -100).sum()) / tokens
-    fpt = flops_per_token(model, args.seq, labelled)
+    fpt = train.flops_per_token(model, args.seq, labelled)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
             "cuda_graph": args.cuda_graph, "shape": args.shape, "strategy": "fsdp" if args.fsdp else "ddp",
             "memory_budget": args.memory_budget, "loss_chunk": cfg.model.loss_chunk, "qlora": args.qlora,
-            "offload": args.offload,
+            "offload": args.offload, "trackers": getattr(args, "trackers", None),
             "pack": args.pack, "multimodal": args.multimodal and ("cache" if args.cache else "raw"),
             "towers": getattr(args, "towers", False),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
@@ -897,9 +920,10 @@ def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
             "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "qlora": False, "memory_budget": 1.0,
-            "compile_mode": "", "loss_chunk": 0, "offload": False, **flags}
+            "compile_mode": "", "loss_chunk": 0, "offload": False, "trackers": None, **flags}
 
 
+ALL_TRACKERS = ",".join(TRACKERS)
 # workloads of ours, each with the peer's (ckpt, compile) rows to compare it with
 GRIDS = {
     # QLoRA: the 7B shape in NF4 beside bf16 (eager, checkpointed, 8 x 2048), and the same with the checkpointed
@@ -955,6 +979,10 @@ GRIDS = {
     "fsdp": [(workload(2048, ckpt=True, shape="7b", compile_mode="default", steps=8, warmup=3), [(True, False)]),
              (workload(2048, ckpt=True, shape="7b", fsdp=True, compile_mode="default", steps=8, warmup=3), [])],
     "fsdp72": [(workload(2048, ckpt=True, shape="72b", fsdp=True, compile_mode="default", steps=3, warmup=2), [])],
+    # the tracker's cost: the main grid's first row, and the plain step (bound by the host, where a tracker's thread
+    # could slow the step down), each with a metrics row a step, without and with all three trackers
+    "track": [(workload(512, cuda_graph=True, trackers=t, steps=100, warmup=10), []) for t in ("", ALL_TRACKERS)]
+    + [(workload(512, compile=False, trackers=t, steps=100, warmup=10), []) for t in ("", ALL_TRACKERS)],
     "towers": [(workload(1024, cuda_graph=True, towers=True), []),
                (workload(1024, multimodal=True, cuda_graph=True, towers=True), []),
                (workload(1024, multimodal=True, cache=True, cuda_graph=True, towers=True), [])],
@@ -1042,6 +1070,8 @@ def main() -> None:
     ap.add_argument("--loss_chunk", type=int, default=0, help="model.loss_chunk (default: the config's)")
     ap.add_argument("--rounds", type=int, default=1, help="run the workloads (and their peer rows) this many times "
                     "over, one after the other in this process")
+    ap.add_argument("--trackers", default=None, help="write a metrics row every step as train.py does, to the CSV and "
+                    "these trackers (comma-separated, \"\" for the CSV only), to time their cost")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")

@@ -10,6 +10,7 @@ is an error that says what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -108,6 +109,21 @@ class RunConfig:
     out_dir: str = "runs/demo"  # checkpoints, metrics.csv/jsonl, config.json, logs
     log_every: int = 10  # steps between progress lines and metric rows
     device: str = "auto"  # auto (cuda if available), cpu, cuda
+    peak_tflops: float = 0.0  # one GPU's peak, for the MFU column; 0 = its maker's dense bf16 figure for the GPUs
+    # train.py knows (H100, H200, A100, ...), else no MFU
+    trackers: list[str] = field(default_factory=list)  # experiment trackers fed by rank 0 with every metrics row, e.g.
+    # ["mlflow", "tensorboard", "wandb"] (track.py): mlflow (MLFLOW_TRACKING_URI, else <out_dir>/mlflow.db),
+    # tensorboard (<out_dir>/tensorboard), wandb (<out_dir>/wandb; WANDB_MODE=offline honoured); each an optional
+    # pip install (requirements-track.txt). [] = none, nothing imported
+    tracker_project: str = "mmlora"  # MLflow experiment and W&B project; the run is named after out_dir's folder
+    tracker_samples: int = 8  # validation answers per evaluation sent to the trackers as a table, with their media
+    tracker_artifacts: str = "light"  # sent at the end to MLflow and W&B: light (config.json and the export folder
+    # without merged/, which is the base's size), all (with merged/), none
+    alert_command: str = ""  # shell command run on an alert, the event as JSON on stdin and in MMLORA_EVENT,
+    # MMLORA_LEVEL, MMLORA_MESSAGE, MMLORA_STEP, MMLORA_RUN_DIR ("" = alerts are log lines only)
+    alert_spike: float = 3.0  # alert when a logged loss exceeds this many times its moving average (0 = never)
+    alert_stall_s: float = 1800.0  # alert when no step ends for this many seconds (0 = never)
+    alert_slow: float = 0.25  # alert when tokens/s falls below this share of the run's median (0 = never)
 
 
 @dataclass
@@ -124,7 +140,12 @@ CHOICES = {("train", "phase"): ("instruct", "align"), ("model", "dtype"): ("auto
            ("model", "quantize"): ("none", "nf4"),
            ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
            ("train", "compile"): ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-           ("run", "device"): ("auto", "cpu", "cuda"), ("train", "strategy"): ("ddp", "fsdp")}
+           ("run", "device"): ("auto", "cpu", "cuda"), ("train", "strategy"): ("ddp", "fsdp"),
+           ("run", "tracker_artifacts"): ("light", "all", "none")}
+
+
+# the experiment trackers run.trackers may name (track.py), each with the package it needs
+TRACKERS = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
@@ -136,7 +157,8 @@ POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), 
 NON_NEGATIVE = {("train", "lr_projector"), ("train", "lr_lora"), ("train", "lr_aligner"), ("train", "weight_decay"),
                 ("train", "warmup_steps"),
                 ("train", "grad_clip"), ("lora", "dropout"), ("train", "eval_every"), ("train", "save_every"),
-                ("train", "eval_samples"), ("train", "gen_samples"), ("data", "num_workers")}
+                ("train", "eval_samples"), ("train", "gen_samples"), ("data", "num_workers"), ("run", "peak_tflops"),
+                ("run", "tracker_samples"), ("run", "alert_spike"), ("run", "alert_stall_s"), ("run", "alert_slow")}
 
 
 def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
@@ -149,7 +171,10 @@ def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
     if key not in fields:
         raise ValueError(f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(fields)}")
     typ = type(getattr(type(sub)(), key))
-    if source == "command line" and typ is not str:  # text to parse
+    if source == "command line" and typ is list:  # --run.trackers=mlflow,tensorboard, or ["mlflow", "tensorboard"]
+        value = [v.strip().strip("'\"") for v in value.strip().removeprefix("[").removesuffix("]").split(",")]
+        value = [v for v in value if v]
+    elif source == "command line" and typ is not str:  # text to parse
         try:
             value = {"true": True, "false": False}[value.lower()] if typ is bool else typ(value)
         except (KeyError, ValueError):
@@ -158,6 +183,8 @@ def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
         value = float(value)
     if type(value) is not typ:
         raise ValueError(f"{source}: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    if typ is list and not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{source}: {section}.{key} must be a list of strings, got {value!r}")
     setattr(sub, key, value)
 
 
@@ -181,6 +208,9 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"train.activation_memory_budget = {cfg.train.activation_memory_budget}; it must be in [0, 1]")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
+    if cfg.run.alert_slow >= 1.0:
+        raise ValueError(f"run.alert_slow = {cfg.run.alert_slow}; it must be below 1 (a share of the median tokens/s)")
+    check_trackers(cfg.run.trackers)
     if cfg.lora.dropout >= 1.0:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
     if cfg.train.cuda_graph:  # what recording the step (step_graph.py) cannot record
@@ -230,6 +260,18 @@ def check_config(cfg: Config) -> None:
     if cfg.data.max_len <= longest:
         raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
                          "(model.image_tokens / model.audio_tokens); raise data.max_len")
+
+
+def check_trackers(names: list[str]) -> None:
+    """A ValueError naming what to install, or what is allowed, unless every tracker named is known and installed
+    (its package found, not imported)."""
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ValueError(f"run.trackers: unknown tracker {unknown[0]!r}; known: {', '.join(TRACKERS)}")
+    missing = [n for n in dict.fromkeys(names) if importlib.util.find_spec(TRACKERS[n]) is None]
+    if missing:
+        raise ValueError(f"run.trackers names {', '.join(missing)}, not installed here: pip install "
+                         f"{' '.join(TRACKERS[n] for n in missing)} (or pip install -r requirements-track.txt)")
 
 
 def config_from_dict(doc: dict, source: str, cfg: Config | None = None) -> Config:

@@ -10,8 +10,9 @@ image-text, audio-text and image-audio pairs.
 Read top to bottom: model -> data stream -> schedule -> checkpoints -> metrics -> eval -> the step -> the loop
 (`fit`). What the loop leans on lives in files named for it: config.py (the TOML sections and their checks),
 distributed.py (ranks, collectives, DDP and FSDP2's sharding, train.strategy = "fsdp"), checkpoint.py (the run
-folder: lock, checkpoints, restore, export) and step_graph.py (the whole step as CUDA graphs, train.cuda_graph,
-an opt-in wrapper around `train_step`).
+folder: lock, checkpoints, restore, export), step_graph.py (the whole step as CUDA graphs, train.cuda_graph,
+an opt-in wrapper around `train_step`) and track.py (MLflow, TensorBoard and W&B fed with the metrics rows, alerts
+on a sick run, the heartbeat file).
 Every optimizer step consumes `batch_size * grad_accum * world_size` samples of one global stream (epoch-seeded
 permutations, concatenated), so the data position is one number and a resume on any number of ranks continues
 from the same global sample. The loss of a step is summed over tokens (Phase 1: pairs) and divided by the labelled
@@ -21,6 +22,7 @@ gradient.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import csv
@@ -43,11 +45,14 @@ import torch.nn as nn
 
 import align
 import data
+import track
 from weights import weights_hash, write_json
 from model import LLM, llm_skeleton, until_stop
 from tokenizer import Tokenizer, load_tokenizer
 from encoders import Aligner, load_aligner
 from multimodal import LossOutput, MultimodalLM, parameter_report
+from media import load_audio, load_image
+from quant import NF4Linear
 from step_graph import GraphedStep
 from config import Config, TrainConfig, load_config
 from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel, gather_rows,
@@ -147,10 +152,10 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
 
 
 def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler, world: World, cfg: Config,
-                    epoch_size: int, collective: bool = True) -> None:
+                    epoch_size: int, collective: bool = True, alerts: track.Alerts | None = None) -> None:
     """Checkpoint `name` of the run (rank 0 writes; every rank's RNG state goes in), then drop old periodic ones.
     `collective=False` (after an exception) lets rank 0 save alone, without the other ranks' RNG states, since a
-    collective could hang on a failed peer."""
+    collective could hang on a failed peer. A checkpoint that cannot be written is an alert too."""
     if not collective and is_sharded(model):  # FSDP: gathering the shards needs every rank
         print(f"rank {world.rank}: no emergency checkpoint alone under FSDP (its shards are gathered by all ranks); "
               "the last checkpoint stands", flush=True)
@@ -164,7 +169,12 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
         state = {"step": run.step, "consumed": run.consumed, "epoch": run.consumed // epoch_size, "best": run.best,
                  "bad_steps": run.bad_steps, "world_size": world.size, "lr_factor": lr_factor(run.step, cfg.train),
                  "llm_config": dataclasses.asdict(model.llm.config), "config": dataclasses.asdict(cfg)}
-        write_checkpoint(ckpt_dir, name, tensors, optimizer, scaler, state, rngs)
+        try:
+            write_checkpoint(ckpt_dir, name, tensors, optimizer, scaler, state, rngs)
+        except CheckpointWriteError as e:
+            if alerts is not None:
+                alerts.fire("checkpoint_failed", str(e), run.step)
+            raise
         if isinstance(model, align.AlignModel) and name != "best":  # Phase 1's result, as of this checkpoint
             write_folder(Path(cfg.run.out_dir) / "aligner", lambda tmp: align.save_result(model, tmp, cfg.model.llm))
         if name.startswith("step_"):
@@ -186,13 +196,17 @@ RECALLS = [f"r{k}_{x}_{y}" for k in (1, 5) for a, b in data.PAIR_KINDS for x, y 
 def metric_fields(phase: str) -> list[str]:
     unit = UNITS[phase]
     return ["step", "epoch", "split", "loss", *(f"loss_{g}" for g in GROUPS[phase]), "lr", "grad_norm", unit,
-            f"{unit}_per_s", "step_time", "peak_mem_gib", *(["accuracy"] if phase == "instruct" else RECALLS),
-            "bad_steps", "skipped_samples"]
+            f"{unit}_per_s", "step_time", "mfu", "data_wait", "peak_mem_gib",
+            *(["accuracy"] if phase == "instruct" else RECALLS), "bad_steps", "skipped_samples"]
 
 
 class Metrics:
-    def __init__(self, out_dir: Path, enabled: bool, fields: list[str]):
-        self.enabled, self.fields = enabled, fields
+    """metrics.csv and metrics.jsonl, each row flushed as written; every row also goes to the run's trackers (with
+    an evaluation's `samples`, its answers) and alerts, where given (track.py)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, fields: list[str], trackers: track.Trackers | None = None,
+                 alerts: track.Alerts | None = None):
+        self.enabled, self.fields, self.trackers, self.alerts = enabled, fields, trackers, alerts
         if enabled:
             new = not (out_dir / "metrics.csv").exists()
             self.csv_file = open(out_dir / "metrics.csv", "a", newline="")
@@ -201,12 +215,16 @@ class Metrics:
                 self.csv.writeheader()
             self.jsonl = open(out_dir / "metrics.jsonl", "a")
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, samples: list[dict] | None = None) -> None:
         if self.enabled:
             self.csv.writerow({k: row.get(k, "") for k in self.fields})
             self.jsonl.write(json.dumps(row) + "\n")
             self.csv_file.flush()
             self.jsonl.flush()
+            if self.trackers is not None:
+                self.trackers.log(row, samples)
+            if self.alerts is not None:
+                self.alerts.check(row)
 
 
 def trim_metrics(out_dir: Path, step: int, log) -> None:
@@ -259,6 +277,45 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+# dense bf16 peaks in TFLOP/s as their makers state them, by a part of the GPU's name (the first that matches)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "B200": 2250.0,
+               "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def peak_flops(cfg: Config, device: torch.device) -> float | None:
+    """One device's peak FLOP/s for MFU: run.peak_tflops, else PEAK_TFLOPS by the GPU's name; None elsewhere."""
+    if cfg.run.peak_tflops:
+        return cfg.run.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
+    """The model's FLOPs per token of a step on rows of `seq` tokens, `labelled` of them labelled: the frozen
+    weights' forward and backward to their inputs (4 per weight), lm_head's at labelled positions only, the trainable
+    weights' 6, and attention's scores and sums (6 * layers * seq * heads * head_dim)."""
+    c = model.llm.config
+    lm_head = c.vocab_size * c.hidden_size
+    body = sum(p.numel() for p in model.llm.model.layers.parameters() if not p.requires_grad)
+    body += sum(m.in_features * m.out_features for m in model.llm.model.layers.modules() if isinstance(m, NF4Linear))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * c.num_hidden_layers * seq * c.num_attention_heads \
+        * c.head_dim
+
+
+def model_flops_utilization(model: MultimodalLM | align.AlignModel, micro: list[data.Batch], tokens_per_s: float,
+                            peak: float | None, world: World) -> float | None:
+    """MFU at the last step's shape (its rows' length and share of labelled tokens): the model's FLOP/s on all
+    ranks over their peak; None without a peak (a CPU) or in Phase 1."""
+    if peak is None or isinstance(model, align.AlignModel):
+        return None
+    tokens = sum(sum(b.lengths) for b in micro)
+    labelled = sum(int((b.labels != -100).sum()) for b in micro) / max(tokens, 1)
+    seq = max(b.input_ids.shape[1] for b in micro)
+    return flops_per_token(model, seq, labelled) * tokens_per_s / (peak * world.size)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Eval: validation loss (all and per modality) and exact-match accuracy of greedy answers
@@ -309,16 +366,23 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
     correct = torch.zeros(2)
     n_gen = min(len(ds), cfg.train.gen_samples)
     gen = list(range(world.rank, n_gen, world.size))
+    want, samples = cfg.run.tracker_samples if cfg.run.trackers and world.master else 0, []
+
+    def scored(i: int, tokens: list[int], answer: str) -> None:  # counted, and the first answers kept for trackers
+        match = score(tokens, answer, tokenizer)
+        correct.add_(match)
+        if len(samples) < want:
+            samples.append(prediction_sample(ds, i, tokens, answer, bool(match[0]), tokenizer))
     if sharded:
         model.unshard()  # generation calls the model's parts directly, past the hooks that gather their weights
         for s in range(0, -(-n_gen // world.size), cfg.train.batch_size):
-            pairs = [p for p in map(ds.prompt, gen[s:s + cfg.train.batch_size]) if p is not None]
-            spare = pairs or [next(p for p in map(ds.prompt, range(len(ds))) if p is not None)]
-            batch = data.collate([p for p, _ in spare], tokenizer.pad_id).to(world.device)
+            pairs = [(i, *p) for i, p in ((i, ds.prompt(i)) for i in gen[s:s + cfg.train.batch_size]) if p is not None]
+            spare = pairs or [(0, *next(p for p in map(ds.prompt, range(len(ds))) if p is not None))]
+            batch = data.collate([p for _, p, _ in spare], tokenizer.pad_id).to(world.device)
             with autocast():
                 outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=())
-            for o, (_, answer) in zip(outs, pairs):
-                correct += score(o, answer, tokenizer)
+            for o, (i, _, answer) in zip(outs, pairs):
+                scored(i, o, answer)
         model.reshard()
     else:  # generate.py --predict's path: batches of similar length, prompts made in workers, recorded decode steps
         # and continuous batching on a GPU (the loader draws no number from the run's RNG: resuming after an
@@ -326,15 +390,18 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
         prompts = data.prompt_batches(ds, gen, 256, 1 << 16, cfg.train.max_new_tokens, tokenizer.pad_id,
                                       world.device, cfg.data.num_workers)
         with autocast(cache_enabled=False):  # a recording keeps no cast weights between replays
-            for answered in model.answer_batches(((answers, batch) for _, answers, _, batch in prompts
-                                                  if batch is not None), cfg.train.max_new_tokens,
+            for answered in model.answer_batches(((list(zip(kept, answers)), batch)
+                                                  for kept, answers, _, batch in prompts if batch is not None),
+                                                 cfg.train.max_new_tokens,
                                                  tokenizer.stop_ids, rows=256, slots=1 << 16,
                                                  **recorded_decoder(model.llm)):
-                for answer, o in answered:
-                    correct += score(o, answer, tokenizer)
+                for (i, answer), o in answered:
+                    scored(i, o, answer)
     correct = all_sum(correct.to(world.device), world)
     row["correct"], row["answered"] = int(correct[0]), int(correct[1])
     row["accuracy"] = row["correct"] / row["answered"] if row["answered"] else None
+    if want:
+        row["samples"] = samples
     model.train()
     return row
 
@@ -344,6 +411,22 @@ def score(tokens: list[int], answer: str, tokenizer: Tokenizer) -> torch.Tensor:
     tokens = until_stop(tokens, tokenizer.stop_ids)
     return torch.tensor([float(data.normalize_answer(tokenizer.decode(tokens)) == data.normalize_answer(answer)), 1.0],
                         device=torch.device("cpu"))
+
+
+def prediction_sample(ds: data.ConversationDataset, i: int, tokens: list[int], answer: str, correct: bool,
+                      tokenizer: Tokenizer) -> dict:
+    """One validation answer as the trackers show it: the question, the answer given, the reference, whether they
+    match, and the sample's first image ((H, W, 3) uint8) and first audio clip ((waveform, sample rate, file))."""
+    ex = ds.examples[i]
+    last = max(j for j, m in enumerate(ex.messages) if m["role"] == "assistant")
+    question = next((m["content"] for m in reversed(ex.messages[:last]) if m["role"] == "user"), "")
+    sample = {"id": ex.id, "question": question, "prediction": tokenizer.decode(until_stop(tokens, tokenizer.stop_ids)),
+              "reference": answer, "correct": correct, "images": [], "audio": []}
+    rate = ds.aligner_config.sample_rate
+    with contextlib.suppress(Exception):  # a medium that no longer decodes is left out of the table
+        sample["images"] = [load_image(p).permute(1, 2, 0).numpy() for p in ex.media["image"][:1]]
+        sample["audio"] = [(load_audio(p, rate).numpy(), rate, p) for p in ex.media["audio"][:1]]
+    return sample
 
 
 def recorded_decoder(llm: LLM) -> dict:
@@ -564,6 +647,18 @@ def resolved_paths(cfg: Config) -> Config:
     return cfg
 
 
+def tracker_tags(cfg: Config, world: World) -> dict:
+    """The tracked run's tags: the git commit of the code, the phase, the world size and every rank's device,
+    counted ("8 x NVIDIA H100 80GB HBM3"). Every rank calls it (the names are gathered)."""
+    name = torch.cuda.get_device_name(world.device) if world.device.type == "cuda" else "CPU"
+    names = [name] * world.size
+    if world.size > 1:
+        dist.all_gather_object(names, name)
+    devices = ", ".join(f"{n} x {k}" for k, n in collections.Counter(names).items())
+    return {"git_commit": (track.git_commit() if world.master else None) or "none", "phase": cfg.train.phase,
+            "world_size": world.size, "devices": devices}
+
+
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                       "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
@@ -647,14 +742,16 @@ def list_skipped(micro: list[data.Batch], seen: set[tuple], out_dir: Path, world
               f"{bad[0]['file']}:{bad[0]['line']}: {bad[0]['reason']}", flush=True)
 
 
-def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int, skipped: int, epoch_size: int,
-              world: World, cfg: Config) -> dict:
-    """The metrics row of the last step (its loss; speed over the steps since the last row), printed by rank 0."""
+def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int, waited: float, mfu: float | None,
+              skipped: int, epoch_size: int, world: World, cfg: Config) -> dict:
+    """The metrics row of the last step (its loss; speed, MFU and the seconds a step waited for the data loader,
+    over the steps since the last row), printed by rank 0."""
     unit = UNITS[cfg.train.phase]
     row = {"step": run.step, "epoch": run.consumed / epoch_size, "split": "train",
            "loss": (out.stats[0] / out.n_tokens).item(), "lr": float(opt.param_groups[-1]["lr"]),
            "grad_norm": out.grad_norm.item(), unit: int(out.n_tokens.item()), f"{unit}_per_s": tokens / elapsed,
-           "step_time": elapsed / cfg.run.log_every, "peak_mem_gib": round(peak_memory_gib(world.device), 3),
+           "step_time": elapsed / cfg.run.log_every, "mfu": mfu, "data_wait": waited / cfg.run.log_every,
+           "peak_mem_gib": round(peak_memory_gib(world.device), 3),
            "bad_steps": run.bad_steps, "skipped_samples": skipped, **group_losses(out.stats[1:], cfg.train.phase)}
     if world.master:
         eta = (cfg.train.max_steps - run.step) * row["step_time"]
@@ -670,17 +767,33 @@ def fit(cfg: Config, world: World | None = None) -> dict:
     logged row, with "step" and "stopped" (by a signal). `world` defaults to torchrun's processes."""
     world = world or setup_distributed(cfg)
     lock = prepare_out_dir(cfg, world)
-    stop = StopRequest(print if world.master else (lambda *a, **k: None))
+    say = print if world.master else (lambda *a, **k: None)
+    stop = StopRequest(say)
+    out_dir = Path(cfg.run.out_dir)
+    trackers = track.Trackers(cfg.run.trackers if world.master else [], out_dir, cfg.run.tracker_project,
+                              cfg.run.tracker_artifacts, say)
+    alerts = track.Alerts(cfg.run.alert_command, cfg.run.alert_spike, cfg.run.alert_stall_s, cfg.run.alert_slow,
+                          out_dir, world.master, say)
+    status, error = "crashed", None
     try:
-        return train_loop(cfg, world, stop)
+        result = train_loop(cfg, world, stop, trackers, alerts)
+        status = "stopped" if result["stopped"] else "finished"
+        return result
+    except BaseException as e:
+        error = e
+        raise
     finally:
+        alerts.close(status, error)
+        results = [out_dir / ("aligner" if cfg.train.phase == "align" else "export")] if status == "finished" else []
+        trackers.close([p for p in [out_dir / "config.json", *results] if p.exists()], status,
+                       timeout=0 if isinstance(error, KeyboardInterrupt) else track.CLOSE_TIMEOUT)  # Ctrl-C twice
         stop.restore()
         if lock is not None:
             lock.release()
 
 
-def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
-    """`fit` inside its locked run folder, with signals caught."""
+def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Trackers, alerts: track.Alerts) -> dict:
+    """`fit` inside its locked run folder, with signals caught, watched by `trackers` and `alerts`."""
     out_dir, ckpt_dir = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoints"
     log = print if world.master else (lambda *a, **k: None)
 
@@ -712,20 +825,25 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
     model.train()
     if world.master:
         trim_metrics(out_dir, run.step, log)
-    metrics = Metrics(out_dir, world.master, metric_fields(cfg.train.phase))
+    if cfg.run.trackers:  # the tracked run: a new one, or the one this resume continues
+        trackers.start(track.flatten(dataclasses.asdict(resolved_paths(cfg))), tracker_tags(cfg, world), run.step)
+    metrics = Metrics(out_dir, world.master, metric_fields(cfg.train.phase), trackers, alerts)
+    peak = peak_flops(cfg, world.device)
     bad_seen: set[tuple] = set()  # samples that failed to decode during training, on this rank
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
 
     save = functools.partial(save_checkpoint, run=run, model=model, opt=opt, scaler=scaler, world=world, cfg=cfg,
-                             epoch_size=len(train_ds))  # save("step_0000100"): what the run is at, as it is then
+                             epoch_size=len(train_ds), alerts=alerts)  # save("step_0000100"): the run as it is then
     loader = iter(make_loader(train_ds, cfg, world, tokenizer, run.consumed))
-    t_last, tokens_since, last_row = time.perf_counter(), 0, {}
+    t_last, tokens_since, waited, last_row = time.perf_counter(), 0, 0.0, {}
     if world.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
         while run.step < cfg.train.max_steps:
             set_lr(opt, lr_factor(run.step, cfg.train))
+            t_wait = time.perf_counter()
             micro = [next(loader) for _ in range(cfg.train.grad_accum)]
+            waited += time.perf_counter() - t_wait
             list_skipped(micro, bad_seen, out_dir, world)
             tokens_since += sum(len(b.ids) if phase1 else sum(b.lengths) for b in micro) * world.size  # all processed
             out = step_fn([b.to(world.device) for b in micro])
@@ -737,31 +855,37 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
                 run.bad_in_row, run.bad_steps = run.bad_in_row + 1, run.bad_steps + 1
                 log(f"step {run.step}: non-finite loss or gradient norm; step skipped ({run.bad_in_row} in a row)")
             opt.zero_grad(set_to_none=True)
+            alerts.beat(run.step)  # the watchdog's clock (from the first step on: it compiles, records graphs)
             if run.bad_in_row >= cfg.train.max_bad_steps:
+                why = (f"{run.bad_in_row} non-finite steps in a row (max_bad_steps = {cfg.train.max_bad_steps}): the "
+                       "loss or the gradients overflow")
+                alerts.fire("nonfinite", f"{why}; the run stops at step {run.step}", run.step)
                 save("emergency")
-                raise RuntimeError(f"{run.bad_in_row} non-finite steps in a row (max_bad_steps = "
-                                   f"{cfg.train.max_bad_steps}): the loss or the gradients overflow. Emergency "
-                                   f"checkpoint in {ckpt_dir / 'emergency'}; lower the learning rates, use amp = bf16 "
-                                   "or fp32, or check the data")
+                raise RuntimeError(f"{why}. Emergency checkpoint in {ckpt_dir / 'emergency'}; lower the learning "
+                                   "rates, use amp = bf16 or fp32, or check the data")
             last = run.step == cfg.train.max_steps
             if finite and (run.step % cfg.run.log_every == 0 or last):
                 if world.device.type == "cuda":
                     torch.cuda.synchronize()
                 skipped_now = skipped + int(all_sum(torch.tensor(float(len(bad_seen)), device=world.device), world))
-                last_row = train_row(run, out, opt, time.perf_counter() - t_last, tokens_since, skipped_now,
-                                     len(train_ds), world, cfg)
+                elapsed = time.perf_counter() - t_last
+                mfu = model_flops_utilization(model, micro, tokens_since / elapsed, peak, world)
+                last_row = train_row(run, out, opt, elapsed, tokens_since, waited, mfu, skipped_now, len(train_ds),
+                                     world, cfg)
                 metrics.log(last_row)
-                t_last, tokens_since = time.perf_counter(), 0
+                t_last, tokens_since, waited = time.perf_counter(), 0, 0.0
             if finite and val_ds is not None and (last or cfg.train.eval_every
                                                   and run.step % cfg.train.eval_every == 0):
                 row = (evaluate_align if phase1 else evaluate)(model, val_ds, cfg, world, tokenizer, autocast)
-                metrics.log({"step": run.step, "epoch": run.consumed / len(train_ds), "split": "val", **row})
+                samples = row.pop("samples", None)  # answers for the trackers' table
+                metrics.log({"step": run.step, "epoch": run.consumed / len(train_ds), "split": "val", **row}, samples)
                 log(f"eval step {run.step} | val loss {row['loss']:.4f} | {eval_summary(row)}")
                 last_row = {**last_row, "val": row}
                 if row["loss"] < run.best:
                     run.best = row["loss"]
                     save("best")
                 t_last = time.perf_counter()
+                alerts.beat(run.step)
             if any_rank(stop.flag, world):
                 save("emergency")
                 log(f"stop requested: emergency checkpoint at step {run.step} in {ckpt_dir / 'emergency'}")
