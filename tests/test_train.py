@@ -384,7 +384,6 @@ def test_flops_per_token_counts_the_matmuls():
     """bench.py's MFU numerator on a small shape, counted here layer by layer: forward and input-gradient matmuls
     (4 FLOPs per weight) of the frozen body, the lm_head at labelled positions only, weight gradients too (6) for
     the trainable tensors, and attention's QK^T and AV."""
-    import bench
     args, cfg, mm = small_bench("cpu")
     H, inner, L, nh, nkv, hd, V = 64, 128, 2, 4, 2, 16, 512
     layer = H * nh * hd + nh * hd + 2 * (H * nkv * hd + nkv * hd) + nh * hd * H + 3 * H * inner + 2 * H
@@ -393,7 +392,7 @@ def test_flops_per_token_counts_the_matmuls():
     D = 32
     projectors = 2 * (D * H + H + H * H + H)
     expected = 4 * L * layer + 4 * V * H * 0.5 + 6 * (L * lora + projectors) + 6 * L * 128 * nh * hd
-    assert bench.flops_per_token(mm, 128, 0.5) == expected
+    assert train.flops_per_token(mm, 128, 0.5) == expected
 
 
 def test_bench_table_gives_the_ratios_to_the_peer():
