@@ -44,16 +44,17 @@ from torch.nn.attention.flex_attention import BlockMask
 
 import align
 import data
+import dpo
 import lora
-from checkpoint import (CheckpointReadError, CheckpointWriteError, RunLock, TrainState, clean_leftovers, export,
-                        load_checkpoint, optimizer_state, resume_candidates, rng_state, trainable_state,
+from checkpoint import (CheckpointReadError, CheckpointWriteError, RunLock, Start, TrainState, clean_leftovers, export,
+                        load_checkpoint, optimizer_state, read_start, resume_candidates, rng_state, trainable_state,
                         write_checkpoint, write_folder)
 from config import Config, TrainConfig, load_config
 from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel, gather_rows,
                          gradient_sync, is_sharded, materialize_sharded, read_shards, setup_distributed, whole)
-from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, cross_entropy_chunk,
-                   document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm, load_tokenizer,
-                   parameter_report, until_stop, weights_hash, write_json)
+from model import (MODALITIES, LLM, Aligner, LossOutput, MultimodalLM, Projector, Tokenizer, check_tensors,
+                   cross_entropy_chunk, document_block_mask, document_mask, llm_skeleton, load_aligner, load_llm,
+                   load_tokenizer, parameter_report, until_stop, weights_hash, write_json)
 from quant import NF4Linear, load_llm_nf4
 from step_graph import GraphedStep
 
@@ -103,8 +104,9 @@ def build_sharded(cfg: Config, world: World, tokenizer: Tokenizer, dtype: torch.
 
 def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int], adapters: bool = True
              ) -> MultimodalLM:
-    """Add projectors and LoRA (unless `adapters` is False: an LLM with LoRA merged) to a loaded LLM and aligner;
-    set activation checkpointing and compilation."""
+    """Add projectors and LoRA (unless `adapters` is False: an LLM with LoRA merged) to a loaded LLM and aligner,
+    on top of train.init_from's start where one is given (`start_from`); set activation checkpointing and
+    compilation. With train.objective = "dpo" the projectors are frozen: the reference model shares them."""
     torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
     H, D = llm.config.hidden_size, aligner.config.dim
     K = cfg.model.tokens_per_media
@@ -113,6 +115,10 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
     if cfg.model.shared_projector:
         projectors = {m: projectors["image"] for m in MODALITIES}
     projectors = nn.ModuleDict(projectors).to(next(aligner.parameters()).device)
+    if cfg.train.init_from and adapters:
+        start_from(read_start(cfg.train.init_from), llm, projectors)
+    if cfg.train.objective == "dpo":
+        projectors.requires_grad_(False)
     if adapters:
         targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
         lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
@@ -124,6 +130,24 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
     model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
     compile_model(model, cfg.train)
     return model
+
+
+def start_from(start: Start, llm: LLM, projectors: nn.ModuleDict) -> None:
+    """train.init_from: the start's LoRA into `llm`, its projectors into `projectors`. The adapter is merged into the
+    base weights where they are plain tensors in memory (the model is a plain one again); on an NF4 base, or one
+    still on the meta device (FSDP reads it sharded later), it stays as a frozen adapter, which this run's adapters
+    then wrap."""
+    lora.apply_lora(llm, start.rank, start.alpha, 0.0, start.targets)
+    lora.set_adapter(llm, start.adapter, start.rank, start.alpha, f"{start.folder} (train.init_from)")
+    llm.requires_grad_(False)
+    if all(isinstance(m.base_layer, nn.Linear) and not m.base_layer.weight.is_meta
+           for m in lora.lora_modules(llm).values()):
+        lora.merge_and_unload(llm)
+    expected = projectors.state_dict()
+    check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in start.projectors.items()},
+                  f"{start.folder}: the start's projectors do not fit this run's (model.image_tokens, audio_tokens and "
+                  "projector_* must be the start's)")
+    projectors.load_state_dict(start.projectors)
 
 
 def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
@@ -170,12 +194,14 @@ def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[n
         return {"aligner": list(model.aligner.parameters()), "text head": [*model.text_head.parameters(),
                                                                            model.logit_scale],
                 "llm": list(model.llm.parameters())}
-    named = list(model.llm.named_parameters())
+    params = list(model.llm.parameters())
     # an NF4 weight is buffers, not a parameter: a meta tensor of its shape counts it as frozen
     nf4 = [torch.empty(m.out_features, m.in_features, device="meta") for m in model.llm.modules()
            if isinstance(m, NF4Linear)]
+    # the run's adapters; a frozen start adapter inside them (train.init_from) counts as part of the frozen LLM
+    adapters = {id(p) for m in lora.outer_lora_modules(model.llm).values() for p in (m.lora_A.weight, m.lora_B.weight)}
     return {"aligner": list(model.aligner.parameters()), "projectors": list(model.projectors.parameters()),
-            "llm": [p for n, p in named if ".lora_" not in n] + nf4, "lora": [p for n, p in named if ".lora_" in n]}
+            "llm": [p for p in params if id(p) not in adapters] + nf4, "lora": [p for p in params if id(p) in adapters]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,6 +243,9 @@ def make_loader(ds: data.ConversationDataset | data.PairDataset, cfg: Config, wo
     if isinstance(ds, data.PairDataset):
         def collate(items):
             return data.collate_pairs(items, tokenizer.pad_id)
+    elif isinstance(ds, data.PreferenceDataset):
+        def collate(items):
+            return data.collate_preferences(items, tokenizer.pad_id, multiple)
     else:
         def collate(items):
             return data.collate(items, tokenizer.pad_id, pack, max_len, multiple)
@@ -233,12 +262,14 @@ def cache_folder(cfg: Config, path: str) -> Path | None:
 def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner: Aligner,
                  use_cache: bool = True) -> data.ConversationDataset | data.PairDataset:
     """A data file as the config says: K tokens per media, max_len, truncation, on_error, paths, and the feature
-    cache (checked against this aligner's weights); in Phase 1, a pair file."""
+    cache (checked against this aligner's weights); in Phase 1, a pair file; with train.objective = "dpo", a
+    preference file."""
     if cfg.train.phase == "align":
         return data.PairDataset(path, tokenizer, aligner.config, cfg.data.max_len, cfg.data.on_error,
                                 cfg.data.allow_outside_paths)
     cache = cache_folder(cfg, path) if use_cache else None
-    return data.ConversationDataset(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
+    kind = data.PreferenceDataset if cfg.train.objective == "dpo" else data.ConversationDataset
+    return kind(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
                                     cfg.data.truncate, cfg.data.on_error, cfg.data.allow_outside_paths, cache,
                                     weights_hash(aligner) if cache else None, cfg.data.max_audio_windows)
 
@@ -266,10 +297,10 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
 
 
 def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler, world: World, cfg: Config,
-                    epoch_size: int, collective: bool = True) -> None:
+                    epoch_size: int, collective: bool = True, start_hash: str | None = None) -> None:
     """Checkpoint `name` of the run (rank 0 writes; every rank's RNG state goes in), then drop old periodic ones.
     `collective=False` (after an exception) lets rank 0 save alone, without the other ranks' RNG states, since a
-    collective could hang on a failed peer."""
+    collective could hang on a failed peer. `start_hash`: train.init_from's (`Start.hash`), which a resume checks."""
     if not collective and is_sharded(model):  # FSDP: gathering the shards needs every rank
         print(f"rank {world.rank}: no emergency checkpoint alone under FSDP (its shards are gathered by all ranks); "
               "the last checkpoint stands", flush=True)
@@ -283,6 +314,8 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
         state = {"step": run.step, "consumed": run.consumed, "epoch": run.consumed // epoch_size, "best": run.best,
                  "bad_steps": run.bad_steps, "world_size": world.size, "lr_factor": lr_factor(run.step, cfg.train),
                  "llm_config": dataclasses.asdict(model.llm.config), "config": dataclasses.asdict(cfg)}
+        if start_hash is not None:
+            state["start_hash"] = start_hash
         write_checkpoint(ckpt_dir, name, tensors, optimizer, scaler, state, rngs)
         if isinstance(model, align.AlignModel) and name != "best":  # Phase 1's result, as of this checkpoint
             write_folder(Path(cfg.run.out_dir) / "aligner", lambda tmp: align.save_result(model, tmp, cfg.model.llm))
@@ -296,17 +329,24 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics: metrics.csv and metrics.jsonl, one row per logged step and per eval, written by rank 0
 
-# the groups of samples whose loss is logged apart (Batch.groups, PairBatch.groups), and what a step counts
-GROUPS = {"instruct": ("text", "image", "audio"), "align": tuple(f"{a}_{b}" for a, b in data.PAIR_KINDS)}
-UNITS = {"instruct": "tokens", "align": "pairs"}
+# what a run trains (`objective`): the groups of samples whose loss is logged apart (Batch.groups, PairBatch.groups,
+# PreferenceBatch.groups), what a step counts, and what else its rows hold
+GROUPS = {"instruct": ("text", "image", "audio"), "align": tuple(f"{a}_{b}" for a, b in data.PAIR_KINDS),
+          "dpo": dpo.GROUPS}
+UNITS = {"instruct": "tokens", "align": "pairs", "dpo": "pairs"}
 RECALLS = [f"r{k}_{x}_{y}" for k in (1, 5) for a, b in data.PAIR_KINDS for x, y in ((a, b), (b, a))]
+EXTRA = {"instruct": ["accuracy"], "align": RECALLS, "dpo": ["accuracy", *dpo.metric_names()]}
 
 
-def metric_fields(phase: str) -> list[str]:
-    unit = UNITS[phase]
-    return ["step", "epoch", "split", "loss", *(f"loss_{g}" for g in GROUPS[phase]), "lr", "grad_norm", unit,
-            f"{unit}_per_s", "step_time", "peak_mem_gib", *(["accuracy"] if phase == "instruct" else RECALLS),
-            "bad_steps", "skipped_samples"]
+def objective(cfg: Config) -> str:
+    """What the run trains: "align" (Phase 1), "instruct" (Phase 2's SFT) or "dpo" (Phase 2 on preferences)."""
+    return "align" if cfg.train.phase == "align" else "dpo" if cfg.train.objective == "dpo" else "instruct"
+
+
+def metric_fields(kind: str) -> list[str]:
+    unit = UNITS[kind]
+    return ["step", "epoch", "split", "loss", *(f"loss_{g}" for g in GROUPS[kind]), "lr", "grad_norm", unit,
+            f"{unit}_per_s", "step_time", "peak_mem_gib", *EXTRA[kind], "bad_steps", "skipped_samples"]
 
 
 class Metrics:
@@ -331,7 +371,7 @@ class Metrics:
 def group_sums(out: LossOutput, groups: torch.Tensor) -> torch.Tensor:
     """(6,): summed loss and count of each of the batch's 3 groups of samples (`groups` (3, S) bool)."""
     sums = [torch.where(groups, x, 0.0).sum(1) for x in (out.sample_loss, out.sample_tokens)]  # no host read
-    return torch.stack(sums, 1).flatten()
+    return torch.stack(sums, 1).flatten().detach()
 
 
 def group_losses(sums: torch.Tensor, phase: str) -> dict:
@@ -379,7 +419,8 @@ def eager_layers(fn):
 def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, world: World, tokenizer: Tokenizer,
              autocast) -> dict:
     """Validation loss (all and per kind of sample) and the exact-match accuracy of greedy answers, over all ranks:
-    {"loss", "loss_text", "loss_image", "loss_audio", "accuracy", "correct", "answered"}."""
+    {"loss", "loss_text", "loss_image", "loss_audio", "accuracy", "correct", "answered"}; on a preference set the
+    DPO loss and rewards (`dpo.metrics`), and the accuracy of the answers against the chosen ones."""
     model.eval()
     # under FSDP every rank runs every forward and decode step, since the ranks gather each layer's weights
     # together: each runs as many batches as the rank with the most (a spare one on a sample whose result is
@@ -388,13 +429,21 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
     n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
     mine = list(range(world.rank, n, world.size))
     rounds = range(0, -(-n // world.size), cfg.train.batch_size)
-    sums = torch.zeros(6, device=world.device)  # loss and tokens of text-only, image, audio samples
+    sums = torch.zeros(6 if not isinstance(ds, data.PreferenceDataset) else dpo.STATS, device=world.device)
     loss_sum = torch.zeros(2, device=world.device)
     for s in rounds:
         idx = mine[s:s + cfg.train.batch_size]
         if not idx and not sharded:
             break
-        batch = data.collate([ds[i] for i in idx or [0]], tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple)
+        items = [ds[i] for i in idx or [0]]
+        if isinstance(ds, data.PreferenceDataset):  # DPO: the preference loss and rewards of the pairs (dpo.py)
+            batch = data.collate_preferences(items, tokenizer.pad_id, cfg.data.pad_multiple).to(world.device)
+            with autocast():
+                policy, reference, tokens = dpo.logps(model, model, batch)
+            if idx:
+                sums += dpo.pair_terms(policy.float(), reference.float(), tokens, batch.groups(), cfg.train)[2]
+            continue
+        batch = data.collate(items, tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple)
         with autocast():
             out = model(batch.to(world.device))
         if idx:
@@ -402,7 +451,10 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
             loss_sum += torch.stack([out.sample_loss.sum(), out.sample_tokens.sum()])
     all_sum(sums, world)
     all_sum(loss_sum, world)
-    row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **group_losses(sums, "instruct")}
+    if isinstance(ds, data.PreferenceDataset):
+        row = dpo.metrics(sums, cfg.train)
+    else:
+        row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **group_losses(sums, "instruct")}
     correct = torch.zeros(2)
     n_gen = min(len(ds), cfg.train.gen_samples)
     gen = list(range(world.rank, n_gen, world.size))
@@ -490,8 +542,10 @@ def evaluate_align(model: align.AlignModel, ds: data.PairDataset, cfg: Config, w
 def eval_summary(row: dict) -> str:
     """The log line's part of an eval row: accuracy, or Phase 1's recall@1 in each direction."""
     if "accuracy" in row:
+        rewards = row.get("rewards/accuracies")
         return "accuracy " + ("n/a" if row["accuracy"] is None else
-                              f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['answered']})")
+                              f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['answered']})") + \
+            ("" if rewards is None else f", reward accuracy {100 * rewards:.1f}%")
     recalls = [f"{k[3:].replace('_', '->')} {100 * v:.0f}%" for k, v in row.items() if k.startswith("r1_")]
     return "recall@1 " + ", ".join(recalls)
 
@@ -507,9 +561,11 @@ def make_optimizer(model: MultimodalLM | align.AlignModel, cfg: TrainConfig):
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr_aligner,
                    "peak": cfg.lr_aligner}]
     else:
-        groups = [{"params": list(model.projectors.parameters()), "lr": cfg.lr_projector, "peak": cfg.lr_projector},
+        groups = [{"params": [p for p in model.projectors.parameters() if p.requires_grad], "lr": cfg.lr_projector,
+                   "peak": cfg.lr_projector},
                   {"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": cfg.lr_lora,
                    "peak": cfg.lr_lora}]
+        groups = [g for g in groups if g["params"]]  # (DPO freezes the projectors)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True)
     return opt, [p for g in groups for p in g["params"]]
 
@@ -599,11 +655,11 @@ def update(opt, scaler, params: list[nn.Parameter], grad_clip: float, stats: tor
 
 
 def train_step(model: nn.Module, micro: list[data.Batch], opt, scaler, params: list[nn.Parameter], autocast,
-               world: World, grad_clip: float, average: bool = False) -> StepOutput:
+               world: World, grad_clip: float, average: bool = False, gradients=forward_backward) -> StepOutput:
     """One optimizer step over its micro-batches (already on the device), with no host read. `average`: the
     gradients are averaged over the ranks here, by one all-reduce (a step recorded as a CUDA graph, which cannot
-    hold DDP's hooks), not by DDP."""
-    stats, n_tok = forward_backward(model, micro, scaler, autocast, world)
+    hold DDP's hooks), not by DDP. `gradients`: `forward_backward`, or DPO's (`dpo.forward_backward`)."""
+    stats, n_tok = gradients(model, micro, scaler, autocast, world)
     if average and world.size > 1:
         average_gradients(params, world)
     return StepOutput(stats, n_tok, *update(opt, scaler, params, grad_clip, stats, world))
@@ -619,8 +675,10 @@ def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], auto
                                  grad_clip=cfg.train.grad_clip, average=True)
         return GraphedStep(step, model, opt, world.device, cfg.data.pad_multiple)
     ddp = data_parallel(model, world)
+    gradients = functools.partial(dpo.forward_backward, cfg=cfg.train) if cfg.train.objective == "dpo" \
+        else forward_backward
     return functools.partial(train_step, ddp, opt=opt, scaler=scaler, params=params, autocast=autocast, world=world,
-                             grad_clip=cfg.train.grad_clip)
+                             grad_clip=cfg.train.grad_clip, gradients=gradients)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -655,7 +713,7 @@ def resolved_paths(cfg: Config) -> Config:
     be used from anywhere: generate.load_run)."""
     cfg = copy.deepcopy(cfg)
     for section, key in (("model", "llm"), ("model", "aligner"), ("data", "train_file"), ("data", "val_file"),
-                         ("data", "make_demo"), ("data", "feature_cache")):
+                         ("data", "make_demo"), ("data", "feature_cache"), ("train", "init_from")):
         if getattr(getattr(cfg, section), key):
             setattr(getattr(cfg, section), key, str(Path(getattr(getattr(cfg, section), key)).resolve()))
     return cfg
@@ -730,12 +788,15 @@ def list_skipped(micro: list[data.Batch], seen: set[tuple], out_dir: Path, world
 def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int, skipped: int, epoch_size: int,
               world: World, cfg: Config) -> dict:
     """The metrics row of the last step (its loss; speed over the steps since the last row), printed by rank 0."""
-    unit = UNITS[cfg.train.phase]
-    row = {"step": run.step, "epoch": run.consumed / epoch_size, "split": "train",
-           "loss": (out.stats[0] / out.n_tokens).item(), "lr": float(opt.param_groups[-1]["lr"]),
+    kind = objective(cfg)
+    unit = UNITS[kind]
+    row = {"step": run.step, "epoch": run.consumed / epoch_size, "split": "train", "loss": None,
+           "lr": float(opt.param_groups[-1]["lr"]),
            "grad_norm": out.grad_norm.item(), unit: int(out.n_tokens.item()), f"{unit}_per_s": tokens / elapsed,
            "step_time": elapsed / cfg.run.log_every, "peak_mem_gib": round(peak_memory_gib(world.device), 3),
-           "bad_steps": run.bad_steps, "skipped_samples": skipped, **group_losses(out.stats[1:], cfg.train.phase)}
+           "bad_steps": run.bad_steps, "skipped_samples": skipped}
+    row.update(dpo.metrics(out.stats, cfg.train) if kind == "dpo" else
+               {"loss": (out.stats[0] / out.n_tokens).item(), **group_losses(out.stats[1:], kind)})
     if world.master:
         eta = (cfg.train.max_steps - run.step) * row["step_time"]
         speed = f"{row[f'{unit}_per_s']:,.0f} {'tok' if unit == 'tokens' else unit}/s"
@@ -790,12 +851,18 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
         torch.manual_seed(cfg.train.seed + world.rank)  # dropout differs across ranks, the same on every run
     step_fn = make_step(model, opt, scaler, params, autocast, world, cfg)  # after a resume: graphs keep its state
     model.train()
-    metrics = Metrics(out_dir, world.master, metric_fields(cfg.train.phase))
+    kind = objective(cfg)
+    metrics = Metrics(out_dir, world.master, metric_fields(kind))
     bad_seen: set[tuple] = set()  # samples that failed to decode during training, on this rank
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
 
     save = functools.partial(save_checkpoint, run=run, model=model, opt=opt, scaler=scaler, world=world, cfg=cfg,
-                             epoch_size=len(train_ds))  # save("step_0000100"): what the run is at, as it is then
+                             epoch_size=len(train_ds),  # save("step_0000100"): what the run is at, as it is then
+                             start_hash=read_start(cfg.train.init_from).hash if cfg.train.init_from else None)
+    if kind == "dpo" and run.step == 0 and val_ds is not None:  # the start's figures, which DPO is to improve on
+        row = evaluate(model, val_ds, cfg, world, tokenizer, autocast)
+        metrics.log({"step": 0, "epoch": 0.0, "split": "val", **row})
+        log(f"eval step 0 (the start) | val loss {row['loss']:.4f} | {eval_summary(row)}")
     loader = iter(make_loader(train_ds, cfg, world, tokenizer, run.consumed))
     t_last, tokens_since, last_row = time.perf_counter(), 0, {}
     if world.device.type == "cuda":
@@ -805,7 +872,8 @@ def train_loop(cfg: Config, world: World, stop: StopRequest) -> dict:
             set_lr(opt, lr_factor(run.step, cfg.train))
             micro = [next(loader) for _ in range(cfg.train.grad_accum)]
             list_skipped(micro, bad_seen, out_dir, world)
-            tokens_since += sum(len(b.ids) if phase1 else sum(b.lengths) for b in micro) * world.size  # all processed
+            tokens_since += sum(len(b.ids) if UNITS[kind] == "pairs" else sum(b.lengths)
+                                for b in micro) * world.size  # all processed
             out = step_fn([b.to(world.device) for b in micro])
             finite = bool(out.finite)
             run.consumed += global_batch  # after the step: a crash inside it re-reads its samples on resume

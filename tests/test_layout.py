@@ -39,7 +39,8 @@ def test_no_import_circles_and_model_py_stands_alone():
             visit(u, [])
     assert graph["model"] == set(), graph["model"]
     order = ["model", "quant_kernels", "quant", "lora", "data", "align", "decode_kernels", "decode", "step_graph",
-             "config", "distributed", "checkpoint", "train", "demo", "generate", "validate", "bench"]  # README's table
+             "config", "distributed", "dpo", "checkpoint", "train", "demo", "generate", "validate",
+             "bench"]  # README's table
     assert sorted(order) == sorted(graph)
     for i, name in enumerate(order):
         assert graph[name] <= set(order[:i]), f"{name}.py imports {sorted(graph[name] - set(order[:i]))}, below it"
