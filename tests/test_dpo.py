@@ -22,7 +22,7 @@ LN2 = math.log(2.0)
 def dpo_config(demo_dir, start, out, **sections):
     """A DPO run on the small demo's preference pairs, from the SFT run `start`; `sections` as in demo_config."""
     keys = {"objective": "dpo", "init_from": str(start), "max_steps": 4, "batch_size": 2, "grad_accum": 2,
-            "lr_lora": 1e-2, "warmup_steps": 0, "min_lr_ratio": 1.0, "gen_samples": 0, **sections.pop("train", {})}
+            "lr_lora": 2e-3, "warmup_steps": 0, "min_lr_ratio": 1.0, "gen_samples": 0, **sections.pop("train", {})}
     files = {"train_file": str(demo_dir / "data/preference_train.jsonl"), "val_file": "", **sections.pop("data", {})}
     return demo_config(demo_dir, out, train=keys, data=files, lora={"dropout": 0.0, **sections.pop("lora", {})},
                        **sections)
@@ -144,7 +144,8 @@ def test_losses_rewards_and_gradients_equal_trls(oracle, loss, smoothing, rpo):
 
 def test_reference_is_the_start_model_with_no_gradient(demo_dir, trained_run, tmp_path):
     """With the run's adapters off, the DPO model (the start's LoRA merged, its projectors) gives the logits of the
-    start run loaded on its own; the reference's log-probabilities carry no gradient."""
+    start loaded on its own, from its export (merged as the DPO run merges it) and from its run folder (LoRA
+    unmerged); the reference's log-probabilities carry no gradient."""
     cfg = dpo_config(demo_dir, trained_run, tmp_path)
     _, mm = train.build_model(cfg, torch.device("cpu"))
     randomize_lora(mm.llm)  # this run's adapters, as if trained
@@ -160,10 +161,11 @@ def test_reference_is_the_start_model_with_no_gradient(demo_dir, trained_run, tm
 
     mm.eval()
     with torch.no_grad():
-        expected, policy = logits(start), logits(mm)
+        expected, unmerged, policy = logits(generate.load_run(trained_run / "export")[0]), logits(start), logits(mm)
         with lora.disable_adapters(mm.llm):
             reference = logits(mm)
     torch.testing.assert_close(reference, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reference, unmerged, rtol=1e-4, atol=2e-5 * unmerged.abs().max().item())
     assert (policy - expected).abs().max() > 1e-2
 
     mm.train()
@@ -206,12 +208,16 @@ def test_two_ranks_equal_one_with_the_same_global_batch(demo_dir, trained_run, s
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = rows(straight), rows(tmp_path)
     assert len(a) == len(b) == 4 and all(x["pairs"] == y["pairs"] == 4 for x, y in zip(a, b))
-    for x, y in zip(a, b):
-        for key in ("loss", "rewards/margins", "logps/chosen"):
-            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7), key
+    for x, y in zip(a, b):  # the gradient norm shows the loss's scale, which AdamW's updates hide
+        for key in ("loss", "logps/chosen", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5), key
+        assert y["rewards/margins"] == pytest.approx(x["rewards/margins"], abs=1e-5)  # a difference of two rewards
+    # AdamW moves each weight by about lr at first, whatever its gradient's size: where chosen and rejected rows'
+    # gradients all but cancel (q and k, over a shared prompt), rounding may turn an update's sign. The weights
+    # agree as a whole, not each one
     wa, wb = final_weights(straight), final_weights(tmp_path)
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4)
+    moved = torch.stack([wa[k].norm() for k in wa if ".lora_B." in k]).norm()  # B starts at zero
+    assert torch.stack([(wb[k] - wa[k]).norm() for k in wa]).norm() < 0.02 * moved
 
 
 def test_a_dpo_run_on_an_nf4_base_keeps_the_start_adapter_frozen(demo_dir, trained_run, tmp_path):
@@ -293,8 +299,11 @@ def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(d
     tokenizer, aligner = load_tokenizer(demo_dir / "llm", "chatml"), aligner_config(demo_dir / "aligner-init")
     path = tmp_path / "pairs.jsonl"
 
-    def dataset(records: list[dict], on_error: str = "raise") -> data.PreferenceDataset:
+    def write(records: list[dict]) -> None:
         path.write_text("".join(json.dumps({"image": image, **r}) + "\n" for r in records))
+
+    def dataset(records: list[dict], on_error: str = "raise") -> data.PreferenceDataset:
+        write(records)
         return data.PreferenceDataset(path, tokenizer, aligner, {"image": 16, "audio": 16}, 128, on_error=on_error,
                                       allow_outside_paths=True)
     for name, (record, reason) in BAD.items():
@@ -307,7 +316,7 @@ def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(d
 
     # validate.py: a bad file fails its data check with the file and line; the demo's pairs pass it and the DPO
     # forward (the policy is its reference at the start)
-    dataset([good, BAD["media in one answer only"][0]])
+    write([good, BAD["media in one answer only"][0]])
     for train_file, passed in ((path, False), (demo_dir / "data/preference_train.jsonl", True)):
         v = validate.Validator(dpo_config(demo_dir, trained_run, tmp_path / "run", data={
             "train_file": str(train_file), "allow_outside_paths": True}), quick=True)
