@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from config import Config, TrainConfig
+from lora import base_name
 from model import LLM, MultimodalLM, check_tensors, rope_inv_freq
 
 
@@ -185,7 +186,7 @@ def read_shards(llm: LLM, files: list[Path]) -> None:
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
-    params = {n.replace(".base_layer.", "."): p for n, p in llm.named_parameters() if ".lora_" not in n}
+    params = {base_name(n): p for n, p in llm.named_parameters() if ".lora_" not in n}
     found = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:

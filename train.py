@@ -269,9 +269,9 @@ def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner: Aligner,
                                 cfg.data.allow_outside_paths)
     cache = cache_folder(cfg, path) if use_cache else None
     kind = data.PreferenceDataset if cfg.train.objective == "dpo" else data.ConversationDataset
-    return kind(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
-                                    cfg.data.truncate, cfg.data.on_error, cfg.data.allow_outside_paths, cache,
-                                    weights_hash(aligner) if cache else None, cfg.data.max_audio_windows)
+    return kind(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len, cfg.data.truncate,
+                cfg.data.on_error, cfg.data.allow_outside_paths, cache, weights_hash(aligner) if cache else None,
+                cfg.data.max_audio_windows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
