@@ -1004,6 +1004,7 @@ def build_feature_cache(dataset: ConversationDataset, aligner, folder: str | Pat
     samples = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)  # workers decode
     with torch.no_grad():
         for item in samples:
+            item = getattr(item, "chosen", item)  # a preference pair's media are its chosen row's (and its rejected's)
             for m, media in item.media.items():
                 tokens, pooled = getattr(aligner, m)(media.raw.to(device))
                 shard[f"{item.id}/{m}/tokens"] = tokens.float()

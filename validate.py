@@ -120,7 +120,8 @@ class Validator:
         got = sum(p.numel() for p in groups["lora"])
         if got != expected:
             raise CheckFailed(f"LoRA has {got:,} parameters, r*(in+out) gives {expected:,}", "check lora.py")
-        return f"LoRA {got:,}, projectors {sum(p.numel() for p in groups['projectors']):,}"
+        return f"LoRA {got:,}, projectors {sum(p.numel() for p in groups['projectors']):,}" + \
+            (" (frozen: the reference's too)" if self.dpo else "")
 
     def freezing_phase1(self, groups: dict) -> str:
         if any(p.requires_grad for p in groups["llm"]):
@@ -309,7 +310,7 @@ class Validator:
     def short_run(self) -> str:
         steps = 20 if self.quick else 60
         _, model = train.build_model(self.cfg, self.device)
-        step, opt = self.step(model, lr=1e-2 if self.phase1 else 3e-3)
+        step, opt = self.step(model, lr=1e-2 if self.phase1 or self.dpo else 3e-3)
         model.train()
         losses = []
         for _ in range(steps):
