@@ -143,11 +143,14 @@ def start_from(start: Start, llm: LLM, projectors: nn.ModuleDict) -> None:
     if all(isinstance(m.base_layer, nn.Linear) and not m.base_layer.weight.is_meta
            for m in lora.lora_modules(llm).values()):
         lora.merge_and_unload(llm)
-    expected = projectors.state_dict()
-    check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in start.projectors.items()},
-                  f"{start.folder}: the start's projectors do not fit this run's (model.image_tokens, audio_tokens and "
-                  "projector_* must be the start's)")
-    projectors.load_state_dict(start.projectors)
+    expected = dict(projectors.named_parameters())  # a shared projector once (an export names it twice)
+    found = {k: v.shape for k, v in start.projectors.items() if k in expected or k not in projectors.state_dict()}
+    check_tensors({k: v.shape for k, v in expected.items()}, found, f"{start.folder}: the start's projectors do not "
+                  "fit this run's (model.image_tokens, audio_tokens, projector_* and shared_projector must be the "
+                  "start's)")
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(start.projectors[k])
 
 
 def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
