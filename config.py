@@ -68,14 +68,6 @@ class DataConfig:
 class TrainConfig:
     phase: str = "instruct"  # instruct: Phase 2 (projectors + LoRA on conversations); align: Phase 1 (the aligner
     # on pairs, align.py), which writes <out_dir>/aligner/
-    objective: str = "sft"  # Phase 2's loss: sft (next-token loss on the replies) or dpo (preference tuning on chosen /
-    # rejected answers, dpo.py; data files in TRL's preference form; needs init_from)
-    init_from: str = ""  # a Phase-2 run, checkpoint or export to start from: its LoRA merged into the base (kept as a
-    # frozen adapter on an NF4 or sharded base), its projectors loaded; new LoRA adapters train on top
-    dpo_beta: float = 0.1  # dpo: beta, how far the policy may move from the reference (IPO's tau)
-    dpo_loss: str = "sigmoid"  # dpo: sigmoid (DPO, arXiv 2305.18290) or ipo (IPO, arXiv 2310.12036, per token)
-    dpo_label_smoothing: float = 0.0  # dpo, sigmoid: the chance that a pair's preference is flipped (cDPO), in [0, 0.5)
-    rpo_alpha: float = 0.0  # dpo: weight of an SFT term on the chosen answers (RPO, arXiv 2404.19733); 0 = off
     batch_size: int = 8  # samples per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps in all
@@ -110,6 +102,14 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in out_dir), none, or a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     seed: int = 0  # seed of the data order, initialisation and dropout
+    objective: str = "sft"  # Phase 2's loss: sft (next-token loss on the replies) or dpo (preference tuning on chosen /
+    # rejected answers, dpo.py; data files in TRL's preference form; needs init_from)
+    init_from: str = ""  # a Phase-2 run, checkpoint or export to start from: its LoRA merged into the base (kept as a
+    # frozen adapter on an NF4 or sharded base), its projectors loaded; new LoRA adapters train on top
+    dpo_beta: float = 0.1  # dpo: beta, how far the policy may move from the reference (IPO's tau)
+    dpo_loss: str = "sigmoid"  # dpo: sigmoid (DPO, arXiv 2305.18290) or ipo (IPO, arXiv 2310.12036, per token)
+    dpo_label_smoothing: float = 0.0  # dpo, sigmoid: the chance that a pair's preference is flipped (cDPO), in [0, 0.5)
+    rpo_alpha: float = 0.0  # dpo: weight of an SFT term on the chosen answers (RPO, arXiv 2404.19733); 0 = off
 
 
 @dataclass
