@@ -41,8 +41,9 @@ STATS = (1 + len(GROUPS)) * (len(VALUES) + 1) + 2  # then the pairs of each grou
 
 
 def metric_names() -> list[str]:
-    """The metrics' names, TRL's (rewards/chosen, ...), then per group of samples (rewards/chosen_image, ...)."""
-    return [*VALUES[1:], *(f"loss_{g}" if v == "loss" else f"{v}_{g}" for g in GROUPS for v in VALUES)]
+    """The metrics' names beside the loss (and its loss_text, loss_image, loss_audio): TRL's (rewards/chosen, ...),
+    then per group of samples (rewards/chosen_image, ...)."""
+    return [*VALUES[1:], *(f"{v}_{g}" for g in GROUPS for v in VALUES[1:])]
 
 
 def with_features(model: MultimodalLM, batch: data.Batch) -> data.Batch:

@@ -200,6 +200,9 @@ def test_resume_after_a_crash_is_bit_exact(demo_dir, trained_run, straight, tmp_
     wa, wb = final_weights(straight), final_weights(tmp_path)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(".lora_" in k for k in wa)  # the projectors stay the start's
+    header = (straight / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"rewards/accuracies", "logps/rejected", "rewards/margins_image", "pairs"} <= set(header)
+    assert len(header) == len(set(header))
 
 
 def test_two_ranks_equal_one_with_the_same_global_batch(demo_dir, trained_run, straight, tmp_path):
