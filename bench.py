@@ -6,6 +6,8 @@
     python bench.py --batch 8 --seq 2048 --ckpt --compile             # one workload of ours (per-layer graphs)
     python bench.py --seq 512 --compile --cuda_graph                  # the same, the whole step as one graph
     python bench.py --seq 512 --compile --cuda_graph --memory_trace   # ... and what is live at its memory peak
+    python bench.py --grid dpo --peer .bench/hf_dpo_baseline.py       # a DPO step beside an SFT step, and TRL's
+    python bench.py --grid dpo --tiny                                 # a smoke run: a tiny shape, on the CPU
     torchrun --nproc_per_node=2 bench.py --grid ddp --peer ...        # per-GPU figures under torchrun
     torchrun --nproc_per_node=2 bench.py --grid fsdp --peer ...       # 7B ddp vs fsdp (and the peer), 72B fsdp
     torchrun --nproc_per_node=2 bench.py --load_sharded HF_DIR       # each rank's peak host memory, sharded load
@@ -22,6 +24,11 @@ in fp32) and synthetic batches where the second half of each row is labelled, as
 4*N_frozen_body + 4*N_lm_head*labelled + 6*N_trainable + 6*layers*seq*heads*head_dim FLOPs per token over a peak
 of 790 TFLOP/s (the bf16 matrix rate measured on an H200). Each row is printed as JSON when measured and all go
 to `bench_*.json`; with `--peer`, a closing Markdown table gives ours beside each peer row and the ratios.
+
+`--grid dpo` times train.py's DPO step (train.objective = "dpo": B pairs of a prompt of seq/2 tokens and two answers
+of seq/2, as 2B rows, with the reference pass) beside its SFT step over the same B samples (prompt and chosen answer)
+and over as many rows (2B), and TRL's DPO step with peft (`shared/bench/hf_dpo_baseline.py`); a closing table gives
+the DPO step's time over the SFT step's on the same samples and its memory over the SFT step's on as many rows.
 """
 from __future__ import annotations
 
@@ -74,10 +81,20 @@ SEED_ALIGNER = AlignerConfig(dim=1024, image=EncoderConfig(768, 6, 12), audio=En
                              image_size=224, patch_size=16, clip_seconds=5.0, n_mels=80)
 
 
+# --tiny: a shape for smoke runs on the CPU
+TINY = dict(QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY_ALIGNER = AlignerConfig(dim=32, image=EncoderConfig(32, 1, 2), audio=EncoderConfig(32, 1, 2), image_size=32,
+                             patch_size=8)
+
+
 def bench_model(args, device, shape: dict | None = None, aligner_config: AlignerConfig = SEED_ALIGNER,
           world: World | None = None) -> tuple[Config, MultimodalLM]:
+    if getattr(args, "tiny", False):
+        shape, aligner_config = TINY, TINY_ALIGNER
     shape = shape or SHAPES[getattr(args, "shape", "0.5b")]
     cfg = Config()
+    cfg.train.objective = "dpo" if getattr(args, "dpo", False) else "sft"
     cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 16, 32.0, 0.05
     cfg.model.image_tokens, cfg.model.audio_tokens = 32, 32
     cfg.train.activation_checkpointing = args.ckpt
@@ -160,10 +177,11 @@ def media_shapes(model: MultimodalLM) -> dict[str, tuple[tuple, int]]:
     return out
 
 
-def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Batch:
+def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Batch | data.PreferenceBatch:
     """B rows of `seq` tokens through `data.collate`, the second half of each document labelled; optionally media
     per row, 2 images and 1 clip (1 image with --towers), raw or as the feature cache stores them; or rows packed
-    with documents of T/8 to T/2."""
+    with documents of T/8 to T/2. With `dpo`, B preference pairs through `data.collate_preferences`: each row above
+    is a prompt (its first half) and the chosen answer, and the rejected answer is another second half."""
     B, T, V = args.batch, args.seq, model.llm.config.vocab_size - 16
     c = model.aligner.config
     K = {m: p.num_tokens for m, p in model.projectors.items()}
@@ -193,6 +211,11 @@ def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Ba
                         item.media[m] = data.Media(slots, raw=torch.randn(counts[m], *raw_shape) * 0.1)
             items.append(item)
             left -= n
+    if getattr(args, "dpo", False):
+        def rejected(it: data.Item) -> data.Item:
+            ids = it.input_ids[:T // 2] + torch.randint(0, V, (T - T // 2,), generator=g).tolist()
+            return data.Item(it.id, ids, [-100] * (T // 2) + ids[T // 2 + 1:] + [-100], it.media)
+        return data.collate_preferences([data.PreferenceItem(it.id, it, rejected(it)) for it in items], 0).to(device)
     return data.collate(items, 0, pack=args.pack, max_len=T).to(device)
 
 
@@ -219,8 +242,14 @@ def row_writer(args, cfg: Config, world: World, folder: Path):
     return write, trackers
 
 
+def allocated(device: torch.device) -> int:
+    """The GPU memory allocated now (0 on a CPU: its figures are the process's peak resident memory)."""
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
+
+
 def time_ours(args, world: World) -> dict:
-    before = torch.cuda.memory_allocated()  # what earlier workloads still hold does not count as this one's
+    cuda = world.device.type == "cuda"
+    before = allocated(world.device)  # what earlier workloads still hold does not count as this one's
     cfg, model = bench_model(args, world.device, world=world)
     write_row, trackers = row_writer(args, cfg, world, Path(tempfile.mkdtemp(prefix="mmlora-bench-rows-")))
     opt, params = train.make_optimizer(model, cfg.train)
@@ -232,19 +261,20 @@ def time_ours(args, world: World) -> dict:
     if args.cuda_graph:  # padded once here, so that GraphedStep finds nothing left to pad in the timed steps
         batches = [b.pad_static(cfg.data.pad_multiple) for b in batches]
     model.train()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()  # before the warm-up: CUDA graphs allocate their memory when recorded
-    held = torch.cuda.memory_allocated() - before  # this workload's weights, optimizer state and batches
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # before the warm-up: CUDA graphs allocate their memory when recorded
+    held = allocated(world.device) - before  # this workload's weights, optimizer state and batches
     trace = getattr(args, "memory_trace", False)
     if trace:
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     times = []
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         out = run_step([batches[i % 3]])
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if write_row is not None:  # the row's host reads follow the synchronize, as in train.py
             write_row(out, opt, time.perf_counter() - t0, sum(batches[i % 3].lengths) * world.size)
         if i >= args.warmup:
@@ -268,9 +298,11 @@ def time_ours(args, world: World) -> dict:
     med = sorted(times)[len(times) // 2]
     b = batches[0]
     tokens = sum(b.lengths)
-    labelled = float((b.labels != -100).sum()) / tokens
-    fpt = train.flops_per_token(model, args.seq, labelled)
+    labelled = float((getattr(b, "rows", b).labels != -100).sum()) / tokens
+    fpt = train.flops_per_token(model, args.seq, labelled, reference=args.dpo)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else train.peak_memory_gib(world.device)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
+            "objective": "dpo" if args.dpo else "sft", "rows": len(b.lengths),
             "cuda_graph": args.cuda_graph, "shape": args.shape, "strategy": "fsdp" if args.fsdp else "ddp",
             "memory_budget": args.memory_budget, "loss_chunk": cfg.model.loss_chunk, "qlora": args.qlora,
             "offload": args.offload, "trackers": getattr(args, "trackers", None),
@@ -278,7 +310,7 @@ def time_ours(args, world: World) -> dict:
             "towers": getattr(args, "towers", False),
             "ms_per_step": round(med * 1e3, 2), "tokens_per_s": round(tokens / med),
             "mfu": round(fpt * tokens / med / PEAK_FLOPS, 3),
-            "peak_mem_gib": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
+            "peak_mem_gib": round(peak, 2),
             "loss": round((out.stats[0] / out.n_tokens).item(), 4)}
 
 
@@ -920,7 +952,7 @@ def workload(seq: int, **flags) -> dict:
     """One of ours: batch 8 of `seq` tokens, compiled layers, plus the flags given (ckpt, pack, cuda_graph...)."""
     return {"batch": 8, "seq": seq, "ckpt": False, "compile": True, "pack": False, "multimodal": False, "cache": False,
             "cuda_graph": False, "towers": False, "shape": "0.5b", "fsdp": False, "qlora": False, "memory_budget": 1.0,
-            "compile_mode": "", "loss_chunk": 0, "offload": False, "trackers": None, **flags}
+            "compile_mode": "", "loss_chunk": 0, "offload": False, "trackers": None, "dpo": False, **flags}
 
 
 ALL_TRACKERS = ",".join(TRACKERS)
@@ -983,6 +1015,15 @@ GRIDS = {
     # could slow the step down), each with a metrics row a step, without and with all three trackers
     "track": [(workload(512, cuda_graph=True, trackers=t, steps=100, warmup=10), []) for t in ("", ALL_TRACKERS)]
     + [(workload(512, compile=False, trackers=t, steps=100, warmup=10), []) for t in ("", ALL_TRACKERS)],
+    # DPO (train.objective = "dpo"; its step runs unrecorded): 8 pairs as 16 rows with the reference pass, beside the
+    # SFT step on the same 8 samples (prompt and chosen answer) and on 16 rows, eager and with compiled layers
+    # (Inductor's default mode: per-layer CUDA graphs would replay the policy's pass over the reference's), and
+    # TRL's DPO step with peft (hf_dpo_baseline.py), eager and compiled
+    "dpo": [row for seq in (512, 2048) for row in (
+        (workload(seq, compile=False, dpo=True), [(False, False)]), (workload(seq, compile=False), []),
+        (workload(seq, compile=False, batch=16), []),
+        (workload(seq, dpo=True, compile_mode="default"), [(False, True)]), (workload(seq, compile_mode="default"), []),
+        (workload(seq, batch=16, compile_mode="default"), []))],
     "towers": [(workload(1024, cuda_graph=True, towers=True), []),
                (workload(1024, multimodal=True, cuda_graph=True, towers=True), []),
                (workload(1024, multimodal=True, cache=True, cuda_graph=True, towers=True), [])],
@@ -1001,8 +1042,10 @@ def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
     """Markdown table of ours beside each peer row of the same shapes, with the ratios of tokens/s and memory."""
     lines = ["| workload | mmlora | peer | tokens/s vs peer | memory vs peer |", "|---|---|---|---|---|"]
     for ours, peer in pairs:
-        shape = f"{ours['batch']} x {ours['seq']}" + (", activation checkpointing" if ours["grad_ckpt"] else "") \
-            + (", whole-step graph" if ours.get("cuda_graph") else "") + (", NF4" if ours.get("qlora") else "")
+        ckpt = ours.get("grad_ckpt", ours.get("ckpt"))  # (a row that failed holds its workload's flags)
+        shape = f"{ours['batch']} x {ours['seq']}" + (", activation checkpointing" if ckpt else "") \
+            + (", whole-step graph" if ours.get("cuda_graph") else "") + (", NF4" if ours.get("qlora") else "") \
+            + (", DPO pairs" if ours.get("objective") == "dpo" else "")
         which = "peer " + ("compiled" if peer["compile"] else "eager") + (" + Liger" if peer.get("liger") else "") \
             + (" + bitsandbytes NF4" if peer.get("qlora") else "")
         ratios = ["-", "-"]
@@ -1013,14 +1056,48 @@ def ratio_table(pairs: list[tuple[dict, dict]]) -> str:
     return "\n".join(lines)
 
 
+def time_dpo_peer(path: str, pairs: int, seq: int, compile_: bool) -> dict:
+    """TRL's DPO step with peft (`hf_dpo_baseline.py`: Qwen2.5-0.5B's shape) on `pairs` pairs of rows of `seq`."""
+    spec = importlib.util.spec_from_file_location("hf_dpo_baseline", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    before = torch.cuda.memory_allocated()  # held by earlier workloads of ours, not the peer's
+    row = peer.run(pairs, seq, compile_)
+    if "peak_mem_gib" in row:
+        row["peak_mem_gib"] = round(row["peak_mem_gib"] - before / 2**30, 2)
+    return {"grad_ckpt": False, **row}
+
+
+def dpo_table(rows: list[dict]) -> str:
+    """Markdown table of each DPO row beside the SFT rows of its shapes: the time over the SFT step's on the same
+    samples, the memory over the SFT step's on as many rows."""
+    lines = ["| workload | DPO step | SFT, same samples | SFT, same rows | time vs SFT same samples | memory vs SFT "
+             "same rows |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("impl") != "mmlora" or r.get("objective") != "dpo":
+            continue
+        same = {k: next((x for x in rows if x.get("impl") == "mmlora" and x.get("objective") == "sft"
+                         and x.get("seq") == r["seq"] and x.get("compile") == r["compile"] and x.get("batch") == b),
+                        {"error": "not run"}) for k, b in (("samples", r["batch"]), ("rows", 2 * r["batch"]))}
+        ratios = ["-", "-"]
+        if not any("error" in x for x in (r, same["samples"], same["rows"])):
+            ratios = [f"{r['ms_per_step'] / same['samples']['ms_per_step']:.2f}x",
+                      f"{r['peak_mem_gib'] / same['rows']['peak_mem_gib']:.2f}x"]
+        shape = f"{r['batch']} pairs x {r['seq']}" + (", compiled layers" if r["compile"] else ", eager")
+        lines.append(f"| {shape} | {describe(r)} | {describe(same['samples'])} | {describe(same['rows'])} | "
+                     f"{' | '.join(ratios)} |")
+    return "\n".join(lines)
+
+
 def peer_row(args, ckpt: bool, compile_: bool, liger: bool, world: World) -> dict:
-    """One peer row on the workload's shapes (a QLoRA workload's peer has its base in bitsandbytes' NF4), printed;
-    an error is reported as the row, as the peer's script does."""
+    """One peer row on the workload's shapes (a QLoRA workload's peer has its base in bitsandbytes' NF4; a DPO
+    workload's is TRL's DPO step), printed; an error is reported as the row, as the peer's script does."""
     try:
-        r = time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape, liger, args.qlora)
+        r = time_dpo_peer(args.peer, args.batch, args.seq, compile_) if args.dpo else \
+            time_peer(args.peer, args.batch, args.seq, ckpt, compile_, args.shape, liger, args.qlora)
     except Exception as e:
-        r = {"impl": "transformers+peft", "grad_ckpt": ckpt, "compile": compile_, "liger": liger,
-             "error": repr(e)[:300]}
+        r = {"impl": "trl-dpo+peft" if args.dpo else "transformers+peft", "grad_ckpt": ckpt, "compile": compile_,
+             "liger": liger, "error": repr(e)[:300]}
     torch.cuda.empty_cache()
     if world.master:
         print(json.dumps(r), flush=True)
@@ -1032,8 +1109,9 @@ def main() -> None:
     ap.add_argument("--grid", choices=[*GRIDS, "predict", "serve"], help="a set of workloads (else the one given by "
                     "the flags); predict: generate.py --predict on 2,000 demo samples (time_prediction); serve: "
                     "serve.py under concurrent clients (time_serving)")
-    ap.add_argument("--tiny", action="store_true", help="with --grid serve: the demo's tiny model on the CPU, a few "
-                    "requests (a smoke run)")
+    ap.add_argument("--tiny", action="store_true", help="a smoke run of a grid's code on the CPU (its figures mean "
+                    "nothing): with --grid serve the demo's tiny model and a few requests; else a tiny shape, seq / 8, "
+                    "no compiled rows and at most 3 timed steps")
     ap.add_argument("--hf_server", metavar="EXPORT", help="run --grid serve's transformers-based server on EXPORT")
     ap.add_argument("--port", type=int, default=8771, help="with --hf_server")
     ap.add_argument("--device", default="cuda", help="with --hf_server")
@@ -1118,12 +1196,16 @@ def main() -> None:
         with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
             json.dump(rows, f, indent=1)
         return
-    world = World(device=torch.device("cuda"))
+    world = World(device=torch.device("cpu" if args.tiny else "cuda"))
     if "WORLD_SIZE" in os.environ:
         world = setup_distributed(Config())
     if world.master:
-        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, world {world.size}", flush=True)
+        device = "CPU" if args.tiny else torch.cuda.get_device_name()
+        print(f"torch {torch.__version__}, {device}, world {world.size}", flush=True)
     work = GRIDS[args.grid] if args.grid else [({k: getattr(args, k) for k in workload(0)}, [])]
+    if args.tiny:
+        work = [({**f, "seq": f["seq"] // 8}, p) for f, p in work if not f["compile"] and not f["cuda_graph"]]
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
     work = work * args.rounds  # host-bound rows move from one model to the next: several rounds show the spread
     rows, pairs, liger_rows = [], [], []
     for flags, peers in work:
@@ -1152,6 +1234,8 @@ def main() -> None:
     pairs.sort(key=lambda pair: order[id(pair[0])])  # each workload's peer rows together again
     if world.master and pairs:
         print(ratio_table(pairs), flush=True)
+    if world.master and args.grid == "dpo":
+        print(dpo_table(rows), flush=True)
     if world.master:
         name = f"bench_{args.grid or 'one'}" + (f"_ws{world.size}" if world.size > 1 else "") + ".json"
         with open(os.path.join(args.out, name), "w") as f:

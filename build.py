@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import align
 import lora
+from weights import check_tensors
 from model import LLM, llm_skeleton, load_llm
 from tokenizer import Tokenizer, load_tokenizer
 from encoders import Aligner, load_aligner
@@ -20,6 +21,7 @@ from multimodal import MODALITIES, MultimodalLM, Projector, cross_entropy_chunk,
 from quant import NF4Linear, load_llm_nf4
 from config import Config, TrainConfig
 from distributed import World, materialize_sharded, read_shards
+from checkpoint import Start, read_start
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -70,8 +72,9 @@ def build_sharded(cfg: Config, world: World, tokenizer: Tokenizer, dtype: torch.
 
 def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int], adapters: bool = True
              ) -> MultimodalLM:
-    """Add projectors and LoRA (unless `adapters` is False: an LLM with LoRA merged) to a loaded LLM and aligner;
-    set activation checkpointing and compilation."""
+    """Add projectors and LoRA (unless `adapters` is False: an LLM with LoRA merged) to a loaded LLM and aligner,
+    on top of train.init_from's start where one is given (`start_from`); set activation checkpointing and
+    compilation. With train.objective = "dpo" the projectors are frozen: the reference model shares them."""
     torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
     H, D = llm.config.hidden_size, aligner.config.dim
     K = cfg.model.tokens_per_media
@@ -80,6 +83,10 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
     if cfg.model.shared_projector:
         projectors = {m: projectors["image"] for m in MODALITIES}
     projectors = nn.ModuleDict(projectors).to(next(aligner.parameters()).device)
+    if cfg.train.init_from and adapters:
+        start_from(read_start(cfg.train.init_from), llm, projectors)
+    if cfg.train.objective == "dpo":
+        projectors.requires_grad_(False)
     if adapters:
         targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
         lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
@@ -91,6 +98,27 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
     model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
     compile_model(model, cfg.train)
     return model
+
+
+def start_from(start: Start, llm: LLM, projectors: nn.ModuleDict) -> None:
+    """train.init_from: the start's LoRA into `llm`, its projectors into `projectors`. The adapter is merged into the
+    base weights where they are plain tensors in memory (the model is a plain one again); on an NF4 base, or one
+    still on the meta device (FSDP reads it sharded later), it stays as a frozen adapter, which this run's adapters
+    then wrap."""
+    lora.apply_lora(llm, start.rank, start.alpha, 0.0, start.targets)
+    lora.set_adapter(llm, start.adapter, start.rank, start.alpha, f"{start.folder} (train.init_from)")
+    llm.requires_grad_(False)
+    if all(isinstance(m.base_layer, nn.Linear) and not m.base_layer.weight.is_meta
+           for m in lora.lora_modules(llm).values()):
+        lora.merge_and_unload(llm)
+    expected = dict(projectors.named_parameters())  # a shared projector once (an export names it twice)
+    found = {k: v.shape for k, v in start.projectors.items() if k in expected or k not in projectors.state_dict()}
+    check_tensors({k: v.shape for k, v in expected.items()}, found, f"{start.folder}: the start's projectors do not "
+                  "fit this run's (model.image_tokens, audio_tokens, projector_* and shared_projector must be the "
+                  "start's)")
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(start.projectors[k])
 
 
 def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
@@ -137,11 +165,11 @@ def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[n
         return {"aligner": list(model.aligner.parameters()), "text head": [*model.text_head.parameters(),
                                                                            model.logit_scale],
                 "llm": list(model.llm.parameters())}
-    named = list(model.llm.named_parameters())
+    params = list(model.llm.parameters())
     # an NF4 weight is buffers, not a parameter: a meta tensor of its shape counts it as frozen
     nf4 = [torch.empty(m.out_features, m.in_features, device="meta") for m in model.llm.modules()
            if isinstance(m, NF4Linear)]
+    # the run's adapters; a frozen start adapter inside them (train.init_from) counts as part of the frozen LLM
+    adapters = {id(p) for m in lora.outer_lora_modules(model.llm).values() for p in (m.lora_A.weight, m.lora_B.weight)}
     return {"aligner": list(model.aligner.parameters()), "projectors": list(model.projectors.parameters()),
-            "llm": [p for n, p in named if ".lora_" not in n] + nf4, "lora": [p for n, p in named if ".lora_" in n]}
-
-
+            "llm": [p for p in params if id(p) not in adapters] + nf4, "lora": [p for p in params if id(p) in adapters]}

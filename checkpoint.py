@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 import lora
 from config import Config
 from distributed import World, shard_of, whole
-from weights import check_tensors, save_tensors, write_json
+from weights import check_tensors, save_tensors, weights_hash, write_json
 from model import save_llm
 from encoders import copy_aligner
 from multimodal import MultimodalLM
@@ -281,7 +281,15 @@ def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor],
         raise ValueError(f"{path}: checkpoint was trained on {bases[saved_quantize == 'nf4']}, and this run loads "
                          f"{bases[nf4]}: its adapters learned the other base's weights; use model.quantize = "
                          f"\"{saved_quantize}\" as it was trained, or {instead}")
-    alphas = {m.alpha for m in lora.lora_modules(model.llm).values()}
+    start_hash = state.get("start_hash")
+    if start_hash is not None:  # a run from train.init_from: its adapters were trained on top of that start
+        init = state["config"]["train"]["init_from"]
+        now = read_start(init).hash
+        if now != start_hash:
+            raise ValueError(f"{path}: its run began from other weights than train.init_from = {init} holds now (hash "
+                             f"{start_hash}, now {now}): its adapters were trained on top of those; put that start "
+                             f"back, or {instead}")
+    alphas = {m.alpha for m in lora.outer_lora_modules(model.llm).values()}
     saved_alpha = state.get("config", {}).get("lora", {}).get("alpha")
     if saved_alpha is not None and alphas and alphas != {saved_alpha}:
         raise ValueError(f"{path}: checkpoint was trained with lora.alpha = {saved_alpha}, this run has "
@@ -328,6 +336,70 @@ def check_fresh_start(cfg: Config) -> None:
         raise RunFolderError(f"{cfg.run.out_dir} holds the checkpoints of an earlier run (up to step "
                              f"{max(map(checkpoint_step, found))}, in {ckpt_dir}), which train.resume = \"none\" would "
                              "write over: give a new run.out_dir, or continue that run with train.resume = \"auto\"")
+
+
+@dataclass
+class Start:
+    """What a run starts from (train.init_from): a Phase-2 run's LoRA adapter and projectors, read from one of its
+    checkpoints or from its export folder."""
+    folder: Path  # the checkpoint or export folder read
+    adapter: dict[str, torch.Tensor]  # LoRA tensors under the LLM's names (model.layers.0.self_attn.q_proj.lora_A...)
+    alpha: float  # its lora_alpha: its update is (alpha / rank) B @ A
+    projectors: dict[str, torch.Tensor]  # under the projectors' names (image.linear_1.weight)
+    hash: str  # of the adapter and projectors: a resumed run checks that its start is the one it began from
+
+    @property
+    def rank(self) -> int:
+        return next(v.shape[0] for k, v in self.adapter.items() if k.endswith(".lora_A.weight"))
+
+    @property
+    def targets(self) -> list[str]:
+        """The short names of the layers the adapter wraps (q_proj, ...)."""
+        return sorted({k.removesuffix(".lora_A.weight").rsplit(".", 1)[-1] for k in self.adapter
+                       if k.endswith(".lora_A.weight")})
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return lora.adapter_factors(self.adapter, self.alpha / self.rank)
+
+
+START_HINT = "give train.init_from a Phase-2 run folder, one of its checkpoints/step_* folders or its export folder"
+
+
+def read_start(path: str | Path) -> Start:
+    """train.init_from: an export folder (its adapter/ and projectors), a checkpoint folder, or a run folder (its best
+    checkpoint, else its latest). A Phase-1 run, or a checkpoint of a run that itself started from another (it holds
+    only its own adapters), is a ValueError saying what to give instead."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if (folder / "mmlora.json").is_file():
+        doc = json.loads((folder / "mmlora.json").read_text())
+        adapter_config, adapter = lora.read_adapter(folder / "adapter")
+        projectors, alpha = load_file(str(folder / doc["projectors"])), adapter_config["lora_alpha"]
+    else:
+        if (folder / "config.json").is_file() and not (folder / "state.json").is_file():  # a run folder
+            ckpt = folder / "checkpoints"
+            best = ckpt / "best"
+            folder = best if (best / "state.json").is_file() else next(iter(checkpoints_in(ckpt)), folder)
+        if not (folder / "state.json").is_file():
+            raise FileNotFoundError(f"train.init_from = {path}: no export (mmlora.json), run (config.json with a "
+                                    f"checkpoint) or checkpoint (state.json) there; {START_HINT}")
+        state, tensors = read_checkpoint(folder, "trainable.safetensors", hint=START_HINT[0].upper() + START_HINT[1:])
+        config = state.get("config", {})
+        if config.get("train", {}).get("phase") == "align":
+            raise ValueError(f"train.init_from = {path} is a Phase-1 run (its aligner is for model.aligner); "
+                             f"{START_HINT}")
+        if config.get("train", {}).get("init_from"):
+            raise ValueError(f"train.init_from = {path} is a checkpoint of a run that started from another "
+                             f"({config['train']['init_from']}), and holds only its own adapters: give its export "
+                             "folder, whose adapter holds both runs' updates")
+        adapter = {k.removeprefix("llm."): v for k, v in tensors.items() if k.startswith("llm.")}
+        projectors = {k.removeprefix("projectors."): v for k, v in tensors.items() if k.startswith("projectors.")}
+        alpha = config["lora"]["alpha"]
+    if not any(k.endswith(".lora_A.weight") for k in adapter):
+        raise ValueError(f"train.init_from = {path}: no LoRA adapter in {folder}; {START_HINT}")
+    tensors = {**{f"llm.{k}": v for k, v in adapter.items()}, **{f"projectors.{k}": v for k, v in projectors.items()}}
+    return Start(folder, adapter, float(alpha), projectors, weights_hash(tensors))
 
 
 class RunLock:
@@ -385,9 +457,10 @@ def check_export_folder(folder: Path) -> None:
 def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | None = None, log=print) -> None:
     """The run's result as one folder that transformers, peft and mmlora load:
 
-    adapter/                 peft's format; base_model_name_or_path is the base's absolute path
-    merged/                  the LLM with LoRA folded in, a Hugging Face folder (sharded at 5 GB, with its tokenizer
-                             and generation config): AutoModelForCausalLM.from_pretrained loads it
+    adapter/                 peft's format; base_model_name_or_path is the base's absolute path (a run from
+                             train.init_from: its start's adapter and its own, as one adapter of both ranks)
+    merged/                  the LLM with LoRA folded in (a start's too), a Hugging Face folder (sharded at 5 GB,
+                             with its tokenizer and generation config): AutoModelForCausalLM.from_pretrained loads it
     projectors.safetensors   the trained projectors
     aligner/                 a copy of the frozen aligner, read from its folder (model.aligner)
     mmlora.json              the run's config, for `generate.load_run(folder)`
@@ -400,9 +473,11 @@ def export(model: MultimodalLM, folder: Path, cfg: Config, dtype: torch.dtype | 
     check_export_folder(folder)
     remove_leftovers(folder.parent, log, name=folder.name)
     base = Path(cfg.model.llm).resolve()
+    # a run from train.init_from trained its adapters on top of that start's: adapter/ holds both, for the base
+    prior = read_start(cfg.train.init_from).factors() if cfg.train.init_from else None
 
     def write(tmp: Path) -> None:
-        lora.save_adapter(model.llm, tmp / "adapter", str(base))
+        lora.save_adapter(model.llm, tmp / "adapter", str(base), prior)
         save_llm(model.llm, tmp / "merged", state=lora.merged_state_dict(model.llm, dtype))
         for name in TOKENIZER_FILES:
             if (base / name).is_file():

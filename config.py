@@ -102,6 +102,14 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest in out_dir), none, or a checkpoint folder
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     seed: int = 0  # seed of the data order, initialisation and dropout
+    objective: str = "sft"  # Phase 2's loss: sft (next-token loss on the replies) or dpo (preference tuning on chosen /
+    # rejected answers, dpo.py; data files in TRL's preference form; needs init_from)
+    init_from: str = ""  # a Phase-2 run, checkpoint or export to start from: its LoRA merged into the base (kept as a
+    # frozen adapter on an NF4 or sharded base), its projectors loaded; new LoRA adapters train on top
+    dpo_beta: float = 0.1  # dpo: beta, how far the policy may move from the reference (IPO's tau)
+    dpo_loss: str = "sigmoid"  # dpo: sigmoid (DPO, arXiv 2305.18290) or ipo (IPO, arXiv 2310.12036, per token)
+    dpo_label_smoothing: float = 0.0  # dpo, sigmoid: the chance that a pair's preference is flipped (cDPO), in [0, 0.5)
+    rpo_alpha: float = 0.0  # dpo: weight of an SFT term on the chosen answers (RPO, arXiv 2404.19733); 0 = off
 
 
 @dataclass
@@ -135,7 +143,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-CHOICES = {("train", "phase"): ("instruct", "align"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
+CHOICES = {("train", "phase"): ("instruct", "align"), ("train", "objective"): ("sft", "dpo"),
+           ("train", "dpo_loss"): ("sigmoid", "ipo"), ("model", "dtype"): ("auto", "float32", "bfloat16"),
            ("model", "projector_mode"): ("pool", "pooled"),
            ("model", "quantize"): ("none", "nf4"),
            ("data", "on_error"): ("raise", "skip"), ("train", "amp"): ("auto", "bf16", "fp16", "fp32"),
@@ -158,7 +167,8 @@ NON_NEGATIVE = {("train", "lr_projector"), ("train", "lr_lora"), ("train", "lr_a
                 ("train", "warmup_steps"),
                 ("train", "grad_clip"), ("lora", "dropout"), ("train", "eval_every"), ("train", "save_every"),
                 ("train", "eval_samples"), ("train", "gen_samples"), ("data", "num_workers"), ("run", "peak_tflops"),
-                ("run", "tracker_samples"), ("run", "alert_spike"), ("run", "alert_stall_s"), ("run", "alert_slow")}
+                ("run", "tracker_samples"), ("run", "alert_spike"), ("run", "alert_stall_s"), ("run", "alert_slow"),
+                ("train", "rpo_alpha")}
 
 
 def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
@@ -256,6 +266,7 @@ def check_config(cfg: Config) -> None:
     if cfg.model.shared_projector and cfg.model.image_tokens != cfg.model.audio_tokens:
         raise ValueError(f"model.shared_projector gives images and audio one projector, so model.image_tokens "
                          f"({cfg.model.image_tokens}) and model.audio_tokens ({cfg.model.audio_tokens}) must be equal")
+    check_objective(cfg)
     longest = max(cfg.model.image_tokens, cfg.model.audio_tokens)
     if cfg.data.max_len <= longest:
         raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "
@@ -272,6 +283,39 @@ def check_trackers(names: list[str]) -> None:
     if missing:
         raise ValueError(f"run.trackers names {', '.join(missing)}, not installed here: pip install "
                          f"{' '.join(TRACKERS[n] for n in missing)} (or pip install -r requirements-track.txt)")
+
+
+def check_objective(cfg: Config) -> None:
+    """train.objective = "dpo" and train.init_from: what they need and what they exclude."""
+    t = cfg.train
+    if t.init_from and t.phase == "align":
+        raise ValueError("train.init_from starts Phase 2 from an earlier Phase-2 run; Phase 1 "
+                         "(train.phase = \"align\") trains the aligner: set train.init_from = \"\"")
+    if t.objective != "dpo":
+        return
+    if t.phase == "align":
+        raise ValueError("train.objective = \"dpo\" tunes Phase 2's model on preferences; set "
+                         "train.phase = \"instruct\"")
+    if not t.init_from:
+        raise ValueError("train.objective = \"dpo\" starts from a Phase-2 run: set train.init_from to its run folder, "
+                         "a checkpoint of it or its export (its model is DPO's reference)")
+    if t.dpo_beta <= 0:
+        raise ValueError(f"train.dpo_beta = {t.dpo_beta}; it must be > 0")
+    if not 0.0 <= t.dpo_label_smoothing < 0.5:
+        raise ValueError(f"train.dpo_label_smoothing = {t.dpo_label_smoothing}; it must be in [0, 0.5)")
+    if t.dpo_label_smoothing and t.dpo_loss == "ipo":
+        raise ValueError("train.dpo_label_smoothing smooths the sigmoid loss; IPO has none: set it to 0 with "
+                         "train.dpo_loss = \"ipo\"")
+    if cfg.data.pack:
+        raise ValueError("train.objective = \"dpo\" runs each answer as a row of its own (chosen and rejected side by "
+                         "side): set data.pack = false")
+    if t.cuda_graph:
+        raise ValueError("train.cuda_graph records the SFT step; the DPO step runs unrecorded (its layers may still "
+                         "be compiled with train.compile): set train.cuda_graph = false")
+    if t.compile in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"train.compile = \"{t.compile}\" records each layer as a CUDA graph, and the DPO step runs "
+                         "the layers twice (the reference, then the policy), so the second replay overwrites what the "
+                         "first recorded: use train.compile = \"default\" or \"none\" with train.objective = \"dpo\"")
 
 
 def config_from_dict(doc: dict, source: str, cfg: Config | None = None) -> Config:

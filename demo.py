@@ -1,12 +1,13 @@
 """The embedded demo, "shapes and tones": its data, its tokenizer, its tiny LLM and its aligner, made on first use.
 
-    demo.ensure_demo(".cache/demo")   # data/ (conversations, Phase-1 pairs, media), llm/ (tokenizer + weights),
-                                      # aligner-init/ (random), then Phase 1 -> align/aligner/
+    demo.ensure_demo(".cache/demo")   # data/ (conversations, preference pairs, Phase-1 pairs, media), llm/
+                                      # (tokenizer + weights), aligner-init/ (random), then Phase 1 -> align/aligner/
     python demo.py .cache/demo --phase1 [--device cuda:0]      # the same from the command line (train.py's way)
 
 Images of a coloured shape in one quadrant (32x32), or of one to three shapes; one-second clips of high or low
-beeps; short questions about them with one-word answers, and Phase-1 pairs that describe them ("a red circle at
-the top left", "three fast high beeps", an image of three shapes with a clip of three beeps). Everything is
+beeps; short questions about them with one-word answers, the same questions as preference pairs (the right answer
+against a near miss, for DPO: configs/demo-dpo.toml), and Phase-1 pairs that describe them ("a red circle at the top
+left", "three fast high beeps", an image of three shapes with a clip of three beeps). Everything is
 generated from a seed, so two machines make the same assets. `configs/demo.toml` sets `data.make_demo`, so the
 README's first command makes them, aligns the encoders with Phase 1 (configs/demo-align.toml), then trains:
 train.py runs this file as a program of its own, since the demo's Phase 1 is itself a run of train.py's loop.
@@ -206,6 +207,28 @@ def demo_sample(rng: np.random.Generator, i: int, media: Path, split: str) -> di
     return sample
 
 
+def near_miss(rng: np.random.Generator, answer: str) -> str:
+    """A wrong answer close to the right one: another colour, shape or place, the other tone or rhythm, or a count
+    (or sum) one off."""
+    for words in (list(COLOURS), SHAPES, PLACES, ("high", "low"), ("fast", "slow")):
+        if answer in words:
+            return str(rng.choice([w for w in words if w != answer]))
+    n = NUMBERS.index(answer)
+    return str(rng.choice([NUMBERS[k] for k in (n - 1, n + 1) if 0 <= k < len(NUMBERS)]))
+
+
+def preference_pair(rng: np.random.Generator, sample: dict) -> dict:
+    """A conversation as a preference pair in TRL's conversational form: its turns up to the last question as the
+    prompt, its last answer as `chosen` and a near miss of it as `rejected`; the same media."""
+    turns = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+             for t in sample["conversations"]]
+    media = {k: sample[k] for k in ("image", "audio") if k in sample}
+    answer = turns[-1]["content"]
+    return {"id": f"pref-{sample['id']}", **media, "prompt": turns[:-1],
+            "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": near_miss(rng, answer)}]}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -215,12 +238,13 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
               log=lambda msg: None) -> Path:
     """Make the demo's data, tokenizer, tiny LLM and initial aligner in `folder` (deterministic for a seed).
 
-    data/: train/val.jsonl (conversations), pairs_train/val.jsonl (Phase-1 pairs; `n_pairs` defaults to two
-    thirds of `n_train`), transfer_train/val.jsonl (the cross-modal transfer test; `n_transfer`: a third) and their
-    media. The LLM is briefly pretrained on the demo's text so LoRA adapts a
-    model that knows the language. aligner-init/ is a random aligner, the starting point of Phase 1 (`ensure_demo`
-    runs it). `llm_config` / `aligner_config` give other shapes (bench.py: Qwen2.5-0.5B's, stored in bf16, random
-    weights for GPU runs of train.py). `log` receives a line per stage. Returns `folder`."""
+    data/: train/val.jsonl (conversations), preference_train/val.jsonl (the same questions as preference pairs),
+    pairs_train/val.jsonl (Phase-1 pairs; `n_pairs` defaults to two thirds of `n_train`), transfer_train/val.jsonl
+    (the cross-modal transfer test; `n_transfer`: a third) and their media. The LLM is briefly pretrained on the
+    demo's text so LoRA adapts a model that knows the language. aligner-init/ is a random aligner, the starting
+    point of Phase 1 (`ensure_demo` runs it). `llm_config` / `aligner_config` give other shapes (bench.py:
+    Qwen2.5-0.5B's, stored in bf16, random weights for GPU runs of train.py). `log` receives a line per stage.
+    Returns `folder`."""
     folder = Path(folder)
     n_pairs = n_train * 2 // 3 if n_pairs is None else n_pairs
     n_transfer = n_train // 3 if n_transfer is None else n_transfer
@@ -238,6 +262,9 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
     for split, n in (("train", n_transfer), ("val", n_val)):
         write_jsonl(folder / "data" / f"transfer_{split}.jsonl",
                     [transfer_sample(rng, i, media, split) for i in range(n)])
+    near = np.random.default_rng(seed + 1)  # a stream of its own: the files above stay as they were without it
+    for split, samples in splits.items():
+        write_jsonl(folder / "data" / f"preference_{split}.jsonl", [preference_pair(near, x) for x in samples])
     texts = [t["value"].replace("<image>\n", "").replace("<audio>\n", "")
              for s in splits["train"] for t in s["conversations"]]
     texts += [f"{NUMBERS[n]} {c} {s}s" for n in range(2, 4) for c in COLOURS for s in SHAPES]  # the pairs' words

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from config import Config, TrainConfig
 from weights import check_tensors
+from lora import base_name
 from model import LLM, rope_inv_freq
 from multimodal import MultimodalLM
 
@@ -187,7 +188,7 @@ def read_shards(llm: LLM, files: list[Path]) -> None:
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
-    params = {n.replace(".base_layer.", "."): p for n, p in llm.named_parameters() if ".lora_" not in n}
+    params = {base_name(n): p for n, p in llm.named_parameters() if ".lora_" not in n}
     found = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:

@@ -99,6 +99,7 @@ def run_config(folder: str | Path, device: str | None = None, dtype: str | None 
         # merged/ holds the trained model's weights (a QLoRA run's merged against its dequantized base), read as
         # they are: quantizing them again would blur the adapters' update. A run folder keeps its 4-bit base.
         cfg.model.quantize = "none"
+        cfg.train.init_from = ""  # merged/ holds a start's update too (train.init_from), and projectors its own
     elif (folder / "config.json").is_file():
         cfg = config_from_dict(read_json(folder / "config.json", ""), str(folder / "config.json"))
     else:

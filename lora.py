@@ -5,12 +5,16 @@
     fuse_qkv(llm)                         # optional, for training: q, k, v and their adapters as one matmul each
     save_adapter(llm, "export/adapter")   # PeftModel.from_pretrained(hf_model, "export/adapter") loads it as is
     merge_lora(llm)                       # fold B @ A into the base weights for inference
+    with disable_adapters(llm): ...       # the model without its adapters (DPO's reference model)
 
 A wrapped `q_proj` keeps peft's names: `q_proj.base_layer.weight`, `q_proj.lora_A.weight`, `q_proj.lora_B.weight`,
-so an adapter's keys are ours with the prefix `base_model.model.`.
+so an adapter's keys are ours with the prefix `base_model.model.`. A wrapped layer may itself be a LoRALinear: a
+run that starts from another run's adapter (train.init_from) on a base it cannot merge into (NF4, or not yet
+loaded) keeps that adapter frozen inside, `q_proj.base_layer.lora_A.weight`, and trains the outer one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,12 +83,12 @@ class LoRALinear(nn.Module):
     A and B are kept in fp32 even when the frozen base weight is bf16: the update B @ A is small next to W and
     would lose most of its bits in bf16."""
 
-    def __init__(self, base_layer: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Linear | NF4Linear | LoRALinear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base_layer = base_layer
-        dev = (base_layer.packed if isinstance(base_layer, NF4Linear) else base_layer.weight).device
+        dev = next(iter([*base_layer.parameters(), *base_layer.buffers()])).device
         if dev.type == "meta":  # a base without memory yet (FSDP's loading): the adapters are made for real, on the
             dev = torch.device("cpu")  # CPU, and sharding places them
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=dev, dtype=torch.float32)
@@ -94,10 +98,19 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.merged = False
+        self.disabled = False  # `disable_adapters`
         self.recompute_dropout = False  # `lora_down`
 
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x)
         # under autocast the matmuls pick their dtype
         x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
@@ -173,15 +186,47 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def outer_lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The adapters a run trains: every LoRA layer that is not the base layer of another (a frozen start adapter,
+    train.init_from, is)."""
+    mods = lora_modules(model)
+    return {n: m for n, m in mods.items() if not (n.endswith(".base_layer") and n.removesuffix(".base_layer") in mods)}
+
+
+def base_name(name: str) -> str:
+    """A tensor's name in the base model: `q_proj.base_layer.weight` (and `q_proj.base_layer.base_layer.weight`) ->
+    `q_proj.weight`."""
+    while ".base_layer." in name:
+        name = name.replace(".base_layer.", ".")
+    return name
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """The model without the adapters it trains (peft's `disable_adapter`), for the length of the block: DPO's
+    reference model is the same forward with them off. A frozen start adapter inside them stays on."""
+    mods = list(outer_lora_modules(model).values())
+    for m in mods:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.disabled = False
+
+
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                targets: str | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
     """Freeze every parameter of `model`, then wrap the nn.Linear layers named in `targets` with LoRA.
 
     `targets` are module names matched on the last part of the path (`q_proj`), or "all-linear" for every
-    linear layer of the decoder blocks (`lm_head` excluded, as in peft). Returns the wrapped module paths."""
+    linear layer of the decoder blocks (`lm_head` excluded, as in peft). A layer LoRA already wraps is wrapped
+    whole (its adapter frozen inside the new one). Returns the wrapped module paths."""
     model.requires_grad_(False)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     linears = {n: m for n, m in model.named_modules()
-               if isinstance(m, (nn.Linear, NF4Linear)) and ".layers." in f".{n}"}
+               if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and ".layers." in f".{n}"
+               and not any(n.startswith(w + ".") for w in wrapped)}
     if targets == "all-linear" or targets == ["all-linear"]:
         chosen = sorted(linears)
     else:
@@ -218,7 +263,7 @@ class FusedQKV:
         bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases])
         y = F.linear(x, torch.cat([b.weight for b in bases]), bias)  # (B, T, q + k + v)
         ys = list(y.split([b.out_features for b in bases], dim=-1))
-        lora = [i for i, m in enumerate(self.layers) if isinstance(m, LoRALinear) and not m.merged]
+        lora = [i for i, m in enumerate(self.layers) if isinstance(m, LoRALinear) and not (m.merged or m.disabled)]
         if lora:
             first = self.layers[lora[0]]
             if not torch.is_autocast_enabled(x.device.type):
@@ -253,6 +298,15 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
+def merge_and_unload(model: nn.Module) -> None:
+    """Fold every adapter into its base weight and put the plain base layer back in its place (peft's name):
+    the model is a plain one again, with the adapters' update in its weights."""
+    for name, m in lora_modules(model).items():
+        m.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.base_layer)
+
+
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's state under its base names (`q_proj.weight`, no adapter tensors) with every adapter folded into
     its base weight, W + (alpha/r) B @ A computed in fp32, then cast to `dtype` (default: the base weight's). The
@@ -268,39 +322,74 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dic
     for name, t in state.items():
         if ".lora_A." in name or ".lora_B." in name:
             continue
-        owner, _, leaf = name.rpartition(".base_layer.")
-        if owner in wrapped and leaf == "weight" and not wrapped[owner].merged:
-            t = (t.float() + wrapped[owner].delta_weight()).to(t.dtype)
-        out[name.replace(".base_layer.", ".")] = t.detach().to(dtype or t.dtype)
+        owner, _, leaf = name.rpartition(".")
+        owners = []  # the adapters around this tensor, innermost first
+        while leaf == "weight" and owner.endswith(".base_layer"):
+            owner = owner.removesuffix(".base_layer")
+            if owner in wrapped and not wrapped[owner].merged:
+                owners.append(wrapped[owner])
+        if owners:
+            t = (t.float() + sum(m.delta_weight() for m in owners)).to(t.dtype)
+        out[base_name(name)] = t.detach().to(dtype or t.dtype)
     return out
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of `model` under our names (`...q_proj.lora_A.weight`)."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    """The tensors of the adapters `model` trains (`outer_lora_modules`) under our names (`...q_proj.lora_A.weight`)."""
+    outer = outer_lora_modules(model)
+    return {k: v for k, v in model.state_dict().items()
+            if (".lora_A." in k or ".lora_B." in k) and k.rsplit(".lora_", 1)[0] in outer}
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None) -> None:
-    """Write `adapter_model.safetensors` and `adapter_config.json` in peft's format (LoRA, CAUSAL_LM)."""
-    mods = lora_modules(model)
+def adapter_factors(state: dict[str, torch.Tensor], scaling: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """An adapter's tensors (our names) -> {module: (A (r, in), scaling * B (out, r))}: its update is B' @ A."""
+    return {k.removesuffix(".lora_A.weight"): (v, scaling * state[k.replace(".lora_A.", ".lora_B.")])
+            for k, v in state.items() if k.endswith(".lora_A.weight")}
+
+
+def stack_adapters(first: dict, second: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Two adapters' `adapter_factors` as one adapter of their summed ranks (scale 1): A = [A1; A2], B = [B1', B2'],
+    so that B @ A = B1' @ A1 + B2' @ A2. A module that one of them lacks gets zeros in its place."""
+    r1, r2 = (next(iter(f.values()))[0].shape[0] for f in (first, second))
+    out = {}
+    for name in sorted(first.keys() | second.keys()):
+        a, b = first.get(name) or second[name]
+        (a1, b1), (a2, b2) = (f.get(name, (a.new_zeros(r, a.shape[1]), b.new_zeros(b.shape[0], r)))
+                              for f, r in ((first, r1), (second, r2)))
+        out[name] = torch.cat([a1.float(), a2.float()]), torch.cat([b1.float(), b2.float()], dim=1)
+    return out
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None,
+                 prior: dict | None = None) -> None:
+    """Write `adapter_model.safetensors` and `adapter_config.json` in peft's format (LoRA, CAUSAL_LM). `prior`: the
+    `adapter_factors` of the adapter the model's adapters were trained on top of (train.init_from, merged into the
+    base or kept frozen inside), saved with them as one adapter on the base (`stack_adapters`)."""
+    mods = outer_lora_modules(model)
     if not mods:
         raise ValueError("model has no LoRA layers to save; call apply_lora first")
     any_mod = next(iter(mods.values()))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors({PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}, folder / "adapter_model.safetensors")
+    state, rank, alpha = lora_state_dict(model), any_mod.rank, any_mod.alpha
+    if prior is not None:
+        stacked = stack_adapters(prior, adapter_factors(state, any_mod.scaling))
+        state = {f"{n}.lora_{x}.weight": t for n, ab in stacked.items() for x, t in zip("AB", ab)}
+        rank = alpha = next(iter(stacked.values()))[0].shape[0]
+    save_tensors({PEFT_PREFIX + k: v for k, v in state.items()}, folder / "adapter_model.safetensors")
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": any_mod.rank, "lora_alpha": any_mod.alpha,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "lora_dropout": getattr(any_mod.lora_dropout, "p", 0.0),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}), "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted({n.removesuffix(".lora_A.weight").rsplit(".", 1)[-1] for n in state
+                                  if n.endswith(".lora_A.weight")}), "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "base_model_name_or_path": base_model,
     }
     write_json(folder / "adapter_config.json", config)
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Load a peft-format LoRA adapter into a model already wrapped by `apply_lora` with the same rank and targets."""
+def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A peft-format adapter folder: (its adapter_config.json, its tensors under our names)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -309,18 +398,28 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: not found; an adapter folder holds adapter_config.json and "
                                     "adapter_model.safetensors")
-    cfg = json.loads(cfg_path.read_text())
-    mods = lora_modules(model)
-    ranks = {m.rank for m in mods.values()}
-    if ranks != {cfg["r"]}:
-        raise ValueError(f"{cfg_path}: adapter rank r={cfg['r']} but the model's LoRA layers have rank {sorted(ranks)}")
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
     state = {k.replace(".default.", "."): v for k, v in state.items()}  # peft files saved with the adapter's name
+    return json.loads(cfg_path.read_text()), state
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load a peft-format LoRA adapter into a model already wrapped by `apply_lora` with the same rank and targets."""
+    cfg, state = read_adapter(folder)
+    set_adapter(model, state, cfg["r"], cfg["lora_alpha"], str(Path(folder) / "adapter_model.safetensors"))
+
+
+def set_adapter(model: nn.Module, state: dict[str, torch.Tensor], rank: int, alpha: float, source: str) -> None:
+    """Copy an adapter's tensors (our names) of rank `rank` and scale alpha / rank into the model's adapters."""
+    mods = outer_lora_modules(model)
+    ranks = {m.rank for m in mods.values()}
+    if ranks != {rank}:
+        raise ValueError(f"{source}: adapter rank r={rank} but the model's LoRA layers have rank {sorted(ranks)}")
     expected = lora_state_dict(model)
     check_tensors({k: v.shape for k, v in expected.items()}, {k: v.shape for k, v in state.items()},
-                  f"{weights}: adapter does not fit the model (other LoRA targets or base model?)")
+                  f"{source}: adapter does not fit the model (other LoRA targets or base model?)")
     with torch.no_grad():
         for k, v in state.items():
             expected[k].copy_(v)
     for m in mods.values():  # the adapter's alpha defines its scale
-        m.alpha, m.scaling = cfg["lora_alpha"], cfg["lora_alpha"] / cfg["r"]
+        m.alpha, m.scaling = alpha, alpha / rank

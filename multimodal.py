@@ -52,7 +52,8 @@ class Projector(nn.Module):
 class Media:
     """One modality's media of a sample or a batch: the inputs of the aligner, or its cached outputs, and the
     placeholder positions their projected features go to. N media of K placeholder tokens each."""
-    slots: torch.Tensor  # (N*K,) int64: placeholder positions, in order (within the sample, or flat b*T+t in a batch)
+    slots: torch.Tensor  # (c*N*K,) int64: placeholder positions, in order (within the sample, or flat b*T+t in a
+    # batch); c = 1, or c copies of the media's slots where c rows share them (a preference batch: chosen and rejected)
     raw: torch.Tensor | None = None  # images (N, 3, S, S) float32 normalised, or audio (N, samples) float32
     tokens: torch.Tensor | None = None  # cached aligner token features (N, n, D) float32
     pooled: torch.Tensor | None = None  # cached pooled aligner features (N, D) float32
@@ -201,7 +202,8 @@ class LossOutput:
     the whole step (all micro-batches, all ranks) and accumulation and data parallelism stay exact."""
     loss_sum: torch.Tensor  # () float32, differentiable: the loss summed over the labelled tokens
     n_tokens: torch.Tensor  # () float32: labelled tokens (the sum of Batch.label_weight)
-    sample_loss: torch.Tensor  # (S,) float32, detached: each sample's summed loss, in Batch.ids' order
+    sample_loss: torch.Tensor  # (S,) float32: each sample's summed loss, in Batch.ids' order (DPO's sequence
+    # log-probabilities, with their gradient)
     sample_tokens: torch.Tensor  # (S,) float32: each sample's labelled tokens
 
 
@@ -283,12 +285,14 @@ class MultimodalLM(nn.Module):
         x = self.llm.model.embed_tokens(batch.input_ids)  # (B, T, H)
         for m in batch.media:
             feats = self.media_embeds(batch, m, media_chunk)  # (N, K, H)
-            slots = batch.media[m].slots  # (N*K,) flat positions of the placeholders, found by the collator
-            if slots.shape[0] != feats.shape[0] * feats.shape[1]:
+            slots = batch.media[m].slots  # (c*N*K,) flat positions of the placeholders, found by the collator
+            copies = slots.shape[0] // max(1, feats.shape[0] * feats.shape[1])  # rows that share each medium
+            if copies < 1 or slots.shape[0] != copies * feats.shape[0] * feats.shape[1]:
                 raise ValueError(f"batch has {slots.shape[0]} {m} placeholder tokens for {feats.shape[0]} {m} "
                                  f"inputs of {feats.shape[1]} tokens each")
+            feats = feats.flatten(0, 1).repeat(copies, 1)  # (c*N*K, H)
             # index_put's backward is a gather; masked_scatter's (a masked_select) would make the host wait mid-backward
-            x = x.flatten(0, 1).index_put((slots,), feats.flatten(0, 1).to(x.dtype)).view_as(x)
+            x = x.flatten(0, 1).index_put((slots,), feats.to(x.dtype)).view_as(x)
         return x
 
     def attention_mask(self, batch: Batch) -> torch.Tensor | BlockMask | None:
@@ -308,7 +312,7 @@ class MultimodalLM(nn.Module):
         losses = losses * weight  # (M,)
         sample_of = batch.sample_index.flatten()[where]  # (M,)
         S = batch.modality.shape[0]
-        sample_loss = torch.zeros(S, device=h.device).index_add(0, sample_of, losses.detach())
+        sample_loss = torch.zeros(S, device=h.device).index_add(0, sample_of, losses)
         sample_tokens = torch.zeros(S, device=h.device).index_add(0, sample_of, weight)
         return LossOutput(losses.sum(), weight.sum(), sample_loss, sample_tokens)
 

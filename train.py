@@ -45,6 +45,7 @@ import torch.nn as nn
 
 import align
 import data
+import dpo
 import track
 from weights import weights_hash, write_json
 from model import LLM, llm_skeleton, until_stop
@@ -58,8 +59,8 @@ from config import Config, TrainConfig, load_config
 from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel, gather_rows,
     gradient_sync, is_sharded, setup_distributed, whole)
 from checkpoint import (CheckpointReadError, CheckpointWriteError, RunFolderError, RunLock, TrainState,
-    check_fresh_start, export, load_checkpoint, optimizer_state, remove_leftovers, resume_candidates, rng_state,
-    trainable_state, write_checkpoint, write_folder)
+    check_fresh_start, export, load_checkpoint, optimizer_state, read_start, remove_leftovers, resume_candidates,
+    rng_state, trainable_state, write_checkpoint, write_folder)
 from quant import check_blocks
 from build import build_model, parameter_groups
 
@@ -103,6 +104,9 @@ def make_loader(ds: data.ConversationDataset | data.PairDataset, cfg: Config, wo
     if isinstance(ds, data.PairDataset):
         def collate(items):
             return data.collate_pairs(items, tokenizer.pad_id)
+    elif isinstance(ds, data.PreferenceDataset):
+        def collate(items):
+            return data.collate_preferences(items, tokenizer.pad_id, multiple)
     else:
         def collate(items):
             return data.collate(items, tokenizer.pad_id, pack, max_len, multiple)
@@ -119,14 +123,16 @@ def cache_folder(cfg: Config, path: str) -> Path | None:
 def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner: Aligner,
                  use_cache: bool = True) -> data.ConversationDataset | data.PairDataset:
     """A data file as the config says: K tokens per media, max_len, truncation, on_error, paths, and the feature
-    cache (checked against this aligner's weights); in Phase 1, a pair file."""
+    cache (checked against this aligner's weights); in Phase 1, a pair file; with train.objective = "dpo", a
+    preference file."""
     if cfg.train.phase == "align":
         return data.PairDataset(path, tokenizer, aligner.config, cfg.data.max_len, cfg.data.on_error,
                                 cfg.data.allow_outside_paths)
     cache = cache_folder(cfg, path) if use_cache else None
-    return data.ConversationDataset(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len,
-                                    cfg.data.truncate, cfg.data.on_error, cfg.data.allow_outside_paths, cache,
-                                    weights_hash(aligner) if cache else None, cfg.data.max_audio_windows)
+    kind = data.PreferenceDataset if cfg.train.objective == "dpo" else data.ConversationDataset
+    return kind(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len, cfg.data.truncate,
+                cfg.data.on_error, cfg.data.allow_outside_paths, cache, weights_hash(aligner) if cache else None,
+                cfg.data.max_audio_windows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,10 +158,12 @@ def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
 
 
 def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler, world: World, cfg: Config,
-                    epoch_size: int, collective: bool = True, alerts: track.Alerts | None = None) -> None:
+                    epoch_size: int, collective: bool = True, alerts: track.Alerts | None = None,
+                    start_hash: str | None = None) -> None:
     """Checkpoint `name` of the run (rank 0 writes; every rank's RNG state goes in), then drop old periodic ones.
     `collective=False` (after an exception) lets rank 0 save alone, without the other ranks' RNG states, since a
-    collective could hang on a failed peer. A checkpoint that cannot be written is an alert too."""
+    collective could hang on a failed peer. A checkpoint that cannot be written is an alert too. `start_hash`:
+    train.init_from's (`Start.hash`), which a resume checks."""
     if not collective and is_sharded(model):  # FSDP: gathering the shards needs every rank
         print(f"rank {world.rank}: no emergency checkpoint alone under FSDP (its shards are gathered by all ranks); "
               "the last checkpoint stands", flush=True)
@@ -169,6 +177,8 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
         state = {"step": run.step, "consumed": run.consumed, "epoch": run.consumed // epoch_size, "best": run.best,
                  "bad_steps": run.bad_steps, "world_size": world.size, "lr_factor": lr_factor(run.step, cfg.train),
                  "llm_config": dataclasses.asdict(model.llm.config), "config": dataclasses.asdict(cfg)}
+        if start_hash is not None:
+            state["start_hash"] = start_hash
         try:
             write_checkpoint(ckpt_dir, name, tensors, optimizer, scaler, state, rngs)
         except CheckpointWriteError as e:
@@ -187,17 +197,25 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics: metrics.csv and metrics.jsonl, one row per logged step and per eval, written by rank 0
 
-# the groups of samples whose loss is logged apart (Batch.groups, PairBatch.groups), and what a step counts
-GROUPS = {"instruct": ("text", "image", "audio"), "align": tuple(f"{a}_{b}" for a, b in data.PAIR_KINDS)}
-UNITS = {"instruct": "tokens", "align": "pairs"}
+# what a run trains (`objective`): the groups of samples whose loss is logged apart (Batch.groups, PairBatch.groups,
+# PreferenceBatch.groups), what a step counts, and what else its rows hold
+GROUPS = {"instruct": ("text", "image", "audio"), "align": tuple(f"{a}_{b}" for a, b in data.PAIR_KINDS),
+          "dpo": dpo.GROUPS}
+UNITS = {"instruct": "tokens", "align": "pairs", "dpo": "pairs"}
 RECALLS = [f"r{k}_{x}_{y}" for k in (1, 5) for a, b in data.PAIR_KINDS for x, y in ((a, b), (b, a))]
+EXTRA = {"instruct": ["accuracy"], "align": RECALLS, "dpo": ["accuracy", *dpo.metric_names()]}
 
 
-def metric_fields(phase: str) -> list[str]:
-    unit = UNITS[phase]
-    return ["step", "epoch", "split", "loss", *(f"loss_{g}" for g in GROUPS[phase]), "lr", "grad_norm", unit,
-            f"{unit}_per_s", "step_time", "mfu", "data_wait", "peak_mem_gib",
-            *(["accuracy"] if phase == "instruct" else RECALLS), "bad_steps", "skipped_samples"]
+def objective(cfg: Config) -> str:
+    """What the run trains: "align" (Phase 1), "instruct" (Phase 2's SFT) or "dpo" (Phase 2 on preferences)."""
+    return "align" if cfg.train.phase == "align" else "dpo" if cfg.train.objective == "dpo" else "instruct"
+
+
+def metric_fields(kind: str) -> list[str]:
+    unit = UNITS[kind]
+    return ["step", "epoch", "split", "loss", *(f"loss_{g}" for g in GROUPS[kind]), "lr", "grad_norm", unit,
+            f"{unit}_per_s", "step_time", "mfu", "data_wait", "peak_mem_gib", *EXTRA[kind], "bad_steps",
+            "skipped_samples"]
 
 
 class Metrics:
@@ -260,7 +278,7 @@ def logged_step(line: bytes, suffix: str) -> float:
 def group_sums(out: LossOutput, groups: torch.Tensor) -> torch.Tensor:
     """(6,): summed loss and count of each of the batch's 3 groups of samples (`groups` (3, S) bool)."""
     sums = [torch.where(groups, x, 0.0).sum(1) for x in (out.sample_loss, out.sample_tokens)]  # no host read
-    return torch.stack(sums, 1).flatten()
+    return torch.stack(sums, 1).flatten().detach()
 
 
 def group_losses(sums: torch.Tensor, phase: str) -> dict:
@@ -292,17 +310,19 @@ def peak_flops(cfg: Config, device: torch.device) -> float | None:
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def flops_per_token(model: MultimodalLM, seq: int, labelled: float) -> float:
+def flops_per_token(model: MultimodalLM, seq: int, labelled: float, reference: bool = False) -> float:
     """The model's FLOPs per token of a step on rows of `seq` tokens, `labelled` of them labelled: the frozen
     weights' forward and backward to their inputs (4 per weight), lm_head's at labelled positions only, the trainable
-    weights' 6, and attention's scores and sums (6 * layers * seq * heads * head_dim)."""
+    weights' 6, and attention's scores and sums (6 * layers * seq * heads * head_dim). `reference`: DPO's step,
+    which also runs a forward without adapters (2 FLOPs a weight, no gradients)."""
     c = model.llm.config
     lm_head = c.vocab_size * c.hidden_size
     body = sum(p.numel() for p in model.llm.model.layers.parameters() if not p.requires_grad)
     body += sum(m.in_features * m.out_features for m in model.llm.model.layers.modules() if isinstance(m, NF4Linear))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * c.num_hidden_layers * seq * c.num_attention_heads \
-        * c.head_dim
+    attention = c.num_hidden_layers * seq * c.num_attention_heads * c.head_dim
+    return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * attention \
+        + reference * (2 * body + 2 * lm_head * labelled + 2 * attention)
 
 
 def model_flops_utilization(model: MultimodalLM | align.AlignModel, micro: list[data.Batch], tokens_per_s: float,
@@ -339,7 +359,8 @@ def eager_layers(fn):
 def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, world: World, tokenizer: Tokenizer,
              autocast) -> dict:
     """Validation loss (all and per kind of sample) and the exact-match accuracy of greedy answers, over all ranks:
-    {"loss", "loss_text", "loss_image", "loss_audio", "accuracy", "correct", "answered"}."""
+    {"loss", "loss_text", "loss_image", "loss_audio", "accuracy", "correct", "answered"}; on a preference set the
+    DPO loss and rewards (`dpo.metrics`), and the accuracy of the answers against the chosen ones."""
     model.eval()
     # under FSDP every rank runs every forward and decode step, since the ranks gather each layer's weights
     # together: each runs as many batches as the rank with the most (a spare one on a sample whose result is
@@ -348,13 +369,21 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
     n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
     mine = list(range(world.rank, n, world.size))
     rounds = range(0, -(-n // world.size), cfg.train.batch_size)
-    sums = torch.zeros(6, device=world.device)  # loss and tokens of text-only, image, audio samples
+    sums = torch.zeros(6 if not isinstance(ds, data.PreferenceDataset) else dpo.STATS, device=world.device)
     loss_sum = torch.zeros(2, device=world.device)
     for s in rounds:
         idx = mine[s:s + cfg.train.batch_size]
         if not idx and not sharded:
             break
-        batch = data.collate([ds[i] for i in idx or [0]], tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple)
+        items = [ds[i] for i in idx or [0]]
+        if isinstance(ds, data.PreferenceDataset):  # DPO: the preference loss and rewards of the pairs (dpo.py)
+            batch = data.collate_preferences(items, tokenizer.pad_id, cfg.data.pad_multiple).to(world.device)
+            with autocast():
+                policy, reference, tokens = dpo.logps(model, model, batch)
+            if idx:
+                sums += dpo.pair_terms(policy.float(), reference.float(), tokens, batch.groups(), cfg.train)[2]
+            continue
+        batch = data.collate(items, tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple)
         with autocast():
             out = model(batch.to(world.device))
         if idx:
@@ -362,7 +391,10 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
             loss_sum += torch.stack([out.sample_loss.sum(), out.sample_tokens.sum()])
     all_sum(sums, world)
     all_sum(loss_sum, world)
-    row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **group_losses(sums, "instruct")}
+    if isinstance(ds, data.PreferenceDataset):
+        row = dpo.metrics(sums, cfg.train)
+    else:
+        row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **group_losses(sums, "instruct")}
     correct = torch.zeros(2)
     n_gen = min(len(ds), cfg.train.gen_samples)
     gen = list(range(world.rank, n_gen, world.size))
@@ -476,8 +508,10 @@ def evaluate_align(model: align.AlignModel, ds: data.PairDataset, cfg: Config, w
 def eval_summary(row: dict) -> str:
     """The log line's part of an eval row: accuracy, or Phase 1's recall@1 in each direction."""
     if "accuracy" in row:
+        rewards = row.get("rewards/accuracies")
         return "accuracy " + ("n/a" if row["accuracy"] is None else
-                              f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['answered']})")
+                              f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['answered']})") + \
+            ("" if rewards is None else f", reward accuracy {100 * rewards:.1f}%")
     recalls = [f"{k[3:].replace('_', '->')} {100 * v:.0f}%" for k, v in row.items() if k.startswith("r1_")]
     return "recall@1 " + ", ".join(recalls)
 
@@ -493,9 +527,11 @@ def make_optimizer(model: MultimodalLM | align.AlignModel, cfg: TrainConfig):
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr_aligner,
                    "peak": cfg.lr_aligner}]
     else:
-        groups = [{"params": list(model.projectors.parameters()), "lr": cfg.lr_projector, "peak": cfg.lr_projector},
+        groups = [{"params": [p for p in model.projectors.parameters() if p.requires_grad], "lr": cfg.lr_projector,
+                   "peak": cfg.lr_projector},
                   {"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": cfg.lr_lora,
                    "peak": cfg.lr_lora}]
+        groups = [g for g in groups if g["params"]]  # (DPO freezes the projectors)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=True)
     return opt, [p for g in groups for p in g["params"]]
 
@@ -585,11 +621,11 @@ def update(opt, scaler, params: list[nn.Parameter], grad_clip: float, stats: tor
 
 
 def train_step(model: nn.Module, micro: list[data.Batch], opt, scaler, params: list[nn.Parameter], autocast,
-               world: World, grad_clip: float, average: bool = False) -> StepOutput:
+               world: World, grad_clip: float, average: bool = False, gradients=forward_backward) -> StepOutput:
     """One optimizer step over its micro-batches (already on the device), with no host read. `average`: the
     gradients are averaged over the ranks here, by one all-reduce (a step recorded as a CUDA graph, which cannot
-    hold DDP's hooks), not by DDP."""
-    stats, n_tok = forward_backward(model, micro, scaler, autocast, world)
+    hold DDP's hooks), not by DDP. `gradients`: `forward_backward`, or DPO's (`dpo.forward_backward`)."""
+    stats, n_tok = gradients(model, micro, scaler, autocast, world)
     if average and world.size > 1:
         average_gradients(params, world)
     return StepOutput(stats, n_tok, *update(opt, scaler, params, grad_clip, stats, world))
@@ -605,8 +641,10 @@ def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], auto
                                  grad_clip=cfg.train.grad_clip, average=True)
         return GraphedStep(step, model, opt, world.device, cfg.data.pad_multiple)
     ddp = data_parallel(model, world)
+    gradients = functools.partial(dpo.forward_backward, cfg=cfg.train) if cfg.train.objective == "dpo" \
+        else forward_backward
     return functools.partial(train_step, ddp, opt=opt, scaler=scaler, params=params, autocast=autocast, world=world,
-                             grad_clip=cfg.train.grad_clip)
+                             grad_clip=cfg.train.grad_clip, gradients=gradients)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -641,7 +679,7 @@ def resolved_paths(cfg: Config) -> Config:
     be used from anywhere: generate.load_run)."""
     cfg = copy.deepcopy(cfg)
     for section, key in (("model", "llm"), ("model", "aligner"), ("data", "train_file"), ("data", "val_file"),
-                         ("data", "make_demo"), ("data", "feature_cache")):
+                         ("data", "make_demo"), ("data", "feature_cache"), ("train", "init_from")):
         if getattr(getattr(cfg, section), key):
             setattr(getattr(cfg, section), key, str(Path(getattr(getattr(cfg, section), key)).resolve()))
     return cfg
@@ -746,13 +784,16 @@ def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int
               skipped: int, epoch_size: int, world: World, cfg: Config) -> dict:
     """The metrics row of the last step (its loss; speed, MFU and the seconds a step waited for the data loader,
     over the steps since the last row), printed by rank 0."""
-    unit = UNITS[cfg.train.phase]
-    row = {"step": run.step, "epoch": run.consumed / epoch_size, "split": "train",
-           "loss": (out.stats[0] / out.n_tokens).item(), "lr": float(opt.param_groups[-1]["lr"]),
+    kind = objective(cfg)
+    unit = UNITS[kind]
+    row = {"step": run.step, "epoch": run.consumed / epoch_size, "split": "train", "loss": None,
+           "lr": float(opt.param_groups[-1]["lr"]),
            "grad_norm": out.grad_norm.item(), unit: int(out.n_tokens.item()), f"{unit}_per_s": tokens / elapsed,
            "step_time": elapsed / cfg.run.log_every, "mfu": mfu, "data_wait": waited / cfg.run.log_every,
            "peak_mem_gib": round(peak_memory_gib(world.device), 3),
-           "bad_steps": run.bad_steps, "skipped_samples": skipped, **group_losses(out.stats[1:], cfg.train.phase)}
+           "bad_steps": run.bad_steps, "skipped_samples": skipped}
+    row.update(dpo.metrics(out.stats, cfg.train) if kind == "dpo" else
+               {"loss": (out.stats[0] / out.n_tokens).item(), **group_losses(out.stats[1:], kind)})
     if world.master:
         eta = (cfg.train.max_steps - run.step) * row["step_time"]
         speed = f"{row[f'{unit}_per_s']:,.0f} {'tok' if unit == 'tokens' else unit}/s"
@@ -827,13 +868,19 @@ def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Tra
         trim_metrics(out_dir, run.step, log)
     if cfg.run.trackers:  # the tracked run: a new one, or the one this resume continues
         trackers.start(track.flatten(dataclasses.asdict(resolved_paths(cfg))), tracker_tags(cfg, world), run.step)
-    metrics = Metrics(out_dir, world.master, metric_fields(cfg.train.phase), trackers, alerts)
+    kind = objective(cfg)
+    metrics = Metrics(out_dir, world.master, metric_fields(kind), trackers, alerts)
     peak = peak_flops(cfg, world.device)
     bad_seen: set[tuple] = set()  # samples that failed to decode during training, on this rank
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
 
     save = functools.partial(save_checkpoint, run=run, model=model, opt=opt, scaler=scaler, world=world, cfg=cfg,
-                             epoch_size=len(train_ds), alerts=alerts)  # save("step_0000100"): the run as it is then
+                             epoch_size=len(train_ds), alerts=alerts,  # save("step_0000100"): the run as it is then
+                             start_hash=read_start(cfg.train.init_from).hash if cfg.train.init_from else None)
+    if kind == "dpo" and run.step == 0 and val_ds is not None:  # the start's figures, which DPO is to improve on
+        row = evaluate(model, val_ds, cfg, world, tokenizer, autocast)
+        metrics.log({"step": 0, "epoch": 0.0, "split": "val", **row})
+        log(f"eval step 0 (the start) | val loss {row['loss']:.4f} | {eval_summary(row)}")
     loader = iter(make_loader(train_ds, cfg, world, tokenizer, run.consumed))
     t_last, tokens_since, waited, last_row = time.perf_counter(), 0, 0.0, {}
     if world.device.type == "cuda":
@@ -845,7 +892,8 @@ def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Tra
             micro = [next(loader) for _ in range(cfg.train.grad_accum)]
             waited += time.perf_counter() - t_wait
             list_skipped(micro, bad_seen, out_dir, world)
-            tokens_since += sum(len(b.ids) if phase1 else sum(b.lengths) for b in micro) * world.size  # all processed
+            tokens_since += sum(len(b.ids) if UNITS[kind] == "pairs" else sum(b.lengths)
+                                for b in micro) * world.size  # all processed
             out = step_fn([b.to(world.device) for b in micro])
             finite = bool(out.finite)
             run.consumed += global_batch  # after the step: a crash inside it re-reads its samples on resume

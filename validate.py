@@ -28,6 +28,7 @@ import torch
 
 import data
 import demo
+import dpo
 import lora
 import build
 import train
@@ -61,6 +62,7 @@ class Validator:
         self.rtol = 1e-3 if gpu else 1e-5  # bf16 autocast on GPU; fp32 on CPU
         self.scratch = Path(tempfile.mkdtemp(prefix="mmlora-validate-"))
         self.phase1 = cfg.train.phase == "align"  # Phase 1: the aligner on pairs (align.py)
+        self.dpo = cfg.train.objective == "dpo"  # preference pairs (dpo.py), from train.init_from's start
         self.results: list[dict] = []
 
     def run(self, name: str, fn, needs: tuple[str, ...] = ()) -> None:
@@ -108,15 +110,19 @@ class Validator:
             if trainable:
                 raise CheckFailed(f"{sum(p.numel() for p in trainable):,} parameters of the {part} are trainable",
                                   f"the {part} must be frozen: load it with model.load_aligner / apply_lora")
-        for part in ("lora", "projectors"):
+        if self.dpo and any(p.requires_grad for p in groups["projectors"]):
+            raise CheckFailed("the projectors are trainable in DPO", "they are the reference model's too: freeze "
+                              "them (build.assemble does with train.objective = \"dpo\")")
+        for part in ("lora",) if self.dpo else ("lora", "projectors"):
             if not groups[part] or not all(p.requires_grad for p in groups[part]):
                 raise CheckFailed(f"the {part} parameters are not all trainable", "check lora.targets and the model")
         expected = sum(m.rank * (m.base_layer.in_features + m.base_layer.out_features)
-                       for m in lora.lora_modules(self.model.llm).values())
+                       for m in lora.outer_lora_modules(self.model.llm).values())
         got = sum(p.numel() for p in groups["lora"])
         if got != expected:
             raise CheckFailed(f"LoRA has {got:,} parameters, r*(in+out) gives {expected:,}", "check lora.py")
-        return f"LoRA {got:,}, projectors {sum(p.numel() for p in groups['projectors']):,}"
+        return f"LoRA {got:,}, projectors {sum(p.numel() for p in groups['projectors']):,}" + \
+            (" (frozen: the reference's too)" if self.dpo else "")
 
     def freezing_phase1(self, groups: dict) -> str:
         if any(p.requires_grad for p in groups["llm"]):
@@ -141,6 +147,8 @@ class Validator:
         n = min(len(self.ds), c.train.batch_size)
         if self.phase1:
             return self.pairs_pipeline(n)
+        if self.dpo:
+            return self.preferences_pipeline(n)
         self.batch = data.collate([self.ds[i] for i in range(n)], self.tokenizer.pad_id, c.data.pack,
                                   c.data.max_len).to(self.device)
         b = self.batch
@@ -148,24 +156,56 @@ class Validator:
             raise CheckFailed("input_ids and labels differ in shape", "check data.collate")
         for i in range(n):  # labels must be exactly the assistant replies and their end-of-turn tokens
             ex = self.ds.examples[i]
-            targets = [x for t, x in enumerate(ex.labels) if x != -100 and x == ex.input_ids[t + 1]]
-            replies = [m["content"] for m in ex.messages if m["role"] == "assistant"]
-            text = self.tokenizer.decode([x for x in targets if x != self.tokenizer.end_of_turn_id])
-            same_text = "".join(text.split()) == "".join("".join(replies).split())
-            if len(targets) != sum(x != -100 for x in ex.labels) or not same_text \
-                    or targets.count(self.tokenizer.end_of_turn_id) < len(replies):
-                raise CheckFailed(f"sample {ex.id}: labels are not exactly its replies ({text!r} vs {replies!r})",
-                                  "check the chat format (model.chat_format) and data.encode_conversation")
+            self.check_replies(f"sample {ex.id}", ex.input_ids, ex.labels, ex.messages)
+        self.check_media(b, n, K)
+        return f"{len(self.ds)} samples, batch {tuple(b.input_ids.shape)}, {len(b.label_index)} labels"
+
+    def check_replies(self, what: str, ids: list[int], labels: list[int], messages: list[dict]) -> None:
+        """Labels must be exactly the assistant replies of `messages` and their end-of-turn tokens."""
+        targets = [x for t, x in enumerate(labels) if x != -100 and x == ids[t + 1]]
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        text = self.tokenizer.decode([x for x in targets if x != self.tokenizer.end_of_turn_id])
+        same_text = "".join(text.split()) == "".join("".join(replies).split())
+        if len(targets) != sum(x != -100 for x in labels) or not same_text \
+                or targets.count(self.tokenizer.end_of_turn_id) < len(replies):
+            raise CheckFailed(f"{what}: labels are not exactly its replies ({text!r} vs {replies!r})",
+                              "check the chat format (model.chat_format) and data.encode_conversation")
+
+    def check_media(self, b: data.Batch, n: int, K: dict[str, int], copies: int = 1) -> None:
+        """The first n samples' media, once per sample, and their placeholders in the batch's rows (in `copies`
+        rows per sample: a preference batch's chosen and rejected rows)."""
         for m in MODALITIES:
             placeholders = (b.input_ids == self.model.media_token_ids[m]).flatten().nonzero()[:, 0]
             count = sum(sum(ex.blocks[m]) if m in ex.blocks else len(ex.media[m])  # a long clip's windows
                         for ex in self.ds.examples[:n])
-            if len(placeholders) != count * K[m]:
-                raise CheckFailed(f"{len(placeholders)} {m} placeholder tokens for {count} {m} inputs of {K[m]}",
+            if len(placeholders) != copies * count * K[m]:
+                raise CheckFailed(f"{len(placeholders)} {m} placeholder tokens for {count} {m} inputs of {K[m]}"
+                                  + (f" in {copies} rows each" if copies > 1 else ""),
                                   "check the placeholders of the data")
+            if m in b.media and len(b.media[m]) != count:
+                raise CheckFailed(f"the batch holds {len(b.media[m])} {m} inputs for {count}: each sample's media "
+                                  "count once", "check data.collate_preferences")
             if not torch.equal(b.media[m].slots if m in b.media else placeholders[:0], placeholders):
                 raise CheckFailed(f"the collator's {m} slots are not the placeholder positions", "check data.collate")
-        return f"{len(self.ds)} samples, batch {tuple(b.input_ids.shape)}, {len(b.label_index)} labels"
+
+    def preferences_pipeline(self, n: int) -> str:
+        """Preference pairs: both answers labelled exactly, after one prompt that both rows share, and the
+        prompt's media counted once."""
+        self.batch = b = data.collate_preferences([self.ds[i] for i in range(n)], self.tokenizer.pad_id,
+                                                  self.cfg.data.pad_multiple).to(self.device)
+        for i in range(n):
+            ex = self.ds.examples[i]
+            prompt = ex.messages[:ex.prompt_turns]
+            for name, ids, labels, answer in (("chosen", ex.input_ids, ex.labels, ex.messages[ex.prompt_turns:]),
+                                              ("rejected", ex.rejected_ids, ex.rejected_labels, ex.rejected)):
+                self.check_replies(f"sample {ex.id} ({name})", ids, labels, answer)
+            first = [next(t for t, x in enumerate(labels) if x != -100) for labels in (ex.labels, ex.rejected_labels)]
+            if first[0] != first[1] or ex.input_ids[:first[0] + 1] != ex.rejected_ids[:first[0] + 1]:
+                raise CheckFailed(f"sample {ex.id}: its chosen and rejected rows do not start with the same prompt "
+                                  f"({len(prompt)} turns)", "check data.PreferenceDataset and the chat format")
+        self.check_media(b.rows, n, self.cfg.model.tokens_per_media, copies=2)
+        return (f"{len(self.ds)} preference pairs, batch {tuple(b.rows.input_ids.shape)} (chosen and rejected rows), "
+                f"{len(b.rows.label_index)} labels")
 
     def pairs_pipeline(self, n: int) -> str:
         items = [self.ds[i] for i in range(n)]
@@ -180,6 +220,8 @@ class Validator:
         return f"{len(self.ds)} pairs; a batch of {n}: {kinds}"
 
     def forward(self) -> str:
+        if self.dpo:
+            return self.preference_forward()
         with torch.no_grad():
             out = self.model(self.batch)
         loss = (out.loss_sum / out.n_tokens).item()
@@ -187,6 +229,19 @@ class Validator:
             raise CheckFailed(f"loss is {loss}", "check the model's weights and the data")
         per = train.group_losses(train.group_sums(out, self.batch.groups()), self.cfg.train.phase)
         return f"loss {loss:.4f}; " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None)
+
+    def preference_forward(self) -> str:
+        """DPO at its start: the policy is its reference (the new adapters change nothing yet), so the loss is
+        ln 2 and every reward 0."""
+        with torch.no_grad():
+            policy, reference, tokens = dpo.logps(self.model, self.model, self.batch)
+            _, _, stats = dpo.pair_terms(policy, reference, tokens, self.batch.groups(), self.cfg.train)
+        loss, margin = (stats[0] / self.batch.pairs).item(), float((policy - reference).abs().max())
+        if not torch.isfinite(stats).all() or margin > 1e-3 * max(1.0, float(reference.abs().max())):
+            raise CheckFailed(f"the policy is not its reference at the start (loss {loss}, log-ratios up to "
+                              f"{margin:.2e})", "the run's new LoRA adapters must start at B = 0, and "
+                              "lora.disable_adapters must turn off only them")
+        return f"DPO loss {loss:.4f} at the start (ln 2 = 0.6931: the policy is its reference)"
 
     def training_step(self) -> str:
         model = self.model
@@ -234,8 +289,9 @@ class Validator:
         if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
             raise CheckFailed("reloaded tensors differ from the saved ones", "check checkpoint.write_checkpoint")
         self.model.eval(), fresh.eval()
+        rows = self.batch.rows if self.dpo else self.batch  # (a preference batch's rows, as SFT rows)
         with torch.no_grad():
-            la, lb = self.model(self.batch).loss_sum, fresh(self.batch).loss_sum
+            la, lb = self.model(rows).loss_sum, fresh(rows).loss_sum
         if not torch.equal(la, lb):
             raise CheckFailed(f"next loss {la.item()} != {lb.item()} after reload", "check checkpoint.load_checkpoint")
         return f"{path.name}: identical tensors and next loss"
@@ -243,7 +299,7 @@ class Validator:
     def metrics(self) -> str:
         folder = self.scratch / "metrics"
         folder.mkdir()
-        m = train.Metrics(folder, True, train.metric_fields(self.cfg.train.phase))
+        m = train.Metrics(folder, True, train.metric_fields(train.objective(self.cfg)))
         m.log({"step": 1, "split": "train", "loss": 1.5, "lr": 1e-4})
         m.log({"step": 1, "split": "val", "loss": 1.4, "accuracy": 0.5})
         rows = list(csv.DictReader(open(folder / "metrics.csv")))
@@ -255,7 +311,7 @@ class Validator:
     def short_run(self) -> str:
         steps = 20 if self.quick else 60
         _, model = build.build_model(self.cfg, self.device)
-        step, opt = self.step(model, lr=1e-2 if self.phase1 else 3e-3)
+        step, opt = self.step(model, lr=1e-2 if self.phase1 or self.dpo else 3e-3)
         model.train()
         losses = []
         for _ in range(steps):
@@ -300,7 +356,10 @@ class Validator:
             with open(path, "w") as f:
                 for ex in self.ds.examples[:n]:
                     media = {m: [str(p) for p in ex.media[m]] for m in MODALITIES}
-                    f.write(json.dumps({"id": ex.id, "messages": ex.messages, **media}) + "\n")
+                    turns = {"messages": ex.messages} if not self.dpo else {
+                        "prompt": ex.messages[:ex.prompt_turns], "chosen": ex.messages[ex.prompt_turns:],
+                        "rejected": ex.rejected}
+                    f.write(json.dumps({"id": ex.id, **turns, **media}) + "\n")
         return path
 
     def distributed(self) -> str:

@@ -101,10 +101,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> N
         tmp.unlink(missing_ok=True)
 
 
-def weights_hash(module: nn.Module) -> str:
-    """A short hash of a module's state (names, shapes and bytes): what a cache of its outputs was computed with."""
+def weights_hash(module: nn.Module | dict[str, torch.Tensor]) -> str:
+    """A short hash of a module's state, or of named tensors (names, shapes and bytes): what a cache of its outputs
+    was computed with."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted((module if isinstance(module, dict) else module.state_dict()).items()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
