@@ -340,6 +340,8 @@ def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(d
     ("--train.objective=dpo --train.init_from=x --train.dpo_loss=ipo --train.dpo_label_smoothing=0.1",
      "IPO has none"),
     ("--train.objective=dpo --train.init_from=x --data.pack=true", "set data.pack = false"),
+    ("--train.objective=dpo --train.init_from=x --train.compile=reduce-overhead",
+     "use train.compile = \"default\" or \"none\" with train.objective = \"dpo\""),
     ("--train.objective=dpo --train.init_from=x --train.dpo_label_smoothing=0.5", "it must be in [0, 0.5)"),
     ("--train.phase=align --train.init_from=x", "set train.init_from = \"\""),
 ])
