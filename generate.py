@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 
-import data
-
-import media
 import build
+import data
+import media
 from weights import check_tensors, read_json, read_safetensors, write_json
 from tokenizer import Tokenizer, load_tokenizer
 from encoders import aligner_config
