@@ -17,6 +17,7 @@ number of ranks.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -100,8 +101,10 @@ def data_parallel(model: MultimodalLM, world: World) -> nn.Module:
     if world.size == 1 or is_sharded(model):  # FSDP2 syncs its own gradients
         return model
     # the buffers are frozen (RoPE frequencies, an NF4 base's 4-bit weights): nothing to broadcast at each step
-    return nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda"
-                                               else None, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})  # older torch: broadcast_buffers
+    return ddp(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None, **no_sync)
 
 
 def average_gradients(params: list[nn.Parameter], world: World) -> None:

@@ -182,11 +182,12 @@ def launch_sh(cfg, folder, name, *args, **env) -> subprocess.Popen:
 
 
 def torchrun(args, nproc, script=ROOT / "train.py", env=None, timeout=240):
-    """`script` under torchrun with `nproc` gloo ranks; the finished process."""
+    """`script` under torchrun with `nproc` gloo ranks; the finished process (a rank that aborts prints its Python
+    stack)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
 
 
 def small_bench(device: str, **flags):
