@@ -57,6 +57,7 @@ import track
 import train
 from checkpoint import TrainState, export
 from config import TRACKERS, Config, load_config
+from metrics import Metrics, flops_per_token, metric_fields, peak_memory_gib
 from distributed import World, materialize_sharded, read_shards, setup_distributed
 from weights import save_tensors, set_tensor, skeleton, write_json
 from model import LLM, LLMConfig, llm_skeleton, rope_inv_freq, sample
@@ -221,7 +222,7 @@ def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Ba
 
 def row_writer(args, cfg: Config, world: World, folder: Path):
     """With `args.trackers` (a comma-separated list, "" for none): what train.py does at a logged step, at every
-    step (log_every = 1): the metrics row (`train.train_row`, its host reads) written by `train.Metrics` to the CSV
+    step (log_every = 1): the metrics row (`train.train_row`, its host reads) written by `metrics.Metrics` to the CSV
     and JSONL in `folder` and queued for the trackers named (W&B offline unless WANDB_MODE says otherwise).
     Returns (write(out, opt, elapsed, tokens), the trackers to close), or (None, None) without `args.trackers`."""
     if getattr(args, "trackers", None) is None:
@@ -233,7 +234,7 @@ def row_writer(args, cfg: Config, world: World, folder: Path):
     trackers = track.Trackers(names, folder, "mmlora-bench")
     trackers.start(track.flatten(dataclasses.asdict(cfg)), {"bench": "1"}, 0)
     trackers.started.wait(300)  # the timed steps do not overlap the trackers' imports and starts
-    metrics = train.Metrics(folder, world.master, train.metric_fields("instruct"), trackers)
+    metrics = Metrics(folder, world.master, metric_fields("instruct"), trackers)
     run = TrainState()
 
     def write(out, opt, elapsed: float, tokens: int) -> None:
@@ -299,8 +300,8 @@ def time_ours(args, world: World) -> dict:
     b = batches[0]
     tokens = sum(b.lengths)
     labelled = float((getattr(b, "rows", b).labels != -100).sum()) / tokens
-    fpt = train.flops_per_token(model, args.seq, labelled, reference=args.dpo)
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else train.peak_memory_gib(world.device)
+    fpt = flops_per_token(model, args.seq, labelled, reference=args.dpo)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else peak_memory_gib(world.device)
     return {"impl": "mmlora", "batch": args.batch, "seq": args.seq, "grad_ckpt": args.ckpt, "compile": args.compile,
             "objective": "dpo" if args.dpo else "sft", "rows": len(b.lengths),
             "cuda_graph": args.cuda_graph, "shape": args.shape, "strategy": "fsdp" if args.fsdp else "ddp",

@@ -323,6 +323,25 @@ def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) 
     return TrainState(state["step"], state["consumed"], state["best"], state["bad_steps"])
 
 
+def resume_or_start(cfg: Config, model: MultimodalLM, opt, scaler, world: World, log) -> TrainState:
+    """Where the run starts: restored from the first of `resume_candidates` that reads (with train.resume = "auto"
+    one that cannot be read gives way to the next, older one), else a fresh start with this rank's seed (dropout
+    differs across ranks, the same on every run)."""
+    candidates = resume_candidates(cfg)
+    for path in candidates:
+        try:
+            run = load_checkpoint(path, model, opt, scaler, world)
+        except CheckpointReadError as e:
+            if cfg.train.resume != "auto" or path == candidates[-1]:  # none left to fall back on
+                raise
+            log(f"skipping a checkpoint that cannot be read: {e}")
+            continue
+        log(f"resumed from {path} at step {run.step} (global sample {run.consumed})")
+        return run
+    torch.manual_seed(cfg.train.seed + world.rank)
+    return TrainState()
+
+
 class RunFolderError(RuntimeError):
     """run.out_dir cannot take this run: another run holds it, or it holds an earlier run's checkpoints and the
     run would start afresh over them."""

@@ -7,12 +7,13 @@ image-text, audio-text and image-audio pairs.
     torchrun --nproc_per_node=8 train.py --config configs/qwen2.5-0.5b.toml     # DDP; or: bash launch.sh CONFIG
     python train.py --config configs/demo.toml --train.max_steps=20 --run.out_dir=runs/x   # overrides
 
-Read top to bottom: model -> data stream -> schedule -> checkpoints -> metrics -> eval -> the step -> the loop
-(`fit`). What the loop leans on lives in files named for it: config.py (the TOML sections and their checks),
-distributed.py (ranks, collectives, DDP and FSDP2's sharding, train.strategy = "fsdp"), checkpoint.py (the run
-folder: lock, checkpoints, restore, export), step_graph.py (the whole step as CUDA graphs, train.cuda_graph,
-an opt-in wrapper around `train_step`) and track.py (MLflow, TensorBoard and W&B fed with the metrics rows, alerts
-on a sick run, the heartbeat file).
+Read top to bottom: data stream -> schedule -> checkpoints -> the step -> the loop (`fit`, `train_loop`, then what
+each of its lines calls). What the loop leans on lives in files named for it: config.py (the TOML sections and their
+checks), build.py (the model), distributed.py (ranks, collectives, DDP and FSDP2's sharding, train.strategy =
+"fsdp"), checkpoint.py (the run folder: lock, checkpoints, resume or start, export), step_graph.py (the whole step as
+CUDA graphs, train.cuda_graph, an opt-in wrapper around `train_step`), metrics.py (the metrics rows, losses per
+group, MFU), evaluation.py (validation loss, accuracy, recall) and track.py (MLflow, TensorBoard and W&B fed with the
+metrics rows, alerts on a sick run, the heartbeat file).
 Every optimizer step consumes `batch_size * grad_accum * world_size` samples of one global stream (epoch-seeded
 permutations, concatenated), so the data position is one number and a resume on any number of ranks continues
 from the same global sample. The loss of a step is summed over tokens (Phase 1: pairs) and divided by the labelled
@@ -25,10 +26,8 @@ import argparse
 import collections
 import contextlib
 import copy
-import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 import shutil
@@ -36,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,20 +48,21 @@ import data
 import dpo
 import track
 from weights import weights_hash, write_json
-from model import LLM, llm_skeleton, until_stop
+from model import llm_skeleton
 from tokenizer import Tokenizer, load_tokenizer
 from encoders import Aligner, load_aligner
-from multimodal import LossOutput, MultimodalLM, parameter_report
-from media import load_audio, load_image
-from quant import NF4Linear
+from multimodal import MultimodalLM, parameter_report
+from quant import check_blocks
 from step_graph import GraphedStep
 from config import Config, TrainConfig, load_config
-from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel, gather_rows,
-    gradient_sync, is_sharded, setup_distributed, whole)
-from checkpoint import (CheckpointReadError, CheckpointWriteError, RunFolderError, RunLock, TrainState,
-    check_fresh_start, export, load_checkpoint, optimizer_state, read_start, remove_leftovers, resume_candidates,
-    rng_state, trainable_state, write_checkpoint, write_folder)
-from quant import check_blocks
+from distributed import (World, all_sum, any_rank, average_gradients, data_parallel, gather_rows, gradient_sync,
+    is_sharded, setup_distributed, whole)
+from metrics import (UNITS, Metrics, group_losses, group_sums, metric_fields, model_flops_utilization, objective,
+    peak_flops, peak_memory_gib, trim_metrics)
+from evaluation import eval_summary, evaluate, evaluate_align
+from checkpoint import (CheckpointWriteError, RunFolderError, RunLock, TrainState, check_fresh_start, export,
+    optimizer_state, read_start, remove_leftovers, resume_or_start, rng_state, trainable_state, write_checkpoint,
+    write_folder)
 from build import build_model, parameter_groups
 
 
@@ -192,328 +193,6 @@ def save_checkpoint(name: str, run: TrainState, model: MultimodalLM, opt, scaler
                 shutil.rmtree(old, ignore_errors=True)
     if world.size > 1 and collective:
         dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: metrics.csv and metrics.jsonl, one row per logged step and per eval, written by rank 0
-
-# what a run trains (`objective`): the groups of samples whose loss is logged apart (Batch.groups, PairBatch.groups,
-# PreferenceBatch.groups), what a step counts, and what else its rows hold
-GROUPS = {"instruct": ("text", "image", "audio"), "align": tuple(f"{a}_{b}" for a, b in data.PAIR_KINDS),
-          "dpo": dpo.GROUPS}
-UNITS = {"instruct": "tokens", "align": "pairs", "dpo": "pairs"}
-RECALLS = [f"r{k}_{x}_{y}" for k in (1, 5) for a, b in data.PAIR_KINDS for x, y in ((a, b), (b, a))]
-EXTRA = {"instruct": ["accuracy"], "align": RECALLS, "dpo": ["accuracy", *dpo.metric_names()]}
-
-
-def objective(cfg: Config) -> str:
-    """What the run trains: "align" (Phase 1), "instruct" (Phase 2's SFT) or "dpo" (Phase 2 on preferences)."""
-    return "align" if cfg.train.phase == "align" else "dpo" if cfg.train.objective == "dpo" else "instruct"
-
-
-def metric_fields(kind: str) -> list[str]:
-    unit = UNITS[kind]
-    return ["step", "epoch", "split", "loss", *(f"loss_{g}" for g in GROUPS[kind]), "lr", "grad_norm", unit,
-            f"{unit}_per_s", "step_time", "mfu", "data_wait", "peak_mem_gib", *EXTRA[kind], "bad_steps",
-            "skipped_samples"]
-
-
-class Metrics:
-    """metrics.csv and metrics.jsonl, each row flushed as written; every row also goes to the run's trackers (with
-    an evaluation's `samples`, its answers) and alerts, where given (track.py)."""
-
-    def __init__(self, out_dir: Path, enabled: bool, fields: list[str], trackers: track.Trackers | None = None,
-                 alerts: track.Alerts | None = None):
-        self.enabled, self.fields, self.trackers, self.alerts = enabled, fields, trackers, alerts
-        if enabled:
-            new = not (out_dir / "metrics.csv").exists()
-            self.csv_file = open(out_dir / "metrics.csv", "a", newline="")
-            self.csv = csv.DictWriter(self.csv_file, fields)
-            if new:
-                self.csv.writeheader()
-            self.jsonl = open(out_dir / "metrics.jsonl", "a")
-
-    def log(self, row: dict, samples: list[dict] | None = None) -> None:
-        if self.enabled:
-            self.csv.writerow({k: row.get(k, "") for k in self.fields})
-            self.jsonl.write(json.dumps(row) + "\n")
-            self.csv_file.flush()
-            self.jsonl.flush()
-            if self.trackers is not None:
-                self.trackers.log(row, samples)
-            if self.alerts is not None:
-                self.alerts.check(row)
-
-
-def trim_metrics(out_dir: Path, step: int, log) -> None:
-    """Drop the rows past `step` from metrics.jsonl and metrics.csv, so that each step appears once: a run resumed
-    at `step` logs the steps after it again, which the attempt that stopped may have logged already (and a line cut
-    short by a kill goes too). Each file is rewritten under a temporary name and renamed into place."""
-    dropped = 0
-    for path in (out_dir / "metrics.jsonl", out_dir / "metrics.csv"):
-        if not path.is_file():
-            continue
-        lines = path.read_bytes().splitlines(keepends=True)
-        head = lines[:1] if path.suffix == ".csv" else []
-        kept = [x for x in lines[len(head):] if x.endswith(b"\n") and logged_step(x, path.suffix) <= step]
-        if len(head) + len(kept) < len(lines):
-            dropped = max(dropped, len(lines) - len(head) - len(kept))
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(b"".join(head + kept))
-            os.replace(tmp, path)
-    if dropped:
-        log(f"dropped {dropped} metric rows past step {step} from metrics.jsonl and metrics.csv (the stopped attempt "
-            "logged them after the checkpoint this run resumed from)")
-
-
-def logged_step(line: bytes, suffix: str) -> float:
-    """The step of a row of metrics.jsonl or metrics.csv (whose first column is the step); inf for a line that is
-    not a whole row."""
-    try:
-        return int(json.loads(line)["step"] if suffix == ".jsonl" else line.split(b",", 1)[0])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def group_sums(out: LossOutput, groups: torch.Tensor) -> torch.Tensor:
-    """(6,): summed loss and count of each of the batch's 3 groups of samples (`groups` (3, S) bool)."""
-    sums = [torch.where(groups, x, 0.0).sum(1) for x in (out.sample_loss, out.sample_tokens)]  # no host read
-    return torch.stack(sums, 1).flatten().detach()
-
-
-def group_losses(sums: torch.Tensor, phase: str) -> dict:
-    """Mean loss per group from `group_sums` (None where the batch had none of that group)."""
-    return {f"loss_{g}": (sums[2 * j] / sums[2 * j + 1]).item() if sums[2 * j + 1] > 0 else None
-            for j, g in enumerate(GROUPS[phase])}
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """The GPU's peak allocated memory, or on a CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# dense bf16 peaks in TFLOP/s as their makers state them, by a part of the GPU's name (the first that matches)
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "B200": 2250.0,
-               "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0}
-
-
-def peak_flops(cfg: Config, device: torch.device) -> float | None:
-    """One device's peak FLOP/s for MFU: run.peak_tflops, else PEAK_TFLOPS by the GPU's name; None elsewhere."""
-    if cfg.run.peak_tflops:
-        return cfg.run.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def flops_per_token(model: MultimodalLM, seq: int, labelled: float, reference: bool = False) -> float:
-    """The model's FLOPs per token of a step on rows of `seq` tokens, `labelled` of them labelled: the frozen
-    weights' forward and backward to their inputs (4 per weight), lm_head's at labelled positions only, the trainable
-    weights' 6, and attention's scores and sums (6 * layers * seq * heads * head_dim). `reference`: DPO's step,
-    which also runs a forward without adapters (2 FLOPs a weight, no gradients)."""
-    c = model.llm.config
-    lm_head = c.vocab_size * c.hidden_size
-    body = sum(p.numel() for p in model.llm.model.layers.parameters() if not p.requires_grad)
-    body += sum(m.in_features * m.out_features for m in model.llm.model.layers.modules() if isinstance(m, NF4Linear))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    attention = c.num_hidden_layers * seq * c.num_attention_heads * c.head_dim
-    return 4 * body + 4 * lm_head * labelled + 6 * trainable + 6 * attention \
-        + reference * (2 * body + 2 * lm_head * labelled + 2 * attention)
-
-
-def model_flops_utilization(model: MultimodalLM | align.AlignModel, micro: list[data.Batch], tokens_per_s: float,
-                            peak: float | None, world: World) -> float | None:
-    """MFU at the last step's shape (its rows' length and share of labelled tokens): the model's FLOP/s on all
-    ranks over their peak; None without a peak (a CPU) or in Phase 1."""
-    if peak is None or isinstance(model, align.AlignModel):
-        return None
-    tokens = sum(sum(b.lengths) for b in micro)
-    labelled = sum(int((b.labels != -100).sum()) for b in micro) / max(tokens, 1)
-    seq = max(b.input_ids.shape[1] for b in micro)
-    return flops_per_token(model, seq, labelled) * tokens_per_s / (peak * world.size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Eval: validation loss (all and per modality) and exact-match accuracy of greedy answers
-
-
-
-def eager_layers(fn):
-    """`fn` with compiled layers run eager: evaluation's shapes change from call to call. Where nothing imported
-    the compiler, nothing was compiled, and importing train.py leaves it out."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if "torch._dynamo" not in sys.modules:
-            return fn(*args, **kwargs)
-        with torch.compiler.set_stance("force_eager"):
-            return fn(*args, **kwargs)
-    return run
-
-
-@eager_layers
-@torch.no_grad()
-def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, world: World, tokenizer: Tokenizer,
-             autocast) -> dict:
-    """Validation loss (all and per kind of sample) and the exact-match accuracy of greedy answers, over all ranks:
-    {"loss", "loss_text", "loss_image", "loss_audio", "accuracy", "correct", "answered"}; on a preference set the
-    DPO loss and rewards (`dpo.metrics`), and the accuracy of the answers against the chosen ones."""
-    model.eval()
-    # under FSDP every rank runs every forward and decode step, since the ranks gather each layer's weights
-    # together: each runs as many batches as the rank with the most (a spare one on a sample whose result is
-    # dropped), and generation runs all max_new_tokens steps, the answers cut at the stop tokens after
-    sharded = is_sharded(model)
-    n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
-    mine = list(range(world.rank, n, world.size))
-    rounds = range(0, -(-n // world.size), cfg.train.batch_size)
-    sums = torch.zeros(6 if not isinstance(ds, data.PreferenceDataset) else dpo.STATS, device=world.device)
-    loss_sum = torch.zeros(2, device=world.device)
-    for s in rounds:
-        idx = mine[s:s + cfg.train.batch_size]
-        if not idx and not sharded:
-            break
-        items = [ds[i] for i in idx or [0]]
-        if isinstance(ds, data.PreferenceDataset):  # DPO: the preference loss and rewards of the pairs (dpo.py)
-            batch = data.collate_preferences(items, tokenizer.pad_id, cfg.data.pad_multiple).to(world.device)
-            with autocast():
-                policy, reference, tokens = dpo.logps(model, model, batch)
-            if idx:
-                sums += dpo.pair_terms(policy.float(), reference.float(), tokens, batch.groups(), cfg.train)[2]
-            continue
-        batch = data.collate(items, tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple)
-        with autocast():
-            out = model(batch.to(world.device))
-        if idx:
-            sums += group_sums(out, batch.groups().to(world.device))
-            loss_sum += torch.stack([out.sample_loss.sum(), out.sample_tokens.sum()])
-    all_sum(sums, world)
-    all_sum(loss_sum, world)
-    if isinstance(ds, data.PreferenceDataset):
-        row = dpo.metrics(sums, cfg.train)
-    else:
-        row = {"loss": (loss_sum[0] / loss_sum[1]).item(), **group_losses(sums, "instruct")}
-    correct = torch.zeros(2)
-    n_gen = min(len(ds), cfg.train.gen_samples)
-    gen = list(range(world.rank, n_gen, world.size))
-    want, samples = cfg.run.tracker_samples if cfg.run.trackers and world.master else 0, []
-
-    def scored(i: int, tokens: list[int], answer: str) -> None:  # counted, and the first answers kept for trackers
-        match = score(tokens, answer, tokenizer)
-        correct.add_(match)
-        if len(samples) < want:
-            samples.append(prediction_sample(ds, i, tokens, answer, bool(match[0]), tokenizer))
-    if sharded:
-        model.unshard()  # generation calls the model's parts directly, past the hooks that gather their weights
-        for s in range(0, -(-n_gen // world.size), cfg.train.batch_size):
-            pairs = [(i, *p) for i, p in ((i, ds.prompt(i)) for i in gen[s:s + cfg.train.batch_size]) if p is not None]
-            spare = pairs or [(0, *next(p for p in map(ds.prompt, range(len(ds))) if p is not None))]
-            batch = data.collate([p for _, p, _ in spare], tokenizer.pad_id).to(world.device)
-            with autocast():
-                outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=())
-            for o, (i, _, answer) in zip(outs, pairs):
-                scored(i, o, answer)
-        model.reshard()
-    else:  # generate.py --predict's path: batches of similar length, prompts made in workers, recorded decode steps
-        # and continuous batching on a GPU (the loader draws no number from the run's RNG: resuming after an
-        # evaluation draws the same masks)
-        prompts = data.prompt_batches(ds, gen, 256, 1 << 16, cfg.train.max_new_tokens, tokenizer.pad_id,
-                                      world.device, cfg.data.num_workers)
-        with autocast(cache_enabled=False):  # a recording keeps no cast weights between replays
-            for answered in model.answer_batches(((list(zip(kept, answers)), batch)
-                                                  for kept, answers, _, batch in prompts if batch is not None),
-                                                 cfg.train.max_new_tokens,
-                                                 tokenizer.stop_ids, rows=256, slots=1 << 16,
-                                                 **recorded_decoder(model.llm)):
-                for (i, answer), o in answered:
-                    scored(i, o, answer)
-    correct = all_sum(correct.to(world.device), world)
-    row["correct"], row["answered"] = int(correct[0]), int(correct[1])
-    row["accuracy"] = row["correct"] / row["answered"] if row["answered"] else None
-    if want:
-        row["samples"] = samples
-    model.train()
-    return row
-
-
-def score(tokens: list[int], answer: str, tokenizer: Tokenizer) -> torch.Tensor:
-    """(1 if the answer, cut at its first stop token, is the reference under `normalize_answer`, else 0; 1)."""
-    tokens = until_stop(tokens, tokenizer.stop_ids)
-    return torch.tensor([float(data.normalize_answer(tokenizer.decode(tokens)) == data.normalize_answer(answer)), 1.0],
-                        device=torch.device("cpu"))
-
-
-def prediction_sample(ds: data.ConversationDataset, i: int, tokens: list[int], answer: str, correct: bool,
-                      tokenizer: Tokenizer) -> dict:
-    """One validation answer as the trackers show it: the question, the answer given, the reference, whether they
-    match, and the sample's first image ((H, W, 3) uint8) and first audio clip ((waveform, sample rate, file))."""
-    ex = ds.examples[i]
-    last = max(j for j, m in enumerate(ex.messages) if m["role"] == "assistant")
-    question = next((m["content"] for m in reversed(ex.messages[:last]) if m["role"] == "user"), "")
-    sample = {"id": ex.id, "question": question, "prediction": tokenizer.decode(until_stop(tokens, tokenizer.stop_ids)),
-              "reference": answer, "correct": correct, "images": [], "audio": []}
-    rate = ds.aligner_config.sample_rate
-    with contextlib.suppress(Exception):  # a medium that no longer decodes is left out of the table
-        sample["images"] = [load_image(p).permute(1, 2, 0).numpy() for p in ex.media["image"][:1]]
-        sample["audio"] = [(load_audio(p, rate).numpy(), rate, p) for p in ex.media["audio"][:1]]
-    return sample
-
-
-def recorded_decoder(llm: LLM) -> dict:
-    """`LLM.generate`'s decoder for evaluation: on a GPU the eager decode steps recorded as CUDA graphs, the model
-    as it is (decode.GraphDecoder(prepare=False)); made anew for each evaluation, so that its caches and graphs are
-    freed with it. On a CPU, or for a sliding-window model, the plain steps."""
-    if not llm.lm_head.weight.is_cuda or llm.config.sliding_window is not None:
-        return {}
-    from decode import GraphDecoder  # Triton and the compiler's modules, imported only on a GPU
-
-    return {"decoder": GraphDecoder(llm, compile=False, prepare=False)}
-
-
-@torch.no_grad()
-def evaluate_align(model: align.AlignModel, ds: data.PairDataset, cfg: Config, world: World, tokenizer: Tokenizer,
-                   autocast) -> dict:
-    """Phase 1's validation, over all ranks: the contrastive loss with the whole validation set as one batch (all
-    and per kind of pair), and recall@1 and @5 in both directions of each kind ("r1_image_text": image -> text)."""
-    model.eval()
-    n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
-    share = -(-n // world.size)  # pairs per rank, the last ones repeated to make the shares equal
-    mine = [min(i, n - 1) for i in range(world.rank * share, (world.rank + 1) * share)]
-    sides, keys = [], []
-    for s in range(0, len(mine), cfg.train.batch_size):
-        items = [ds[i] for i in mine[s:s + cfg.train.batch_size]]
-        batch = data.collate_pairs(items, tokenizer.pad_id).to(world.device)
-        with autocast():
-            left, right = model.embed(batch)
-        sides.append(torch.cat([left, right, batch.kind[:, None].float()], 1))  # (b, 2D + 1)
-        keys += [it.keys for it in items]
-    rows = torch.cat(sides)
-    if world.size > 1:
-        rows = GatherRows.apply(rows, world)
-        all_keys = [None] * world.size
-        dist.all_gather_object(all_keys, keys)
-        keys = [k for part in all_keys for k in part]
-    D = model.aligner.config.dim
-    left, right, kind = rows[:n, :D], rows[:n, D:2 * D], rows[:n, 2 * D].long()
-    losses = align.contrastive_loss(left, right, kind, model.scale())  # (n,)
-    ones = torch.ones_like(losses)
-    sums = group_sums(LossOutput(losses.sum(), ones.sum(), losses, ones), data.kind_groups(kind))
-    model.train()
-    return {"loss": losses.mean().item(), **group_losses(sums, "align"),
-            **align.retrieval_metrics(left, right, kind, keys[:n])}
-
-
-def eval_summary(row: dict) -> str:
-    """The log line's part of an eval row: accuracy, or Phase 1's recall@1 in each direction."""
-    if "accuracy" in row:
-        rewards = row.get("rewards/accuracies")
-        return "accuracy " + ("n/a" if row["accuracy"] is None else
-                              f"{100 * row['accuracy']:.1f}% ({row['correct']}/{row['answered']})") + \
-            ("" if rewards is None else f", reward accuracy {100 * rewards:.1f}%")
-    recalls = [f"{k[3:].replace('_', '->')} {100 * v:.0f}%" for k, v in row.items() if k.startswith("r1_")]
-    return "recall@1 " + ", ".join(recalls)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -835,9 +514,57 @@ def fit(cfg: Config, world: World | None = None) -> dict:
 
 def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Trackers, alerts: track.Alerts) -> dict:
     """`fit` inside its locked run folder, with signals caught, watched by `trackers` and `alerts`."""
-    out_dir, ckpt_dir = Path(cfg.run.out_dir), Path(cfg.run.out_dir) / "checkpoints"
     log = print if world.master else (lambda *a, **k: None)
+    parts = setup(cfg, world, trackers, alerts, log)
+    run = parts.run
+    if objective(cfg) == "dpo" and run.step == 0 and parts.val_ds is not None:  # the figures DPO is to improve on
+        evaluate_and_log(parts, " (the start)")
+    loader = iter(make_loader(parts.train_ds, cfg, world, parts.tokenizer, run.consumed))
+    progress = Progress(cfg, world)
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        while run.step < cfg.train.max_steps:
+            set_lr(parts.opt, lr_factor(run.step, cfg.train))
+            micro = progress.next_step(loader)
+            out = parts.step([b.to(world.device) for b in micro])
+            finite = bool(out.finite)
+            parts.opt.zero_grad(set_to_none=True)
+            count_step(parts, finite)
+            if after_step(parts, out, micro, finite, progress, stop):
+                return {**progress.last_row, "stopped": True, "step": run.step}
+    except Exception as e:
+        if run.step > 0 and not isinstance(e, CheckpointWriteError):  # weights and optimizer are whole between steps
+            with contextlib.suppress(Exception):
+                parts.save("emergency", collective=False)
+        raise
+    finish(parts)
+    return {**progress.last_row, "stopped": False, "step": run.step}
 
+
+class Parts(NamedTuple):
+    """What the loop trains and reports with, made once before the first step (`setup`)."""
+    cfg: Config
+    world: World
+    log: Callable[..., None]  # print on rank 0, silent elsewhere
+    alerts: track.Alerts
+    model: MultimodalLM | align.AlignModel
+    tokenizer: Tokenizer
+    train_ds: data.ConversationDataset | data.PairDataset
+    val_ds: data.ConversationDataset | data.PairDataset | None
+    skipped: int  # samples the datasets left out as they were read (listed in skipped.jsonl)
+    opt: torch.optim.Optimizer
+    autocast: functools.partial
+    step: Callable[[list], StepOutput]  # `make_step`'s
+    run: TrainState  # where the run stands, updated in place step by step
+    metrics: Metrics
+    save: Callable[..., None]  # save("step_0000100"): the run as it is then (`save_checkpoint`)
+    peak: float | None  # one device's peak FLOP/s, for MFU
+
+
+def setup(cfg: Config, world: World, trackers: track.Trackers, alerts: track.Alerts, log) -> Parts:
+    """The model and its data, the optimizer and mixed precision, the run resumed or started (checkpoint.py), its
+    step, where its rows go and how it saves a checkpoint."""
     tokenizer, model = build_model(cfg, world.device, world=world)
     phase1 = isinstance(model, align.AlignModel)
     if phase1 and world.size > 1:
@@ -848,115 +575,146 @@ def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Tra
     scaler, autocast = mixed_precision(cfg.train, world.device)
     if not phase1:  # after the datasets checked their feature cache against the aligner's fp32 weights
         store_for_autocast(model.aligner, autocast)
-    run, candidates = None, resume_candidates(cfg)
-    for path in candidates:
-        try:
-            run = load_checkpoint(path, model, opt, scaler, world)
-        except CheckpointReadError as e:
-            if cfg.train.resume != "auto" or path == candidates[-1]:  # none left to fall back on
-                raise
-            log(f"skipping a checkpoint that cannot be read: {e}")
-            continue
-        log(f"resumed from {path} at step {run.step} (global sample {run.consumed})")
-        break
-    if run is None:
-        run = TrainState()
-        torch.manual_seed(cfg.train.seed + world.rank)  # dropout differs across ranks, the same on every run
-    step_fn = make_step(model, opt, scaler, params, autocast, world, cfg)  # after a resume: graphs keep its state
+    run = resume_or_start(cfg, model, opt, scaler, world, log)
+    step = make_step(model, opt, scaler, params, autocast, world, cfg)  # after a resume: graphs keep its state
     model.train()
-    if world.master:
-        trim_metrics(out_dir, run.step, log)
-    if cfg.run.trackers:  # the tracked run: a new one, or the one this resume continues
-        trackers.start(track.flatten(dataclasses.asdict(resolved_paths(cfg))), tracker_tags(cfg, world), run.step)
-    kind = objective(cfg)
-    metrics = Metrics(out_dir, world.master, metric_fields(kind), trackers, alerts)
-    peak = peak_flops(cfg, world.device)
-    bad_seen: set[tuple] = set()  # samples that failed to decode during training, on this rank
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * world.size
-
+    metrics = start_metrics(cfg, world, run.step, trackers, alerts, log)
     save = functools.partial(save_checkpoint, run=run, model=model, opt=opt, scaler=scaler, world=world, cfg=cfg,
-                             epoch_size=len(train_ds), alerts=alerts,  # save("step_0000100"): the run as it is then
+                             epoch_size=len(train_ds), alerts=alerts,
                              start_hash=read_start(cfg.train.init_from).hash if cfg.train.init_from else None)
-    if kind == "dpo" and run.step == 0 and val_ds is not None:  # the start's figures, which DPO is to improve on
-        row = evaluate(model, val_ds, cfg, world, tokenizer, autocast)
-        metrics.log({"step": 0, "epoch": 0.0, "split": "val", **row})
-        log(f"eval step 0 (the start) | val loss {row['loss']:.4f} | {eval_summary(row)}")
-    loader = iter(make_loader(train_ds, cfg, world, tokenizer, run.consumed))
-    t_last, tokens_since, waited, last_row = time.perf_counter(), 0, 0.0, {}
+    return Parts(cfg, world, log, alerts, model, tokenizer, train_ds, val_ds, skipped, opt, autocast, step, run,
+                 metrics, save, peak_flops(cfg, world.device))
+
+
+def start_metrics(cfg: Config, world: World, step: int, trackers: track.Trackers, alerts: track.Alerts,
+                  log) -> Metrics:
+    """Where the run's rows go: metrics.csv and metrics.jsonl, cut back to `step` (a resumed run logs the steps
+    after it again), and the trackers, started on the tracked run (a new one, or the one this resume continues)."""
+    out_dir = Path(cfg.run.out_dir)
+    if world.master:
+        trim_metrics(out_dir, step, log)
+    if cfg.run.trackers:
+        trackers.start(track.flatten(dataclasses.asdict(resolved_paths(cfg))), tracker_tags(cfg, world), step)
+    return Metrics(out_dir, world.master, metric_fields(objective(cfg)), trackers, alerts)
+
+
+class Progress:
+    """The loop's account since the last metrics row: the tokens (Phase 1 and DPO: pairs) processed on all ranks,
+    the seconds since the row and those spent waiting for the data loader; and the samples that failed to decode on
+    this rank, and the last row logged (what `fit` returns)."""
+
+    def __init__(self, cfg: Config, world: World):
+        self.cfg, self.world = cfg, world
+        self.pairs = UNITS[objective(cfg)] == "pairs"
+        self.bad_seen: set[tuple] = set()  # (file, line) of the samples that failed to decode, on this rank
+        self.last_row: dict = {}
+        self.restart()
+
+    def restart(self) -> None:
+        self.since, self.tokens, self.waited = time.perf_counter(), 0, 0.0
+
+    def next_step(self, loader) -> list[data.Batch]:
+        """The next step's micro-batches: the wait for them timed, their tokens counted, bad samples listed."""
+        t0 = time.perf_counter()
+        micro = [next(loader) for _ in range(self.cfg.train.grad_accum)]
+        self.waited += time.perf_counter() - t0
+        list_skipped(micro, self.bad_seen, Path(self.cfg.run.out_dir), self.world)
+        self.tokens += sum(len(b.ids) if self.pairs else sum(b.lengths) for b in micro) * self.world.size
+        return micro
+
+
+def count_step(parts: Parts, finite: bool) -> None:
+    """The run's counters after a step: the samples it consumed (counted after it: a crash inside the step re-reads
+    them on resume), and the step if it was finite; a non-finite one, skipped on the device, counts as bad, and
+    train.max_bad_steps of those in a row stop the run with an emergency checkpoint."""
+    run, cfg = parts.run, parts.cfg
+    run.consumed += cfg.train.batch_size * cfg.train.grad_accum * parts.world.size
+    if finite:
+        run.step, run.bad_in_row = run.step + 1, 0
+    else:
+        run.bad_in_row, run.bad_steps = run.bad_in_row + 1, run.bad_steps + 1
+        parts.log(f"step {run.step}: non-finite loss or gradient norm; step skipped ({run.bad_in_row} in a row)")
+    parts.alerts.beat(run.step)  # the watchdog's clock (from the first step on: it compiles, records graphs)
+    if run.bad_in_row >= cfg.train.max_bad_steps:
+        why = (f"{run.bad_in_row} non-finite steps in a row (max_bad_steps = {cfg.train.max_bad_steps}): the loss or "
+               "the gradients overflow")
+        parts.alerts.fire("nonfinite", f"{why}; the run stops at step {run.step}", run.step)
+        parts.save("emergency")
+        raise RuntimeError(f"{why}. Emergency checkpoint in {Path(cfg.run.out_dir) / 'checkpoints' / 'emergency'}; "
+                           "lower the learning rates, use amp = bf16 or fp32, or check the data")
+
+
+def after_step(parts: Parts, out: StepOutput, micro: list, finite: bool, progress: Progress,
+               stop: StopRequest) -> bool:
+    """What follows a step: after a finite one, its metrics row every run.log_every steps and at the last, and an
+    evaluation every train.eval_every steps and at the last (a better validation loss saved as `best`); then on any
+    rank's stop request an emergency checkpoint, and True (the run stops); else after a finite step a checkpoint
+    every train.save_every steps and at the last."""
+    run, cfg = parts.run, parts.cfg
+    last = run.step == cfg.train.max_steps
+    if finite and (run.step % cfg.run.log_every == 0 or last):
+        progress.last_row = log_step(parts, out, micro, progress)
+    if finite and parts.val_ds is not None and (last or cfg.train.eval_every and run.step % cfg.train.eval_every == 0):
+        row = evaluate_and_log(parts)
+        progress.last_row = {**progress.last_row, "val": row}
+        if row["loss"] < run.best:
+            run.best = row["loss"]
+            parts.save("best")
+        progress.since = time.perf_counter()
+        parts.alerts.beat(run.step)
+    if any_rank(stop.flag, parts.world):
+        parts.save("emergency")
+        parts.log(f"stop requested: emergency checkpoint at step {run.step} in "
+                  f"{Path(cfg.run.out_dir) / 'checkpoints' / 'emergency'}")
+        return True
+    if finite and (last or cfg.train.save_every and run.step % cfg.train.save_every == 0):
+        parts.save(f"step_{run.step:07d}")
+    return False
+
+
+def log_step(parts: Parts, out: StepOutput, micro: list, progress: Progress) -> dict:
+    """The metrics row of the step just taken, over the steps since the last row, logged; the account restarts."""
+    world = parts.world
     if world.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        while run.step < cfg.train.max_steps:
-            set_lr(opt, lr_factor(run.step, cfg.train))
-            t_wait = time.perf_counter()
-            micro = [next(loader) for _ in range(cfg.train.grad_accum)]
-            waited += time.perf_counter() - t_wait
-            list_skipped(micro, bad_seen, out_dir, world)
-            tokens_since += sum(len(b.ids) if UNITS[kind] == "pairs" else sum(b.lengths)
-                                for b in micro) * world.size  # all processed
-            out = step_fn([b.to(world.device) for b in micro])
-            finite = bool(out.finite)
-            run.consumed += global_batch  # after the step: a crash inside it re-reads its samples on resume
-            if finite:
-                run.step, run.bad_in_row = run.step + 1, 0
-            else:
-                run.bad_in_row, run.bad_steps = run.bad_in_row + 1, run.bad_steps + 1
-                log(f"step {run.step}: non-finite loss or gradient norm; step skipped ({run.bad_in_row} in a row)")
-            opt.zero_grad(set_to_none=True)
-            alerts.beat(run.step)  # the watchdog's clock (from the first step on: it compiles, records graphs)
-            if run.bad_in_row >= cfg.train.max_bad_steps:
-                why = (f"{run.bad_in_row} non-finite steps in a row (max_bad_steps = {cfg.train.max_bad_steps}): the "
-                       "loss or the gradients overflow")
-                alerts.fire("nonfinite", f"{why}; the run stops at step {run.step}", run.step)
-                save("emergency")
-                raise RuntimeError(f"{why}. Emergency checkpoint in {ckpt_dir / 'emergency'}; lower the learning "
-                                   "rates, use amp = bf16 or fp32, or check the data")
-            last = run.step == cfg.train.max_steps
-            if finite and (run.step % cfg.run.log_every == 0 or last):
-                if world.device.type == "cuda":
-                    torch.cuda.synchronize()
-                skipped_now = skipped + int(all_sum(torch.tensor(float(len(bad_seen)), device=world.device), world))
-                elapsed = time.perf_counter() - t_last
-                mfu = model_flops_utilization(model, micro, tokens_since / elapsed, peak, world)
-                last_row = train_row(run, out, opt, elapsed, tokens_since, waited, mfu, skipped_now, len(train_ds),
-                                     world, cfg)
-                metrics.log(last_row)
-                t_last, tokens_since, waited = time.perf_counter(), 0, 0.0
-            if finite and val_ds is not None and (last or cfg.train.eval_every
-                                                  and run.step % cfg.train.eval_every == 0):
-                row = (evaluate_align if phase1 else evaluate)(model, val_ds, cfg, world, tokenizer, autocast)
-                samples = row.pop("samples", None)  # answers for the trackers' table
-                metrics.log({"step": run.step, "epoch": run.consumed / len(train_ds), "split": "val", **row}, samples)
-                log(f"eval step {run.step} | val loss {row['loss']:.4f} | {eval_summary(row)}")
-                last_row = {**last_row, "val": row}
-                if row["loss"] < run.best:
-                    run.best = row["loss"]
-                    save("best")
-                t_last = time.perf_counter()
-                alerts.beat(run.step)
-            if any_rank(stop.flag, world):
-                save("emergency")
-                log(f"stop requested: emergency checkpoint at step {run.step} in {ckpt_dir / 'emergency'}")
-                return {**last_row, "stopped": True, "step": run.step}
-            if finite and (last or cfg.train.save_every and run.step % cfg.train.save_every == 0):
-                save(f"step_{run.step:07d}")
-    except Exception as e:
-        if run.step > 0 and not isinstance(e, CheckpointWriteError):  # weights and optimizer are whole between steps
-            with contextlib.suppress(Exception):
-                save("emergency", collective=False)
-        raise
-    if phase1:
+        torch.cuda.synchronize()
+    skipped = parts.skipped + int(all_sum(torch.tensor(float(len(progress.bad_seen)), device=world.device), world))
+    elapsed = time.perf_counter() - progress.since
+    mfu = model_flops_utilization(parts.model, micro, progress.tokens / elapsed, parts.peak, world)
+    row = train_row(parts.run, out, parts.opt, elapsed, progress.tokens, progress.waited, mfu, skipped,
+                    len(parts.train_ds), world, parts.cfg)
+    parts.metrics.log(row)
+    progress.restart()
+    return row
+
+
+def evaluate_and_log(parts: Parts, when: str = "") -> dict:
+    """The validation set's row (Phase 1's `evaluate_align`, else `evaluate`), logged with the answers for the
+    trackers' table, and said."""
+    run, phase1 = parts.run, isinstance(parts.model, align.AlignModel)
+    row = (evaluate_align if phase1 else evaluate)(parts.model, parts.val_ds, parts.cfg, parts.world,
+                                                    parts.tokenizer, parts.autocast)
+    samples = row.pop("samples", None)
+    parts.metrics.log({"step": run.step, "epoch": run.consumed / len(parts.train_ds), "split": "val", **row}, samples)
+    parts.log(f"eval step {run.step}{when} | val loss {row['loss']:.4f} | {eval_summary(row)}")
+    return row
+
+
+def finish(parts: Parts) -> None:
+    """The run's result: Phase 1's aligner (written with each checkpoint), or Phase 2's export folder (under FSDP
+    made from the last checkpoint afterwards: the merged LLM would not fit one rank)."""
+    out_dir, log = Path(parts.cfg.run.out_dir), parts.log
+    if isinstance(parts.model, align.AlignModel):
         log(f"Phase 1's aligner (for Phase 2's model.aligner) is in {out_dir / 'aligner'}")
-    elif cfg.train.strategy == "fsdp":  # the merged LLM would not fit one rank: export it from the checkpoint
+    elif parts.cfg.train.strategy == "fsdp":
         log(f"export: python generate.py --run {out_dir} --export {out_dir / 'export'} (loads the base on one device "
             "or the CPU)")
-    elif world.master:
-        export(model, out_dir / "export", cfg)
+    elif parts.world.master:
+        export(parts.model, out_dir / "export", parts.cfg)
         log(f"exported the adapter (peft format), the merged LLM, projectors and aligner to {out_dir / 'export'}")
-    return {**last_row, "stopped": False, "step": run.step}
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """train.py's own options, and the config overrides (--section.key=value)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="Any config key can be overridden: --section.key=value")
     ap.add_argument("--config", help="TOML config (configs/*.toml)")
@@ -965,7 +723,11 @@ def main(argv: list[str] | None = None) -> None:
                          "then exit")
     ap.add_argument("--check", action="store_true", help="check the config and run.out_dir without loading the "
                     "model (`check_start`), print run.out_dir and exit: launch.sh's first step")
-    args, overrides = ap.parse_known_args(argv)
+    return ap.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = arguments(argv)
     try:
         cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as e:

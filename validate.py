@@ -35,6 +35,7 @@ import train
 from multimodal import MODALITIES, parameter_report
 from checkpoint import load_checkpoint, optimizer_state, rng_state, trainable_state, write_checkpoint
 from config import Config, check_config, load_config
+from metrics import Metrics, group_losses, group_sums, metric_fields, objective
 from distributed import World
 
 
@@ -227,7 +228,7 @@ class Validator:
         loss = (out.loss_sum / out.n_tokens).item()
         if not torch.isfinite(torch.tensor(loss)):
             raise CheckFailed(f"loss is {loss}", "check the model's weights and the data")
-        per = train.group_losses(train.group_sums(out, self.batch.groups()), self.cfg.train.phase)
+        per = group_losses(group_sums(out, self.batch.groups()), self.cfg.train.phase)
         return f"loss {loss:.4f}; " + ", ".join(f"{k} {v:.3f}" for k, v in per.items() if v is not None)
 
     def preference_forward(self) -> str:
@@ -299,13 +300,13 @@ class Validator:
     def metrics(self) -> str:
         folder = self.scratch / "metrics"
         folder.mkdir()
-        m = train.Metrics(folder, True, train.metric_fields(train.objective(self.cfg)))
+        m = Metrics(folder, True, metric_fields(objective(self.cfg)))
         m.log({"step": 1, "split": "train", "loss": 1.5, "lr": 1e-4})
         m.log({"step": 1, "split": "val", "loss": 1.4, "accuracy": 0.5})
         rows = list(csv.DictReader(open(folder / "metrics.csv")))
         jl = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         if len(rows) != 2 or float(rows[1]["loss"]) != 1.4 or jl[0]["lr"] != 1e-4:
-            raise CheckFailed("metrics rows are not read back as written", "check train.Metrics")
+            raise CheckFailed("metrics rows are not read back as written", "check metrics.Metrics")
         return "CSV and JSONL rows parse back"
 
     def short_run(self) -> str:

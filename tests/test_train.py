@@ -13,6 +13,7 @@ import torch
 from conftest import QWEN25_05B_CONFIG, ROOT, cli_args, demo_config, final_weights, rows, small_bench, torchrun
 
 import build
+import metrics
 
 import train
 from checkpoint import export, trainable_state
@@ -392,7 +393,7 @@ def test_flops_per_token_counts_the_matmuls():
     D = 32
     projectors = 2 * (D * H + H + H * H + H)
     expected = 4 * L * layer + 4 * V * H * 0.5 + 6 * (L * lora + projectors) + 6 * L * 128 * nh * hd
-    assert train.flops_per_token(mm, 128, 0.5) == expected
+    assert metrics.flops_per_token(mm, 128, 0.5) == expected
 
 
 def test_bench_table_gives_the_ratios_to_the_peer():
