@@ -199,7 +199,18 @@ def set_key(cfg: Config, section: str, key: str, value, source: str) -> None:
 
 
 def check_config(cfg: Config) -> None:
-    """Reject impossible values, naming the key and what is allowed."""
+    """Reject impossible values and combinations, naming the keys and what is allowed."""
+    check_values(cfg)
+    check_trackers(cfg.run.trackers)
+    check_step_graph(cfg)
+    check_memory(cfg)
+    check_fsdp(cfg)
+    check_media_tokens(cfg)
+    check_objective(cfg)
+
+
+def check_values(cfg: Config) -> None:
+    """Each key on its own: a finite number, one of its choices, in its range."""
     for section in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, section.name)):
             value = getattr(getattr(cfg, section.name), f.name)
@@ -220,21 +231,29 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"train.min_lr_ratio = {cfg.train.min_lr_ratio}; it must be in [0, 1]")
     if cfg.run.alert_slow >= 1.0:
         raise ValueError(f"run.alert_slow = {cfg.run.alert_slow}; it must be below 1 (a share of the median tokens/s)")
-    check_trackers(cfg.run.trackers)
     if cfg.lora.dropout >= 1.0:
         raise ValueError(f"lora.dropout = {cfg.lora.dropout}; it must be in [0, 1)")
-    if cfg.train.cuda_graph:  # what recording the step (step_graph.py) cannot record
-        if cfg.train.compile in ("reduce-overhead", "max-autotune"):
-            raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their "
-                             f"own (train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
-                             "\"max-autotune-no-cudagraphs\" (or none) with it")
-        if cfg.train.amp == "fp16":
-            raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
-        if cfg.data.pack:
-            raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
-                             "set data.pack = false with it")
-        if cfg.train.phase == "align":
-            raise ValueError("train.cuda_graph records Phase 2's step; set it to false with train.phase = \"align\"")
+
+
+def check_step_graph(cfg: Config) -> None:
+    """train.cuda_graph: what recording the whole step (step_graph.py) cannot record."""
+    if not cfg.train.cuda_graph:
+        return
+    if cfg.train.compile in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"train.cuda_graph records the whole step, so the layers cannot record graphs of their "
+                         f"own (train.compile = \"{cfg.train.compile}\" records them): use \"default\" or "
+                         "\"max-autotune-no-cudagraphs\" (or none) with it")
+    if cfg.train.amp == "fp16":
+        raise ValueError("train.cuda_graph cannot record fp16's loss scaling (it reads the host); use amp = bf16")
+    if cfg.data.pack:
+        raise ValueError("train.cuda_graph needs batches of few shapes, and packed rows vary in number: "
+                         "set data.pack = false with it")
+    if cfg.train.phase == "align":
+        raise ValueError("train.cuda_graph records Phase 2's step; set it to false with train.phase = \"align\"")
+
+
+def check_memory(cfg: Config) -> None:
+    """train.offload_activations and model.quantize = "nf4": what they need."""
     if cfg.train.offload_activations and not cfg.train.activation_checkpointing:
         raise ValueError("train.offload_activations moves each checkpointed layer's input to host memory: set "
                          "train.activation_checkpointing = true with it")
@@ -245,28 +264,38 @@ def check_config(cfg: Config) -> None:
     if cfg.model.quantize == "nf4" and cfg.model.dtype == "float32":
         raise ValueError("model.quantize = \"nf4\" dequantizes into bf16 for its matmuls (QLoRA's compute dtype): "
                          "set model.dtype = \"bfloat16\" or \"auto\" with it, or model.quantize = \"none\"")
-    if cfg.model.quantize == "nf4" and cfg.train.strategy == "fsdp":
+
+
+def check_fsdp(cfg: Config) -> None:
+    """train.strategy = "fsdp": what sharding the base excludes."""
+    if cfg.train.strategy != "fsdp":
+        return
+    if cfg.model.quantize == "nf4":
         raise ValueError("model.quantize = \"nf4\" with train.strategy = \"fsdp\" is refused: FSDP2 shards parameters, "
                          "and NF4 weights are packed uint8 buffers it does not shard or gather. A 72B-shaped base fits "
                          "one H200 in NF4: use train.strategy = \"ddp\" (one process per GPU, each with the whole "
                          "4-bit base)")
-    if cfg.train.strategy == "fsdp" and cfg.train.cuda_graph:
+    if cfg.train.cuda_graph:
         raise ValueError("train.strategy = \"fsdp\" gathers and frees weights with collectives around each layer, "
                          "which a recorded step cannot hold: set train.cuda_graph = false with it")
-    if cfg.train.strategy == "fsdp" and cfg.train.compile in ("reduce-overhead", "max-autotune"):
+    if cfg.train.compile in ("reduce-overhead", "max-autotune"):
         raise ValueError(f"train.compile = \"{cfg.train.compile}\" records each layer as a CUDA graph, and FSDP's "
                          "gathered weights move from step to step (every step would record again): use \"default\" "
                          "or \"max-autotune-no-cudagraphs\" with train.strategy = \"fsdp\"")
-    if cfg.train.strategy == "fsdp" and cfg.train.phase == "align":
+    if cfg.train.phase == "align":
         raise ValueError("train.strategy = \"fsdp\" shards Phase 2's LLM; Phase 1 trains the aligner's small heads "
                          "with the LLM frozen and runs with ddp: set train.strategy = \"ddp\"")
+
+
+def check_media_tokens(cfg: Config) -> None:
+    """Where the media's features come from and the tokens they take: no cache in Phase 1 (it trains the aligner),
+    one count for a shared projector, and a block that fits data.max_len."""
     if cfg.train.phase == "align" and cfg.data.feature_cache:
         raise ValueError("train.phase = \"align\" trains the aligner, so its features cannot come from a cache: "
                          "set data.feature_cache = \"\"")
     if cfg.model.shared_projector and cfg.model.image_tokens != cfg.model.audio_tokens:
         raise ValueError(f"model.shared_projector gives images and audio one projector, so model.image_tokens "
                          f"({cfg.model.image_tokens}) and model.audio_tokens ({cfg.model.audio_tokens}) must be equal")
-    check_objective(cfg)
     longest = max(cfg.model.image_tokens, cfg.model.audio_tokens)
     if cfg.data.max_len <= longest:
         raise ValueError(f"data.max_len = {cfg.data.max_len} cannot hold one media block of {longest} tokens "

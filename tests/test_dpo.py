@@ -293,8 +293,6 @@ BAD = {
 
 
 def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(demo_dir, trained_run, tmp_path):
-    import shutil
-
     import validate
     from tokenizer import load_tokenizer
     from encoders import aligner_config
@@ -323,16 +321,13 @@ def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(d
     # forward (the policy is its reference at the start)
     write([good, BAD["media in one answer only"][0]])
     for train_file, passed in ((path, False), (demo_dir / "data/preference_train.jsonl", True)):
-        v = validate.Validator(dpo_config(demo_dir, trained_run, tmp_path / "run", data={
-            "train_file": str(train_file), "allow_outside_paths": True}), quick=True)
-        for name, method, needs in validate.CHECKS[:5]:
-            v.run(name, getattr(v, method), needs)
-        shutil.rmtree(v.scratch)
+        results = validate.validate(dpo_config(demo_dir, trained_run, tmp_path / "run", data={
+            "train_file": str(train_file), "allow_outside_paths": True}), quick=True, last="Forward pass")
         if not passed:
-            assert not v.results[3]["passed"] and f"{path}:2: sample 'line2': <image> in the chosen answer only" \
-                in v.results[3]["detail"]
-    assert all(r["passed"] for r in v.results), v.results
-    assert "preference pairs" in v.results[3]["detail"] and "ln 2" in v.results[4]["detail"]
+            assert not results[3]["passed"] and f"{path}:2: sample 'line2': <image> in the chosen answer only" \
+                in results[3]["detail"]
+    assert len(results) == 5 and all(r["passed"] for r in results), results
+    assert "preference pairs" in results[3]["detail"] and "ln 2" in results[4]["detail"]
 
 
 @pytest.mark.parametrize("override,message", [
