@@ -66,6 +66,7 @@ from encoders import Aligner, AlignerConfig, EncoderConfig, VisionTower, Whisper
 from multimodal import MultimodalLM
 from lora import lora_modules
 from quant import NF4Linear, quantized_linears
+from preference import PreferenceBatch, PreferenceItem, collate_preferences
 
 PEAK_FLOPS = 790e12
 QWEN25_05B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -178,11 +179,11 @@ def media_shapes(model: MultimodalLM) -> dict[str, tuple[tuple, int]]:
     return out
 
 
-def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Batch | data.PreferenceBatch:
+def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Batch | PreferenceBatch:
     """B rows of `seq` tokens through `data.collate`, the second half of each document labelled; optionally media
     per row, 2 images and 1 clip (1 image with --towers), raw or as the feature cache stores them; or rows packed
-    with documents of T/8 to T/2. With `dpo`, B preference pairs through `data.collate_preferences`: each row above
-    is a prompt (its first half) and the chosen answer, and the rejected answer is another second half."""
+    with documents of T/8 to T/2. With `dpo`, B preference pairs through `preference.collate_preferences`: each row
+    above is a prompt (its first half) and the chosen answer, and the rejected answer is another second half."""
     B, T, V = args.batch, args.seq, model.llm.config.vocab_size - 16
     c = model.aligner.config
     K = {m: p.num_tokens for m, p in model.projectors.items()}
@@ -216,7 +217,7 @@ def make_batch(args, model: MultimodalLM, device, g: torch.Generator) -> data.Ba
         def rejected(it: data.Item) -> data.Item:
             ids = it.input_ids[:T // 2] + torch.randint(0, V, (T - T // 2,), generator=g).tolist()
             return data.Item(it.id, ids, [-100] * (T // 2) + ids[T // 2 + 1:] + [-100], it.media)
-        return data.collate_preferences([data.PreferenceItem(it.id, it, rejected(it)) for it in items], 0).to(device)
+        return collate_preferences([PreferenceItem(it.id, it, rejected(it)) for it in items], 0).to(device)
     return data.collate(items, 0, pack=args.pack, max_len=T).to(device)
 
 

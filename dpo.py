@@ -8,7 +8,7 @@
 The reference model comes for free: it is the same model with the adapters this run trains turned off
 (`lora.disable_adapters`), under no_grad, so the start (train.init_from: its LoRA merged into the base, or kept as
 a frozen adapter, and its frozen projectors) is held once. Chosen and rejected answers are rows of one batch
-(`data.PreferenceBatch`), and the aligner runs once per sample for both passes. With pi the policy and ref the
+(`preference.PreferenceBatch`), and the aligner runs once per sample for both passes. With pi the policy and ref the
 reference, each answer's log-ratio is log pi(y|x) - log ref(y|x), summed over its tokens, and with
 delta = chosen log-ratio - rejected log-ratio:
     sigmoid (DPO, arXiv 2305.18290)   -(1 - e) log sigmoid(beta delta) - e log sigmoid(-beta delta)   (e: cDPO's
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import data
 import lora
+from preference import PreferenceBatch
 from config import TrainConfig
 from distributed import World, all_sum, gradient_sync
 from multimodal import Media, MultimodalLM
@@ -59,7 +60,7 @@ def with_features(model: MultimodalLM, batch: data.Batch) -> data.Batch:
     return replace(batch, media=media)
 
 
-def logps(model: nn.Module, raw: MultimodalLM, batch: data.PreferenceBatch
+def logps(model: nn.Module, raw: MultimodalLM, batch: PreferenceBatch
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's answer: its log-probability summed over its tokens under the policy (with gradient, through
     `model`: DDP or FSDP's wrapper, or `raw` itself) and under the reference (the run's adapters off, no gradient),
@@ -119,7 +120,7 @@ def metrics(stats: torch.Tensor, cfg: TrainConfig) -> dict:
     return row
 
 
-def forward_backward(model: nn.Module, micro: list[data.PreferenceBatch], scaler, autocast, world: World,
+def forward_backward(model: nn.Module, micro: list[PreferenceBatch], scaler, autocast, world: World,
                      cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of one optimizer step over its micro-batches, as train.forward_backward gives them for SFT:
     (stats (STATS,), the pairs of the step on all ranks). Each micro-batch's summed loss is divided by the pairs of

@@ -22,6 +22,7 @@ from model import LLM, until_stop
 from tokenizer import Tokenizer
 from media import load_audio, load_image
 from multimodal import LossOutput, MultimodalLM
+from preference import PreferenceDataset, collate_preferences
 from config import Config
 from distributed import GatherRows, World, all_sum, is_sharded
 from metrics import group_losses, group_sums
@@ -74,7 +75,7 @@ def validation_loss(model: MultimodalLM, ds: data.ConversationDataset, cfg: Conf
     a preference set the DPO loss and rewards of the pairs (dpo.py)."""
     # under FSDP every rank runs every forward, since the ranks gather each layer's weights together: each runs as
     # many batches as the rank with the most (a spare one on a sample whose result is dropped)
-    sharded, preferences = is_sharded(model), isinstance(ds, data.PreferenceDataset)
+    sharded, preferences = is_sharded(model), isinstance(ds, PreferenceDataset)
     n = len(ds) if cfg.train.eval_samples == 0 else min(len(ds), cfg.train.eval_samples)
     mine = list(range(world.rank, n, world.size))
     sums = torch.zeros(dpo.STATS if preferences else 6, device=world.device)
@@ -85,7 +86,7 @@ def validation_loss(model: MultimodalLM, ds: data.ConversationDataset, cfg: Conf
             break
         items = [ds[i] for i in idx or [0]]
         if preferences:
-            batch = data.collate_preferences(items, tokenizer.pad_id, cfg.data.pad_multiple).to(world.device)
+            batch = collate_preferences(items, tokenizer.pad_id, cfg.data.pad_multiple).to(world.device)
             with autocast():
                 policy, reference, tokens = dpo.logps(model, model, batch)
             if idx:

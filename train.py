@@ -53,6 +53,7 @@ from tokenizer import Tokenizer, load_tokenizer
 from encoders import Aligner, load_aligner
 from multimodal import MultimodalLM, parameter_report
 from quant import check_blocks
+from preference import PreferenceDataset, collate_preferences
 from step_graph import GraphedStep
 from config import Config, TrainConfig, load_config
 from distributed import (World, all_sum, any_rank, average_gradients, data_parallel, gather_rows, gradient_sync,
@@ -105,9 +106,9 @@ def make_loader(ds: data.ConversationDataset | data.PairDataset, cfg: Config, wo
     if isinstance(ds, data.PairDataset):
         def collate(items):
             return data.collate_pairs(items, tokenizer.pad_id)
-    elif isinstance(ds, data.PreferenceDataset):
+    elif isinstance(ds, PreferenceDataset):
         def collate(items):
-            return data.collate_preferences(items, tokenizer.pad_id, multiple)
+            return collate_preferences(items, tokenizer.pad_id, multiple)
     else:
         def collate(items):
             return data.collate(items, tokenizer.pad_id, pack, max_len, multiple)
@@ -130,7 +131,7 @@ def make_dataset(cfg: Config, path: str, tokenizer: Tokenizer, aligner: Aligner,
         return data.PairDataset(path, tokenizer, aligner.config, cfg.data.max_len, cfg.data.on_error,
                                 cfg.data.allow_outside_paths)
     cache = cache_folder(cfg, path) if use_cache else None
-    kind = data.PreferenceDataset if cfg.train.objective == "dpo" else data.ConversationDataset
+    kind = PreferenceDataset if cfg.train.objective == "dpo" else data.ConversationDataset
     return kind(path, tokenizer, aligner.config, cfg.model.tokens_per_media, cfg.data.max_len, cfg.data.truncate,
                 cfg.data.on_error, cfg.data.allow_outside_paths, cache, weights_hash(aligner) if cache else None,
                 cfg.data.max_audio_windows)

@@ -33,6 +33,7 @@ import lora
 import build
 import train
 from multimodal import MODALITIES, parameter_report
+from preference import collate_preferences
 from checkpoint import load_checkpoint, optimizer_state, rng_state, trainable_state, write_checkpoint
 from config import Config, check_config, load_config
 from metrics import Metrics, group_losses, group_sums, metric_fields, objective
@@ -244,7 +245,7 @@ def check_media(b: data.Batch, ds, media_token_ids: dict[str, int], n: int, K: d
                               + (f" in {copies} rows each" if copies > 1 else ""), "check the placeholders of the data")
         if m in b.media and len(b.media[m]) != count:
             raise CheckFailed(f"the batch holds {len(b.media[m])} {m} inputs for {count}: each sample's media "
-                              "count once", "check data.collate_preferences")
+                              "count once", "check preference.collate_preferences")
         if not torch.equal(b.media[m].slots if m in b.media else placeholders[:0], placeholders):
             raise CheckFailed(f"the collator's {m} slots are not the placeholder positions", "check data.collate")
 
@@ -252,7 +253,7 @@ def check_media(b: data.Batch, ds, media_token_ids: dict[str, int], n: int, K: d
 def preferences_pipeline(s: Setup, tokenizer, model, ds, n: int) -> tuple[str, tuple]:
     """Preference pairs: both answers labelled exactly, after one prompt that both rows share, and the prompt's
     media counted once."""
-    b = data.collate_preferences([ds[i] for i in range(n)], tokenizer.pad_id, s.cfg.data.pad_multiple).to(s.device)
+    b = collate_preferences([ds[i] for i in range(n)], tokenizer.pad_id, s.cfg.data.pad_multiple).to(s.device)
     for ex in ds.examples[:n]:
         prompt = ex.messages[:ex.prompt_turns]
         for name, ids, labels, answer in (("chosen", ex.input_ids, ex.labels, ex.messages[ex.prompt_turns:]),
@@ -261,7 +262,7 @@ def preferences_pipeline(s: Setup, tokenizer, model, ds, n: int) -> tuple[str, t
         first = [next(t for t, x in enumerate(labels) if x != -100) for labels in (ex.labels, ex.rejected_labels)]
         if first[0] != first[1] or ex.input_ids[:first[0] + 1] != ex.rejected_ids[:first[0] + 1]:
             raise CheckFailed(f"sample {ex.id}: its chosen and rejected rows do not start with the same prompt "
-                              f"({len(prompt)} turns)", "check data.PreferenceDataset and the chat format")
+                              f"({len(prompt)} turns)", "check preference.PreferenceDataset and the chat format")
     check_media(b.rows, ds, model.media_token_ids, n, s.cfg.model.tokens_per_media, copies=2)
     return (f"{len(ds)} preference pairs, batch {tuple(b.rows.input_ids.shape)} (chosen and rejected rows), "
             f"{len(b.rows.label_index)} labels"), (ds, b)

@@ -13,6 +13,7 @@ import data
 import dpo
 import generate
 import lora
+import preference
 import train
 from config import load_config
 from distributed import World
@@ -65,8 +66,8 @@ def oracle(hf_models, demo_dir, tmp_path_factory):
     randomize_lora(mm.llm)
     path = tmp / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS))
-    ds = data.PreferenceDataset(path, tokenizer, mm.aligner.config, cfg.model.tokens_per_media, 64)
-    batch = data.collate_preferences([ds[i] for i in range(len(ds))], tokenizer.pad_id)
+    ds = preference.PreferenceDataset(path, tokenizer, mm.aligner.config, cfg.model.tokens_per_media, 64)
+    batch = preference.collate_preferences([ds[i] for i in range(len(ds))], tokenizer.pad_id)
 
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<|endoftext|>",
                                      eos_token="<|im_end|>")
@@ -84,7 +85,7 @@ def oracle(hf_models, demo_dir, tmp_path_factory):
     return cfg, mm, batch, trainer
 
 
-def trl_inputs(batch: data.PreferenceBatch, swap: bool = False) -> dict:
+def trl_inputs(batch: preference.PreferenceBatch, swap: bool = False) -> dict:
     """TRL's collated batch of the same rows: [chosen; rejected], right-padded, the answer tokens marked."""
     b, S = batch.rows, batch.pairs
     order = torch.cat([torch.arange(S, 2 * S), torch.arange(S)]) if swap else torch.arange(2 * S)
@@ -151,9 +152,9 @@ def test_reference_is_the_start_model_with_no_gradient(demo_dir, trained_run, tm
     _, mm = build.build_model(cfg, torch.device("cpu"))
     randomize_lora(mm.llm)  # this run's adapters, as if trained
     start, tokenizer, _ = generate.load_run(trained_run)
-    ds = data.PreferenceDataset(demo_dir / "data/preference_val.jsonl", tokenizer, mm.aligner.config,
+    ds = preference.PreferenceDataset(demo_dir / "data/preference_val.jsonl", tokenizer, mm.aligner.config,
                                 cfg.model.tokens_per_media, cfg.data.max_len)
-    batch = data.collate_preferences([ds[i] for i in range(6)], tokenizer.pad_id)
+    batch = preference.collate_preferences([ds[i] for i in range(6)], tokenizer.pad_id)
     assert batch.rows.media and all(len(x.slots) == 2 * len(x) * cfg.model.tokens_per_media[m]
                                     for m, x in batch.rows.media.items())  # each medium once, in both its rows
 
@@ -265,7 +266,7 @@ def test_the_export_holds_both_updates_and_generate_answers_with_it(demo_dir, tr
         torch.testing.assert_close(exported.llm(ids), ours, **tol)
         start, _, _ = generate.load_run(trained_run)
         assert (start.llm(ids) - ours).abs().max() > 1e-3  # DPO moved the model
-    ds = data.PreferenceDataset(demo_dir / "data/preference_val.jsonl", tokenizer, run.aligner.config,
+    ds = preference.PreferenceDataset(demo_dir / "data/preference_val.jsonl", tokenizer, run.aligner.config,
                                 cfg.model.tokens_per_media, cfg.data.max_len)
     prompts = data.collate([ds.prompt(i)[0] for i in range(4)], tokenizer.pad_id)
     assert run.generate(prompts, 4) == exported.generate(prompts, 4)
@@ -305,10 +306,10 @@ def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(d
     def write(records: list[dict]) -> None:
         path.write_text("".join(json.dumps({"image": image, **r}) + "\n" for r in records))
 
-    def dataset(records: list[dict], on_error: str = "raise") -> data.PreferenceDataset:
+    def dataset(records: list[dict], on_error: str = "raise") -> preference.PreferenceDataset:
         write(records)
-        return data.PreferenceDataset(path, tokenizer, aligner, {"image": 16, "audio": 16}, 128, on_error=on_error,
-                                      allow_outside_paths=True)
+        return preference.PreferenceDataset(path, tokenizer, aligner, {"image": 16, "audio": 16}, 128,
+                                            on_error=on_error, allow_outside_paths=True)
     for name, (record, reason) in BAD.items():
         with pytest.raises(data.SampleError) as e:
             dataset([good, record])

@@ -40,8 +40,8 @@ def test_no_import_circles_and_files_import_only_files_below_them():
     assert graph["weights"] == set() and graph["model"] == {"weights"}, graph["model"]  # the LLM alone, vendorable
     assert graph["config"] == set(), graph["config"]
     order = ["weights", "model", "tokenizer", "encoders", "multimodal", "quant_kernels", "quant", "lora", "media",
-             "data", "align", "decode_kernels", "decode", "step_graph", "config", "track", "distributed", "dpo",
-             "metrics", "evaluation", "checkpoint", "build", "train", "demo", "generate", "serve", "validate",
+             "data", "preference", "align", "decode_kernels", "decode", "step_graph", "config", "track", "distributed",
+             "dpo", "metrics", "evaluation", "checkpoint", "build", "train", "demo", "generate", "serve", "validate",
              "bench"]  # README's table
     assert sorted(order) == sorted(graph)
     for i, name in enumerate(order):
