@@ -26,7 +26,7 @@ import media
 import generate
 import build
 from checkpoint import export
-from config import load_config
+from config import Config, load_config
 from model import LLM, LLMConfig, sample
 from tokenizer import load_tokenizer
 from encoders import AlignerConfig
@@ -62,14 +62,7 @@ def time_generation(shape: dict, batch: int, prompt: int, new: int, peer: bool, 
             "mmlora --compile": lambda: llm.generate(prompts, new, decoder=decoder(8)),
             "mmlora --compile, 1 step a graph": lambda: llm.generate(prompts, new, decoder=decoder(1))}
     if peer:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-        hf_shape = {k: v for k, v in shape.items() if k not in ("architecture", "qkv_bias")}
-        hf = Qwen2ForCausalLM(Qwen2Config(**hf_shape)).to(device="cuda", dtype=torch.bfloat16).eval()
-        missing, unexpected = hf.load_state_dict(llm.state_dict(), strict=False)
-        assert not missing and not unexpected, (missing, unexpected)
-        ids = torch.tensor(prompts, device="cuda")
-        runs["transformers generate"] = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                                            max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        runs["transformers generate"] = hf_generate(llm, shape, prompts, new)
     rows = []
     for name, fn in runs.items():
         with torch.no_grad():
@@ -84,29 +77,49 @@ def time_generation(shape: dict, batch: int, prompt: int, new: int, peer: bool, 
                      "tokens_per_s": round(tps, 1), "ms_per_step": round(dt / new * 1e3, 3),
                      "bandwidth": round(weight_bytes * (tps / batch) / 4.8e12, 3)})
         if name.startswith("mmlora --compile"):
-            timed = decoders[8 if name == "mmlora --compile" else 1]
-            graph, _, slot, _ = next(iter(timed.graphs.values()))
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                slot.fill_(prompt)  # stay inside the cache
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            rows[-1]["gpu_ms_per_step"] = round(start.elapsed_time(end) / (20 * timed.steps), 3)
+            rows[-1]["gpu_ms_per_step"] = replay_ms(decoders[8 if name == "mmlora --compile" else 1], prompt)
         print(json.dumps(rows[-1]), flush=True)
     if profile:
-        from torch.profiler import ProfilerActivity
-        timed = decoders[8]
-        valid, caches = next(iter(timed.shapes.values()))
-        token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-        out = torch.zeros(batch, timed.steps, dtype=torch.long, device="cuda")
-        pick = functools.partial(sample, temperature=0.0, top_k=0, top_p=1.0, generator=None)
-        with torch.no_grad(), torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-            timed.run(token, valid, caches, torch.full((1,), prompt, device="cuda"), out, pick)
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+        profile_decode(decoders[8], batch, prompt)
     return rows
+
+
+def hf_generate(llm: LLM, shape: dict, prompts: list[list[int]], new: int):
+    """transformers' Qwen2 with `llm`'s weights: a function that greedily generates `new` tokens after `prompts`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    hf_shape = {k: v for k, v in shape.items() if k not in ("architecture", "qkv_bias")}
+    hf = Qwen2ForCausalLM(Qwen2Config(**hf_shape)).to(device="cuda", dtype=torch.bfloat16).eval()
+    missing, unexpected = hf.load_state_dict(llm.state_dict(), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    ids = torch.tensor(prompts, device="cuda")
+    return lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                               min_new_tokens=new, pad_token_id=0)
+
+
+def replay_ms(decoder, prompt: int, times: int = 20) -> float:
+    """A recorded graph of `decoder` replayed alone `times` times, timed on the GPU: milliseconds per decode step."""
+    graph, _, slot, _ = next(iter(decoder.graphs.values()))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(times):
+        slot.fill_(prompt)  # stay inside the cache
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / (times * decoder.steps), 3)
+
+
+def profile_decode(decoder, batch: int, prompt: int) -> None:
+    """Print the kernels of `decoder.steps` decode steps run through its compiled step without recording them."""
+    from torch.profiler import ProfilerActivity
+    valid, caches = next(iter(decoder.shapes.values()))
+    token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    out = torch.zeros(batch, decoder.steps, dtype=torch.long, device="cuda")
+    pick = functools.partial(sample, temperature=0.0, top_k=0, top_p=1.0, generator=None)
+    with torch.no_grad(), torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.run(token, valid, caches, torch.full((1,), prompt, device="cuda"), out, pick)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
 
 
 def time_prediction(args, shape: dict, aligner_config: AlignerConfig, device: str = "cuda", n_val: int = 2000,
@@ -125,64 +138,26 @@ def time_prediction(args, shape: dict, aligner_config: AlignerConfig, device: st
 
     root = Path(root)
     assets, export_dir = root / "assets", root / "export"
-    if not (assets / "READY").is_file():
-        demo.make_demo(assets, n_train=64, n_val=n_val, pretrain_steps=0, llm_config=LLMConfig(**shape),
-                       aligner_config=aligner_config, log=print)
-    cfg = load_config("configs/qwen2.5-0.5b.toml", [f"--model.llm={assets}/llm", "--model.chat_format=chatml",
-                                                    f"--model.aligner={assets}/aligner-init", "--data.max_len=512"])
+    cfg = demo_config(assets, n_val, LLMConfig(**shape), aligner_config, "configs/qwen2.5-0.5b.toml")
     val = assets / "data" / "val.jsonl"
     text_only = root / "val_text.jsonl"
     text_only.write_text("".join(x + "\n" for x in val.read_text().splitlines()
                                  if '"image"' not in x and '"audio"' not in x))
-    if not (export_dir / "mmlora.json").is_file():
-        _, mm = build.build_model(cfg, torch.device(device))
-        export(mm, export_dir, cfg)
-        del mm
+    export_once(cfg, export_dir, device)
     rows = []
-
-    def run(name: str, script: str, data_file: Path, *flags: str, run_dir: Path = export_dir) -> dict:
-        out = root / f"{name.replace(' ', '_').replace('-', '')}.jsonl"
-        cmd = [sys.executable, script, "--run", str(run_dir), "--predict", str(data_file), "--out", str(out),
-               "--max_new_tokens", "32", *flags]
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        row = {"impl": name, "data": data_file.name, "wall_s": round(wall, 2), "rc": r.returncode}
-        if r.returncode != 0:
-            row["error"] = r.stderr[-600:]
-            return row
-        timing = json.loads(out.with_name(out.stem + ".metrics.json").read_text()).get("timing")
-        if timing:
-            row |= timing
-        else:  # the older path: its last progress line gives samples/s from its first batch on
-            last = [x for x in r.stderr.splitlines() if "samples/s" in x][-1]
-            row["samples_per_s"] = float(last.split("|")[1].split()[0])
-            row["samples"] = int(last.split("/")[0])
-        answers = {x["id"]: x["prediction"] for x in map(json.loads, out.read_text().splitlines())}
-        base = next((r_["answers"] for r_ in rows if r_["data"] == data_file.name and "answers" in r_), None)
-        row["same_answers"] = None if base is None else sum(answers.get(k) == v for k, v in base.items())
-        print(json.dumps(row), flush=True)
-        row["answers"] = answers
-        return row
-
-    if args.old:  # the earlier code reads an export whose config holds only the keys it knows
-        old_export = root / "export-old"
-        if not old_export.is_dir():
-            shutil.copytree(export_dir, old_export)
-            doc = json.loads((old_export / "mmlora.json").read_text())
-            for key in ("quantize", "quant_block", "double_quant"):
-                doc["config"]["model"].pop(key, None)
-            (old_export / "mmlora.json").write_text(json.dumps(doc))
-        rows.append(run("before (batch 32, eager)", str(Path(args.old) / "generate.py"), val, run_dir=old_export))
+    run = functools.partial(predict_row, root, rows)
+    if args.old:  # an earlier checkout's generate.py
+        old = old_export(root, export_dir)
+        rows.append(run("before (batch 32, eager)", str(Path(args.old) / "generate.py"), val, old))
     # the first process after the export pays for the GPU driver's cold caches and the files' first reads; the
     # rows after it see a machine as a user's second run does
-    rows.append(run("default, first process", "generate.py", val))
-    rows.append(run("default (recorded eager steps)", "generate.py", val))
-    rows.append(run("--batch_size 256", "generate.py", val, "--batch_size", "256"))
-    rows.append(run("--batch_size 1024", "generate.py", val, "--batch_size", "1024"))
-    rows.append(run("--compile", "generate.py", val, "--compile"))
-    rows.append(run("--eager", "generate.py", val, "--eager"))
-    rows.append(run("default, text only", "generate.py", text_only))
+    rows.append(run("default, first process", "generate.py", val, export_dir))
+    rows.append(run("default (recorded eager steps)", "generate.py", val, export_dir))
+    rows.append(run("--batch_size 256", "generate.py", val, export_dir, "--batch_size", "256"))
+    rows.append(run("--batch_size 1024", "generate.py", val, export_dir, "--batch_size", "1024"))
+    rows.append(run("--compile", "generate.py", val, export_dir, "--compile"))
+    rows.append(run("--eager", "generate.py", val, export_dir, "--eager"))
+    rows.append(run("default, text only", "generate.py", text_only, export_dir))
     rows.append(hf_generate_row(export_dir / "merged", text_only, cfg, device))
     rows.append(profiled_share(export_dir, val, root))
     for start in (1, 2):  # one question, cold and with the disk cache warm
@@ -195,6 +170,72 @@ def time_prediction(args, shape: dict, aligner_config: AlignerConfig, device: st
     for r in rows:
         r.pop("answers", None)
     return rows
+
+
+def demo_config(assets: Path, n_val: int, llm_config: LLMConfig | None, aligner_config: AlignerConfig | None,
+                config: str) -> Config:
+    """The demo's assets in `assets`, made once with a random LLM of `llm_config` and an aligner of `aligner_config`
+    (None: the demo's tiny ones), and `config` pointed at them."""
+    if not (assets / "READY").is_file():
+        demo.make_demo(assets, n_train=64, n_val=n_val, pretrain_steps=0, llm_config=llm_config,
+                       aligner_config=aligner_config, log=print)
+    return load_config(config, [f"--model.llm={assets}/llm", "--model.chat_format=chatml",
+                                f"--model.aligner={assets}/aligner-init", "--data.max_len=512"])
+
+
+def export_once(cfg: Config, folder: Path, device: str, seed: int | None = None) -> None:
+    """The model `cfg` builds, exported to `folder` unless it is there: untrained, or with `seed`, LoRA B drawn at
+    random (adapters of its own, so that exports answer apart)."""
+    if (folder / "mmlora.json").is_file():
+        return
+    _, mm = build.build_model(cfg, torch.device(device))
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        for m in lora_modules(mm.llm).values():
+            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.01)
+    export(mm, folder, cfg)
+
+
+def old_export(root: Path, export_dir: Path) -> Path:
+    """A copy of the export for an earlier checkout, which reads an export whose config holds only the keys it
+    knows."""
+    old = root / "export-old"
+    if not old.is_dir():
+        shutil.copytree(export_dir, old)
+        doc = json.loads((old / "mmlora.json").read_text())
+        for key in ("quantize", "quant_block", "double_quant"):
+            doc["config"]["model"].pop(key, None)
+        (old / "mmlora.json").write_text(json.dumps(doc))
+    return old
+
+
+def predict_row(root: Path, earlier: list[dict], name: str, script: str, data_file: Path, run_dir: Path,
+                *flags: str) -> dict:
+    """`script` (generate.py, or an earlier checkout's) --predict on `data_file` in a process of its own, 32 new
+    tokens: its wall time, its timing, and how many answers equal those of the first of the `earlier` rows on the
+    same file."""
+    import subprocess
+
+    out = root / f"{name.replace(' ', '_').replace('-', '')}.jsonl"
+    cmd = [sys.executable, script, "--run", str(run_dir), "--predict", str(data_file), "--out", str(out),
+           "--max_new_tokens", "32", *flags]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    row = {"impl": name, "data": data_file.name, "wall_s": round(time.perf_counter() - t0, 2), "rc": r.returncode}
+    if r.returncode != 0:
+        return {**row, "error": r.stderr[-600:]}
+    timing = json.loads(out.with_name(out.stem + ".metrics.json").read_text()).get("timing")
+    if timing:
+        row |= timing
+    else:  # the older path: its last progress line gives samples/s from its first batch on
+        last = [x for x in r.stderr.splitlines() if "samples/s" in x][-1]
+        row["samples_per_s"] = float(last.split("|")[1].split()[0])
+        row["samples"] = int(last.split("/")[0])
+    answers = {x["id"]: x["prediction"] for x in map(json.loads, out.read_text().splitlines())}
+    base = next((e["answers"] for e in earlier if e["data"] == data_file.name and "answers" in e), None)
+    row["same_answers"] = None if base is None else sum(answers.get(k) == v for k, v in base.items())
+    print(json.dumps(row), flush=True)
+    return {**row, "answers": answers}
 
 
 def hf_generate_row(merged: Path, data_file: Path, cfg, device: str) -> dict:
@@ -241,29 +282,16 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
     row), `generate.py --predict`'s offline samples/s on the same samples (all of the 128-client row's), and serve.py
     with the four runs on one base at 32 clients, requests spread over the runs. `--tiny`: the demo's tiny LLM and
     aligner on the CPU, a few requests a row (a smoke run of this code)."""
-    import subprocess
-
     tiny = getattr(args, "tiny", False)
     device, clients = ("cpu", (1, 2, 4)) if tiny else ("cuda", (1, 8, 32, 128))
     mid = clients[-2]  # the clients of the four runs' row and of the comparisons (32)
     root = Path(root + ("-tiny" if tiny else ""))
     assets = root / "assets"
-    if not (assets / "READY").is_file():
-        demo.make_demo(assets, n_train=64, n_val=64 if tiny else 2000, pretrain_steps=0,
-                       llm_config=None if tiny else LLMConfig(**shape),
-                       aligner_config=None if tiny else aligner_config, log=print)
-    cfg = load_config("configs/demo.toml" if tiny else "configs/qwen2.5-0.5b.toml",
-                      [f"--model.llm={assets}/llm", "--model.chat_format=chatml",
-                       f"--model.aligner={assets}/aligner-init", "--data.max_len=512"])
+    cfg = demo_config(assets, 64 if tiny else 2000, None if tiny else LLMConfig(**shape),
+                      None if tiny else aligner_config, "configs/demo.toml" if tiny else "configs/qwen2.5-0.5b.toml")
     exports = [root / f"export-{i}" for i in range(4)]
     for i, folder in enumerate(exports):
-        if not (folder / "mmlora.json").is_file():
-            _, mm = build.build_model(cfg, torch.device(device))
-            g = torch.Generator().manual_seed(i)
-            for m in lora_modules(mm.llm).values():  # adapters of their own, so that the runs answer apart
-                m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.01)
-            export(mm, folder, cfg)
-            del mm
+        export_once(cfg, folder, device, seed=i)
     val = assets / "data" / "val.jsonl"
     samples = [json.loads(x) for x in val.read_text().splitlines()]
     bodies = [chat_request(x, val.parent) for x in samples]
@@ -290,28 +318,43 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
         measure("warm-up", 1, 2, ["hf"])
         for n in clients:
             rows.append(measure("transformers server (one request at a time)", n, 64 if not tiny else 4, ["hf"]))
-    pred = root / "pred.jsonl"
     count = min(len(bodies), 16 * clients[-1]) if not tiny else 8
-    subset = val.with_name(f"samples-{count}.jsonl")  # beside val.jsonl: the media paths are relative to it
-    subset.write_text("".join(json.dumps(x) + "\n" for x in samples[:count]))
-    r = subprocess.run([sys.executable, "generate.py", "--run", str(exports[0]), "--predict", str(subset.resolve()),
-                        "--out", str(pred), "--max_new_tokens", "32", *(["--device", "cpu"] if tiny else [])],
+    rows.append(offline_row(root, val, samples[:count], exports[0], tiny))
+    say_serving_ratios(rows, mid, clients[-1])
+    return rows
+
+
+def offline_row(root: Path, val: Path, samples: list[dict], export_dir: Path, cpu: bool) -> dict:
+    """`generate.py --predict` on `samples` (written beside val.jsonl: their media paths are relative to it), 32
+    new tokens: its timing."""
+    import subprocess
+
+    pred, subset = root / "pred.jsonl", val.with_name(f"samples-{len(samples)}.jsonl")
+    subset.write_text("".join(json.dumps(x) + "\n" for x in samples))
+    r = subprocess.run([sys.executable, "generate.py", "--run", str(export_dir), "--predict", str(subset.resolve()),
+                        "--out", str(pred), "--max_new_tokens", "32", *(["--device", "cpu"] if cpu else [])],
                        capture_output=True, text=True)
     timing = json.loads(pred.with_name(pred.stem + ".metrics.json").read_text())["timing"] if r.returncode == 0 else {}
-    rows.append({"impl": "generate.py --predict (offline)", "samples": count, "rc": r.returncode, **timing,
-                 **({"error": r.stderr[-600:]} if r.returncode else {})})
-    print(json.dumps(rows[-1]), flush=True)
+    row = {"impl": "generate.py --predict (offline)", "samples": len(samples), "rc": r.returncode, **timing,
+           **({"error": r.stderr[-600:]} if r.returncode else {})}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def say_serving_ratios(rows: list[dict], mid: int, most: int) -> None:
+    """serve.py beside the transformers server and beside itself serving four runs at `mid` clients, and at `most`
+    clients beside --predict's offline samples/s (the last row)."""
     by = {(r["impl"], r.get("clients")): r for r in rows}
     ours, four = by["serve.py", mid], by["serve.py, 4 runs of one base", mid]
-    peer, most = by["transformers server (one request at a time)", mid], by["serve.py", clients[-1]]
+    peer, busiest = by["transformers server (one request at a time)", mid], by["serve.py", most]
 
     def ratio(a, b):
         return a / b if a and b else float("nan")
     tokens = ratio(four["output_tokens_per_s"], ours["output_tokens_per_s"])
     print(f"at {mid} clients: {ratio(ours['requests_per_s'], peer['requests_per_s']):.1f}x the transformers "
-          f"server's requests/s; four runs of one base: {tokens:.0%} of one run's tokens/s; at {clients[-1]} clients: "
-          f"{ratio(most['requests_per_s'], timing.get('samples_per_s')):.0%} of --predict's samples/s", flush=True)
-    return rows
+          f"server's requests/s; four runs of one base: {tokens:.0%} of one run's tokens/s; at {most} clients: "
+          f"{ratio(busiest['requests_per_s'], rows[-1].get('samples_per_s')):.0%} of --predict's samples/s",
+          flush=True)
 
 
 def chat_request(sample: dict, folder: Path) -> dict:
@@ -470,18 +513,21 @@ def hf_server(export_dir: str, port: int, device: str) -> None:
             return JSONResponse(e.body(), e.status)
         queue: asyncio.Queue = asyncio.Queue()
         threading.Thread(target=answer, args=(item, n, Tokens(asyncio.get_running_loop(), queue)), daemon=True).start()
-
-        async def events():
-            yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'role': 'assistant'}}]})}\n\n"
-            tokens = 0
-            while (got := await queue.get()) is not None:
-                tokens += got
-                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': ''}}]})}\n\n"
-            usage = {"prompt_tokens": len(item.input_ids), "completion_tokens": tokens}
-            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(token_events(queue, len(item.input_ids)), media_type="text/event-stream")
     app.add_route("/v1/chat/completions", chat, methods=["POST"])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+async def token_events(queue, prompt_tokens: int):
+    """`hf_server`'s stream of one answer: the role, an empty chunk per token counted off `queue` (None at the end),
+    then the usage."""
+    yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'role': 'assistant'}}]})}\n\n"
+    tokens = 0
+    while (got := await queue.get()) is not None:
+        tokens += got
+        yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': ''}}]})}\n\n"
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens}
+    yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
 
 
 class PhaseTimer:

@@ -486,22 +486,9 @@ def collate(items: list[Item], pad_id: int, pack: bool = False, max_len: int | N
     `doc_ids` row, from which the model builds a mask with no attention across samples.
     Media are concatenated in the order their placeholders appear in the flattened batch. Rows are padded to a
     multiple of `pad_multiple` tokens, so that compiled layers see few distinct shapes."""
-    if pack:
-        if max_len is None:
-            raise ValueError("packing needs max_len")
-        rows: list[list[int]] = []
-        room: list[int] = []
-        for i, it in enumerate(items):
-            n = len(it.input_ids)
-            r = next((r for r in range(len(rows)) if room[r] >= n), None)
-            if r is None:
-                rows.append([])
-                room.append(max_len)
-                r = len(rows) - 1
-            rows[r].append(i)
-            room[r] -= n
-    else:
-        rows = [[i] for i in range(len(items))]
+    if pack and max_len is None:
+        raise ValueError("packing needs max_len")
+    rows = first_fit([len(it.input_ids) for it in items], max_len) if pack else [[i] for i in range(len(items))]
     T = max(sum(len(items[i].input_ids) for i in row) for row in rows)
     T = -(-T // pad_multiple) * pad_multiple
     B = len(rows)
@@ -539,6 +526,21 @@ def collate(items: list[Item], pad_id: int, pack: bool = False, max_len: int | N
     return Batch(input_ids, labels, label_index, torch.ones(len(label_index)), sample_index,
                  modality.view(len(items), len(MODALITIES)), lengths, [it.id for it in items], media,
                  position_ids if pack else None, doc_ids if pack else None, [s for it in items for s in it.skipped])
+
+
+def first_fit(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Samples of these lengths packed in rows of `max_len` tokens: each in the first row with room for it."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        r = next((r for r in range(len(rows)) if room[r] >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(max_len)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n
+    return rows
 
 
 def concat_batches(parts: list[Batch], pad_id: int) -> Batch:
