@@ -250,26 +250,8 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
     n_transfer = n_train // 3 if n_transfer is None else n_transfer
     log(f"demo: writing {n_train} + {n_val} conversations, {n_pairs} + {n_val} Phase-1 pairs and {n_transfer} + "
         f"{n_val} transfer-test samples with their images and clips to {folder / 'data'}")
-    media = folder / "data" / "media"
-    media.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    splits = {"train": [demo_sample(rng, i, media, "train") for i in range(n_train)],
-              "val": [demo_sample(rng, i, media, "val") for i in range(n_val)]}
-    for split, samples in splits.items():
-        write_jsonl(folder / "data" / f"{split}.jsonl", samples)
-    for split, n in (("train", n_pairs), ("val", n_val)):
-        write_jsonl(folder / "data" / f"pairs_{split}.jsonl", [demo_pair(rng, i, media, split) for i in range(n)])
-    for split, n in (("train", n_transfer), ("val", n_val)):
-        write_jsonl(folder / "data" / f"transfer_{split}.jsonl",
-                    [transfer_sample(rng, i, media, split) for i in range(n)])
-    near = np.random.default_rng(seed + 1)  # a stream of its own: the files above stay as they were without it
-    for split, samples in splits.items():
-        write_jsonl(folder / "data" / f"preference_{split}.jsonl", [preference_pair(near, x) for x in samples])
-    texts = [t["value"].replace("<image>\n", "").replace("<audio>\n", "")
-             for s in splits["train"] for t in s["conversations"]]
-    texts += [f"{NUMBERS[n]} {c} {s}s" for n in range(2, 4) for c in COLOURS for s in SHAPES]  # the pairs' words
-    texts += [beeps(n, p, r) for n in range(1, 4) for p in ("high", "low") for r in ("fast", "slow")]
-    texts += [COUNT_QUESTION, "at the"]
+    splits = write_data(folder / "data", seed, n_train, n_val, n_pairs, n_transfer)
+    texts = tokenizer_texts(splits["train"])
     llm_dir = folder / "llm"
     log("demo: training a byte-level BPE tokenizer on their text")
     train_tokenizer(texts, llm_dir, vocab_size=400)
@@ -299,6 +281,35 @@ def make_demo(folder: str | Path, seed: int = 0, n_train: int = 6000, n_val: int
     save_aligner(Aligner(acfg), folder / "aligner-init")
     (folder / "READY").write_text("demo assets complete\n")
     return folder
+
+
+def write_data(folder: Path, seed: int, n_train: int, n_val: int, n_pairs: int, n_transfer: int) -> dict:
+    """The demo's data files in `folder` with their media: the conversations, the Phase-1 pairs, the transfer test
+    and the conversations' questions as preference pairs. Returns the conversations of each split."""
+    media = folder / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {"train": [demo_sample(rng, i, media, "train") for i in range(n_train)],
+              "val": [demo_sample(rng, i, media, "val") for i in range(n_val)]}
+    for split, samples in splits.items():
+        write_jsonl(folder / f"{split}.jsonl", samples)
+    for split, n in (("train", n_pairs), ("val", n_val)):
+        write_jsonl(folder / f"pairs_{split}.jsonl", [demo_pair(rng, i, media, split) for i in range(n)])
+    for split, n in (("train", n_transfer), ("val", n_val)):
+        write_jsonl(folder / f"transfer_{split}.jsonl", [transfer_sample(rng, i, media, split) for i in range(n)])
+    near = np.random.default_rng(seed + 1)  # a stream of its own: the files above stay as they were without it
+    for split, samples in splits.items():
+        write_jsonl(folder / f"preference_{split}.jsonl", [preference_pair(near, x) for x in samples])
+    return splits
+
+
+def tokenizer_texts(train: list[dict]) -> list[str]:
+    """What the demo's tokenizer learns from: the training conversations' turns, the words of the Phase-1 pairs'
+    captions and of the transfer test's answers."""
+    texts = [t["value"].replace("<image>\n", "").replace("<audio>\n", "") for s in train for t in s["conversations"]]
+    texts += [f"{NUMBERS[n]} {c} {s}s" for n in range(2, 4) for c in COLOURS for s in SHAPES]  # the pairs' words
+    texts += [beeps(n, p, r) for n in range(1, 4) for p in ("high", "low") for r in ("fast", "slow")]
+    return texts + [COUNT_QUESTION, "at the"]
 
 
 def pretrain(llm, sequences: list[list[int]], steps: int, seed: int, batch: int = 32, lr: float = 3e-3) -> None:

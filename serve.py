@@ -630,23 +630,7 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None) -> FastAPI:
     app = FastAPI(title="mmlora", docs_url=None, redoc_url=None, openapi_url=None)
     runs = {r.name: r for r in engine.runs}
     metrics = engine.metrics
-
-    def refuse(e: ApiError) -> JSONResponse:
-        metrics.requests.labels(str(e.status)).inc()
-        return JSONResponse(e.body(), e.status, headers=e.headers)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return refuse(e)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):  # unknown paths (404), wrong methods (405)
-        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), e.status_code)
-
-    @app.exception_handler(Exception)
-    async def server_error(request, e: Exception):
-        traceback.print_exception(e)
-        return refuse(ApiError(500, f"internal error ({type(e).__name__}); see the server's log"))
+    add_error_handlers(app, metrics)
 
     def authorize(request: HttpRequest) -> None:
         if api_key is None:
@@ -691,20 +675,46 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None) -> FastAPI:
         if ask.stream:
             return StreamingResponse(events(req, engine, watcher), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        try:
-            while (event := await req.events.get())[0] == "text":
-                pass
-        finally:
-            watcher.cancel()
-            if req.key in engine.live:  # the handler was cancelled: its client went away
-                engine.cancel(req)
-        if event[0] == "error":
-            return JSONResponse(event[1].body(), event[1].status)
-        return {"id": req.id, "object": "chat.completion", "created": req.created, "model": ask.run.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": req.sent}, "logprobs": None,
-                             "finish_reason": req.reason}], "usage": usage(req)}
+        return await whole_answer(req, engine, watcher)
 
     return app
+
+
+def add_error_handlers(app: FastAPI, metrics) -> None:
+    """OpenAI's error object for every refusal (counted by status), unknown path or method, and internal error."""
+    def refuse(e: ApiError) -> JSONResponse:
+        metrics.requests.labels(str(e.status)).inc()
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return refuse(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # unknown paths (404), wrong methods (405)
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        traceback.print_exception(e)
+        return refuse(ApiError(500, f"internal error ({type(e).__name__}); see the server's log"))
+
+
+async def whole_answer(req: Request, engine: Engine, watcher: asyncio.Task):
+    """A request answered without streaming: the chat.completion once its answer ends, or the error that ended
+    it; a handler cancelled (its client went away) cancels the request."""
+    try:
+        while (event := await req.events.get())[0] == "text":
+            pass
+    finally:
+        watcher.cancel()
+        if req.key in engine.live:  # the handler was cancelled: its client went away
+            engine.cancel(req)
+    if event[0] == "error":
+        return JSONResponse(event[1].body(), event[1].status)
+    return {"id": req.id, "object": "chat.completion", "created": req.created, "model": req.ask.run.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": req.sent}, "logprobs": None,
+                         "finish_reason": req.reason}], "usage": usage(req)}
 
 
 async def read_json_body(request: HttpRequest, limit: int):
