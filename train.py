@@ -543,6 +543,10 @@ def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Tra
     return {**progress.last_row, "stopped": False, "step": run.step}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# What the loop calls: its parts, made once (`setup`), then the account of each step and what follows it
+
+
 class Parts(NamedTuple):
     """What the loop trains and reports with, made once before the first step (`setup`)."""
     cfg: Config
@@ -712,6 +716,10 @@ def finish(parts: Parts) -> None:
     elif parts.world.master:
         export(parts.model, out_dir / "export", parts.cfg)
         log(f"exported the adapter (peft format), the merged LLM, projectors and aligner to {out_dir / 'export'}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
 
 
 def arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
