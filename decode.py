@@ -58,32 +58,6 @@ def static_decode(llm, tokens: torch.Tensor, caches: list, slot: torch.Tensor) -
     return llm.lm_head(h[:, -1]).float()  # (B, V)
 
 
-def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> torch.Tensor:
-    """`Attention.heads` for decoding: x (B, T, H) -> (B, T, nh*hd). For one new token a row on the GPU in compiled
-    code (the recorded decode step: `cache_start` the (B,) slots, `mask` the (B, 1, 1, S) valid slots), the q/k/v
-    matmul with its norm, then one Triton kernel for RoPE, the cache write and attention (`decode_attention`; a
-    second one combines the parts of a long cache). Otherwise, with q and k side by side in one matmul's output
-    (`NormQKV`, no q/k norms), RoPE runs once on both; else `Attention.heads`."""
-    B, T, _ = x.shape
-    hd = attn.head_dim
-    if (kernels is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
-            and torch.is_tensor(cache_start) and mask is not None and mask.dtype == torch.bool
-            and hd >= 16 and hd & (hd - 1) == 0):
-        qkv = attn.qkv.joined(x)  # (B, 1, (nh + 2 n_kv) hd)
-        q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
-        eps = attn.q_norm.eps if attn.qk_norm else 0.0
-        y = kernels.decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm, eps,
-                             cache.k, cache.v, mask.reshape(B, -1), cache_start)
-        return y.view(B, 1, -1)
-    if isinstance(attn.qkv, NormQKV) and not attn.qk_norm:  # q and k side by side: one RoPE for both
-        nh, n_kv = attn.n_heads, attn.n_kv
-        qkv = attn.qkv.joined(x)  # (B, T, (nh + 2 n_kv) hd)
-        qk = apply_rope(qkv[..., :(nh + n_kv) * hd].view(B, T, nh + n_kv, hd), cos, sin)  # (B, T, nh + n_kv, hd)
-        q, k = qk.split([nh, n_kv], dim=2)
-        return attn.attend(q, k, qkv[..., (nh + n_kv) * hd:].view(B, T, n_kv, hd), mask, cache, cache_start)
-    return attn.heads(x, cos, sin, mask, cache, cache_start)
-
-
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   norm: nn.Module | None = None, swiglu: bool = False, residual: torch.Tensor | None = None
                   ) -> torch.Tensor:
@@ -116,50 +90,82 @@ def one_tensor(parts: list[nn.Parameter]) -> torch.Tensor:
     return whole
 
 
-class NormQKV:
-    """`Attention.qkv` for decoding: the layer's input RMSNorm, then one matmul over the q, k and v weights (one
-    storage). At one token per row a decode step's matmuls are too small to use the GPU's bandwidth, so one matmul
-    is faster than three."""
+class DecodeLayer(nn.Module):
+    """A decoder layer for decoding, which `prepare_for_decoding` puts in the layer's place: the layer's own modules
+    under their names, its q, k and v weights in one storage and its gate and up weights in another, and each
+    RMSNorm, the SwiGLU and each residual add done by the matmul beside it (`decode_linear`), so that at batch 1 a
+    layer is four matmul kernels around attention. It computes what the layer computes (with LoRA merged)."""
 
-    def __init__(self, norm: nn.Module, layers: list[nn.Linear]):
-        self.norm, self.sizes = norm, [layer.out_features for layer in layers]
-        self.weight = one_tensor([layer.weight for layer in layers])  # (q + k + v, H)
-        self.bias = None if layers[0].bias is None else one_tensor([layer.bias for layer in layers])
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
+        self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
+        attn, mlp = self.self_attn, self.mlp
+        q, k, v = (lora.base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        self.qkv_sizes = [q.out_features, k.out_features, v.out_features]
+        self.qkv_weight = one_tensor([q.weight, k.weight, v.weight])  # (q + k + v, H)
+        self.qkv_bias = None if q.bias is None else one_tensor([q.bias, k.bias, v.bias])
+        gate, up = lora.base_linear(mlp.gate_proj), lora.base_linear(mlp.up_proj)
+        self.gate_up_weight = one_tensor([gate.weight, up.weight])  # (2 inner, H)
+        self.gate_up_bias = None if gate.bias is None else one_tensor([gate.bias, up.bias])
 
-    def joined(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, H) -> q, k and v side by side, (B, T, q + k + v)."""
-        return decode_linear(x, self.weight, self.bias, norm=self.norm)
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The input RMSNorm, then q, k and v side by side: x (B, T, H) -> (B, T, q + k + v). At one token a row a
+        decode step's matmuls are too small to use the GPU's bandwidth, so one matmul is faster than three."""
+        return decode_linear(x, self.qkv_weight, self.qkv_bias, norm=self.input_layernorm)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.joined(x).split(self.sizes, dim=-1)
+    def heads(self, x, cos, sin, mask=None, cache=None, cache_start=0) -> torch.Tensor:
+        """`Attention.heads` of the normed x's q, k and v: x (B, T, H) -> (B, T, nh*hd). For one new token a row on
+        the GPU in compiled code (the recorded decode step: `cache_start` the (B,) slots, `mask` the (B, 1, 1, S)
+        valid slots), the q/k/v matmul with its norm, then one Triton kernel for RoPE, the cache write and attention
+        (`decode_attention`; a second one combines the parts of a long cache). Otherwise, without q/k norms, RoPE
+        runs once on q and k side by side; else `Attention.heads`."""
+        attn = self.self_attn
+        B, T, _ = x.shape
+        hd, nh, n_kv = attn.head_dim, attn.n_heads, attn.n_kv
+        qkv = self.qkv(x)  # (B, T, (nh + 2 n_kv) hd)
+        if (kernels is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
+                and torch.is_tensor(cache_start) and mask is not None and mask.dtype == torch.bool
+                and hd >= 16 and hd & (hd - 1) == 0):
+            q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
+            eps = attn.q_norm.eps if attn.qk_norm else 0.0
+            y = kernels.decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm,
+                                         eps, cache.k, cache.v, mask.reshape(B, -1), cache_start)
+            return y.view(B, 1, -1)
+        if attn.qk_norm:
+            return attn.heads(*qkv.split(self.qkv_sizes, dim=-1), cos, sin, mask, cache, cache_start)
+        qk = apply_rope(qkv[..., :(nh + n_kv) * hd].view(B, T, nh + n_kv, hd), cos, sin)  # (B, T, nh + n_kv, hd)
+        q, k = qk.split([nh, n_kv], dim=2)
+        return attn.attend(q, k, qkv[..., (nh + n_kv) * hd:].view(B, T, n_kv, hd), mask, cache, cache_start)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0):
+        o, down = lora.base_linear(self.self_attn.o_proj), lora.base_linear(self.mlp.down_proj)
+        y = self.heads(x, cos, sin, mask, cache, cache_start)  # (B, T, nh*hd)
+        x = decode_linear(y, o.weight, o.bias, residual=x)  # (B, T, H)
+        gate_up = decode_linear(x, self.gate_up_weight, self.gate_up_bias, norm=self.post_attention_layernorm)
+        return decode_linear(gate_up, down.weight, down.bias, swiglu=True, residual=x)  # (B, T, H)
 
 
-def decode_block(layer, x, cos, sin, mask=None, cache=None, cache_start=0):
-    """`DecoderLayer.block` for decoding (`prepare_for_decoding` sets it on each layer): the same computation, with
-    each RMSNorm, the SwiGLU and each residual add done by the matmul beside it (`decode_linear`), so that at batch
-    1 a layer is four matmul kernels around attention. The input norm is inside `attn.qkv` (`NormQKV`)."""
-    o, down = lora.base_linear(layer.self_attn.o_proj), lora.base_linear(layer.mlp.down_proj)
-    y = decode_heads(layer.self_attn, x, cos, sin, mask, cache, cache_start)  # (B, T, nh*hd)
-    x = decode_linear(y, o.weight, o.bias, residual=x)  # (B, T, H)
-    gate_up = decode_linear(x, layer.gate_up_weight, layer.gate_up_bias, norm=layer.post_attention_layernorm)
-    return decode_linear(gate_up, down.weight, down.bias, swiglu=True, residual=x)  # (B, T, H)
+class DecodeHead(nn.Module):
+    """The lm_head for decoding, which `prepare_for_decoding` puts in its place: the same weight, through
+    `decode_linear`."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.weight, self.bias = head.weight, head.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias)
 
 
 def prepare_for_decoding(llm) -> None:
-    """Merge the LoRA adapters into their base weights, give each layer's q, k, v and its gate, up weights one
-    storage each, and run each layer as `decode_block`, the lm_head through `decode_linear`. The model computes
-    what it did (the merged model), in place."""
+    """Merge the LoRA adapters into their base weights and put a `DecodeLayer` in each layer's place and a
+    `DecodeHead` in the lm_head's. The model computes what it did (the merged model), in place."""
     lora.merge_lora(llm)
-    for layer in llm.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv = NormQKV(layer.input_layernorm, [lora.base_linear(m) for m in (attn.q_proj, attn.k_proj,
-                                                                                  attn.v_proj)])
-        gate, up = lora.base_linear(mlp.gate_proj), lora.base_linear(mlp.up_proj)
-        layer.gate_up_weight = one_tensor([gate.weight, up.weight])  # (2 inner, H)
-        layer.gate_up_bias = None if gate.bias is None else one_tensor([gate.bias, up.bias])
-        layer.block = functools.partial(decode_block, layer)
-    head = lora.base_linear(llm.lm_head)
-    llm.lm_head.forward = lambda x: decode_linear(x, head.weight, head.bias)
+    layers = llm.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = DecodeLayer(layer)
+    llm.lm_head = DecodeHead(lora.base_linear(llm.lm_head))
 
 
 class Rows:
@@ -277,7 +283,7 @@ class GraphDecoder:
     (torch.manual_seed) rather than passing a generator.
 
     Use: `llm.generate(prompts, n, decoder=GraphDecoder(llm))` for one batch, `stream` for a dataset. Making one
-    prepares the model for decoding (LoRA merged, each layer as `decode_block`: `prepare_for_decoding`).
+    prepares the model for decoding (LoRA merged, each layer a `DecodeLayer`: `prepare_for_decoding`).
     `compile=False` records the eager step as it is (vLLM's and gpt-fast's CUDA graphs without the compiler): a
     recording is a run of the steps, well under a second, so there is no compile wait, and the prompt's pass runs
     eager too; `generate.py --predict` decodes so by default on a GPU. With `compile`, the steps are Inductor's and,

@@ -169,7 +169,7 @@ def load_runs(specs: list[tuple[str, Path]], checkpoint: str, device: str | None
                                          functools.partial(rows.now, rows.run))
         setattr(llm.get_submodule(parent), child, batched)
     for layer in llm.model.layers:  # q, k and v run through their modules again (lora.fuse_qkv held the old ones)
-        layer.self_attn.__dict__.pop("qkv", None)
+        layer.self_attn.fused_qkv = None
     return runs
 
 

@@ -56,7 +56,7 @@ from media import load_audio, load_image
 from quant import NF4Linear
 from step_graph import GraphedStep
 from config import Config, TrainConfig, load_config
-from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel, gather_rows,
+from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel,
     gradient_sync, is_sharded, setup_distributed, whole)
 from checkpoint import (CheckpointReadError, CheckpointWriteError, RunFolderError, RunLock, TrainState,
     check_fresh_start, export, load_checkpoint, optimizer_state, read_start, remove_leftovers, resume_candidates,
@@ -639,7 +639,7 @@ def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], auto
         step = functools.partial(train_step, model, opt=opt, scaler=scaler, params=params,
                                  autocast=lambda: autocast(cache_enabled=False), world=world,
                                  grad_clip=cfg.train.grad_clip, average=True)
-        return GraphedStep(step, model, opt, world.device, cfg.data.pad_multiple)
+        return GraphedStep(step, opt, world.device, cfg.data.pad_multiple)
     ddp = data_parallel(model, world)
     gradients = functools.partial(dpo.forward_backward, cfg=cfg.train) if cfg.train.objective == "dpo" \
         else forward_backward
@@ -840,8 +840,6 @@ def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Tra
 
     tokenizer, model = build_model(cfg, world.device, world=world)
     phase1 = isinstance(model, align.AlignModel)
-    if phase1 and world.size > 1:
-        model.gather = functools.partial(gather_rows, world=world)  # negatives from every rank
     log(parameter_report(parameter_groups(model)))
     train_ds, val_ds, skipped = load_datasets(cfg, tokenizer, model.aligner, world, log)
     opt, params = make_optimizer(model, cfg.train)
