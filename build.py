@@ -152,8 +152,9 @@ class CheckpointedLayer(DecoderLayer):
             return layer(x, cos, sin, mask, cache, cache_start)
         if self.offload:
             stash = HostStash(x)
-            return checkpoint(lambda *a: layer(stash.take(), *a), cos, sin, mask, use_reentrant=False)
-        return checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            return checkpoint(lambda *a: layer(stash.take(), *a), cos, sin, mask, cache, cache_start,
+                              use_reentrant=False)
+        return checkpoint(layer, x, cos, sin, mask, cache, cache_start, use_reentrant=False)
 
 
 class HostStash:

@@ -267,7 +267,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
 
 def stack_lora(model: nn.Module, recompute_dropout: bool = False) -> None:
     """Put a `StackedLoRALinear` (training's kernel, in train mode) in the place of every LoRALinear of `model`, a
-    frozen one inside another included; the tensors and their names are unchanged."""
+    frozen one inside another included; the tensors and their names are unchanged. Call it before `fuse_qkv`, whose
+    modules hold the layers they fuse."""
     for name in sorted(lora_modules(model), reverse=True):  # an adapter inside another first
         m = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
