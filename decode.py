@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import lora
 from model import apply_rope, prebuilt_attention
+from quant import NF4Linear
 
 kernels = None  # decode_kernels.py, once `load_kernels` has imported it
 
@@ -558,3 +559,18 @@ class GraphDecoder:
         for key in [k for k in self.graphs if k[:2] == (R, S)]:
             del self.graphs[key]
 
+
+def choose_decoder(llm, eager: bool = False, compile: bool = False, merge: bool = True,
+                   serving: bool = False) -> GraphDecoder | None:
+    """The decoder that generation runs on `llm` (the `decoder` of `LLM.generate` and `answer_batches`), for every
+    entry point: on a GPU, the decode steps recorded as CUDA graphs (`GraphDecoder`), compiled first with
+    `compile`; with `eager`, on a CPU or for a sliding-window model (which the recorded decoder does not support),
+    None, `LLM.generate`'s own steps. A server (`serving`) feeds its requests to `GraphDecoder.stream`, so it gets a
+    GraphDecoder everywhere, whose steps run unrecorded off the GPU. With `merge` the LoRA adapters are merged into
+    the base weights (`prepare_for_decoding`); a 4-bit base (QLoRA) cannot take them, so its decoder runs the model
+    as it is, uncompiled."""
+    cuda = llm.lm_head.weight.is_cuda
+    if not serving and (eager or not cuda or llm.config.sliding_window is not None):
+        return None
+    nf4 = any(isinstance(m, NF4Linear) for m in llm.modules())
+    return GraphDecoder(llm, record=cuda and not eager, compile=compile and not nf4, prepare=merge and not nf4)

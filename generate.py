@@ -37,6 +37,7 @@ from tokenizer import Tokenizer, load_tokenizer
 from encoders import aligner_config
 from multimodal import MODALITIES, MultimodalLM
 from model import LLMConfig
+from decode import choose_decoder
 from checkpoint import (CheckpointWriteError, check_export_folder, checkpoints_in, export, read_checkpoint,
                         restore_trainable)
 from config import Config, config_from_dict
@@ -693,29 +694,26 @@ def same_file(path: Path, stream) -> bool:
 
 
 def decoding(llm, args) -> dict:
-    """How the decode steps run, as `LLM.generate`'s arguments. On a GPU by default, the eager steps recorded as
-    CUDA graphs (`decode.GraphDecoder(compile=False)`: a recording is one run of the steps, so there is no wait), 8
-    steps a graph; with --compile, those steps compiled first, except in --predict, where many batch shapes each
-    compiling for a minute or more cost more than the short answers gain (it says so). With --eager, on a CPU or
-    for a sliding-window model, `LLM.decode`, step by step, sampling with its own generator."""
-    cuda = llm.lm_head.weight.is_cuda
-    if args.compile and not cuda:
+    """How the decode steps run, as `LLM.generate`'s arguments: the decoder that `decode.choose_decoder` picks, on a
+    GPU by default the eager steps recorded as CUDA graphs (a recording is one run of the steps, so there is no
+    wait), sampling from the default CUDA generator, seeded here; with --compile, those steps compiled first, except
+    in --predict, where many batch shapes each compiling for a minute or more cost more than the short answers gain
+    (it says so). With --eager, on a CPU or for a sliding-window model, `LLM.decode`, step by step, sampling with
+    its own generator."""
+    if args.compile and not llm.lm_head.weight.is_cuda:
         raise ValueError("--compile replays CUDA graphs: it needs a GPU")
     if args.compile and args.eager:
         raise ValueError("--compile and --eager exclude each other; give one")
-    if args.eager or not cuda or (llm.config.sliding_window is not None and not args.compile):
+    if args.compile and llm.config.sliding_window is not None:
+        raise ValueError("the recorded decoder does not support a sliding-window model; leave --compile out")
+    decoder = choose_decoder(llm, eager=args.eager, compile=args.compile and not args.predict)
+    if decoder is None:
         return {"generator": torch.Generator(llm.lm_head.weight.device).manual_seed(args.seed)}
-    from decode import GraphDecoder  # Triton and the compiler, imported only where decoding records graphs
-
-    from quant import NF4Linear
-
-    nf4 = any(isinstance(m, NF4Linear) for m in llm.modules())  # QLoRA: adapters cannot merge into 4-bit weights
-    compile_ = args.compile and not args.predict and not nf4
     if args.compile and args.predict:
         print("generate.py: --predict records the eager decode steps as CUDA graphs without compiling them: "
               "compiling each batch shape takes longer than its short answers", file=sys.stderr)
     torch.manual_seed(args.seed)  # recorded sampling draws from the default CUDA generator
-    return {"decoder": GraphDecoder(llm, compile=compile_, prepare=not nf4)}
+    return {"decoder": decoder}
 
 
 def stopped_note(args, argv: list[str] | None) -> str:

@@ -63,7 +63,7 @@ import generate
 import lora
 from checkpoint import read_checkpoint
 from config import Config
-from decode import GraphDecoder, RowSettings, sample_rows
+from decode import GraphDecoder, RowSettings, choose_decoder, sample_rows
 from media import wav_info
 from multimodal import MODALITIES, MultimodalLM
 from tokenizer import Tokenizer, load_tokenizer
@@ -808,9 +808,8 @@ def start(args) -> tuple[Engine, FastAPI]:
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     rows = RowSettings(args.rows or (256 if cuda else 16), torch.device("cuda" if cuda else "cpu"))
     runs = load_runs(specs, args.checkpoint, args.device, args.dtype, rows)
-    llm = runs[0].model.llm
-    nf4 = any(type(m).__name__ == "NF4Linear" for m in llm.modules())
-    decoder = GraphDecoder(llm, record=llm.lm_head.weight.is_cuda, compile=False, prepare=len(runs) == 1 and not nf4)
+    # one run's adapters are merged into the base; several runs keep theirs apart, each row gathering its own
+    decoder = choose_decoder(runs[0].model.llm, merge=len(runs) == 1, serving=True)
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, args.max_image_pixels,
                     args.max_audio_seconds, args.max_waiting)
     engine = Engine(runs, decoder, rows, limits, Metrics())
