@@ -344,6 +344,7 @@ class Scheduler:
         return [self.running.pop(r) for r in [r for r, (key, _) in self.running.items() if key in gone]]
 
     def show(self, tokens: list[int]) -> None:
+        """One step's tokens of the streamed rows, to `on_token` (its first `max_new_tokens` calls)."""
         if self.on_token is not None and self.shown < self.max_new_tokens:
             self.on_token(tokens)
             self.shown += 1

@@ -576,6 +576,7 @@ def chat(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, args, sampling:
 
 
 def parser() -> argparse.ArgumentParser:
+    """generate.py's command line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("question", nargs="?", help="one question (else --chat, --predict or --export)")
     ap.add_argument("--run", required=True, help="a run folder (run.out_dir) or an export folder")
