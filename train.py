@@ -48,13 +48,14 @@ import data
 import dpo
 import track
 from weights import weights_hash, write_json
-from model import LLM, llm_skeleton, until_stop
+from model import llm_skeleton, until_stop
 from tokenizer import Tokenizer, load_tokenizer
 from encoders import Aligner, load_aligner
 from multimodal import LossOutput, MultimodalLM, parameter_report
 from media import load_audio, load_image
 from quant import NF4Linear
 from step_graph import GraphedStep
+from decode import choose_decoder
 from config import Config, TrainConfig, load_config
 from distributed import (GatherRows, World, all_sum, any_rank, average_gradients, data_parallel,
     gradient_sync, is_sharded, setup_distributed, whole)
@@ -426,7 +427,7 @@ def evaluate(model: MultimodalLM, ds: data.ConversationDataset, cfg: Config, wor
                                                   for kept, answers, _, batch in prompts if batch is not None),
                                                  cfg.train.max_new_tokens,
                                                  tokenizer.stop_ids, rows=256, slots=1 << 16,
-                                                 **recorded_decoder(model.llm)):
+                                                 decoder=choose_decoder(model.llm, merge=False)):
                 for (i, answer), o in answered:
                     scored(i, o, answer)
     correct = all_sum(correct.to(world.device), world)
@@ -459,17 +460,6 @@ def prediction_sample(ds: data.ConversationDataset, i: int, tokens: list[int], a
         sample["images"] = [load_image(p).permute(1, 2, 0).numpy() for p in ex.media["image"][:1]]
         sample["audio"] = [(load_audio(p, rate).numpy(), rate, p) for p in ex.media["audio"][:1]]
     return sample
-
-
-def recorded_decoder(llm: LLM) -> dict:
-    """`LLM.generate`'s decoder for evaluation: on a GPU the eager decode steps recorded as CUDA graphs, the model
-    as it is (decode.GraphDecoder(prepare=False)); made anew for each evaluation, so that its caches and graphs are
-    freed with it. On a CPU, or for a sliding-window model, the plain steps."""
-    if not llm.lm_head.weight.is_cuda or llm.config.sliding_window is not None:
-        return {}
-    from decode import GraphDecoder  # Triton and the compiler's modules, imported only on a GPU
-
-    return {"decoder": GraphDecoder(llm, compile=False, prepare=False)}
 
 
 @torch.no_grad()
