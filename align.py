@@ -10,8 +10,8 @@ tokens) through a trainable head, so no text model of another family is needed a
 against the very model that will read it. The aligner's heads are trained, and with `train.align_encoders` our own
 small encoders too; Hugging Face towers stay frozen.
 
-train.py runs this model in its one loop (torchrun DDP, AMP, checkpoints, resume, metrics); under torchrun it sets
-`AlignModel.gather`, so that each pair's negatives are the pairs of its kind on every rank.
+train.py runs this model in its one loop (torchrun DDP, AMP, checkpoints, resume, metrics); under torchrun
+build.py gives it a `gather` over the ranks, so that each pair's negatives are the pairs of its kind on every rank.
 """
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ def gather_one(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 class AlignModel(nn.Module):
     """The aligner's towers, a text tower on the frozen LLM, and the temperature: `forward(PairBatch)` embeds both
-    sides of each pair and returns the contrastive loss as a `LossOutput` (summed over the batch's pairs)."""
+    sides of each pair and returns the contrastive loss as a `LossOutput` (summed over the batch's pairs).
+    `gather(x)` gives the rows of x (B, ...) of all ranks and where this rank's start (`contrastive_loss`)."""
 
-    def __init__(self, aligner: Aligner, llm: LLM, train_encoders: bool = False):
+    def __init__(self, aligner: Aligner, llm: LLM, train_encoders: bool = False, gather=gather_one):
         super().__init__()
         self.aligner, self.llm = aligner, llm
         self.llm.requires_grad_(False)
@@ -50,7 +51,7 @@ class AlignModel(nn.Module):
                 tower.encoder.requires_grad_(True)
         self.text_head = nn.Linear(llm.config.hidden_size, aligner.config.dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature, 0.07
-        self.gather = gather_one  # (B, ...) -> (rows of all ranks, where this rank's start)
+        self.gather = gather
 
     def towers(self) -> dict[str, nn.Module]:
         """Each side's trainable part: the image and audio towers and the text head."""

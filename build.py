@@ -1,30 +1,29 @@
 """Building the model a config describes: the tokenizer, the LLM (bf16 or NF4, or sharded over FSDP's ranks as
-it is read), the frozen aligner, projectors and LoRA, with activation checkpointing and torch.compile where the
-config asks for them. Training, generation, the pre-flight checks and the benchmarks all build it here.
+it is read), the frozen aligner, projectors and LoRA, with training's kernels, activation checkpointing and
+torch.compile where the config asks for them. Training, generation, the pre-flight checks and the benchmarks all
+build it here.
 
     tokenizer, model = build_model(cfg, torch.device("cuda"))    # MultimodalLM, or align.AlignModel in Phase 1
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 import align
 import lora
 from weights import check_tensors
-from model import LLM, llm_skeleton, load_llm
+from model import LLM, DecoderLayer, llm_skeleton, load_llm
 from tokenizer import Tokenizer, load_tokenizer
 from encoders import Aligner, load_aligner
 from multimodal import MODALITIES, MultimodalLM, Projector, cross_entropy_chunk, document_block_mask, document_mask
 from quant import NF4Linear, load_llm_nf4
 from config import Config, TrainConfig
-from distributed import World, materialize_sharded, read_shards
+from distributed import World, gather_rows, materialize_sharded, read_shards
 from checkpoint import Start, read_start
-
-if TYPE_CHECKING:
-    from torch.nn.attention.flex_attention import BlockMask
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model: built whole on each rank (ddp), or sharded over the ranks as it is read (fsdp; distributed.py)
@@ -34,8 +33,8 @@ def build_model(cfg: Config, device: torch.device, adapters: bool = True, world:
                 tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, MultimodalLM | align.AlignModel]:
     """Tokenizer (`tokenizer` if one was loaded already), LLM (frozen, with LoRA unless `adapters` is False), frozen
     aligner and projectors, as the config says; in Phase 1 (train.phase = "align") the aligner to train, on the
-    frozen LLM (`align.AlignModel`). With train.strategy = "fsdp", the model sharded over `world`
-    (`build_sharded`)."""
+    frozen LLM (`align.AlignModel`), its negatives gathered from every rank of `world`. With train.strategy =
+    "fsdp", the model sharded over `world` (`build_sharded`)."""
     tokenizer = tokenizer or load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[cfg.model.dtype]
@@ -48,7 +47,9 @@ def build_model(cfg: Config, device: torch.device, adapters: bool = True, world:
     if cfg.train.phase == "align":
         aligner = load_aligner(cfg.model.aligner, device, init_missing=True)
         torch.manual_seed(cfg.train.seed)  # the same text head on every rank
-        return tokenizer, align.AlignModel(aligner, llm, cfg.train.align_encoders).to(device)
+        gather = functools.partial(gather_rows, world=world) if world is not None and world.size > 1 \
+            else align.gather_one
+        return tokenizer, align.AlignModel(aligner, llm, cfg.train.align_encoders, gather).to(device)
     aligner = load_aligner(cfg.model.aligner, device)
     media_ids = {m: tokenizer.media_token_id(m) for m in MODALITIES}
     return tokenizer, assemble(cfg, llm, aligner, media_ids, adapters)
@@ -73,8 +74,9 @@ def build_sharded(cfg: Config, world: World, tokenizer: Tokenizer, dtype: torch.
 def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int], adapters: bool = True
              ) -> MultimodalLM:
     """Add projectors and LoRA (unless `adapters` is False: an LLM with LoRA merged) to a loaded LLM and aligner,
-    on top of train.init_from's start where one is given (`start_from`); set activation checkpointing and
-    compilation. With train.objective = "dpo" the projectors are frozen: the reference model shares them."""
+    on top of train.init_from's start where one is given (`start_from`); install training's kernels, activation
+    checkpointing (`CheckpointedLayer`) and compilation as the config asks. With train.objective = "dpo" the
+    projectors are frozen: the reference model shares them."""
     torch.manual_seed(cfg.train.seed)  # the same projector and LoRA initialisation on every rank
     H, D = llm.config.hidden_size, aligner.config.dim
     K = cfg.model.tokens_per_media
@@ -92,10 +94,16 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
         lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
     else:
         llm.requires_grad_(False)
-    lora.fuse_qkv(llm)
-    llm.gradient_checkpointing = cfg.train.activation_checkpointing
-    llm.offload_activations = cfg.train.offload_activations
-    model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk)
+    # training's kernels, which run in train mode (eval mode runs the plain forwards); a step recorded whole
+    # (train.cuda_graph) recomputes the adapters' dropout in the backward
+    lora.stack_lora(llm, recompute_dropout=cfg.train.cuda_graph)
+    lora.fuse_qkv(llm, recompute_dropout=cfg.train.cuda_graph)
+    if cfg.train.activation_checkpointing:
+        layers = llm.model.layers
+        for i, layer in enumerate(layers):
+            layers[i] = CheckpointedLayer(layer, offload=cfg.train.offload_activations)
+    on_gpu = next(aligner.parameters()).is_cuda  # (the LLM may still be on the meta device, to be sharded)
+    model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk, **loss_and_mask(cfg.train, on_gpu))
     compile_model(model, cfg.train)
     return model
 
@@ -121,22 +129,71 @@ def start_from(start: Start, llm: LLM, projectors: nn.ModuleDict) -> None:
             p.copy_(start.projectors[k])
 
 
-def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
-    """torch.compile where it pays, and the compiler's settings, in one place.
+# ----------------------------------------------------------------------------------------------------------------
+# Activation checkpointing and torch.compile, applied from outside the layers
 
-    On a GPU the loss's chunk is compiled, so that the softmax and its gradient are a few fused passes over the
-    logits. With `train.compile`, each decoder layer is compiled (one graph, shared by all layers: same code, same
-    shapes). Evaluation and generation run them eager (`evaluate` sets torch.compiler's "force_eager" stance),
-    since their shapes change from call to call."""
-    on_gpu = next(model.aligner.parameters()).is_cuda  # (the LLM may still be on the meta device, to be sharded)
-    if on_gpu:
-        model.chunk_loss = torch.compile(cross_entropy_chunk, dynamic=True)
+
+class CheckpointedLayer(DecoderLayer):
+    """A decoder layer under activation checkpointing, which `assemble` puts in the layer's place with the layer's
+    own modules (so the weights and their names are unchanged). In train mode its forward keeps only its inputs,
+    and the backward computes the layer again from them; with `offload`, the input waits in host memory meanwhile
+    (`HostStash`). In eval mode (evaluation, generation) it is the plain layer. Being the layer's own forward, a
+    compiled layer compiles the recomputation too."""
+
+    def __init__(self, layer: DecoderLayer, offload: bool = False):
+        nn.Module.__init__(self)  # no new tensors: the layer's modules, under their names
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        self.offload, self.training = offload, layer.training
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0):
+        layer = super().forward
+        if not self.training:
+            return layer(x, cos, sin, mask, cache, cache_start)
+        if self.offload:
+            stash = HostStash(x)
+            return checkpoint(lambda *a: layer(stash.take(), *a), cos, sin, mask, cache, cache_start,
+                              use_reentrant=False)
+        return checkpoint(layer, x, cos, sin, mask, cache, cache_start, use_reentrant=False)
+
+
+class HostStash:
+    """A checkpointed layer's input (B, T, H), moved to host memory once the layer's forward has it (torchtune's
+    activation offloading): `take()` gives the tensor itself the first time (the forward), then a copy back on its
+    device (the recomputation in the backward). The copies are queued on the current stream, so they keep its
+    order without a sync; the host buffer is pinned, where the tensor is on a GPU."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.host, self.device, self.requires_grad = x, None, x.device, x.requires_grad
+
+    def take(self) -> torch.Tensor:
+        if self.host is None:
+            x, self.x = self.x, None  # this layer no longer holds the device's copy
+            self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+            self.host.copy_(x.detach(), non_blocking=x.is_cuda)
+            return x
+        return self.host.to(self.device, non_blocking=True).requires_grad_(self.requires_grad)
+
+
+def loss_and_mask(cfg: TrainConfig, on_gpu: bool) -> dict:
+    """`MultimodalLM`'s loss chunk and its packed rows' mask in training. On a GPU the loss's chunk is compiled, so
+    that the softmax and its gradient are a few fused passes over the logits. Where the layers are compiled on a GPU,
+    the mask is flex attention's BlockMask, whose hidden blocks compiled flex attention skips; not in the modes that
+    record each layer as a CUDA graph, which would record it again at every step (each step's block mask is made of
+    new tensors)."""
+    flex = on_gpu and cfg.compile in ("default", "max-autotune-no-cudagraphs")
+    return {"chunk_loss": torch.compile(cross_entropy_chunk, dynamic=True) if on_gpu else cross_entropy_chunk,
+            "training_mask": document_block_mask if flex else document_mask}
+
+
+def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
+    """With `train.compile`, each decoder layer compiled (`module.compile()`: one graph, shared by all layers: same
+    code, same shapes), and the compiler's settings, in one place. Evaluation and generation run the layers eager
+    (`evaluate` sets torch.compiler's "force_eager" stance), since their shapes change from call to call. Under FSDP2
+    each layer is also a sharded unit, and its gathering hooks stay outside the compiled code: FSDP2 marks them for
+    the compiler to skip (torch._dynamo.disable), so they run eagerly around the compiled forward."""
     if cfg.compile == "none":
         return
-    # compiled, flex attention skips what packed rows' masks hide; not in the modes that record each layer as a CUDA
-    # graph, which would record it again at every step (each step's block mask is made of new tensors)
-    if on_gpu and cfg.compile in ("default", "max-autotune-no-cudagraphs"):
-        model.document_mask = training_document_mask
     dynamic = None
     if cfg.activation_checkpointing:  # static shapes: Inductor's partitioner fails on dynamic ones with the
         dynamic = False  # recomputation inside; one compilation per batch shape, not eager after Dynamo's default 8
@@ -145,18 +202,8 @@ def compile_model(model: MultimodalLM, cfg: TrainConfig) -> None:
     # draw (so compiled and eager steps agree), and the step is faster (BENCHMARKS.md)
     torch._inductor.config.fallback_random = True
     torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
-    mode = None if cfg.compile == "default" else cfg.compile
     for layer in model.llm.model.layers:
-        if cfg.strategy == "fsdp":  # the layer's forward only: FSDP's hooks on the layer stay outside the compiled code
-            layer.forward = torch.compile(layer.forward, mode=mode, dynamic=dynamic)
-        else:
-            layer.compile(mode=mode, dynamic=dynamic)
-
-
-def training_document_mask(doc: torch.Tensor) -> torch.Tensor | BlockMask:
-    """Packed rows' mask where the layers are compiled: a BlockMask for the training step's flex attention; the
-    dense mask for evaluation, which runs the layers eager (flex attention uncompiled computes every score)."""
-    return document_block_mask(doc) if torch.is_grad_enabled() else document_mask(doc)
+        layer.compile(mode=None if cfg.compile == "default" else cfg.compile, dynamic=dynamic)
 
 
 def parameter_groups(model: MultimodalLM | align.AlignModel) -> dict[str, list[nn.Parameter]]:

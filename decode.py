@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import lora
 from model import apply_rope, prebuilt_attention
+from quant import NF4Linear
 
 kernels = None  # decode_kernels.py, once `load_kernels` has imported it
 
@@ -56,32 +57,6 @@ def static_decode(llm, tokens: torch.Tensor, caches: list, slot: torch.Tensor) -
     mask = torch.arange(S, device=slot.device) <= slot[:, None]  # (B, S)
     h = llm.hidden_states(llm.model.embed_tokens(tokens), slot[:, None], mask[:, None, None, :], caches, slot)
     return llm.lm_head(h[:, -1]).float()  # (B, V)
-
-
-def decode_heads(attn, x, cos, sin, mask=None, cache=None, cache_start=0) -> torch.Tensor:
-    """`Attention.heads` for decoding: x (B, T, H) -> (B, T, nh*hd). For one new token a row on the GPU in compiled
-    code (the recorded decode step: `cache_start` the (B,) slots, `mask` the (B, 1, 1, S) valid slots), the q/k/v
-    matmul with its norm, then one Triton kernel for RoPE, the cache write and attention (`decode_attention`; a
-    second one combines the parts of a long cache). Otherwise, with q and k side by side in one matmul's output
-    (`NormQKV`, no q/k norms), RoPE runs once on both; else `Attention.heads`."""
-    B, T, _ = x.shape
-    hd = attn.head_dim
-    if (kernels is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
-            and torch.is_tensor(cache_start) and mask is not None and mask.dtype == torch.bool
-            and hd >= 16 and hd & (hd - 1) == 0):
-        qkv = attn.qkv.joined(x)  # (B, 1, (nh + 2 n_kv) hd)
-        q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
-        eps = attn.q_norm.eps if attn.qk_norm else 0.0
-        y = kernels.decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm, eps,
-                             cache.k, cache.v, mask.reshape(B, -1), cache_start)
-        return y.view(B, 1, -1)
-    if isinstance(attn.qkv, NormQKV) and not attn.qk_norm:  # q and k side by side: one RoPE for both
-        nh, n_kv = attn.n_heads, attn.n_kv
-        qkv = attn.qkv.joined(x)  # (B, T, (nh + 2 n_kv) hd)
-        qk = apply_rope(qkv[..., :(nh + n_kv) * hd].view(B, T, nh + n_kv, hd), cos, sin)  # (B, T, nh + n_kv, hd)
-        q, k = qk.split([nh, n_kv], dim=2)
-        return attn.attend(q, k, qkv[..., (nh + n_kv) * hd:].view(B, T, n_kv, hd), mask, cache, cache_start)
-    return attn.heads(x, cos, sin, mask, cache, cache_start)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -116,50 +91,82 @@ def one_tensor(parts: list[nn.Parameter]) -> torch.Tensor:
     return whole
 
 
-class NormQKV:
-    """`Attention.qkv` for decoding: the layer's input RMSNorm, then one matmul over the q, k and v weights (one
-    storage). At one token per row a decode step's matmuls are too small to use the GPU's bandwidth, so one matmul
-    is faster than three."""
+class DecodeLayer(nn.Module):
+    """A decoder layer for decoding, which `prepare_for_decoding` puts in the layer's place: the layer's own modules
+    under their names, its q, k and v weights in one storage and its gate and up weights in another, and each
+    RMSNorm, the SwiGLU and each residual add done by the matmul beside it (`decode_linear`), so that at batch 1 a
+    layer is four matmul kernels around attention. It computes what the layer computes (with LoRA merged)."""
 
-    def __init__(self, norm: nn.Module, layers: list[nn.Linear]):
-        self.norm, self.sizes = norm, [layer.out_features for layer in layers]
-        self.weight = one_tensor([layer.weight for layer in layers])  # (q + k + v, H)
-        self.bias = None if layers[0].bias is None else one_tensor([layer.bias for layer in layers])
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
+        self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
+        attn, mlp = self.self_attn, self.mlp
+        q, k, v = (lora.base_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        self.qkv_sizes = [q.out_features, k.out_features, v.out_features]
+        self.qkv_weight = one_tensor([q.weight, k.weight, v.weight])  # (q + k + v, H)
+        self.qkv_bias = None if q.bias is None else one_tensor([q.bias, k.bias, v.bias])
+        gate, up = lora.base_linear(mlp.gate_proj), lora.base_linear(mlp.up_proj)
+        self.gate_up_weight = one_tensor([gate.weight, up.weight])  # (2 inner, H)
+        self.gate_up_bias = None if gate.bias is None else one_tensor([gate.bias, up.bias])
 
-    def joined(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, H) -> q, k and v side by side, (B, T, q + k + v)."""
-        return decode_linear(x, self.weight, self.bias, norm=self.norm)
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The input RMSNorm, then q, k and v side by side: x (B, T, H) -> (B, T, q + k + v). At one token a row a
+        decode step's matmuls are too small to use the GPU's bandwidth, so one matmul is faster than three."""
+        return decode_linear(x, self.qkv_weight, self.qkv_bias, norm=self.input_layernorm)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.joined(x).split(self.sizes, dim=-1)
+    def heads(self, x, cos, sin, mask=None, cache=None, cache_start=0) -> torch.Tensor:
+        """`Attention.heads` of the normed x's q, k and v: x (B, T, H) -> (B, T, nh*hd). For one new token a row on
+        the GPU in compiled code (the recorded decode step: `cache_start` the (B,) slots, `mask` the (B, 1, 1, S)
+        valid slots), the q/k/v matmul with its norm, then one Triton kernel for RoPE, the cache write and attention
+        (`decode_attention`; a second one combines the parts of a long cache). Otherwise, without q/k norms, RoPE
+        runs once on q and k side by side; else `Attention.heads`."""
+        attn = self.self_attn
+        B, T, _ = x.shape
+        hd, nh, n_kv = attn.head_dim, attn.n_heads, attn.n_kv
+        qkv = self.qkv(x)  # (B, T, (nh + 2 n_kv) hd)
+        if (kernels is not None and torch.compiler.is_compiling() and x.is_cuda and T == 1 and cache is not None
+                and torch.is_tensor(cache_start) and mask is not None and mask.dtype == torch.bool
+                and hd >= 16 and hd & (hd - 1) == 0):
+            q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
+            eps = attn.q_norm.eps if attn.qk_norm else 0.0
+            y = kernels.decode_attention(qkv.view(B, -1), cos.reshape(B, hd), sin.reshape(B, hd), q_norm, k_norm,
+                                         eps, cache.k, cache.v, mask.reshape(B, -1), cache_start)
+            return y.view(B, 1, -1)
+        if attn.qk_norm:
+            return attn.heads(*qkv.split(self.qkv_sizes, dim=-1), cos, sin, mask, cache, cache_start)
+        qk = apply_rope(qkv[..., :(nh + n_kv) * hd].view(B, T, nh + n_kv, hd), cos, sin)  # (B, T, nh + n_kv, hd)
+        q, k = qk.split([nh, n_kv], dim=2)
+        return attn.attend(q, k, qkv[..., (nh + n_kv) * hd:].view(B, T, n_kv, hd), mask, cache, cache_start)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0):
+        o, down = lora.base_linear(self.self_attn.o_proj), lora.base_linear(self.mlp.down_proj)
+        y = self.heads(x, cos, sin, mask, cache, cache_start)  # (B, T, nh*hd)
+        x = decode_linear(y, o.weight, o.bias, residual=x)  # (B, T, H)
+        gate_up = decode_linear(x, self.gate_up_weight, self.gate_up_bias, norm=self.post_attention_layernorm)
+        return decode_linear(gate_up, down.weight, down.bias, swiglu=True, residual=x)  # (B, T, H)
 
 
-def decode_block(layer, x, cos, sin, mask=None, cache=None, cache_start=0):
-    """`DecoderLayer.block` for decoding (`prepare_for_decoding` sets it on each layer): the same computation, with
-    each RMSNorm, the SwiGLU and each residual add done by the matmul beside it (`decode_linear`), so that at batch
-    1 a layer is four matmul kernels around attention. The input norm is inside `attn.qkv` (`NormQKV`)."""
-    o, down = lora.base_linear(layer.self_attn.o_proj), lora.base_linear(layer.mlp.down_proj)
-    y = decode_heads(layer.self_attn, x, cos, sin, mask, cache, cache_start)  # (B, T, nh*hd)
-    x = decode_linear(y, o.weight, o.bias, residual=x)  # (B, T, H)
-    gate_up = decode_linear(x, layer.gate_up_weight, layer.gate_up_bias, norm=layer.post_attention_layernorm)
-    return decode_linear(gate_up, down.weight, down.bias, swiglu=True, residual=x)  # (B, T, H)
+class DecodeHead(nn.Module):
+    """The lm_head for decoding, which `prepare_for_decoding` puts in its place: the same weight, through
+    `decode_linear`."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.weight, self.bias = head.weight, head.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias)
 
 
 def prepare_for_decoding(llm) -> None:
-    """Merge the LoRA adapters into their base weights, give each layer's q, k, v and its gate, up weights one
-    storage each, and run each layer as `decode_block`, the lm_head through `decode_linear`. The model computes
-    what it did (the merged model), in place."""
+    """Merge the LoRA adapters into their base weights and put a `DecodeLayer` in each layer's place and a
+    `DecodeHead` in the lm_head's. The model computes what it did (the merged model), in place."""
     lora.merge_lora(llm)
-    for layer in llm.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv = NormQKV(layer.input_layernorm, [lora.base_linear(m) for m in (attn.q_proj, attn.k_proj,
-                                                                                  attn.v_proj)])
-        gate, up = lora.base_linear(mlp.gate_proj), lora.base_linear(mlp.up_proj)
-        layer.gate_up_weight = one_tensor([gate.weight, up.weight])  # (2 inner, H)
-        layer.gate_up_bias = None if gate.bias is None else one_tensor([gate.bias, up.bias])
-        layer.block = functools.partial(decode_block, layer)
-    head = lora.base_linear(llm.lm_head)
-    llm.lm_head.forward = lambda x: decode_linear(x, head.weight, head.bias)
+    layers = llm.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = DecodeLayer(layer)
+    llm.lm_head = DecodeHead(lora.base_linear(llm.lm_head))
 
 
 class Rows:
@@ -265,6 +272,90 @@ def sample_rows(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     return torch.where(temperature > 0, (x - (-u.log()).log()).argmax(-1), greedy)
 
 
+class Scheduler:
+    """The books of `GraphDecoder.stream`'s rows, on the host (as a serving engine's scheduler keeps its waiting
+    and running queues): the prompts `waiting` for a row, (key, ids, embeddings (T, H) or None), read from
+    `batches` as rows free up; the `running` rows, row -> (key, its tokens so far); and the stop rule, a stop token
+    or `max_new_tokens`. Rows that end are taken out and returned as (key, tokens without the stop token).
+    `on_token` receives the tokens of the first admitted rows, their first ones and then each step's, at most
+    `max_new_tokens` times."""
+
+    def __init__(self, batches: Iterator[list[tuple]], max_new_tokens: int, stop_ids=(), on_token=None):
+        self.batches, self.max_new_tokens, self.stops = batches, max_new_tokens, set(stop_ids)
+        self.waiting: collections.deque = collections.deque()
+        self.running: dict[int, tuple] = {}
+        self.exhausted = False  # `batches` has ended
+        self.on_token, self.streamed, self.shown = on_token, [], 0  # the rows on_token sees, its calls so far
+
+    def fill(self, want: int) -> None:
+        """The next batches, until `want` prompts wait, the batches end or none waits now (a batch of [])."""
+        while not self.exhausted and len(self.waiting) < want:
+            got = next(self.batches, None)
+            self.exhausted = got is None
+            if not got:
+                break
+            self.waiting.extend(got)
+
+    def should_admit(self, R: int) -> bool:
+        """Whether the waiting prompts' pass runs now: some wait, and no row runs or a quarter of the R rows is
+        free."""
+        return bool(self.waiting) and (not self.running or 4 * (R - len(self.running)) >= R)
+
+    def take(self, R: int, room: int, width) -> tuple[list[int], list[tuple]]:
+        """The free rows of the R rows and the waiting prompts that take them, in order, while a prompt's padded
+        width (`width(its tokens)`) is at most `room`, the cache slots a row has for it."""
+        free = [r for r in range(R) if r not in self.running]
+        take = []
+        while self.waiting and len(take) < len(free) and width(len(self.waiting[0][1])) <= room:
+            take.append(self.waiting.popleft())
+        return free[:len(take)], take
+
+    def start(self, rows: list[int], items: list[tuple], firsts: list[int]) -> list[tuple]:
+        """Rows `rows` running the prompts `items` from their first tokens `firsts`: those that end at once."""
+        if not self.streamed:
+            self.streamed = rows
+            self.show(firsts)
+        finished = []
+        for r, (key, _, _), t in zip(rows, items, firsts):
+            tokens = []
+            if self.extend(tokens, [t]):
+                finished.append((key, tokens))
+            else:
+                self.running[r] = (key, tokens)
+        return finished
+
+    def step(self, new: list[list[int]]) -> list[tuple]:
+        """A call's tokens, new (R, steps), added to the running rows: the rows that end, taken out."""
+        if self.on_token is not None:
+            for j in range(len(new[0])):
+                self.show([new[r][j] for r in self.streamed])
+        finished = []
+        for r in list(self.running):
+            _, tokens = self.running[r]
+            if self.extend(tokens, new[r]):
+                finished.append(self.running.pop(r))
+        return finished
+
+    def extend(self, tokens: list[int], new: list[int]) -> bool:
+        """`new` added to a row's `tokens` up to a stop token or `max_new_tokens`: whether the row ends."""
+        for t in new:
+            if t in self.stops or len(tokens) >= self.max_new_tokens:
+                return True
+            tokens.append(t)
+        return len(tokens) >= self.max_new_tokens
+
+    def end(self, progress) -> list[tuple]:
+        """The running rows whose keys `progress({key: tokens so far})` returns, taken out."""
+        gone = progress({key: tokens for key, tokens in self.running.values()})
+        return [self.running.pop(r) for r in [r for r, (key, _) in self.running.items() if key in gone]]
+
+    def show(self, tokens: list[int]) -> None:
+        """One step's tokens of the streamed rows, to `on_token` (its first `max_new_tokens` calls)."""
+        if self.on_token is not None and self.shown < self.max_new_tokens:
+            self.on_token(tokens)
+            self.shown += 1
+
+
 class GraphDecoder:
     """Decoding with fixed shapes, `steps` decode steps recorded as one CUDA graph, and continuous batching
     (`stream`): a finished row takes the next prompt. The eager step launches a few hundred small kernels per
@@ -277,7 +368,7 @@ class GraphDecoder:
     (torch.manual_seed) rather than passing a generator.
 
     Use: `llm.generate(prompts, n, decoder=GraphDecoder(llm))` for one batch, `stream` for a dataset. Making one
-    prepares the model for decoding (LoRA merged, each layer as `decode_block`: `prepare_for_decoding`).
+    prepares the model for decoding (LoRA merged, each layer a `DecodeLayer`: `prepare_for_decoding`).
     `compile=False` records the eager step as it is (vLLM's and gpt-fast's CUDA graphs without the compiler): a
     recording is a run of the steps, well under a second, so there is no compile wait, and the prompt's pass runs
     eager too; `generate.py --predict` decodes so by default on a GPU. With `compile`, the steps are Inductor's and,
@@ -341,12 +432,12 @@ class GraphDecoder:
                progress=None, settings: RowSettings | None = None) -> Iterator[list[tuple]]:
         """Continuous batching: the prompts of `batches` (lists of (key, ids, embeddings (T, H) or None), longest
         first, as data.length_batches sends them) take the free rows of `rows` rows (at most `slots` cache slots
-        in all); yields lists of (key, new tokens without the stop token) as rows finish. A row runs until a stop
-        token or `max_new_tokens`. After each call of `steps` decode steps the host reads the tokens, frees the
-        finished rows, and, once a quarter of the rows is free (or none runs), runs the next prompts' pass into
-        the free rows' caches (`admit`). The cache has room for the first prompts' width and `max_new_tokens`,
-        rounded up to `bucket`; a longer prompt waits until every row has finished, then gets a cache of its own.
-        `on_token` receives each step's new tokens of the first prompts' rows, in order (streaming one batch).
+        in all); yields lists of (key, new tokens without the stop token) as rows finish (`Scheduler` keeps the
+        rows' books). After each call of `steps` decode steps the host reads the tokens, frees the finished rows,
+        and, once a quarter of the rows is free (or none runs), runs the next prompts' pass into the free rows'
+        caches (`admit`). The cache has room for the first prompts' width and `max_new_tokens`, rounded up to
+        `bucket`; a longer prompt waits until every row has finished, then gets a cache of its own. `on_token`
+        receives each step's new tokens of the first prompts' rows, in order (streaming one batch).
 
         Requests that arrive at any time (serve.py): `batches` yields [] while none waits, and the stream returns
         once no row runs and none waits; `prompt_tokens` sizes the cache for the longest prompt that may come;
@@ -356,82 +447,47 @@ class GraphDecoder:
         if self.record and pick.keywords.get("generator") is not None:
             raise ValueError("a recorded decoder samples with the default CUDA generator: seed it with "
                              "torch.manual_seed and pass no generator")
-        stops, n = set(stop_ids), self.steps
-        room = -(-(max_new_tokens - 1) // n) * n  # the decode steps' slots that a row may take
-        pending: collections.deque = collections.deque()
-        active: dict[int, tuple] = {}  # row -> (key, its tokens so far)
-        state, R, S, exhausted, shown, streamed = None, rows, 0, False, 0, []
+        scheduler = Scheduler(batches, max_new_tokens, stop_ids, on_token)
+        room = -(-(max_new_tokens - 1) // self.steps) * self.steps  # the decode steps' slots that a row may take
+        state, R, S = None, rows, 0
         self.settings = settings
-
-        def fill(want: int) -> None:  # the next batches, until `want` prompts wait
-            nonlocal exhausted
-            while not exhausted and len(pending) < want:
-                got = next(batches, None)
-                exhausted = got is None
-                if not got:  # the end, or none waits now
-                    break
-                pending.extend(got)
-
-        def ended() -> list[tuple]:  # the rows that `progress` ends, taken out
-            gone = progress({key: tokens for key, tokens in active.values()})
-            return [active.pop(r) for r in [r for r, (key, _) in active.items() if key in gone]]
         while True:
-            fill(R - len(active))
-            if not pending and not active:
+            scheduler.fill(R - len(scheduler.running))
+            if not scheduler.waiting and not scheduler.running:
                 return
             finished = []
-            if pending and (not active or 4 * (R - len(active)) >= R):
+            if scheduler.should_admit(R):
                 if state is None:  # a cache with room for the next rows' longest prompt
-                    P = prompt_tokens or max(len(ids) for _, ids, _ in itertools.islice(pending, rows))
-                    S = -(-(self.prompt_width(P) + room) // bucket) * bucket
-                    R = rows if slots is None else max(1, min(rows, slots // S))
+                    longest = prompt_tokens or max(len(ids) for _, ids, _ in itertools.islice(scheduler.waiting, rows))
+                    R, S = self.cache_shape(longest, room, bucket, rows, slots)
                     state = self.slots(R, S)
-                free = [r for r in range(R) if r not in active]
-                take = []
-                while pending and len(take) < len(free) and self.prompt_width(len(pending[0][1])) + room <= S:
-                    take.append(pending.popleft())
-                if not take and not active:  # the next prompt is longer than this cache has room for
+                at, take = scheduler.take(R, S - room, self.prompt_width)
+                if not take and not scheduler.running:  # the next prompt is longer than this cache has room for
                     self.drop(R, S)
                     state = None
                     continue
-                at = free[:len(take)]
-                if settings is not None and take:
-                    settings.place(at, [key for key, _, _ in take])
-                firsts = self.admit(state, at, take, pick) if take else []
-                streamed = streamed or at
-                if take and on_token is not None and shown < max_new_tokens:
-                    on_token(firsts[:len(streamed)])
-                    shown += 1
-                for r, (key, _, _), t in zip(at, take, firsts):
-                    tokens = [] if t in stops or max_new_tokens < 1 else [t]
-                    if t in stops or len(tokens) >= max_new_tokens:
-                        finished.append((key, tokens))
-                    else:
-                        active[r] = (key, tokens)
+                if take:
+                    if settings is not None:
+                        settings.place(at, [key for key, _, _ in take])
+                    finished += scheduler.start(at, take, self.admit(state, at, take, pick))
                 if progress is not None:
-                    finished += ended()
-            if active:
+                    finished += scheduler.end(progress)
+            if scheduler.running:
                 self.advance(state, pick)
                 # the next prompts' media pass (the aligner), queued behind these steps while they run: the host
                 # launches it instead of waiting for the tokens
-                fill(R)
-                new = state.out.tolist()  # (R, steps)
-                for j in range(n):
-                    if on_token is not None and shown < max_new_tokens:
-                        on_token([new[r][j] for r in streamed])
-                        shown += 1
-                for r in list(active):
-                    key, tokens = active[r]
-                    for t in new[r]:
-                        if t in stops or len(tokens) >= max_new_tokens:
-                            break
-                        tokens.append(t)
-                    if t in stops or len(tokens) >= max_new_tokens:
-                        finished.append(active.pop(r))
+                scheduler.fill(R)
+                finished += scheduler.step(state.out.tolist())  # (R, steps)
                 if progress is not None:
-                    finished += ended()
+                    finished += scheduler.end(progress)
             if finished:
                 yield finished
+
+    def cache_shape(self, longest: int, room: int, bucket: int, rows: int, slots: int | None) -> tuple[int, int]:
+        """(R, S): S cache slots a row, room for a prompt of `longest` tokens (its `prompt_width`) and `room` decode
+        slots, rounded up to `bucket`; R of `rows` rows, as many as `slots` cache slots hold in all (one at least)."""
+        S = -(-(self.prompt_width(longest) + room) // bucket) * bucket
+        return (rows if slots is None else max(1, min(rows, slots // S))), S
 
     def admit(self, state: Slots, rows: list[int], items: list[tuple], pick, budget: int = 1 << 16) -> list[int]:
         """The prompts' pass of `items` (key, ids, embeddings or None) into cache rows `rows`, in parts of at most
@@ -509,3 +565,19 @@ class GraphDecoder:
         self.states.pop((R, S), None)
         for key in [k for k in self.graphs if k[:2] == (R, S)]:
             del self.graphs[key]
+
+
+def choose_decoder(llm, eager: bool = False, compile: bool = False, merge: bool = True,
+                   serving: bool = False) -> GraphDecoder | None:
+    """The decoder that generation runs on `llm` (the `decoder` of `LLM.generate` and `answer_batches`), for every
+    entry point: on a GPU, the decode steps recorded as CUDA graphs (`GraphDecoder`), compiled first with
+    `compile`; with `eager`, on a CPU or for a sliding-window model (which the recorded decoder does not support),
+    None, `LLM.generate`'s own steps. A server (`serving`) feeds its requests to `GraphDecoder.stream`, so it gets a
+    GraphDecoder everywhere, whose steps run unrecorded off the GPU. With `merge` the LoRA adapters are merged into
+    the base weights (`prepare_for_decoding`); a 4-bit base (QLoRA) cannot take them, so its decoder runs the model
+    as it is, uncompiled."""
+    cuda = llm.lm_head.weight.is_cuda
+    if not serving and (eager or not cuda or llm.config.sliding_window is not None):
+        return None
+    nf4 = any(isinstance(m, NF4Linear) for m in llm.modules())
+    return GraphDecoder(llm, record=cuda and not eager, compile=compile and not nf4, prepare=merge and not nf4)

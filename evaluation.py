@@ -18,11 +18,12 @@ import torch.distributed as dist
 import align
 import data
 import dpo
-from model import LLM, until_stop
+from model import until_stop
 from tokenizer import Tokenizer
 from media import load_audio, load_image
 from multimodal import LossOutput, MultimodalLM
 from preference import PreferenceDataset, collate_preferences
+from decode import choose_decoder
 from config import Config
 from distributed import GatherRows, World, all_sum, is_sharded
 from metrics import group_losses, group_sums
@@ -116,7 +117,7 @@ def batched_answers(model: MultimodalLM, ds: data.ConversationDataset, mine: lis
         for answered in model.answer_batches(((list(zip(kept, answers)), batch)
                                               for kept, answers, _, batch in prompts if batch is not None),
                                              cfg.train.max_new_tokens, tokenizer.stop_ids, rows=256, slots=1 << 16,
-                                             **recorded_decoder(model.llm)):
+                                             decoder=choose_decoder(model.llm, merge=False)):
             for (i, answer), o in answered:
                 yield i, o, answer
 
@@ -160,17 +161,6 @@ def prediction_sample(ds: data.ConversationDataset, i: int, tokens: list[int], a
         sample["images"] = [load_image(p).permute(1, 2, 0).numpy() for p in ex.media["image"][:1]]
         sample["audio"] = [(load_audio(p, rate).numpy(), rate, p) for p in ex.media["audio"][:1]]
     return sample
-
-
-def recorded_decoder(llm: LLM) -> dict:
-    """`LLM.generate`'s decoder for evaluation: on a GPU the eager decode steps recorded as CUDA graphs, the model
-    as it is (decode.GraphDecoder(prepare=False)); made anew for each evaluation, so that its caches and graphs are
-    freed with it. On a CPU, or for a sliding-window model, the plain steps."""
-    if not llm.lm_head.weight.is_cuda or llm.config.sliding_window is not None:
-        return {}
-    from decode import GraphDecoder  # Triton and the compiler's modules, imported only on a GPU
-
-    return {"decoder": GraphDecoder(llm, compile=False, prepare=False)}
 
 
 @torch.no_grad()

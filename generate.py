@@ -37,6 +37,7 @@ from tokenizer import Tokenizer, load_tokenizer
 from encoders import aligner_config
 from multimodal import MODALITIES, MultimodalLM
 from model import LLMConfig
+from decode import choose_decoder
 from checkpoint import (CheckpointWriteError, check_export_folder, checkpoints_in, export, read_checkpoint,
                         restore_trainable)
 from config import Config, config_from_dict
@@ -526,6 +527,11 @@ def cache_slots(llm, share: float = 0.25) -> int:
 CHAT_HELP = "chat: /image PATH, /audio PATH attach a medium to the next question; /reset; /exit"
 
 
+def show(text: str) -> None:
+    """A piece of an answer, on stdout as it comes."""
+    print(text, end="", flush=True)
+
+
 def chat(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, args, sampling: dict) -> None:
     """Multi-turn chat on stdin: a line is a question; /image P and /audio P attach a medium to the next question
     (decoded there, so that a bad one is refused at once and never left pending), /reset forgets the conversation,
@@ -563,14 +569,14 @@ def chat(model: MultimodalLM, tokenizer: Tokenizer, cfg: Config, args, sampling:
             kept = f" (still attached: {', '.join(p for _, p in pending)})" if pending else ""
             print(f"generate.py: {e}{kept}", file=sys.stderr)
             continue
-        reply = answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=lambda t: print(t, end="",
-                                                                                                     flush=True))
+        reply = answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=show)
         print()
         messages += [turn, {"role": "assistant", "content": reply}]
         media, pending = media + pending, []
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """generate.py's command line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("question", nargs="?", help="one question (else --chat, --predict or --export)")
     ap.add_argument("--run", required=True, help="a run folder (run.out_dir) or an export folder")
@@ -601,60 +607,98 @@ def main(argv: list[str] | None = None) -> None:
                     "compiled (the plain path)")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: the GPU if there is one")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on a GPU, float32 on a CPU")
+    return ap
+
+
+def checked_config(args) -> Config:
+    """The run's config for generation, the options checked against it before the model loads."""
+    cfg = run_config(args.run, args.device, args.dtype)
+    check_options(args, model_context(cfg))
+    return cfg
+
+
+def loaded(args, tokenizer: Tokenizer | None = None) -> tuple[MultimodalLM, Tokenizer, Config, dict]:
+    """The model of --run, its tokenizer and config, and the sampling and decoding arguments of its generate."""
+    model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype, tokenizer)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                **decoding(model.llm, args)}
+    return model, tokenizer, cfg, sampling
+
+
+def answering(args) -> tuple[MultimodalLM, Tokenizer, Config, dict]:
+    """A question's or a chat's model (`loaded`), the options checked first; --max_new_tokens 256 by default."""
+    checked_config(args)
+    args.max_new_tokens = 256 if args.max_new_tokens is None else args.max_new_tokens
+    return loaded(args)
+
+
+def ask_mode(args) -> None:
+    """A question, with its --image and --audio: the answer, streamed to stdout."""
+    model, tokenizer, cfg, sampling = answering(args)
+    media = [("image", p) for p in args.image] + [("audio", p) for p in args.audio]
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": user_turn(args.question, media)})
+    item = prompt_item(messages, media, tokenizer, model, cfg, args.max_new_tokens)
+    answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=show)
+    print()
+
+
+def chat_mode(args) -> None:
+    """--chat: a conversation on stdin (`chat`)."""
+    model, tokenizer, cfg, sampling = answering(args)
+    chat(model, tokenizer, cfg, args, sampling)
+
+
+def predict_mode(args) -> None:
+    """--predict DATA --out PRED.jsonl: every sample answered (`predict`), the metrics summed up."""
+    cfg = checked_config(args)
+    out = Path(args.out)
+    inputs = frozenset(input_files(Path(args.run), args.checkpoint) | {Path(args.predict).resolve()})
+    args.max_new_tokens = cfg.train.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    cuda = uses_cuda(cfg)
+    workers = args.workers if args.workers is not None else min(8, os.cpu_count() - 1) if cuda else 0
+    # read and checked before the model loads, while the loader's workers (forked now, from a process without a GPU
+    # context yet) decode the first batches' media
+    tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
+    samples = PredictionSet(args.predict, out, tokenizer, aligner_config(cfg.model.aligner), cfg, args.batch_size,
+                            args.max_new_tokens, args.resume, inputs, args.batch_tokens, workers,
+                            torch.device("cuda" if cuda else "cpu"))
+    model, tokenizer, cfg, sampling = loaded(args, tokenizer)
+    metrics = predict(model, tokenizer, cfg, args.predict, out, args.batch_size, args.max_new_tokens, sampling,
+                      args.resume, inputs, args.batch_tokens, workers, samples)
+    t = metrics["timing"]
+    print(f"{t['samples']} answered in {t['seconds']:.2f} s ({t['samples_per_s']} samples/s), the first batch "
+          f"{t['first_answer_s']} s after reading started", file=sys.stderr)
+    summary = sys.stderr if same_file(out, sys.stdout) else sys.stdout  # off the predictions' stream
+    print(f"{metrics['samples']} samples | exact match {100 * metrics['exact_match']:.1f}% | token F1 "
+          f"{100 * metrics['f1']:.1f}% | " + ", ".join(f"{k} {100 * v['exact_match']:.1f}% ({v['samples']})"
+                                                      for k, v in metrics["by_mix"].items()), file=summary)
+
+
+def export_mode(args) -> None:
+    """--export DIR: the export folder (adapter/, merged/, projectors, aligner), from a run folder."""
+    if (Path(args.run) / "mmlora.json").is_file():
+        raise ValueError(f"{args.run} is an export folder already; export from the run folder")
+    check_export_folder(Path(args.export))  # before the minutes of loading
+    check_options(args, None)
+    model, _, cfg = load_run(args.run, args.checkpoint, args.device or "cpu", "float32")
+    export(model, Path(args.export), cfg, getattr(torch, args.dtype) if args.dtype else None)
+    print(f"exported to {args.export}: adapter/ (peft), merged/ (transformers), projectors, aligner")
+
+
+MODES = {"question": ask_mode, "chat": chat_mode, "predict": predict_mode, "export": export_mode}  # option -> mode
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
-    if sum(bool(x) for x in (args.question, args.chat, args.predict, args.export)) != 1:
+    chosen = [option for option in MODES if getattr(args, option)]
+    if len(chosen) != 1:
         ap.error("give one of: a question, --chat, --predict DATA --out PRED.jsonl, --export DIR")
     if args.predict and not args.out:
         ap.error("--predict needs --out PRED.jsonl")
     try:
-        if args.export:
-            if (Path(args.run) / "mmlora.json").is_file():
-                raise ValueError(f"{args.run} is an export folder already; export from the run folder")
-            check_export_folder(Path(args.export))  # before the minutes of loading
-            check_options(args, None)
-            model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device or "cpu", "float32")
-            export(model, Path(args.export), cfg, getattr(torch, args.dtype) if args.dtype else None)
-            print(f"exported to {args.export}: adapter/ (peft), merged/ (transformers), projectors, aligner")
-            return
-        cfg = run_config(args.run, args.device, args.dtype)
-        check_options(args, model_context(cfg))
-        if args.predict:
-            out = Path(args.out)
-            inputs = frozenset(input_files(Path(args.run), args.checkpoint) | {Path(args.predict).resolve()})
-            args.max_new_tokens = cfg.train.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
-            cuda = uses_cuda(cfg)
-            workers = args.workers if args.workers is not None else min(8, os.cpu_count() - 1) if cuda else 0
-            # read and checked before the model loads, while the loader's workers (forked now, from a process
-            # without a GPU context yet) decode the first batches' media
-            tokenizer = load_tokenizer(cfg.model.llm, cfg.model.chat_format or None)
-            samples = PredictionSet(args.predict, out, tokenizer, aligner_config(cfg.model.aligner), cfg,
-                                    args.batch_size, args.max_new_tokens, args.resume, inputs, args.batch_tokens,
-                                    workers, torch.device("cuda" if cuda else "cpu"))
-        model, tokenizer, cfg = load_run(args.run, args.checkpoint, args.device, args.dtype,
-                                         tokenizer if args.predict else None)
-        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                    **decoding(model.llm, args)}
-        if args.predict:
-            metrics = predict(model, tokenizer, cfg, args.predict, out, args.batch_size, args.max_new_tokens,
-                              sampling, args.resume, inputs, args.batch_tokens, workers, samples)
-            t = metrics["timing"]
-            print(f"{t['samples']} answered in {t['seconds']:.2f} s ({t['samples_per_s']} samples/s), the first "
-                  f"batch {t['first_answer_s']} s after reading started", file=sys.stderr)
-            summary = sys.stderr if same_file(out, sys.stdout) else sys.stdout  # off the predictions' stream
-            print(f"{metrics['samples']} samples | exact match {100 * metrics['exact_match']:.1f}% | token F1 "
-                  f"{100 * metrics['f1']:.1f}% | " + ", ".join(f"{k} {100 * v['exact_match']:.1f}% ({v['samples']})"
-                                                              for k, v in metrics["by_mix"].items()), file=summary)
-            return
-        args.max_new_tokens = 256 if args.max_new_tokens is None else args.max_new_tokens
-        if args.chat:
-            chat(model, tokenizer, cfg, args, sampling)
-            return
-        media = [("image", p) for p in args.image] + [("audio", p) for p in args.audio]
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": user_turn(args.question, media)})
-        item = prompt_item(messages, media, tokenizer, model, cfg, args.max_new_tokens)
-        answer(model, tokenizer, item, args.max_new_tokens, sampling, stream=lambda t: print(t, end="", flush=True))
-        print()
+        MODES[chosen[0]](args)
     except (ValueError, FileNotFoundError, ImportError, CheckpointWriteError) as e:
         print(f"generate.py: {e}", file=sys.stderr)
         sys.exit(2)
@@ -693,29 +737,26 @@ def same_file(path: Path, stream) -> bool:
 
 
 def decoding(llm, args) -> dict:
-    """How the decode steps run, as `LLM.generate`'s arguments. On a GPU by default, the eager steps recorded as
-    CUDA graphs (`decode.GraphDecoder(compile=False)`: a recording is one run of the steps, so there is no wait), 8
-    steps a graph; with --compile, those steps compiled first, except in --predict, where many batch shapes each
-    compiling for a minute or more cost more than the short answers gain (it says so). With --eager, on a CPU or
-    for a sliding-window model, `LLM.decode`, step by step, sampling with its own generator."""
-    cuda = llm.lm_head.weight.is_cuda
-    if args.compile and not cuda:
+    """How the decode steps run, as `LLM.generate`'s arguments: the decoder that `decode.choose_decoder` picks, on a
+    GPU by default the eager steps recorded as CUDA graphs (a recording is one run of the steps, so there is no
+    wait), sampling from the default CUDA generator, seeded here; with --compile, those steps compiled first, except
+    in --predict, where many batch shapes each compiling for a minute or more cost more than the short answers gain
+    (it says so). With --eager, on a CPU or for a sliding-window model, `LLM.decode`, step by step, sampling with
+    its own generator."""
+    if args.compile and not llm.lm_head.weight.is_cuda:
         raise ValueError("--compile replays CUDA graphs: it needs a GPU")
     if args.compile and args.eager:
         raise ValueError("--compile and --eager exclude each other; give one")
-    if args.eager or not cuda or (llm.config.sliding_window is not None and not args.compile):
+    if args.compile and llm.config.sliding_window is not None:
+        raise ValueError("the recorded decoder does not support a sliding-window model; leave --compile out")
+    decoder = choose_decoder(llm, eager=args.eager, compile=args.compile and not args.predict)
+    if decoder is None:
         return {"generator": torch.Generator(llm.lm_head.weight.device).manual_seed(args.seed)}
-    from decode import GraphDecoder  # Triton and the compiler, imported only where decoding records graphs
-
-    from quant import NF4Linear
-
-    nf4 = any(isinstance(m, NF4Linear) for m in llm.modules())  # QLoRA: adapters cannot merge into 4-bit weights
-    compile_ = args.compile and not args.predict and not nf4
     if args.compile and args.predict:
         print("generate.py: --predict records the eager decode steps as CUDA graphs without compiling them: "
               "compiling each batch shape takes longer than its short answers", file=sys.stderr)
     torch.manual_seed(args.seed)  # recorded sampling draws from the default CUDA generator
-    return {"decoder": GraphDecoder(llm, compile=compile_, prepare=not nf4)}
+    return {"decoder": decoder}
 
 
 def stopped_note(args, argv: list[str] | None) -> str:

@@ -2,7 +2,7 @@
 
     wrapped = apply_lora(llm, rank=16, alpha=32, dropout=0.05, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     ...train...
-    fuse_qkv(llm)                         # optional, for training: q, k, v and their adapters as one matmul each
+    stack_lora(llm); fuse_qkv(llm)        # optional, training's kernels (train mode): fewer, larger matmuls
     save_adapter(llm, "export/adapter")   # PeftModel.from_pretrained(hf_model, "export/adapter") loads it as is
     merge_lora(llm)                       # fold B @ A into the base weights for inference
     with disable_adapters(llm): ...       # the model without its adapters (DPO's reference model)
@@ -34,11 +34,11 @@ PEFT_PREFIX = "base_model.model."
 def lora_down(x: torch.Tensor, weight: torch.Tensor, dropout: nn.Module, recompute: bool = False) -> torch.Tensor:
     """A(dropout(x)): (..., in) -> (..., r). With `recompute`, in compiled training, the dropout is recomputed in
     the backward, with the same random numbers, from x (which the backward keeps anyway) instead of keeping its mask
-    and dropout(x): three bytes an element of x. `step_graph.GraphedStep` asks for it: inside its recorded step the
-    recomputation fuses into the backward's kernels, while a step run by the host pays for saving and restoring the
-    generator's state at every adapter (eager, or compiled layers without the whole-step graph)."""
-    if recompute and torch.compiler.is_compiling() and isinstance(dropout, nn.Dropout) and dropout.training \
-            and torch.is_grad_enabled():
+    and dropout(x): three bytes an element of x. A step recorded whole (train.cuda_graph, step_graph.py) asks for it:
+    inside its recorded step the recomputation fuses into the backward's kernels, while a step run by the host pays
+    for saving and restoring the generator's state at every adapter (eager, or compiled layers without the
+    whole-step graph)."""
+    if recompute and torch.compiler.is_compiling() and isinstance(dropout, nn.Dropout) and dropout.training:
         return checkpoint(dropout_linear, x, weight, dropout.p, use_reentrant=False)
     return F.linear(dropout(x), weight)
 
@@ -81,7 +81,7 @@ class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B(A(dropout(x))), with A kaiming-uniform, B zero (so y = base(x) at init).
 
     A and B are kept in fp32 even when the frozen base weight is bf16: the update B @ A is small next to W and
-    would lose most of its bits in bf16."""
+    would lose most of its bits in bf16. Training's kernel for the same formula is `StackedLoRALinear`."""
 
     def __init__(self, base_layer: nn.Linear | NF4Linear | LoRALinear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -99,7 +99,6 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.merged = False
         self.disabled = False  # `disable_adapters`
-        self.recompute_dropout = False  # `lora_down`
 
     @property
     def in_features(self) -> int:
@@ -109,18 +108,15 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the adapter reads it: in A's dtype (fp32), unless autocast picks the matmuls' dtype."""
+        return x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:
-            return self.base_layer(x)
-        # under autocast the matmuls pick their dtype
-        x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
-        h = lora_down(x_lora, self.lora_A.weight, self.lora_dropout, self.recompute_dropout)  # (..., r)
-        if torch.is_grad_enabled() and isinstance(self.base_layer, nn.Linear):  # training: the base's matmul and B's
-            # as one (an NF4 base, quant.py, runs its own matmul, which keeps no dequantized weight for the backward)
-            return StackedLinear.apply(x, h, self.base_layer.weight, self.lora_B.weight * self.scaling,
-                                       self.base_layer.bias)
         out = self.base_layer(x)
-        return out + (self.lora_B(h) * self.scaling).to(out.dtype)
+        if self.merged or self.disabled:
+            return out
+        return out + (self.lora_B(self.lora_A(self.lora_dropout(self.adapter_input(x)))) * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in), fp32
@@ -141,6 +137,31 @@ class LoRALinear(nn.Module):
             w = self.base_layer.weight
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))
             self.merged = False
+
+
+class StackedLoRALinear(LoRALinear):
+    """A LoRALinear with training's kernel, in train mode (in eval mode, evaluation and generation, it runs
+    LoRALinear's forward): on a plain linear base, the base's matmul and B's as one (`StackedLinear`); with
+    `recompute_dropout`, the dropout recomputed in the backward of compiled layers (`lora_down`). `stack_lora` puts
+    it in each LoRALinear's place, with that layer's own modules and settings."""
+
+    def __init__(self, lora: LoRALinear, recompute_dropout: bool = False):
+        nn.Module.__init__(self)  # no new tensors: the layer's modules, under their names
+        for name, child in lora.named_children():
+            self.add_module(name, child)
+        self.rank, self.alpha, self.scaling = lora.rank, lora.alpha, lora.scaling
+        self.merged, self.disabled, self.training = lora.merged, lora.disabled, lora.training
+        self.recompute_dropout = recompute_dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.merged or self.disabled:
+            return super().forward(x)
+        h = lora_down(self.adapter_input(x), self.lora_A.weight, self.lora_dropout, self.recompute_dropout)  # (..., r)
+        if isinstance(self.base_layer, nn.Linear):
+            return StackedLinear.apply(x, h, self.base_layer.weight, self.lora_B.weight * self.scaling,
+                                       self.base_layer.bias)
+        out = self.base_layer(x)  # an NF4 base (quant.py) runs its own matmul: it keeps no dequantized weight for
+        return out + (self.lora_B(h) * self.scaling).to(out.dtype)  # the backward
 
 
 class BatchedLoRALinear(nn.Module):
@@ -244,20 +265,33 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     return chosen
 
 
-class FusedQKV:
-    """`Attention.qkv` as one matmul over the q, k and v weights concatenated (each weight stays in its own module,
-    under Hugging Face's name), then the LoRA updates of the wrapped layers, whose A matrices also run as one
+def stack_lora(model: nn.Module, recompute_dropout: bool = False) -> None:
+    """Put a `StackedLoRALinear` (training's kernel, in train mode) in the place of every LoRALinear of `model`, a
+    frozen one inside another included; the tensors and their names are unchanged. Call it before `fuse_qkv`, whose
+    modules hold the layers they fuse."""
+    for name in sorted(lora_modules(model), reverse=True):  # an adapter inside another first
+        m = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, StackedLoRALinear(m, recompute_dropout))
+
+
+class FusedQKV(nn.Module):
+    """An attention layer's q, k and v as one matmul over their weights concatenated (each weight stays in its own
+    module, under Hugging Face's name), then the LoRA updates of the wrapped layers, whose A matrices also run as one
     matmul on one dropout mask of the shared input, as loralib's MergedLinear (and peft on a fused qkv layer) does.
     Each adapter keeps its own A and B, so the adapter format does not change. Their B matrices run one by one:
     stacked into the base matmul as `StackedLinear` does for a single layer, they made the step slower and larger at
-    long rows (BENCHMARKS.md). Without autograd (evaluation, generation) each layer runs on its own: the
-    concatenation would copy the weights at every token."""
+    long rows (BENCHMARKS.md). This is training's kernel, in train mode; in eval mode (evaluation, generation) each
+    layer runs on its own: the concatenation would copy the weights at every token."""
 
-    def __init__(self, attn: nn.Module):
-        self.layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    def __init__(self, attn: nn.Module, recompute_dropout: bool = False):
+        super().__init__()
+        self.layers = [attn.q_proj, attn.k_proj, attn.v_proj]  # a list, not submodules: they stay attn's
+        self.recompute_dropout = recompute_dropout  # `lora_down`
+        self.training = attn.training
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not torch.is_grad_enabled():
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.training:
             return tuple(layer(x) for layer in self.layers)
         bases = [base_linear(m) for m in self.layers]
         bias = None if bases[0].bias is None else torch.cat([b.bias for b in bases])
@@ -266,10 +300,9 @@ class FusedQKV:
         lora = [i for i, m in enumerate(self.layers) if isinstance(m, LoRALinear) and not (m.merged or m.disabled)]
         if lora:
             first = self.layers[lora[0]]
-            if not torch.is_autocast_enabled(x.device.type):
-                x = x.to(first.lora_A.weight.dtype)
+            x = first.adapter_input(x)
             a = torch.cat([self.layers[i].lora_A.weight for i in lora])  # (sum r, in)
-            hs = lora_down(x, a, first.lora_dropout, first.recompute_dropout)  # (B, T, sum r)
+            hs = lora_down(x, a, first.lora_dropout, self.recompute_dropout)  # (B, T, sum r)
             hs = hs.split([self.layers[i].rank for i in lora], dim=-1)  # (B, T, r) each
             for i, h in zip(lora, hs):
                 m = self.layers[i]
@@ -277,13 +310,14 @@ class FusedQKV:
         return tuple(ys)
 
 
-def fuse_qkv(model: nn.Module) -> int:
-    """Give every attention layer of `model` (a module with q_proj, k_proj, v_proj and a `qkv` method) the fused
-    projection above, for training. Returns the number of layers fused; the weights and their names are unchanged."""
-    attns = [m for m in model.modules() if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "qkv"))
+def fuse_qkv(model: nn.Module, recompute_dropout: bool = False) -> int:
+    """Install a `FusedQKV` (training's kernel, in train mode) as the `fused_qkv` of every attention layer of `model`
+    (a module with q_proj, k_proj, v_proj and a `fused_qkv` slot). Returns the number of layers fused; the weights
+    and their names are unchanged."""
+    attns = [m for m in model.modules() if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "fused_qkv"))
              and isinstance(base_linear(m.q_proj), nn.Linear)]  # NF4 layers (quant.py) run one by one
     for attn in attns:
-        attn.qkv = FusedQKV(attn)
+        attn.fused_qkv = FusedQKV(attn, recompute_dropout)
     return len(attns)
 
 

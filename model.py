@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 
 from weights import load_state_streaming, read_json, safetensors_files, save_tensors, skeleton, write_json
 
@@ -192,19 +191,19 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
-
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The q, k and v projections of x (B, T, H): (B, T, nh*hd), (B, T, n_kv*hd), (B, T, n_kv*hd).
-        `lora.fuse_qkv` replaces this method on an instance with one matmul over the three weights."""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        self.fused_qkv = None  # a module installed here computes q, k and v in one call (lora.fuse_qkv)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0):
-        return self.o_proj(self.heads(x, cos, sin, mask, cache, cache_start))
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, n_kv*hd) twice
+        return self.o_proj(self.heads(q, k, v, cos, sin, mask, cache, cache_start))
 
-    def heads(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
-        """Attention before o_proj: x (B, T, H) -> the heads' outputs side by side, (B, T, nh*hd)."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x)
+    def heads(self, q, k, v, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
+        """The projections q (B, T, nh*hd), k and v (B, T, n_kv*hd) -> attention before o_proj, the heads' outputs
+        side by side (B, T, nh*hd): the q and k norms (Qwen3), RoPE, attention."""
+        B, T, _ = q.shape
         q = q.reshape(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
         k = k.reshape(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, hd)
         if self.qk_norm:
@@ -244,36 +243,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_start=0, checkpointed: bool = False,
-                offloaded: bool = False):
-        if checkpointed and offloaded:  # the layer's input waits in host memory for the recomputation
-            stash = HostStash(x)
-            return checkpoint(lambda *a: self.block(stash.take(), *a), cos, sin, mask, use_reentrant=False)
-        if checkpointed:  # inside forward, so that a compiled layer compiles the recomputation too
-            return checkpoint(self.block, x, cos, sin, mask, use_reentrant=False)
-        return self.block(x, cos, sin, mask, cache, cache_start)
-
-    def block(self, x, cos, sin, mask=None, cache=None, cache_start=0):
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_start: int = 0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class HostStash:
-    """A checkpointed layer's input (B, T, H), moved to host memory once the layer's forward has it (torchtune's
-    activation offloading): `take()` gives the tensor itself the first time (the forward), then a copy back on its
-    device (the recomputation in the backward). The copies are queued on the current stream, so they keep its
-    order without a sync; the host buffer is pinned, where the tensor is on a GPU."""
-
-    def __init__(self, x: torch.Tensor):
-        self.x, self.host, self.device, self.requires_grad = x, None, x.device, x.requires_grad
-
-    def take(self) -> torch.Tensor:
-        if self.host is None:
-            x, self.x = self.x, None  # this layer no longer holds the device's copy
-            self.host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
-            self.host.copy_(x.detach(), non_blocking=x.is_cuda)
-            return x
-        return self.host.to(self.device, non_blocking=True).requires_grad_(self.requires_grad)
 
 
 class DecoderBody(nn.Module):
@@ -297,8 +269,6 @@ class LLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
-        self.gradient_checkpointing = False
-        self.offload_activations = False  # with gradient_checkpointing: each layer's input waits in host memory
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> "LLM":
@@ -328,10 +298,8 @@ class LLM(nn.Module):
             mask = self.sliding_window_mask(mask, position_ids, cache_start + T)
         cos, sin = self.rope(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
-        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, caches[i] if caches else None, cache_start, checkpointed,
-                      self.offload_activations)
+            x = layer(x, cos, sin, mask, caches[i] if caches else None, cache_start)
         return self.model.norm(x)
 
     def sliding_window_mask(self, mask: torch.Tensor | None, position_ids: torch.Tensor, S: int) -> torch.Tensor:

@@ -250,15 +250,16 @@ class MultimodalLM(nn.Module):
     `forward(batch)` takes a `data.Batch` and returns a `LossOutput`; `generate(batch)` answers prompts."""
 
     def __init__(self, llm: LLM, aligner: Aligner, projectors: nn.ModuleDict, media_token_ids: dict[str, int],
-                 loss_chunk: int = 512):
+                 loss_chunk: int = 512, chunk_loss: Callable = cross_entropy_chunk,
+                 training_mask: Callable = document_mask):
         super().__init__()
         self.llm, self.aligner, self.projectors = llm, aligner, projectors
         self.media_token_ids = media_token_ids
         self.loss_chunk = loss_chunk
-        self.chunk_loss = cross_entropy_chunk  # one chunk of the loss; a caller may put a compiled version here
-        # packed rows' mask: dense for SDPA; a caller compiling the layers may put one giving flex attention's
-        # `document_block_mask` here (build.training_document_mask)
-        self.document_mask = document_mask
+        self.chunk_loss = chunk_loss  # one chunk of the loss (`cross_entropy_chunk`, or a compiled version of it)
+        # packed rows' mask in train mode: the dense `document_mask`, or flex attention's `document_block_mask` for
+        # compiled layers (build.py); eval mode, whose layers run eager, takes the dense one
+        self.training_mask = training_mask
 
     def media_embeds(self, batch: Batch, modality: str, chunk: int = 0) -> torch.Tensor:
         """Projected features (N, K, H) of the batch's media of one modality, from cached features or raw media.
@@ -297,7 +298,9 @@ class MultimodalLM(nn.Module):
 
     def attention_mask(self, batch: Batch) -> torch.Tensor | BlockMask | None:
         """None (causal) for padded batches; for packed ones a document mask: no attention across samples."""
-        return None if batch.doc_ids is None else self.document_mask(batch.doc_ids)
+        if batch.doc_ids is None:
+            return None
+        return (self.training_mask if self.training else document_mask)(batch.doc_ids)
 
     def forward(self, batch: Batch) -> LossOutput:
         # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t.

@@ -63,7 +63,7 @@ import generate
 import lora
 from checkpoint import read_checkpoint
 from config import Config
-from decode import GraphDecoder, RowSettings, sample_rows
+from decode import GraphDecoder, RowSettings, choose_decoder, sample_rows
 from media import wav_info
 from multimodal import MODALITIES, MultimodalLM
 from tokenizer import Tokenizer, load_tokenizer
@@ -169,7 +169,7 @@ def load_runs(specs: list[tuple[str, Path]], checkpoint: str, device: str | None
                                          functools.partial(rows.now, rows.run))
         setattr(llm.get_submodule(parent), child, batched)
     for layer in llm.model.layers:  # q, k and v run through their modules again (lora.fuse_qkv held the old ones)
-        layer.self_attn.__dict__.pop("qkv", None)
+        layer.self_attn.fused_qkv = None
     return runs
 
 
@@ -626,11 +626,10 @@ class Engine:
 
 def build_app(engine: Engine, limits: Limits, api_key: str | None) -> FastAPI:
     """The FastAPI application: the endpoints, the key check on /v1/*, and OpenAI's error object for every
-    refusal."""
+    refusal (`add_error_handlers`)."""
     app = FastAPI(title="mmlora", docs_url=None, redoc_url=None, openapi_url=None)
+    add_error_handlers(app, engine.metrics)
     runs = {r.name: r for r in engine.runs}
-    metrics = engine.metrics
-    add_error_handlers(app, metrics)
 
     def authorize(request: HttpRequest) -> None:
         if api_key is None:
@@ -651,7 +650,7 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):
@@ -662,26 +661,14 @@ def build_app(engine: Engine, limits: Limits, api_key: str | None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
         authorize(request)
-        if engine.draining:
-            raise ApiError(503, "the server is shutting down; send the request to another replica")
-        ask = parse_request(await read_json_body(request, limits.body_bytes), runs, limits)
-        if len(engine.waiting) >= limits.waiting:  # before the media are decoded; submit checks again
-            raise ApiError(429, f"{len(engine.waiting)} requests are waiting already (--max_waiting); retry shortly",
-                           headers={"Retry-After": "1"})
-        item, max_tokens = await asyncio.to_thread(prompt, ask, engine, limits)
-        req = Request(ask, item, max_tokens, asyncio.get_running_loop())
-        engine.submit(req)
-        watcher = asyncio.create_task(watch(request, req, engine))
-        if ask.stream:
-            return StreamingResponse(events(req, engine, watcher), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await whole_answer(req, engine, watcher)
+        return await chat_completion(request, engine, runs, limits)
 
     return app
 
 
-def add_error_handlers(app: FastAPI, metrics) -> None:
-    """OpenAI's error object for every refusal (counted by status), unknown path or method, and internal error."""
+def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every refusal as OpenAI's error object, counted by its status: an ApiError, an unknown path (404) or method
+    (405), and an internal error (500, its trace in the server's log)."""
     def refuse(e: ApiError) -> JSONResponse:
         metrics.requests.labels(str(e.status)).inc()
         return JSONResponse(e.body(), e.status, headers=e.headers)
@@ -700,9 +687,22 @@ def add_error_handlers(app: FastAPI, metrics) -> None:
         return refuse(ApiError(500, f"internal error ({type(e).__name__}); see the server's log"))
 
 
-async def whole_answer(req: Request, engine: Engine, watcher: asyncio.Task):
-    """A request answered without streaming: the chat.completion once its answer ends, or the error that ended
-    it; a handler cancelled (its client went away) cancels the request."""
+async def chat_completion(request: HttpRequest, engine: Engine, runs: dict[str, Run], limits: Limits):
+    """POST /v1/chat/completions, its key checked: the request parsed, its prompt made and submitted to the engine;
+    the answer as server-sent events (`events`) or, once complete, as one chat.completion object."""
+    if engine.draining:
+        raise ApiError(503, "the server is shutting down; send the request to another replica")
+    ask = parse_request(await read_json_body(request, limits.body_bytes), runs, limits)
+    if len(engine.waiting) >= limits.waiting:  # before the media are decoded; submit checks again
+        raise ApiError(429, f"{len(engine.waiting)} requests are waiting already (--max_waiting); retry shortly",
+                       headers={"Retry-After": "1"})
+    item, max_tokens = await asyncio.to_thread(prompt, ask, engine, limits)
+    req = Request(ask, item, max_tokens, asyncio.get_running_loop())
+    engine.submit(req)
+    watcher = asyncio.create_task(watch(request, req, engine))
+    if ask.stream:
+        return StreamingResponse(events(req, engine, watcher), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
     try:
         while (event := await req.events.get())[0] == "text":
             pass
@@ -712,7 +712,7 @@ async def whole_answer(req: Request, engine: Engine, watcher: asyncio.Task):
             engine.cancel(req)
     if event[0] == "error":
         return JSONResponse(event[1].body(), event[1].status)
-    return {"id": req.id, "object": "chat.completion", "created": req.created, "model": req.ask.run.name,
+    return {"id": req.id, "object": "chat.completion", "created": req.created, "model": ask.run.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": req.sent}, "logprobs": None,
                          "finish_reason": req.reason}], "usage": usage(req)}
 
@@ -818,9 +818,8 @@ def start(args) -> tuple[Engine, FastAPI]:
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     rows = RowSettings(args.rows or (256 if cuda else 16), torch.device("cuda" if cuda else "cpu"))
     runs = load_runs(specs, args.checkpoint, args.device, args.dtype, rows)
-    llm = runs[0].model.llm
-    nf4 = any(type(m).__name__ == "NF4Linear" for m in llm.modules())
-    decoder = GraphDecoder(llm, record=llm.lm_head.weight.is_cuda, compile=False, prepare=len(runs) == 1 and not nf4)
+    # one run's adapters are merged into the base; several runs keep theirs apart, each row gathering its own
+    decoder = choose_decoder(runs[0].model.llm, merge=len(runs) == 1, serving=True)
     limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, args.max_image_pixels,
                     args.max_audio_seconds, args.max_waiting)
     engine = Engine(runs, decoder, rows, limits, Metrics())

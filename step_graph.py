@@ -1,15 +1,12 @@
 """The whole training step as CUDA graphs (train.cuda_graph = true): an opt-in wrapper around train.py's step,
 for GPUs, with everything recording asks for kept here.
 
-    step = GraphedStep(functools.partial(train_step, model, ...), model, opt, device, pad_multiple)
+    step = GraphedStep(functools.partial(train_step, model, ...), opt, device, pad_multiple)
     out = step(micro_batches)        # the first step of a shape runs, the second records, later ones replay
 """
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-
-import lora
 
 
 class GraphedStep:
@@ -28,11 +25,13 @@ class GraphedStep:
       all-reduce, recorded in each rank's graph.
     The first step of a shape runs as it is (it compiles the layers and sets up the optimizer state), the second
     is recorded and replayed, and later ones copy their batch into the recorded inputs and replay. All graphs
-    share one memory pool: their outputs are valid until the next step."""
+    share one memory pool: their outputs are valid until the next step. A model built for this step (build.py,
+    train.cuda_graph) recomputes its adapters' dropout in the backward, memory the recorded step gets for free
+    (`lora.lora_down`)."""
 
     max_graphs = 16
 
-    def __init__(self, step, model: nn.Module, opt, device: torch.device, pad_multiple: int):
+    def __init__(self, step, opt, device: torch.device, pad_multiple: int):
         if device.type != "cuda":
             raise ValueError("train.cuda_graph records the step on a GPU; on CPU set it to false")
         self.step, self.opt, self.pad_multiple = step, opt, pad_multiple
@@ -42,8 +41,6 @@ class GraphedStep:
         self.pool = None
         self.side = torch.cuda.Stream()
         self.lrs = [torch.tensor(0.0, device=device) for _ in opt.param_groups]  # read by the replays
-        for m in lora.lora_modules(model).values():
-            m.recompute_dropout = True  # in compiled layers; memory the recorded step gets for free (`lora_down`)
         for g in opt.param_groups:
             g["capturable"] = True
 

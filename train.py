@@ -56,8 +56,8 @@ from quant import check_blocks
 from preference import PreferenceDataset, collate_preferences
 from step_graph import GraphedStep
 from config import Config, TrainConfig, load_config
-from distributed import (World, all_sum, any_rank, average_gradients, data_parallel, gather_rows, gradient_sync,
-    is_sharded, setup_distributed, whole)
+from distributed import (World, all_sum, any_rank, average_gradients, data_parallel, gradient_sync, is_sharded,
+    setup_distributed, whole)
 from metrics import (UNITS, Metrics, group_losses, group_sums, metric_fields, model_flops_utilization, objective,
     peak_flops, peak_memory_gib, trim_metrics)
 from evaluation import eval_summary, evaluate, evaluate_align
@@ -319,7 +319,7 @@ def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], auto
         step = functools.partial(train_step, model, opt=opt, scaler=scaler, params=params,
                                  autocast=lambda: autocast(cache_enabled=False), world=world,
                                  grad_clip=cfg.train.grad_clip, average=True)
-        return GraphedStep(step, model, opt, world.device, cfg.data.pad_multiple)
+        return GraphedStep(step, opt, world.device, cfg.data.pad_multiple)
     ddp = data_parallel(model, world)
     gradients = functools.partial(dpo.forward_backward, cfg=cfg.train) if cfg.train.objective == "dpo" \
         else forward_backward
@@ -572,8 +572,6 @@ def setup(cfg: Config, world: World, trackers: track.Trackers, alerts: track.Ale
     step, where its rows go and how it saves a checkpoint."""
     tokenizer, model = build_model(cfg, world.device, world=world)
     phase1 = isinstance(model, align.AlignModel)
-    if phase1 and world.size > 1:
-        model.gather = functools.partial(gather_rows, world=world)  # negatives from every rank
     log(parameter_report(parameter_groups(model)))
     train_ds, val_ds, skipped = load_datasets(cfg, tokenizer, model.aligner, world, log)
     opt, params = make_optimizer(model, cfg.train)

@@ -4,7 +4,6 @@
 
     GLOBAL=6 GRADS_OUT=g.pt torchrun --nproc_per_node=2 tests/grad_driver.py --train.phase=align ...
 """
-import functools
 import os
 import sys
 from pathlib import Path
@@ -17,13 +16,11 @@ import data  # noqa: E402
 import build
 import train  # noqa: E402
 from config import load_config
-from distributed import data_parallel, gather_rows, setup_distributed
+from distributed import data_parallel, setup_distributed
 
 cfg = load_config(None, sys.argv[1:])
 world = setup_distributed(cfg)
-tokenizer, model = build.build_model(cfg, world.device)
-if world.size > 1:
-    model.gather = functools.partial(gather_rows, world=world)
+tokenizer, model = build.build_model(cfg, world.device, world=world)  # negatives from every rank
 ds = train.make_dataset(cfg, cfg.data.train_file, tokenizer, model.aligner)
 share = int(os.environ["GLOBAL"]) // world.size
 batch = data.collate_pairs([ds[i] for i in range(world.rank * share, (world.rank + 1) * share)], tokenizer.pad_id)

@@ -189,18 +189,19 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
     import decode
     import model
     decode.load_kernels()
-    step = torch.compile(decode.decode_heads, fullgraph=True, dynamic=False)
+    step = torch.compile(decode.DecodeLayer.heads, fullgraph=True, dynamic=False)
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # each SLOTS_A_PROGRAM compiles afresh
     B = 3
     for nh, n_kv, hd, qk_norm in ((14, 2, 64, False), (8, 4, 128, True), (4, 2, 16, False)):
         cfg = model.LLMConfig(hidden_size=96, num_attention_heads=nh, num_key_value_heads=n_kv, head_dim=hd,
                               qkv_bias=True, qk_norm=qk_norm)
         llm = model.LLM(cfg).init_weights(0.2).to("cuda", dtype)
-        attn = llm.model.layers[0].self_attn
+        layer = llm.model.layers[0]
+        attn = layer.self_attn
         if qk_norm:
             torch.nn.init.normal_(attn.q_norm.weight, 1.0, 0.2)
             torch.nn.init.normal_(attn.k_norm.weight, 1.0, 0.2)
-        attn.qkv = decode.NormQKV(llm.model.layers[0].input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        decoding = decode.DecodeLayer(layer)
         for S, per_program, slots in ((256, 512, (0, 1, 63, 64, 65, 200)), (256, 64, (1, 64, 200, 255)),
                                       (2048, 512, (300, 511, 512, 1500, 2047)),
                                       (2048, 128, (0, 255, 256, 1000, 2047))):
@@ -221,8 +222,9 @@ def test_decode_attention_kernel_equals_attention(dtype, monkeypatch):
                 at = torch.full((B,), slot, device="cuda")
                 tol = 4e-2 if dtype == torch.bfloat16 else 1e-5  # bf16: RoPE rounds once, softmax weights in bf16
                 with torch.no_grad():
-                    y = step(attn, x, cos, sin, valid[:, None, None, :], caches[0], at)
-                    expected = attn.heads(x, cos, sin, valid[:, None, None, :], caches[1], at)
+                    y = step(decoding, x, cos, sin, valid[:, None, None, :], caches[0], at)
+                    qkv = (m(layer.input_layernorm(x)) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+                    expected = attn.heads(*qkv, cos, sin, valid[:, None, None, :], caches[1], at)
                 where = f"{(nh, n_kv, hd, qk_norm)} S {S} ({per_program} a program) slot {slot}"
                 for got, want in ((y, expected), (caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
                     torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{where}: {m}")

@@ -18,7 +18,7 @@ import demo
 import build
 import train
 from tokenizer import load_tokenizer
-from multimodal import MODALITIES, document_block_mask
+from multimodal import MODALITIES, MultimodalLM, document_block_mask
 
 
 def write_wav(path, samples: np.ndarray, rate: int, width: int, channels: int = 1):
@@ -256,16 +256,16 @@ def test_document_block_mask_matches_flex_attentions_own():
 
 def test_packed_and_unpacked_give_the_same_per_sample_losses(demo_dir, tmp_path):
     """Packed rows with the dense document mask, and with flex attention's block mask (what compiled layers on a
-    GPU use), give each sample the loss it has alone in a padded row."""
-    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path)
+    GPU use in train mode), give each sample the loss it has alone in a padded row."""
+    cfg, tok, mm, ds = model_and_data(demo_dir, tmp_path, lora={"dropout": 0.0})  # train mode below: no dropout
     mm.eval()
     items = [ds[i] for i in range(10)]
     with torch.no_grad():
         plain = mm(data.collate(items, tok.pad_id))
         packed_batch = data.collate(items, tok.pad_id, pack=True, max_len=128)
         packed = mm(packed_batch)
-        mm.document_mask = document_block_mask
-        blocks = mm(packed_batch)
+        flex = MultimodalLM(mm.llm, mm.aligner, mm.projectors, mm.media_token_ids, training_mask=document_block_mask)
+        blocks = flex.train()(packed_batch)
     torch.testing.assert_close(blocks.sample_loss, plain.sample_loss, atol=1e-5, rtol=1e-5)
     assert packed_batch.input_ids.shape[0] < 10  # several samples share a row
     for m in MODALITIES:  # the collator's flat positions are the placeholders and the labels, packed too

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli_args, demo_config, final_weights, randomize_lora, rows, small_bench, torchrun
+from conftest import cli_args, demo_config, final_weights, randomize_lora, rows, torchrun
 
 import build
 import data
@@ -344,17 +344,3 @@ def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(d
 def test_bad_dpo_setups_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config(None, override.split())
-
-
-def test_bench_dpo_batches_run_through_the_dpo_step():
-    """bench.py --grid dpo's batches (GPU-only timing): pairs of rows with each medium once, through the DPO step."""
-    import bench
-    args, cfg, mm = small_bench("cpu", multimodal=True, dpo=True)
-    mm.llm.float()
-    batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert batch.rows.input_ids.shape == (4, 128) and len(batch.rows.media["image"]) == 2 * 2
-    assert torch.equal(batch.rows.input_ids[:2, :64], batch.rows.input_ids[2:, :64])  # one prompt, two answers
-    opt, params = train.make_optimizer(mm, cfg.train)
-    scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
-    out = train.make_step(mm, opt, scaler, params, autocast, World(), cfg)([batch])
-    assert out.finite and int(out.n_tokens) == 2 and out.stats[0] / 2 == pytest.approx(LN2, abs=1e-4)

@@ -64,19 +64,17 @@ def loaded_beyond_torch(imports: str, then: str = "pass", *args: str) -> list[st
     return eval(r.stdout.strip().splitlines()[-1])
 
 
-def test_generate_py_holds_no_triton_and_entry_points_import_light():
+def test_generate_py_holds_no_triton_and_entry_points_and_loading_a_run_import_light(trained_run):
+    """generate.load_run builds the model on the meta device without random init (which would import the
+    compiler there) and reads its weights: the entry points' imports and one question's start pay for no dynamo,
+    sympy or FSDP."""
     assert "triton" not in (ROOT / "generate.py").read_text()
     # decode.py imports its Triton kernels (decode_kernels.py) inside `load_kernels` only, for a compiled decoder
     top = {a.name for node in ast.parse((ROOT / "decode.py").read_text()).body if isinstance(node, ast.Import)
            for a in node.names}
     assert not top & {"decode_kernels", "triton"}, top
-    assert loaded_beyond_torch("import generate, train, decode") == []
-
-
-def test_loading_a_run_leaves_the_compiler_out(trained_run):
-    """generate.load_run builds the model on the meta device without random init (which would import the
-    compiler there) and reads its weights: one question's start pays for no dynamo, sympy or FSDP."""
-    assert loaded_beyond_torch("import generate", "generate.load_run(sys.argv[2])", str(trained_run)) == []
+    assert loaded_beyond_torch("import generate, train, decode", "generate.load_run(sys.argv[2])",
+                               str(trained_run)) == []
 
 
 def test_the_lightness_check_sees_what_it_looks_for():

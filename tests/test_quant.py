@@ -101,43 +101,79 @@ def test_a_lora_step_on_nf4_equals_one_on_its_dequantized_weights(hf_models):
         lora.merge_lora(nf4)
 
 
-def test_a_qlora_run_resumes_exactly_and_exports_for_transformers_and_peft(demo_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    qlora = {"quantize": "nf4", "quant_block": 64}
-    const = {"min_lr_ratio": 1.0, "warmup_steps": 0, "save_every": 2, "gen_samples": 0,
-             "activation_checkpointing": True, "offload_activations": True}
-    straight = demo_config(demo_dir, tmp_path / "a", model=qlora, train={**const, "max_steps": 4})
-    out = train.fit(straight)
-    half = demo_config(demo_dir, tmp_path / "b", model=qlora, train={**const, "max_steps": 2})
-    train.fit(half)
-    train.fit(demo_config(demo_dir, tmp_path / "b", model=qlora, train={**const, "max_steps": 4}))
-    assert [r["loss"] for r in rows(tmp_path / "a")] == [r["loss"] for r in rows(tmp_path / "b")]
-    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and out
-    _, mm = build.build_model(straight, torch.device("cpu"))
+QLORA = {"quantize": "nf4", "quant_block": 64}
+QLORA_TRAIN = {"min_lr_ratio": 1.0, "warmup_steps": 0, "save_every": 2, "gen_samples": 0,
+               "activation_checkpointing": True, "offload_activations": True}
+
+
+@pytest.fixture(scope="module")
+def qlora_run(demo_dir, tmp_path_factory):
+    """A QLoRA run of 4 steps (checkpointed layers with their inputs offloaded), its model restored from the last
+    checkpoint, and its export: (config, model, export folder)."""
+    out = tmp_path_factory.mktemp("qlora")
+    cfg = demo_config(demo_dir, out / "run", model=QLORA, train={**QLORA_TRAIN, "max_steps": 4})
+    train.fit(cfg)
+    _, mm = build.build_model(cfg, torch.device("cpu"))
     from checkpoint import read_checkpoint, restore_trainable
-    ckpt = tmp_path / "a" / "checkpoints" / (tmp_path / "a" / "checkpoints" / "latest").read_text().strip()
+    ckpt = out / "run" / "checkpoints" / (out / "run" / "checkpoints" / "latest").read_text().strip()
     restore_trainable(ckpt, *read_checkpoint(ckpt, "trainable.safetensors"), mm)
+    export(mm, out / "export", cfg)
+    return cfg, mm.eval(), out / "export"
+
+
+def test_a_qlora_run_resumes_exactly(demo_dir, tmp_path, qlora_run):
+    cfg, _, _ = qlora_run
+    half = demo_config(demo_dir, tmp_path, model=QLORA, train={**QLORA_TRAIN, "max_steps": 2})
+    train.fit(half)
+    train.fit(demo_config(demo_dir, tmp_path, model=QLORA, train={**QLORA_TRAIN, "max_steps": 4}))
+    assert [r["loss"] for r in rows(cfg.run.out_dir)] == [r["loss"] for r in rows(tmp_path)]
+    wa, wb = final_weights(cfg.run.out_dir), final_weights(tmp_path)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any(k.endswith(".packed") for k in wa)  # the 4-bit base is rebuilt from the base, never saved
+
+
+def test_the_parameter_report_counts_each_nf4_weight_as_the_frozen_parameter_it_stands_for(demo_dir, tmp_path,
+                                                                                        qlora_run):
+    _, mm, _ = qlora_run
     assert any(isinstance(m, quant.NF4Linear) for m in mm.llm.modules())
-    _, plain = build.build_model(demo_config(demo_dir, tmp_path / "c"), torch.device("cpu"))
-    def llm_count(m):  # the parameter report counts each NF4 weight as the frozen parameter it stands for
+    _, plain = build.build_model(demo_config(demo_dir, tmp_path), torch.device("cpu"))
+
+    def llm_count(m):
         return sum(p.numel() for p in build.parameter_groups(m)["llm"])
     assert llm_count(mm) == llm_count(plain) > 0
-    assert not any(k.endswith(".packed") for k in wa)  # the 4-bit base is rebuilt from the base, never saved
-    export(mm, tmp_path / "export", straight)
+
+
+def test_the_export_loads_merged_in_transformers_and_as_an_adapter_in_peft(demo_dir, qlora_run):
+    """merged/ is the 4-bit base dequantized plus the update: transformers computes our logits. adapter/ on the
+    unquantized base (peft): the adapter changes the logits as it changes ours, up to the quantization's error."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    _, mm, folder = qlora_run
     ids = torch.randint(0, mm.llm.config.vocab_size, (2, 16))
     with torch.no_grad():
-        ours = mm.llm.eval()(ids)
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged").eval()
+        ours = mm.llm(ids)
+        with lora.disable_adapters(mm.llm):
+            ours_base = mm.llm(ids)
+        merged = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()
         torch.testing.assert_close(merged(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-4)
-        base = AutoModelForCausalLM.from_pretrained(demo_dir / "llm")
-        peft = PeftModel.from_pretrained(base, tmp_path / "export" / "adapter").eval()  # on the bf16/fp32 base
-        assert peft(input_ids=ids).logits.shape == ours.shape
-    assert json.loads((tmp_path / "export" / "mmlora.json").read_text())["config"]["model"]["quantize"] == "nf4"
-    # generate.py on the run keeps its 4-bit base; on the export it reads merged/ as it is (not quantized again)
-    for folder, nf4 in ((tmp_path / "a", True), (tmp_path / "export", False)):
-        loaded, _, _ = generate.load_run(folder, "latest", device="cpu", dtype="float32")
+        base = AutoModelForCausalLM.from_pretrained(demo_dir / "llm").eval()
+        hf_base = base(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(base, folder / "adapter").eval()
+        theirs = peft(input_ids=ids).logits
+    ours_update, peft_update = ours - ours_base, theirs - hf_base
+    assert ours_update.abs().mean() > 1e-3  # the adapter trained: there is an update to compare
+    # the same update, up to the 4-bit base's error: far closer to ours than no update at all
+    assert (peft_update - ours_update).abs().mean() < 0.2 * ours_update.abs().mean()
+    assert json.loads((folder / "mmlora.json").read_text())["config"]["model"]["quantize"] == "nf4"
+
+
+def test_generate_keeps_the_4_bit_base_of_a_run_and_reads_an_export_as_it_is(qlora_run):
+    cfg, mm, folder = qlora_run
+    ids = torch.randint(0, mm.llm.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        ours = mm.llm(ids)
+    for run, nf4 in ((cfg.run.out_dir, True), (folder, False)):  # merged/ is not quantized again
+        loaded, _, _ = generate.load_run(run, "latest", device="cpu", dtype="float32")
         assert any(isinstance(m, quant.NF4Linear) for m in loaded.llm.modules()) == nf4
         with torch.no_grad():
             torch.testing.assert_close(loaded.llm(ids), ours, rtol=1e-4, atol=1e-4)

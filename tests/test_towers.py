@@ -7,7 +7,6 @@ import torch
 
 
 import encoders
-from config import load_config
 
 SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
                     patch_size=8)
@@ -154,25 +153,6 @@ def test_a_phase_2_run_on_an_aligner_of_hugging_face_towers(demo_dir, tmp_path):
                       train={"max_steps": 2, "batch_size": 2})
     run.data.val_file = ""
     assert train.fit(run)["step"] == 2
-
-
-def test_random_towers_for_gpu_runs_load_as_hugging_face_folders(tmp_path):
-    """bench.py --make_assets --towers writes SigLIP- and Whisper-shaped folders (here small shapes) that the
-    loaders, the processor and the aligner take; the config that uses them parses."""
-    import bench
-    vision = dict(bench.SIGLIP_SO400M, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, image_size=28, patch_size=14)
-    audio = dict(bench.WHISPER_SMALL, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64)
-    siglip, whisper = bench.write_random_towers(str(tmp_path), vision, audio)
-    assert encoders.load_vision_tower(siglip)(torch.randn(1, 3, 28, 28)).shape == (1, 4, 32)
-    assert encoders.load_audio_tower(whisper)(torch.randn(1, 80, 3000)).shape == (1, 1500, 32)
-    assert encoders.image_processor(siglip)(torch.zeros(3, 50, 70, dtype=torch.uint8)).shape == (3, 28, 28)
-    aligner = encoders.Aligner(encoders.AlignerConfig(dim=8, image=encoders.EncoderConfig(hf=siglip),
-                                                audio=encoders.EncoderConfig(hf=whisper)))
-    assert aligner.audio(torch.zeros(1, 480000))[0].shape == (1, 1500, 8)
-    from conftest import ROOT
-    cfg = load_config(str(ROOT / "configs" / "qwen2.5-0.5b-siglip-whisper.toml"), [])
-    assert cfg.data.max_audio_windows == 4 and cfg.model.image_tokens == 81
 
 
 @pytest.mark.parametrize("family,config", [("clip", "CLIPVisionConfig"), ("siglip", "SiglipVisionConfig"),
