@@ -19,6 +19,8 @@ def results(cfg, quick=True):
     ({"quantize": "nf4"}, {"compile": "none", "activation_checkpointing": True, "offload_activations": True})])
 def test_all_checks_pass_on_the_demo(demo_dir, tmp_path, capsys, monkeypatch, model_keys, speedup):
     cfg = demo_config(demo_dir, tmp_path, model=model_keys, train=speedup)
+    if not model_keys:  # 2 ranks run once here, on the NF4 base (plain ranks: tests/test_train.py's signal test)
+        monkeypatch.setattr(validate, "distributed", lambda s, ds: "2 ranks: run on the NF4 base")
     compiled = []
     monkeypatch.setattr(model.DecoderLayer, "compile", lambda self, **kw: compiled.append(kw))
     res = results(cfg)
@@ -30,7 +32,9 @@ def test_all_checks_pass_on_the_demo(demo_dir, tmp_path, capsys, monkeypatch, mo
     assert {k: getattr(cfg.train, k) for k in speedup} == speedup  # and leave the caller's config as it was
 
 
-def test_all_checks_pass_for_phase1(demo_dir, tmp_path):
+def test_all_checks_pass_for_phase1(demo_dir, tmp_path, monkeypatch):
+    # Phase 1 on 2 ranks: tests/test_align.py's two-rank test
+    monkeypatch.setattr(validate, "distributed", lambda s, ds: "2 ranks: tests/test_align.py")
     res = results(align_config(demo_dir, tmp_path))
     assert all(r["passed"] for r in res.values()), {n: r["detail"] for n, r in res.items() if not r["passed"]}
     assert "Phase 1" in res["Configuration"]["detail"] and "pairs" in res["Data pipeline"]["detail"]
