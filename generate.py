@@ -721,6 +721,10 @@ def check_options(args, context: int | None) -> None:
                          "tokens, which holds the prompt too; give fewer")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: give 1 or more (rows decoded together)")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        raise ValueError(f"--batch_tokens {args.batch_tokens}: give 1 or more (cache slots in all), or leave it out")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: give 0 (decode media in this process) or more")
     if not args.temperature >= 0:  # nan too
         raise ValueError(f"--temperature {args.temperature}: give 0 (greedy) or more")
     if not 0 < args.top_p <= 1:

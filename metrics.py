@@ -47,6 +47,10 @@ def metric_fields(kind: str) -> list[str]:
             "skipped_samples"]
 
 
+class MetricsWriteError(OSError):
+    """metrics.csv or metrics.jsonl could not be written (a full or read-only disk); the checkpoints are untouched."""
+
+
 class Metrics:
     """metrics.csv and metrics.jsonl, each row flushed as written; every row also goes to the run's trackers (with
     an evaluation's `samples`, its answers) and alerts, where given (track.py)."""
@@ -64,10 +68,16 @@ class Metrics:
 
     def log(self, row: dict, samples: list[dict] | None = None) -> None:
         if self.enabled:
-            self.csv.writerow({k: row.get(k, "") for k in self.fields})
-            self.jsonl.write(json.dumps(row) + "\n")
-            self.csv_file.flush()
-            self.jsonl.flush()
+            try:
+                self.csv.writerow({k: row.get(k, "") for k in self.fields})
+                self.csv_file.flush()
+                self.jsonl.write(json.dumps(row) + "\n")
+                self.jsonl.flush()
+            except OSError as e:  # a line cut short here is dropped when the run resumes (`trim_metrics`)
+                raise MetricsWriteError(f"cannot write the metrics in {Path(self.jsonl.name).parent} "
+                                        f"({e.strerror or e}) at step {row.get('step')}; the checkpoints are "
+                                        "untouched: make room and run the same command again to resume from the "
+                                        "last one") from None
             if self.trackers is not None:
                 self.trackers.log(row, samples)
             if self.alerts is not None:

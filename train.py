@@ -58,8 +58,8 @@ from step_graph import GraphedStep
 from config import Config, TrainConfig, load_config
 from distributed import (World, all_sum, any_rank, average_gradients, data_parallel, gradient_sync, is_sharded,
     setup_distributed, whole)
-from metrics import (UNITS, Metrics, group_losses, group_sums, metric_fields, model_flops_utilization, objective,
-    peak_flops, peak_memory_gib, trim_metrics)
+from metrics import (UNITS, Metrics, MetricsWriteError, group_losses, group_sums, metric_fields,
+                     model_flops_utilization, objective, peak_flops, peak_memory_gib, trim_metrics)
 from evaluation import eval_summary, evaluate, evaluate_align
 from checkpoint import (CheckpointWriteError, RunFolderError, RunLock, TrainState, check_fresh_start, export,
     optimizer_state, read_start, remove_leftovers, resume_or_start, rng_state, trainable_state, write_checkpoint,
@@ -535,7 +535,9 @@ def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Tra
             if after_step(parts, out, micro, finite, progress, stop):
                 return {**progress.last_row, "stopped": True, "step": run.step}
     except Exception as e:
-        if run.step > 0 and not isinstance(e, CheckpointWriteError):  # weights and optimizer are whole between steps
+        # weights and optimizer are whole between steps; a step whose row could not be logged is not saved, so that
+        # the resumed run logs it again
+        if run.step > 0 and not isinstance(e, (CheckpointWriteError, MetricsWriteError)):
             with contextlib.suppress(Exception):
                 parts.save("emergency", collective=False)
         raise
@@ -748,9 +750,11 @@ def main(argv: list[str] | None = None) -> None:
             build_cache(cfg)
             return
         result = fit(cfg)
-    except (ValueError, FileNotFoundError, CheckpointWriteError, RunFolderError) as e:  # bad input: a sample, a
-        print(f"error: {e}", file=sys.stderr, flush=True)  # file, a checkpoint, a setup, a folder in use; each
-        sys.exit(2)  # names what is at fault and what to do
+    # bad input (a sample, a file, a checkpoint, a setup), a folder in use or a disk that is full: each error names
+    # what is at fault and what to do
+    except (ValueError, FileNotFoundError, CheckpointWriteError, MetricsWriteError, RunFolderError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except Stopped as e:
         print(f"stop requested: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -682,3 +682,43 @@ def test_a_second_first_run_waits_for_the_demo_being_made(tmp_path):
     holder.close()  # the lock is released
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and "first run, making" in out and (folder / "READY").is_file()
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line_and_the_run_resumes(demo_dir, tmp_path, capsys, monkeypatch):
+    """metrics.jsonl finds the disk full at step 3: one line naming the folder and what to do, exit code 2, the
+    step-2 checkpoint untouched; the same command then resumes and logs each step once."""
+    import metrics
+    cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 4, "save_every": 2})
+    real_open = open
+
+    class FullAfter:  # a file whose third write finds the disk full
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes == 3:
+                self.f.write(text[: len(text) // 2])  # a line cut short, as a full disk leaves it
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def opening(path, *a, **k):
+        f = real_open(path, *a, **k)
+        return FullAfter(f) if str(path).endswith("metrics.jsonl") else f
+    monkeypatch.setattr(metrics, "open", opening, raising=False)
+    with pytest.raises(SystemExit) as e:
+        train.main(cli_args(cfg))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: cannot write the metrics in {tmp_path} (No space left on device) at step 3; the "
+                          "checkpoints are untouched")
+    assert loads_cleanly(cfg) == 2
+    monkeypatch.undo()
+    assert train.fit(cfg)["step"] == 4
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r["split"] == "train"] == [1, 2, 3, 4]
