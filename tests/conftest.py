@@ -205,8 +205,8 @@ def small_bench(device: str, **flags):
     args = argparse.Namespace(**{**bench.workload(128, compile=False), "batch": 2, "compile_mode": "", **flags})
     shape = dict(bench.QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    small = encoders.AlignerConfig(dim=32, image=encoders.EncoderConfig(32, 1, 2), audio=encoders.EncoderConfig(32, 1, 2),
-                                image_size=32, patch_size=8)
+    tower = encoders.EncoderConfig(32, 1, 2)
+    small = encoders.AlignerConfig(dim=32, image=tower, audio=tower, image_size=32, patch_size=8)
     return (args, *bench.bench_model(args, device, shape, small))
 
 

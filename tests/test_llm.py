@@ -208,7 +208,8 @@ def test_multimodal_generation_equals_transformers(hf_models):
     H = llm.config.hidden_size
     small = encoders.EncoderConfig(16, 1, 2)
     torch.manual_seed(0)
-    aligner = encoders.Aligner(encoders.AlignerConfig(dim=16, image=small, audio=small, image_size=16, patch_size=8)).eval()
+    aligner = encoders.Aligner(encoders.AlignerConfig(dim=16, image=small, audio=small, image_size=16,
+                                                      patch_size=8)).eval()
     projectors = torch.nn.ModuleDict({m: multimodal.Projector(16, 32, H, 3) for m in multimodal.MODALITIES})
     mm = multimodal.MultimodalLM(llm, aligner, projectors, {"image": 5, "audio": 6})
     image = data.Media(torch.arange(2, 5), raw=torch.randn(1, 3, 16, 16))
