@@ -27,7 +27,7 @@ to `bench_*.json`; with `--peer`, a closing Markdown table gives ours beside eac
 
 `--grid dpo` times train.py's DPO step (train.objective = "dpo": B pairs of a prompt of seq/2 tokens and two answers
 of seq/2, as 2B rows, with the reference pass) beside its SFT step over the same B samples (prompt and chosen answer)
-and over as many rows (2B), and TRL's DPO step with peft (`shared/bench/hf_dpo_baseline.py`); a closing table gives
+and over as many rows (2B), and TRL's DPO step with peft (`.bench/hf_dpo_baseline.py`); a closing table gives
 the DPO step's time over the SFT step's on the same samples and its memory over the SFT step's on as many rows.
 
 Generation, `--grid predict` and `--grid serve` (using a run rather than training it) are timed by bench_inference.py,
@@ -631,7 +631,7 @@ def main() -> None:
                     "these trackers (comma-separated, \"\" for the CSV only), to time their cost")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the bench_*.json files")
     args = ap.parse_args()
     if args.pack and args.multimodal:
         ap.error("--pack and --multimodal are separate workloads")
