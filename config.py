@@ -118,7 +118,7 @@ class RunConfig:
     log_every: int = 10  # steps between progress lines and metric rows
     device: str = "auto"  # auto (cuda if available), cpu, cuda
     peak_tflops: float = 0.0  # one GPU's peak, for the MFU column; 0 = its maker's dense bf16 figure for the GPUs
-    # train.py knows (H100, H200, A100, ...), else no MFU
+    # metrics.py knows (H100, H200, A100, ...), else no MFU
     trackers: list[str] = field(default_factory=list)  # experiment trackers fed by rank 0 with every metrics row, e.g.
     # ["mlflow", "tensorboard", "wandb"] (track.py): mlflow (MLFLOW_TRACKING_URI, else <out_dir>/mlflow.db),
     # tensorboard (<out_dir>/tensorboard), wandb (<out_dir>/wandb; WANDB_MODE=offline honoured); each an optional
