@@ -10,10 +10,10 @@ Each decoder layer is one FSDP unit: its weights live as row shards (dim 0) on t
 the layer runs and freed after (forward and backward), and its LoRA gradients are reduce-scattered back to the
 shards. The input embeddings are a unit of their own when lm_head has weights of its own (gathered only while the
 tokens are embedded); the rest (final norm, lm_head, projectors) is the root unit, gathered for the whole forward.
-The aligner stays whole on every rank and frozen. Frozen base weights and fp32 LoRA share a unit: the mixed-
-precision policy gathers both in the base's dtype, and reduces gradients in fp32 into the fp32 shards that AdamW
-updates. Checkpoints hold whole tensors (checkpoint.py), so they resume under either strategy, on any number of
-ranks.
+The aligner stays whole on every rank and frozen. Frozen base weights and fp32 LoRA share a unit: the
+mixed-precision policy gathers both in the base's dtype, and reduces gradients in fp32 into the fp32 shards that
+AdamW updates. Checkpoints hold whole tensors (checkpoint.py), so they resume under either strategy, on any number
+of ranks.
 """
 from __future__ import annotations
 
