@@ -3,7 +3,7 @@ typed `Batch` (defined in multimodal.py beside the model that reads it, and name
 feature cache; Phase 1's pairs (`PairDataset`, `PairBatch`, `collate_pairs`). DPO's preference pairs, read as
 conversations are, live in preference.py.
 
-    ds = ConversationDataset("data/train.jsonl", tokenizer, aligner_config, tokens_per_media={"image": 16, "audio": 8})
+    ds = ConversationDataset("data/train.jsonl", tokenizer, aligner_config, {"image": 16, "audio": 8}, max_len=512)
     batch = collate([ds[0], ds[1]], pad_id=tokenizer.pad_id)          # a Batch; or pack=True, max_len=...
     batch = batch.to("cuda")
 
