@@ -280,7 +280,7 @@ class FusedQKV(nn.Module):
     module, under Hugging Face's name), then the LoRA updates of the wrapped layers, whose A matrices also run as one
     matmul on one dropout mask of the shared input, as loralib's MergedLinear (and peft on a fused qkv layer) does.
     Each adapter keeps its own A and B, so the adapter format does not change. Their B matrices run one by one:
-    stacked into the base matmul as `StackedLinear` does for a single layer, they made the step slower and larger at
+    stacked into the base matmul as `StackedLinear` does for a single layer, they make the step slower and larger at
     long rows (BENCHMARKS.md). This is training's kernel, in train mode; in eval mode (evaluation, generation) each
     layer runs on its own: the concatenation would copy the weights at every token."""
 

@@ -229,7 +229,7 @@ def mixed_precision(cfg: TrainConfig, device: torch.device):
 def store_for_autocast(frozen: nn.Module, autocast) -> None:
     """Store a frozen module's matmul weights (the weights and biases of its linear and convolution layers) in
     autocast's dtype. Autocast casts them to that dtype at every call, so the module's outputs under autocast are
-    bit-identical and the fp32 copies were memory only (0.16 GiB for an 86M-parameter aligner). Norms, embeddings
+    bit-identical and fp32 copies would only take memory (twice the bf16 copies' bytes). Norms, embeddings
     and positions stay fp32, as autocast runs their ops in fp32. From then on the module runs under autocast only;
     its weights on disk stay the truth (`export` copies them from there)."""
     if not autocast.keywords["enabled"]:
