@@ -127,7 +127,7 @@ def time_prediction(args, shape: dict, aligner_config: AlignerConfig, device: st
     """`--grid predict`: the path a user runs after training, `generate.py --predict` over 2,000 demo samples
     (images, clips, text; prompts of different lengths) with --max_new_tokens 32, each row a fresh process as the
     user starts it, on the demo made with a random Qwen2.5-0.5B-shaped LLM and exported with untrained adapters
-    (nothing is trained: the export's merged/ is the base). Rows: the path before this file's commit
+    (nothing is trained: the export's merged/ is the base). Rows: generate.py of an earlier commit
     (`--old DIR`, a checkout of it), the default (eager decode steps recorded as CUDA graphs), --compile, --eager,
     and transformers' batched `generate` on merged/ over the text-only samples, beside our default on those (the
     default runs twice: first in the machine's first process after the export, then as the reported row). Each

@@ -1,7 +1,7 @@
-"""The project's files as a reader and a vendoring user rely on them: each file imports only files below it (no
-circles, type-only imports counted), the LLM needs only its weights' reader and config.py nothing of the project,
-the fast decoder's Triton code stays out of generate.py, and importing the user's entry points leaves the compiler
-and FSDP out until they are used."""
+"""The project's files as a reader and a vendoring user rely on them: each file imports only files above it in
+README's table (no circles, type-only imports counted), the LLM needs only its weights' reader and config.py nothing
+of the project, the fast decoder's Triton code stays out of generate.py, and importing the user's entry points leaves
+the compiler and FSDP out until they are used."""
 import ast
 import subprocess
 import sys
