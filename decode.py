@@ -1,9 +1,11 @@
 """The fast decoder of `generate.py` on a GPU: opt-in speed machinery for decoding, kept apart from the plain path
-(`LLM.generate`'s own steps). LoRA is merged, each layer's q/k/v and gate/up run as one matmul, several decode
-steps at a time are recorded as one CUDA graph (eager, or compiled first with --compile), and a dataset's prompts
-take the rows that finished answers free (continuous batching; `GraphDecoder.stream`):
+(`LLM.generate`'s own steps). LoRA is merged, each layer's q/k/v and gate/up run as one matmul (`DecodeLayer`),
+several decode steps at a time are recorded as one CUDA graph (eager, or compiled first with --compile), and a
+dataset's prompts take the rows that finished answers free (continuous batching; `GraphDecoder.stream`, its rows'
+books kept by `Scheduler`):
 
-    decoder = GraphDecoder(llm)                        # prepares llm for decoding (in place)
+    decoder = choose_decoder(llm)                      # what every entry point decodes with (None on a CPU)
+    decoder = GraphDecoder(llm)                        # or made directly: prepares llm for decoding (in place)
     llm.generate(prompts, 32, decoder=decoder)         # one batch, its decode steps replayed
     for finished in decoder.stream(batches, 32, pick, stop_ids):   # [(key, tokens), ...] as rows finish
         ...
