@@ -1,5 +1,6 @@
 """The run folder on disk: its lock, checkpoints (written atomically, found, read whole, restored after checking
-that they fit) and the export folder that transformers, peft and mmlora load.
+that they fit; `resume_or_start` picks where a run starts), train.init_from's start (`read_start`) and the export
+folder that transformers, peft and mmlora load.
 
     <out_dir>/run.lock                      held by the running process (fcntl: the system drops it at exit)
     <out_dir>/checkpoints/step_0000100/     trainable.safetensors, optimizer.pt, rng.pt, state.json
