@@ -297,7 +297,7 @@ def write_data(folder: Path, seed: int, n_train: int, n_val: int, n_pairs: int, 
         write_jsonl(folder / f"pairs_{split}.jsonl", [demo_pair(rng, i, media, split) for i in range(n)])
     for split, n in (("train", n_transfer), ("val", n_val)):
         write_jsonl(folder / f"transfer_{split}.jsonl", [transfer_sample(rng, i, media, split) for i in range(n)])
-    near = np.random.default_rng(seed + 1)  # a stream of its own: the files above stay as they were without it
+    near = np.random.default_rng(seed + 1)  # a stream of its own: the files above are the same with or without it
     for split, samples in splits.items():
         write_jsonl(folder / f"preference_{split}.jsonl", [preference_pair(near, x) for x in samples])
     return splits
