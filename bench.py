@@ -313,9 +313,7 @@ def time_ours(args, world: World) -> dict:
             "loss": round((out.stats[0] / out.n_tokens).item(), 4)}
 
 
-OUR_FILES = ("model.py", "lora.py", "train.py", "data.py", "bench.py", "generate.py", "decode.py", "align.py",
-             "config.py", "checkpoint.py", "distributed.py", "step_graph.py", "decode_kernels.py", "quant.py",
-             "quant_kernels.py")
+OUR_FILES = tuple(sorted(p.name for p in Path(__file__).resolve().parent.glob("*.py")))  # the project's files
 
 
 def peak_at(snapshot: dict, device: int) -> tuple[int, dict[str, list[int]]]:

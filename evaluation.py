@@ -129,15 +129,18 @@ def sharded_answers(model: MultimodalLM, ds: data.ConversationDataset, mine: lis
     and all max_new_tokens steps, the answers cut at their stop tokens after (`score`). Yields (sample, tokens,
     reference)."""
     model.unshard()  # generation calls the model's parts directly, past the hooks that gather their weights
-    for s in range(0, -(-min(len(ds), cfg.train.gen_samples) // world.size), cfg.train.batch_size):
-        pairs = [(i, *p) for i, p in ((i, ds.prompt(i)) for i in mine[s:s + cfg.train.batch_size]) if p is not None]
-        spare = pairs or [(0, *next(p for p in map(ds.prompt, range(len(ds))) if p is not None))]
-        batch = data.collate([p for _, p, _ in spare], tokenizer.pad_id).to(world.device)
-        with autocast():
-            outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=())
-        for o, (i, _, answer) in zip(outs, pairs):
-            yield i, o, answer
-    model.reshard()
+    try:
+        for s in range(0, -(-min(len(ds), cfg.train.gen_samples) // world.size), cfg.train.batch_size):
+            pairs = [(i, *p) for i, p in ((i, ds.prompt(i)) for i in mine[s:s + cfg.train.batch_size])
+                     if p is not None]
+            spare = pairs or [(0, *next(p for p in map(ds.prompt, range(len(ds))) if p is not None))]
+            batch = data.collate([p for _, p, _ in spare], tokenizer.pad_id).to(world.device)
+            with autocast():
+                outs = model.generate(batch, cfg.train.max_new_tokens, stop_ids=())
+            for o, (i, _, answer) in zip(outs, pairs):
+                yield i, o, answer
+    finally:  # also when the caller stops early or an error leaves the loop
+        model.reshard()
 
 
 def score(tokens: list[int], answer: str, tokenizer: Tokenizer) -> torch.Tensor:
