@@ -154,7 +154,7 @@ CHOICES = {("train", "phase"): ("instruct", "align"), ("train", "objective"): ("
 
 
 # the experiment trackers run.trackers may name (track.py), each with the package it needs
-TRACKERS = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb"}
+TRACKERS = ("mlflow", "tensorboard", "wandb")  # track.TRACKERS, by the name of the package each needs
 
 
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
@@ -308,10 +308,10 @@ def check_trackers(names: list[str]) -> None:
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
         raise ValueError(f"run.trackers: unknown tracker {unknown[0]!r}; known: {', '.join(TRACKERS)}")
-    missing = [n for n in dict.fromkeys(names) if importlib.util.find_spec(TRACKERS[n]) is None]
+    missing = [n for n in dict.fromkeys(names) if importlib.util.find_spec(n) is None]
     if missing:
         raise ValueError(f"run.trackers names {', '.join(missing)}, not installed here: pip install "
-                         f"{' '.join(TRACKERS[n] for n in missing)} (or pip install -r requirements-track.txt)")
+                         f"{' '.join(missing)} (or pip install -r requirements-track.txt)")
 
 
 def check_objective(cfg: Config) -> None:

@@ -66,8 +66,13 @@ def logps(model: nn.Module, raw: MultimodalLM, batch: PreferenceBatch
     `model`: DDP or FSDP's wrapper, or `raw` itself) and under the reference (the run's adapters off, no gradient),
     and its labelled tokens: (2S,) each, chosen rows then rejected rows."""
     rows = with_features(raw, batch.rows)
-    with torch.no_grad(), lora.disable_adapters(raw.llm):
-        reference = -model(rows).sample_loss
+    training = raw.training
+    raw.eval()  # no backward follows: the plain forward, without checkpointing or offloading its layers' inputs
+    try:
+        with torch.no_grad(), lora.disable_adapters(raw.llm):
+            reference = -model(rows).sample_loss
+    finally:
+        raw.train(training)
     out = model(rows)
     return -out.sample_loss, reference, out.sample_tokens
 

@@ -318,7 +318,8 @@ def check_outputs(out: Path, inputs: set[Path]) -> Path | None:
         if not o.parent.is_dir():
             raise FileNotFoundError(f"{o.parent}: no such folder; make it, or give --out a file in a folder that is "
                                     "there")
-        if o.resolve() in inputs or (o.exists() and any(os.path.samefile(o, f) for f in inputs if f.exists())):
+        hard_linked = o.exists() and o.stat().st_nlink > 1  # else no other path names this file
+        if o.resolve() in inputs or (hard_linked and any(os.path.samefile(o, f) for f in inputs if f.exists())):
             raise ValueError(f"{o}: this is one of the files read (the dataset, a medium or the run's); writing it "
                              "would destroy it. Give --out a new file")
         folder, what = owner(o)

@@ -167,8 +167,8 @@ def flops_per_token(model: MultimodalLM, seq: int, labelled: float, reference: b
 def model_flops_utilization(model: MultimodalLM | align.AlignModel, micro: list[data.Batch], tokens_per_s: float,
                             peak: float | None, world: World) -> float | None:
     """MFU at the last step's shape (its rows' length and share of labelled tokens): the model's FLOP/s on all
-    ranks over their peak; None without a peak (a CPU) or in Phase 1."""
-    if peak is None or isinstance(model, align.AlignModel):
+    ranks over their peak; None without a peak (a CPU), and where the run counts pairs, not tokens (Phase 1, DPO)."""
+    if peak is None or not isinstance(micro[0], data.Batch):
         return None
     tokens = sum(sum(b.lengths) for b in micro)
     labelled = sum(int((b.labels != -100).sum()) for b in micro) / max(tokens, 1)

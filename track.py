@@ -50,6 +50,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+from weights import write_json
+
 CLOSE_TIMEOUT = 300.0  # seconds the trackers get at the end to send what is queued and their artifacts
 ALERT_TIMEOUT = 60.0  # seconds an alert command may run
 QUIET_S = 3600.0  # an alert of one kind fires at most once in this many seconds
@@ -86,13 +88,6 @@ def scalars(row: dict) -> dict[str, float]:
     """The numbers of a metrics row, as the trackers name them: {"train/loss": 2.1, "train/lr": 2e-4, ...}."""
     return {f"{row['split']}/{k}": float(v) for k, v in row.items()
             if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def write_atomic(path: Path, doc: dict) -> None:
-    """`doc` as JSON in `path`, whole or not at all (one writer a run folder: its lock)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def artifact_files(paths: list[Path], mode: str) -> list[tuple[Path, str]]:
@@ -325,7 +320,7 @@ class Trackers:
                                                                                         saved.get(name),
                                                                                         resumed_step)})):
                 live.append(tracker)
-        self.attempt(None, "save the trackers' run ids", lambda: write_atomic(state_file, saved))
+        self.attempt(None, "save the trackers' run ids", lambda: write_json(state_file, saved))
         self.started.set()
         while True:
             kind, *item = self.queue.get()
@@ -458,7 +453,7 @@ class Alerts:
     def heartbeat(self, status: str) -> None:
         step, t = self.last or (None, time.time())
         try:
-            write_atomic(self.out_dir / "heartbeat.json", {"step": step, "time": local_time(t), "unix_time": t,
+            write_json(self.out_dir / "heartbeat.json", {"step": step, "time": local_time(t), "unix_time": t,
                                                            "status": status, "host": socket.gethostname(),
                                                            "pid": os.getpid()})
         except OSError as e:

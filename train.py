@@ -403,6 +403,11 @@ def make_demo(folder: str, phase1: bool, device: torch.device) -> None:
                            "above says why. Run the command again to continue where it stopped")
 
 
+def unwritable(out_dir: Path, e: OSError) -> CheckpointWriteError:
+    return CheckpointWriteError(f"cannot use run.out_dir = {str(out_dir)!r} ({type(e).__name__}: {e}); give a "
+                                "folder this process can write to")
+
+
 def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
     """Rank 0 makes out_dir, checks that a fresh start writes over no earlier run, locks it, clears what writers
     that died left half-written, writes config.json and the demo's assets if asked; the other ranks wait for it, and
@@ -413,8 +418,7 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
         try:
             (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            error = CheckpointWriteError(f"cannot use run.out_dir = {str(out_dir)!r} ({type(e).__name__}: {e}); "
-                                         "give a folder this process can write to")
+            error = unwritable(out_dir, e)
         try:
             if error is None:
                 check_fresh_start(cfg)  # before the lock, which writes its holder into run.lock
@@ -427,8 +431,7 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
         except Exception as e:
             error = e
             if type(e) in (OSError, PermissionError):  # a read-only or full disk, a folder not ours
-                error = CheckpointWriteError(f"cannot use run.out_dir = {str(out_dir)!r} ({type(e).__name__}: {e}); "
-                                             "give a folder this process can write to")
+                error = unwritable(out_dir, e)
             if lock is not None:
                 lock.release()
     if any_rank(error is not None, world):

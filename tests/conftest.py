@@ -183,8 +183,7 @@ def launch_sh(cfg, folder, name, *args, **env) -> subprocess.Popen:
     toml_file(cfg, folder / f"{name}.toml")
     return subprocess.Popen(["bash", str(ROOT / "launch.sh"), f"{name}.toml", *args], cwd=folder, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "NPROC_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "",
-                                 "OMP_NUM_THREADS": "1", **env})
+                            env={**os.environ, "NPROC_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "", **env})
 
 
 def torchrun(args, nproc, script=ROOT / "train.py", env=None, timeout=240):
@@ -193,7 +192,7 @@ def torchrun(args, nproc, script=ROOT / "train.py", env=None, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
            *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
+                          env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})})
 
 
 def small_bench(device: str, **flags):
@@ -201,13 +200,8 @@ def small_bench(device: str, **flags):
     import argparse
 
     import bench
-    import encoders
     args = argparse.Namespace(**{**bench.workload(128, compile=False), "batch": 2, "compile_mode": "", **flags})
-    shape = dict(bench.QWEN25_05B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    tower = encoders.EncoderConfig(32, 1, 2)
-    small = encoders.AlignerConfig(dim=32, image=tower, audio=tower, image_size=32, patch_size=8)
-    return (args, *bench.bench_model(args, device, shape, small))
+    return (args, *bench.bench_model(args, device, bench.TINY, bench.TINY_ALIGNER))
 
 
 @pytest.fixture(scope="session")
