@@ -98,7 +98,7 @@ def hf_generate(llm: LLM, shape: dict, prompts: list[list[int]], new: int):
 
 def replay_ms(decoder, prompt: int, times: int = 20) -> float:
     """A recorded graph of `decoder` replayed alone `times` times, timed on the GPU: milliseconds per decode step."""
-    graph, _, slot, _ = next(iter(decoder.graphs.values()))
+    graph, slot = next(iter(decoder.graphs.values())), next(iter(decoder.states.values())).slot
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(times):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import functools
 import itertools
@@ -194,6 +195,13 @@ class Slots:
     slot: torch.Tensor  # (R,) the cache slot its next token goes to, which is also that token's position
     out: torch.Tensor  # (R, steps) the tokens of the last call
 
+    def head(self, n: int) -> "Slots":
+        """Rows 0..n-1, as views of the same buffers (a decode call that runs only those rows)."""
+        caches = [copy.copy(c) for c in self.caches]
+        for part, c in zip(caches, self.caches):
+            part.k, part.v = c.k[:n], c.v[:n]
+        return Slots(caches, self.token[:n], self.slot[:n], self.out[:n])
+
 
 class RowSettings:
     """What differs from row to row beside the cache when requests share a batch (serve.py): each row's run (the
@@ -326,8 +334,14 @@ class Scheduler:
                 self.running[r] = (key, tokens)
         return finished
 
+    def busy(self) -> int:
+        """The rows a decode call must run: 1 + the highest row that runs (or that `on_token` streams)."""
+        rows = [*self.running, *(self.streamed if self.on_token is not None else ())]
+        return max(rows, default=0) + 1
+
     def step(self, new: list[list[int]]) -> list[tuple]:
-        """A call's tokens, new (R, steps), added to the running rows: the rows that end, taken out."""
+        """A call's tokens, new (n, steps) for rows 0..n-1, added to the running rows (all below n): the rows that
+        end, taken out."""
         if self.on_token is not None:
             for j in range(len(new[0])):
                 self.show([new[r][j] for r in self.streamed])
@@ -475,11 +489,12 @@ class GraphDecoder:
                 if progress is not None:
                     finished += scheduler.end(progress)
             if scheduler.running:
-                self.advance(state, pick)
+                n = self.live_rows(R, scheduler.busy())
+                self.advance(state, pick, n)
                 # the next prompts' media pass (the aligner), queued behind these steps while they run: the host
                 # launches it instead of waiting for the tokens
                 scheduler.fill(R)
-                finished += scheduler.step(state.out.tolist())  # (R, steps)
+                finished += scheduler.step(state.out[:n].tolist())  # (n, steps)
                 if progress is not None:
                     finished += scheduler.end(progress)
             if finished:
@@ -514,16 +529,26 @@ class GraphDecoder:
             s = e
         return torch.cat(firsts).tolist()
 
-    def advance(self, state: Slots, pick) -> None:
-        """Every row's next `steps` tokens, to `state.out`: the recorded steps' replay (recorded at the first call
-        of their shape), or the steps run as they are."""
+    def live_rows(self, R: int, busy: int) -> int:
+        """The rows 0..n-1 that a decode call runs when rows 0..busy-1 hold every running one (free rows are taken
+        lowest first, so the running ones gather there): n is `busy` rounded up to a power of two, at most R, so
+        that a few requests pay for a few rows and the calls share at most log2(R) + 1 recorded graphs (vLLM's
+        padded batch sizes). A compiled step keeps all R rows, one shape for the compiler."""
+        return R if self.compiled else min(R, 1 << (busy - 1).bit_length())
+
+    def advance(self, state: Slots, pick, n: int | None = None) -> None:
+        """The next `steps` tokens of rows 0..n-1 (all rows by default), to `state.out`: the recorded steps' replay
+        (recorded at the first call of their shape), or the steps run as they are."""
+        R, S = state.caches[0].k.shape[::2]
+        n = R if n is None else n
+        part = state if n == R else state.head(n)
         if not self.record:
-            self.run(state, pick)
+            self.run(part, pick)
             return
         sampled = self.settings is not None and self.settings.sampling  # per-row settings: does any row sample?
-        key = (*state.caches[0].k.shape[::2], tuple(pick.keywords.items()), sampled)  # (R, S, sampling)
+        key = (R, S, n, tuple(pick.keywords.items()), sampled)
         if key not in self.graphs:
-            self.graphs[key] = self.capture(state, pick)
+            self.graphs[key] = self.capture(part, pick)
         self.graphs[key].replay()
 
     def run(self, state: Slots, pick) -> None:

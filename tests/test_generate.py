@@ -169,8 +169,8 @@ def test_continuous_batching_gives_each_prompt_its_own_answer(hf_models):
     """`GraphDecoder.stream` (the decoder of --predict and of training's evaluation, run eagerly): prompts of
     different lengths in several batches, more of them than rows, so that finished rows take new prompts; rows
     that stop early and rows that run to max_new_tokens; a longer prompt after shorter ones (a cache of its own);
-    rows capped by the cache slots; one new token. Each answer equals LLM.generate's for that prompt alone, and
-    no more rows run than asked for."""
+    rows capped by the cache slots; one new token. Each answer equals LLM.generate's for that prompt alone, no
+    more rows run than asked for, and a decode call runs only the rows up to the highest running one."""
     from model import load_llm, sample
     llm = load_llm(hf_models["qwen3"][0])
     torch.manual_seed(0)
@@ -201,6 +201,15 @@ def test_continuous_batching_gives_each_prompt_its_own_answer(hf_models):
         assert {(R, S) for R, S, _ in admitted} == caches
     one = list(decoder.stream(iter([[(0, prompts[0], None)]]), 1, functools.partial(sample), (), 4))
     assert one == [[(0, alone[0][:1])]]
+    # three prompts in 16 rows: a decode call runs rows 0..3 (3 rounded up to a power of two), then fewer
+    calls, run = [], decoder.run
+    decoder.run = lambda state, pick: calls.append(len(state.slot)) or run(state, pick)
+    got = {}
+    for finished in decoder.stream(iter([[(i, prompts[i], None) for i in range(3)]]), 10, functools.partial(sample),
+                                   stops, 16):
+        got.update(finished)
+    assert [got[i] for i in range(3)] == expected[:3]
+    assert calls[0] == 4 and set(calls) <= {1, 2, 4}, calls
 
 
 def test_length_batches_keep_their_caps_and_workers_give_the_same_answers(trained_run, demo_dir, tmp_path):
