@@ -491,15 +491,14 @@ GRIDS = {
     # could slow the step down), each with a metrics row a step, without and with all three trackers
     "track": [(workload(512, cuda_graph=True, trackers=t, steps=100, warmup=10), []) for t in ("", ALL_TRACKERS)]
     + [(workload(512, compile=False, trackers=t, steps=100, warmup=10), []) for t in ("", ALL_TRACKERS)],
-    # DPO (train.objective = "dpo"; its step runs unrecorded): 8 pairs as 16 rows with the reference pass, beside the
-    # SFT step on the same 8 samples (prompt and chosen answer) and on 16 rows, eager and with compiled layers
-    # (Inductor's default mode: per-layer CUDA graphs would replay the policy's pass over the reference's), and
-    # TRL's DPO step with peft (hf_dpo_baseline.py), eager and compiled
+    # DPO (train.objective = "dpo"): 8 pairs as 16 rows with the reference pass, beside the SFT step on the same 8
+    # samples (prompt and chosen answer) and on 16 rows, eager and as the main grid runs (compiled layers, the whole
+    # step recorded), and TRL's DPO step with peft (hf_dpo_baseline.py), eager and compiled
     "dpo": [row for seq in (512, 2048) for row in (
         (workload(seq, compile=False, dpo=True), [(False, False)]), (workload(seq, compile=False), []),
         (workload(seq, compile=False, batch=16), []),
-        (workload(seq, dpo=True, compile_mode="default"), [(False, True)]), (workload(seq, compile_mode="default"), []),
-        (workload(seq, batch=16, compile_mode="default"), []))],
+        (workload(seq, dpo=True, cuda_graph=True), [(False, True)]), (workload(seq, cuda_graph=True), []),
+        (workload(seq, batch=16, cuda_graph=True), []))],
     "towers": [(workload(1024, cuda_graph=True, towers=True), []),
                (workload(1024, multimodal=True, cuda_graph=True, towers=True), []),
                (workload(1024, multimodal=True, cache=True, cuda_graph=True, towers=True), [])],
@@ -553,13 +552,15 @@ def dpo_table(rows: list[dict]) -> str:
         if r.get("impl") != "mmlora" or r.get("objective") != "dpo":
             continue
         same = {k: next((x for x in rows if x.get("impl") == "mmlora" and x.get("objective") == "sft"
-                         and x.get("seq") == r["seq"] and x.get("compile") == r["compile"] and x.get("batch") == b),
+                         and x.get("seq") == r["seq"] and x.get("compile") == r["compile"]
+                         and x.get("cuda_graph") == r["cuda_graph"] and x.get("batch") == b),
                         {"error": "not run"}) for k, b in (("samples", r["batch"]), ("rows", 2 * r["batch"]))}
         ratios = ["-", "-"]
         if not any("error" in x for x in (r, same["samples"], same["rows"])):
             ratios = [f"{r['ms_per_step'] / same['samples']['ms_per_step']:.2f}x",
                       f"{r['peak_mem_gib'] / same['rows']['peak_mem_gib']:.2f}x"]
-        shape = f"{r['batch']} pairs x {r['seq']}" + (", compiled layers" if r["compile"] else ", eager")
+        shape = f"{r['batch']} pairs x {r['seq']}" + (", whole-step graph" if r["cuda_graph"] else
+                                                      ", compiled layers" if r["compile"] else ", eager")
         lines.append(f"| {shape} | {describe(r)} | {describe(same['samples'])} | {describe(same['rows'])} | "
                      f"{' | '.join(ratios)} |")
     return "\n".join(lines)

@@ -278,8 +278,8 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
     the demo's validation questions (text, image, audio and both, in the file's order) for 32 greedy new tokens each
     (random weights run every answer to its limit). Rows: requests/s, output tokens/s, time to first token and per
     output token (p50, p99, from the client's side), errors. Beside them, in the same run: a transformers-based
-    server (`hf_server`: the merged model, transformers' generate, one request at a time; at most 64 requests a
-    row), `generate.py --predict`'s offline samples/s on the same samples (all of the 128-client row's), and serve.py
+    server (`hf_server`: the merged model, transformers' generate, one request at a time; 16 requests a row,
+    about 30 s each), `generate.py --predict`'s offline samples/s on the same samples (all of the 128-client row's), and serve.py
     with the four runs on one base at 32 clients, requests spread over the runs. `--tiny`: the demo's tiny LLM and
     aligner on the CPU, a few requests a row (a smoke run of this code)."""
     tiny = getattr(args, "tiny", False)
@@ -317,7 +317,7 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
                          device], url, root / "hf.log"):
         measure("warm-up", 1, 2, ["hf"])
         for n in clients:
-            rows.append(measure("transformers server (one request at a time)", n, 64 if not tiny else 4, ["hf"]))
+            rows.append(measure("transformers server (one request at a time)", n, 16 if not tiny else 4, ["hf"]))
     count = min(len(bodies), 16 * clients[-1]) if not tiny else 8
     rows.append(offline_row(root, val, samples[:count], exports[0], tiny))
     say_serving_ratios(rows, mid, clients[-1])

@@ -338,9 +338,6 @@ def check_objective(cfg: Config) -> None:
     if cfg.data.pack:
         raise ValueError("train.objective = \"dpo\" runs each answer as a row of its own (chosen and rejected side by "
                          "side): set data.pack = false")
-    if t.cuda_graph:
-        raise ValueError("train.cuda_graph records the SFT step; the DPO step runs unrecorded (its layers may still "
-                         "be compiled with train.compile): set train.cuda_graph = false")
     if t.compile in ("reduce-overhead", "max-autotune"):
         raise ValueError(f"train.compile = \"{t.compile}\" records each layer as a CUDA graph, and the DPO step runs "
                          "the layers twice (the reference, then the policy), so the second replay overwrites what the "

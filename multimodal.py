@@ -115,14 +115,16 @@ class Batch:
         packed = [t for t in (self.position_ids, self.doc_ids) if t is not None]
         return fixed + packed + [t for m in MODALITIES if m in self.media for t in self.media[m].tensors()]
 
-    def pad_static(self, multiple: int) -> "Batch":
+    def pad_static(self, multiple: int, copies: int = 1) -> "Batch":
         """The same batch in few shapes, for a training step recorded as a CUDA graph (padded rows only).
 
         `label_index` is padded to a multiple of the row length at weight 0 (the padding adds nothing to the loss,
         the token counts or the gradients), and each modality's media to a multiple of the number of rows, with
         their features written to a scratch position: the batch's last one, a pad token that no real token attends
-        to (rows are widened by `multiple` columns if none is left). Only shapes and `lengths` are read, so a batch
-        already on the GPU is padded without waiting for it; a batch with nothing to pad is returned as it is."""
+        to (rows are widened by `multiple` columns if none is left). `copies`: the rows that share each medium (its
+        slots are that many copies, as `Media.slots` says), each copy padded alike. Only shapes and `lengths` are
+        read, so a batch already on the GPU is padded without waiting for it; a batch with nothing to pad is
+        returned as it is."""
         if self.doc_ids is not None:
             raise ValueError("static shapes are for padded rows; packed rows vary in number")
         b = self
@@ -146,7 +148,9 @@ class Batch:
             if extra := -len(x) % B:
                 def grow(t):
                     return None if t is None else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
-                slots = torch.cat([x.slots, x.slots.new_full((extra * len(x.slots) // len(x),), scratch)])
+                slots = x.slots.view(copies, -1)  # (c, N*K)
+                slots = torch.cat([slots, slots.new_full((copies, extra * slots.shape[1] // len(x)), scratch)], 1)
+                slots = slots.flatten()
                 media[m] = Media(slots, grow(x.raw), grow(x.tokens), grow(x.pooled))
         return replace(b, media=media)
 

@@ -170,9 +170,18 @@ class PreferenceBatch:
     def pin_memory(self) -> "PreferenceBatch":
         return replace(self, rows=self.rows.pin_memory())
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch, in a fixed order (the inputs of a recorded CUDA graph)."""
+        return self.rows.tensors()
+
+    def pad_static(self, multiple: int) -> "PreferenceBatch":
+        """`Batch.pad_static` of the rows, each medium's two copies of slots (chosen, rejected) padded alike."""
+        return replace(self, rows=self.rows.pad_static(multiple, copies=2))
+
     def count(self) -> torch.Tensor:
-        """What the DPO loss is averaged over: the pairs. () float32."""
-        return self.rows.label_weight.new_tensor(float(self.pairs))
+        """What the DPO loss is averaged over: the pairs. () float32, made on the device (a recorded step makes
+        it too)."""
+        return torch.full((), float(self.pairs), device=self.rows.label_weight.device)
 
     def chosen_tokens(self) -> torch.Tensor:
         """What the SFT term is averaged over: the chosen answers' labelled tokens. () float32."""

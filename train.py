@@ -315,14 +315,14 @@ def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], auto
     """The training step that `fit` and bench.py run: `train_step` (through DDP under torchrun), or with
     train.cuda_graph the same step recorded as CUDA graphs (`GraphedStep`), with its own gradient average and
     autocast without its cache of cast weights (a recorded step keeps no state between replays)."""
+    gradients = functools.partial(dpo.forward_backward, cfg=cfg.train) if cfg.train.objective == "dpo" \
+        else forward_backward
     if cfg.train.cuda_graph:
         step = functools.partial(train_step, model, opt=opt, scaler=scaler, params=params,
                                  autocast=lambda: autocast(cache_enabled=False), world=world,
-                                 grad_clip=cfg.train.grad_clip, average=True)
+                                 grad_clip=cfg.train.grad_clip, average=True, gradients=gradients)
         return GraphedStep(step, opt, world.device, cfg.data.pad_multiple)
     ddp = data_parallel(model, world)
-    gradients = functools.partial(dpo.forward_backward, cfg=cfg.train) if cfg.train.objective == "dpo" \
-        else forward_backward
     return functools.partial(train_step, ddp, opt=opt, scaler=scaler, params=params, autocast=autocast, world=world,
                              grad_clip=cfg.train.grad_clip, gradients=gradients)
 

@@ -28,15 +28,17 @@ def steps_without_dropout(**flags):
     return mm, opt, run_step, [bench.make_batch(args, mm, world.device, g) for _ in range(3)]
 
 
-@pytest.mark.parametrize("compile_,qlora", [(False, False), (True, False), (False, True), (True, True)])
-def test_cuda_graph_steps_equal_plain_steps(compile_, qlora):
+@pytest.mark.parametrize("compile_,qlora,dpo", [(False, False, False), (True, False, False), (False, True, False),
+                                               (True, True, False), (False, False, True), (True, False, True)])
+def test_cuda_graph_steps_equal_plain_steps(compile_, qlora, dpo):
     """train.cuda_graph: the warm-up step, the recorded one and the replays give the losses, gradient norms and
     weights of plain steps (no dropout, so that both draw nothing random), with media spliced from the cache; on
-    a bf16 base and on an NF4 one (its Triton dequantization recorded, or torch's ops compiled)."""
+    a bf16 base and on an NF4 one (its Triton dequantization recorded, or torch's ops compiled); and DPO's step
+    (the reference pass with the adapters off, then the policy's, in one graph)."""
     results = []
     for graph in (False, True):
         mm, opt, run_step, batches = steps_without_dropout(multimodal=True, cache=True, cuda_graph=graph,
-                                                           compile=compile_, qlora=qlora)
+                                                           compile=compile_, qlora=qlora, dpo=dpo)
         before = {k: v.detach().clone() for k, v in trainable_state(mm).items()}
         mm.train()
         losses = []

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import cli_args, demo_config, final_weights, randomize_lora, rows, torchrun
+from conftest import cli_args, demo_config, final_weights, randomize_lora, rows, small_bench, torchrun
 
+import bench
 import build
 import data
 import dpo
@@ -345,3 +346,28 @@ def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(d
 def test_bad_dpo_setups_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config(None, override.split())
+
+
+def test_a_statically_padded_batch_gives_the_same_step():
+    """The recorded step's batch (`PreferenceBatch.pad_static`: labelled positions at weight 0, media padded to a
+    multiple of the rows, each of the chosen and rejected copies alike) gives the plain batch's losses, rewards and
+    gradients."""
+    args, cfg, mm = small_bench("cpu", dpo=True, multimodal=True)
+    for m in mm.modules():  # no dropout: a widened batch would draw other masks
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
+    padded = batch.pad_static(16)
+    assert any(len(padded.rows.media[m]) > len(x) for m, x in batch.rows.media.items())
+    assert len(padded.rows.label_index) > len(batch.rows.label_index)
+    scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
+    results = []
+    for b in (batch, padded):
+        mm.train().zero_grad(set_to_none=True)
+        stats, pairs = dpo.forward_backward(mm, [b], scaler, autocast, World(), cfg.train)
+        results.append((stats, pairs, {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}))
+    (stats, pairs, grads), (stats_p, pairs_p, grads_p) = results
+    torch.testing.assert_close(stats_p, stats, rtol=1e-5, atol=1e-6)
+    assert pairs_p == pairs and grads_p.keys() == grads.keys() and len(grads) > 0
+    for k, g in grads.items():
+        torch.testing.assert_close(grads_p[k], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=k)
