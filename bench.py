@@ -586,6 +586,9 @@ def main() -> None:
     ap.add_argument("--grid", choices=[*GRIDS, "predict", "serve"], help="a set of workloads (else the one given by "
                     "the flags); predict: generate.py --predict on 2,000 demo samples (time_prediction); serve: "
                     "serve.py under concurrent clients (time_serving)")
+    ap.add_argument("--clients", type=lambda v: tuple(int(x) for x in v.split(",")),
+                    help="--grid serve: the rows' concurrent clients (default 1,8,32,128; with --tiny 1,2,4), e.g. "
+                    "8,32,128 --tiny for the server's host side on a CPU")
     ap.add_argument("--tiny", action="store_true", help="a smoke run of a grid's code on the CPU (its figures mean "
                     "nothing): with --grid serve the demo's tiny model and a few requests; else a tiny shape, seq / 8, "
                     "no compiled rows and at most 3 timed steps")

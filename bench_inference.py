@@ -284,6 +284,8 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
     aligner on the CPU, a few requests a row (a smoke run of this code)."""
     tiny = getattr(args, "tiny", False)
     device, clients = ("cpu", (1, 2, 4)) if tiny else ("cuda", (1, 8, 32, 128))
+    clients = getattr(args, "clients", None) or clients
+    per_row = 8 if tiny and max(clients) <= 4 else None  # a smoke run's requests a row
     mid = clients[-2]  # the clients of the four runs' row and of the comparisons (32)
     root = Path(root + ("-tiny" if tiny else ""))
     assets = root / "assets"
@@ -296,11 +298,12 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
     samples = [json.loads(x) for x in val.read_text().splitlines()]
     bodies = [chat_request(x, val.parent) for x in samples]
     common = ["--max_prompt_tokens", "512", "--max_tokens", "32", "--max_waiting", "100000", "--port", str(port)]
-    common += ["--device", "cpu", "--rows", "16"] if tiny else []
+    # on a CPU the cache holds 65,536 slots: prompts of at most 128 tokens leave room for 256 rows
+    common += ["--device", "cpu", "--rows", str(max(16, *clients)), "--max_prompt_tokens", "128"] if tiny else []
     url, rows, warm = f"http://127.0.0.1:{port}", [], 4 if tiny else 64  # warm-up: the graphs' recordings
 
     def measure(impl: str, n: int, count: int, models: list[str]) -> dict:
-        requests = [{**b, "model": models[i % len(models)]} for i, b in enumerate(bodies[:count])]
+        requests = [{**bodies[i % len(bodies)], "model": models[i % len(models)]} for i in range(count)]
         row = {"impl": impl, "clients": n, **drive(url, requests, n)}
         print(json.dumps(row), flush=True)
         return row
@@ -308,7 +311,8 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
     with server_process([sys.executable, "serve.py", "--run", f"m={exports[0]}", *common], url, root / "serve.log"):
         measure("warm-up", 8, warm, ["m"])
         for n in clients:
-            rows.append(measure("serve.py", n, min(len(bodies), max(64, 16 * n)) if not tiny else 8, ["m"]))
+            count = per_row or (max(64, 4 * n) if tiny else min(len(bodies), max(64, 16 * n)))
+            rows.append(measure("serve.py", n, count, ["m"]))
     with server_process([sys.executable, "serve.py", *[f"--run=r{i}={e}" for i, e in enumerate(exports)], *common],
                         url, root / "serve-4.log"):
         measure("warm-up", 8, warm, ["r0", "r1", "r2", "r3"])
