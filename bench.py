@@ -13,6 +13,7 @@
     torchrun --nproc_per_node=2 bench.py --load_sharded HF_DIR       # each rank's peak host memory, sharded load
     python bench.py --grid predict [--old DIR]                        # generate.py --predict on 2,000 samples
     python bench.py --grid serve [--tiny]                             # serve.py under 1-128 streaming clients
+    python bench.py --grid serve --tiny --clients 8,32,128            # its host side on a CPU (tiny model)
     python bench.py --make_assets /tmp/qwen-demo                      # the demo with a 0.5B LLM, for train.py
     python bench.py --make_assets /tmp/qwen-towers --towers           # ... and SigLIP / Whisper-shaped towers
     python bench.py --grid track --rounds 3                           # the main 8 x 512 step with a metrics row a
