@@ -299,7 +299,7 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
     bodies = [chat_request(x, val.parent) for x in samples]
     common = ["--max_prompt_tokens", "512", "--max_tokens", "32", "--max_waiting", "100000", "--port", str(port)]
     # on a CPU the cache holds 65,536 slots: prompts of at most 128 tokens leave room for 256 rows
-    common += ["--device", "cpu", "--rows", str(max(16, *clients)), "--max_prompt_tokens", "128"] if tiny else []
+    common += ["--device", "cpu", "--rows", "256", "--max_prompt_tokens", "128"] if tiny else []
     url, rows, warm = f"http://127.0.0.1:{port}", [], 4 if tiny else 64  # warm-up: the graphs' recordings
 
     def measure(impl: str, n: int, count: int, models: list[str]) -> dict:
