@@ -279,9 +279,10 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
     (random weights run every answer to its limit). Rows: requests/s, output tokens/s, time to first token and per
     output token (p50, p99, from the client's side), errors. Beside them, in the same run: a transformers-based
     server (`hf_server`: the merged model, transformers' generate, one request at a time; 16 requests a row,
-    about 30 s each), `generate.py --predict`'s offline samples/s on the same samples (all of the 128-client row's), and serve.py
-    with the four runs on one base at 32 clients, requests spread over the runs. `--tiny`: the demo's tiny LLM and
-    aligner on the CPU, a few requests a row (a smoke run of this code)."""
+    about 30 s each), `generate.py --predict`'s offline samples/s on the same samples (all of the 128-client
+    row's), and serve.py with the four runs on one base at 32 clients, requests spread over the runs. `--tiny`: the
+    demo's tiny LLM and aligner on the CPU, 256 rows, a few requests a row (a smoke run of this code), or with
+    `args.clients` more clients and 4 requests a client (the server's host side)."""
     tiny = getattr(args, "tiny", False)
     device, clients = ("cpu", (1, 2, 4)) if tiny else ("cuda", (1, 8, 32, 128))
     clients = getattr(args, "clients", None) or clients
