@@ -385,25 +385,35 @@ class Start:
 START_HINT = "give train.init_from a Phase-2 run folder, one of its checkpoints/step_* folders or its export folder"
 
 
+def start_folder(path: str | Path) -> Path:
+    """The folder that train.init_from = `path` reads, by its marker files, nothing loaded (a run checks it before
+    it builds anything): an export folder, a checkpoint folder, or a run folder's best checkpoint, else its latest.
+    A FileNotFoundError where there is none."""
+    folder = Path(path)
+    if (folder / "mmlora.json").is_file():
+        return folder
+    if (folder / "config.json").is_file() and not (folder / "state.json").is_file():  # a run folder
+        ckpt = folder / "checkpoints"
+        best = ckpt / "best"
+        folder = best if (best / "state.json").is_file() else next(iter(checkpoints_in(ckpt)), folder)
+    if not (folder / "state.json").is_file():
+        raise FileNotFoundError(f"train.init_from = {path}: no export (mmlora.json), run (config.json with a "
+                                f"checkpoint) or checkpoint (state.json) there; {START_HINT}")
+    return folder
+
+
 def read_start(path: str | Path) -> Start:
     """train.init_from: an export folder (its adapter/ and projectors), a checkpoint folder, or a run folder (its best
     checkpoint, else its latest). A Phase-1 run, or a checkpoint of a run that itself started from another (it holds
     only its own adapters), is a ValueError saying what to give instead."""
     from safetensors.torch import load_file
 
-    folder = Path(path)
+    folder = start_folder(path)
     if (folder / "mmlora.json").is_file():
         doc = json.loads((folder / "mmlora.json").read_text())
         adapter_config, adapter = lora.read_adapter(folder / "adapter")
         projectors, alpha = load_file(str(folder / doc["projectors"])), adapter_config["lora_alpha"]
     else:
-        if (folder / "config.json").is_file() and not (folder / "state.json").is_file():  # a run folder
-            ckpt = folder / "checkpoints"
-            best = ckpt / "best"
-            folder = best if (best / "state.json").is_file() else next(iter(checkpoints_in(ckpt)), folder)
-        if not (folder / "state.json").is_file():
-            raise FileNotFoundError(f"train.init_from = {path}: no export (mmlora.json), run (config.json with a "
-                                    f"checkpoint) or checkpoint (state.json) there; {START_HINT}")
         state, tensors = read_checkpoint(folder, "trainable.safetensors", hint=START_HINT[0].upper() + START_HINT[1:])
         config = state.get("config", {})
         if config.get("train", {}).get("phase") == "align":

@@ -62,8 +62,8 @@ from metrics import (UNITS, Metrics, MetricsWriteError, group_losses, group_sums
                      model_flops_utilization, objective, peak_flops, peak_memory_gib, trim_metrics)
 from evaluation import eval_summary, evaluate, evaluate_align
 from checkpoint import (CheckpointWriteError, RunFolderError, RunLock, TrainState, check_fresh_start, export,
-    optimizer_state, read_start, remove_leftovers, resume_or_start, rng_state, trainable_state, write_checkpoint,
-    write_folder)
+    optimizer_state, read_start, remove_leftovers, resume_or_start, rng_state, start_folder, trainable_state,
+    write_checkpoint, write_folder)
 from build import build_model, parameter_groups
 
 
@@ -422,6 +422,8 @@ def prepare_out_dir(cfg: Config, world: World) -> RunLock | None:
         try:
             if error is None:
                 check_fresh_start(cfg)  # before the lock, which writes its holder into run.lock
+                if cfg.train.init_from:  # there, before the demo's Phase 1 runs
+                    start_folder(cfg.train.init_from)
                 lock = RunLock(out_dir)
                 remove_leftovers(out_dir, print)
                 remove_leftovers(out_dir / "checkpoints", print)
@@ -770,12 +772,14 @@ def main(argv: list[str] | None = None) -> None:
 def check_start(cfg: Config) -> None:
     """What would stop the run as it starts, checked without reading any weights (launch.sh runs it before
     torchrun, which would start a stopped run again): run.out_dir held by no other run, and, with train.resume =
-    "none", holding no earlier run's checkpoints; with model.quantize = "nf4", blocks of model.quant_block that fit
+    "none", holding no earlier run's checkpoints; train.init_from a run, checkpoint or export; with model.quantize = "nf4", blocks of model.quant_block that fit
     every layer of the base (read from its config.json, where it is there already)."""
     out_dir = Path(cfg.run.out_dir)
     if (out_dir / "run.lock").is_file():
         RunLock(out_dir, probe=True)
     check_fresh_start(cfg)
+    if cfg.train.init_from:
+        start_folder(cfg.train.init_from)
     if cfg.model.quantize == "nf4" and (Path(cfg.model.llm) / "config.json").is_file():
         check_blocks(llm_skeleton(cfg.model.llm)[0], cfg.model.llm, cfg.model.quant_block)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import cli_args, demo_config, final_weights, randomize_lora, rows, small_bench, torchrun
+from conftest import ROOT, cli_args, demo_config, final_weights, randomize_lora, rows, small_bench, torchrun
 
 import bench
 import build
@@ -371,3 +371,14 @@ def test_a_statically_padded_batch_gives_the_same_step():
     assert pairs_p == pairs and grads_p.keys() == grads.keys() and len(grads) > 0
     for k, g in grads.items():
         torch.testing.assert_close(grads_p[k], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=k)
+
+
+def test_a_missing_start_is_named_before_anything_is_made(tmp_path):
+    """train.init_from that names no run, checkpoint or export is refused as the run starts: before the demo's assets
+    and its Phase-1 aligner are made (minutes on a CPU)."""
+    cfg = load_config(str(ROOT / "configs" / "demo-dpo.toml"), [
+        f"--data.make_demo={tmp_path / 'demo'}", f"--train.init_from={tmp_path / 'nowhere'}",
+        f"--run.out_dir={tmp_path / 'out'}"])
+    with pytest.raises(FileNotFoundError, match="nowhere: no export"):
+        train.fit(cfg, World())
+    assert not (tmp_path / "demo").exists()
