@@ -164,6 +164,10 @@ class PreferenceBatch:
     def lengths(self) -> list[int]:  # (2S,)
         return self.rows.lengths
 
+    def apply(self, fn) -> "PreferenceBatch":
+        """A batch with `fn` applied to every tensor (host lists are shared)."""
+        return replace(self, rows=self.rows.apply(fn))
+
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         return replace(self, rows=self.rows.to(device))
 

@@ -772,8 +772,9 @@ def main(argv: list[str] | None = None) -> None:
 def check_start(cfg: Config) -> None:
     """What would stop the run as it starts, checked without reading any weights (launch.sh runs it before
     torchrun, which would start a stopped run again): run.out_dir held by no other run, and, with train.resume =
-    "none", holding no earlier run's checkpoints; train.init_from a run, checkpoint or export; with model.quantize = "nf4", blocks of model.quant_block that fit
-    every layer of the base (read from its config.json, where it is there already)."""
+    "none", holding no earlier run's checkpoints; train.init_from a run, checkpoint or export; with model.quantize =
+    "nf4", blocks of model.quant_block that fit every layer of the base (read from its config.json, where it is there
+    already)."""
     out_dir = Path(cfg.run.out_dir)
     if (out_dir / "run.lock").is_file():
         RunLock(out_dir, probe=True)

@@ -358,6 +358,8 @@ def test_a_statically_padded_batch_gives_the_same_step():
             m.p = 0.0
     batch = bench.make_batch(args, mm, torch.device("cpu"), torch.Generator().manual_seed(0))
     padded = batch.pad_static(16)
+    copy_ = padded.apply(torch.clone)  # what the recorded step keeps of its inputs
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(copy_.tensors(), padded.tensors()))
     assert any(len(padded.rows.media[m]) > len(x) for m, x in batch.rows.media.items())
     assert len(padded.rows.label_index) > len(batch.rows.label_index)
     scaler, autocast = train.mixed_precision(cfg.train, torch.device("cpu"))
