@@ -80,7 +80,7 @@ def time_generation(shape: dict, batch: int, prompt: int, new: int, peer: bool, 
             rows[-1]["gpu_ms_per_step"] = replay_ms(decoders[8 if name == "mmlora --compile" else 1], prompt)
         print(json.dumps(rows[-1]), flush=True)
     if profile:
-        profile_decode(decoders[8], batch, prompt)
+        profile_decode(decoders[8], prompt)
     return rows
 
 
@@ -109,15 +109,14 @@ def replay_ms(decoder, prompt: int, times: int = 20) -> float:
     return round(start.elapsed_time(end) / (times * decoder.steps), 3)
 
 
-def profile_decode(decoder, batch: int, prompt: int) -> None:
+def profile_decode(decoder, prompt: int) -> None:
     """Print the kernels of `decoder.steps` decode steps run through its compiled step without recording them."""
     from torch.profiler import ProfilerActivity
-    valid, caches = next(iter(decoder.shapes.values()))
-    token = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-    out = torch.zeros(batch, decoder.steps, dtype=torch.long, device="cuda")
+    state = next(iter(decoder.states.values()))
+    state.slot.fill_(prompt)  # stay inside the cache
     pick = functools.partial(sample, temperature=0.0, top_k=0, top_p=1.0, generator=None)
     with torch.no_grad(), torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decoder.run(token, valid, caches, torch.full((1,), prompt, device="cuda"), out, pick)
+        decoder.run(state, pick)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
 
@@ -287,7 +286,7 @@ def time_serving(args, shape: dict, aligner_config: AlignerConfig, root: str = "
     device, clients = ("cpu", (1, 2, 4)) if tiny else ("cuda", (1, 8, 32, 128))
     clients = getattr(args, "clients", None) or clients
     per_row = 8 if tiny and max(clients) <= 4 else None  # a smoke run's requests a row
-    mid = clients[-2]  # the clients of the four runs' row and of the comparisons (32)
+    mid = clients[-2] if len(clients) > 1 else clients[0]  # the four runs' row and the comparisons' clients (32)
     root = Path(root + ("-tiny" if tiny else ""))
     assets = root / "assets"
     cfg = demo_config(assets, 64 if tiny else 2000, None if tiny else LLMConfig(**shape),

@@ -397,7 +397,7 @@ class GraphDecoder:
     def __init__(self, llm, steps: int = 8, bucket: int = 256, record: bool = True, compile: bool = True,
                  prepare: bool = True):
         if llm.config.sliding_window is not None:
-            raise ValueError("the recorded decoder does not support a sliding-window model; leave --compile out")
+            raise ValueError("the recorded decoder does not support a sliding-window model")
         if prepare:
             prepare_for_decoding(llm)
         self.llm, self.steps, self.bucket, self.record = llm, steps, bucket, record
@@ -408,7 +408,7 @@ class GraphDecoder:
         # the prompt's pass: compiled for any length (dynamic shapes), not recorded
         self.prefill = torch.compile(llm.prefill, dynamic=True) if compiled else llm.prefill
         self.states: dict = {}  # (R, S) -> Slots
-        self.graphs: dict = {}  # (R, S, sampling) -> graph
+        self.graphs: dict = {}  # (R, S, rows run, sampling settings) -> graph
         self.pool = None  # the graphs' memory pool
         self.settings = None  # the RowSettings of the running stream, if any
 
@@ -536,19 +536,17 @@ class GraphDecoder:
         padded batch sizes). A compiled step keeps all R rows, one shape for the compiler."""
         return R if self.compiled else min(R, 1 << (busy - 1).bit_length())
 
-    def advance(self, state: Slots, pick, n: int | None = None) -> None:
-        """The next `steps` tokens of rows 0..n-1 (all rows by default), to `state.out`: the recorded steps' replay
-        (recorded at the first call of their shape), or the steps run as they are."""
+    def advance(self, state: Slots, pick, n: int) -> None:
+        """The next `steps` tokens of rows 0..n-1, to `state.out`: the recorded steps' replay (recorded at the first
+        call of their shape), or the steps run as they are."""
         R, S = state.caches[0].k.shape[::2]
-        n = R if n is None else n
-        part = state if n == R else state.head(n)
         if not self.record:
-            self.run(part, pick)
+            self.run(state.head(n) if n < R else state, pick)
             return
         sampled = self.settings is not None and self.settings.sampling  # per-row settings: does any row sample?
         key = (R, S, n, tuple(pick.keywords.items()), sampled)
         if key not in self.graphs:
-            self.graphs[key] = self.capture(part, pick)
+            self.graphs[key] = self.capture(state.head(n) if n < R else state, pick)
         self.graphs[key].replay()
 
     def run(self, state: Slots, pick) -> None:
@@ -598,13 +596,17 @@ def choose_decoder(llm, eager: bool = False, compile: bool = False, merge: bool 
                    serving: bool = False) -> GraphDecoder | None:
     """The decoder that generation runs on `llm` (the `decoder` of `LLM.generate` and `answer_batches`), for every
     entry point: on a GPU, the decode steps recorded as CUDA graphs (`GraphDecoder`), compiled first with
-    `compile`; with `eager`, on a CPU or for a sliding-window model (which the recorded decoder does not support),
-    None, `LLM.generate`'s own steps. A server (`serving`) feeds its requests to `GraphDecoder.stream`, so it gets a
-    GraphDecoder everywhere, whose steps run unrecorded off the GPU. With `merge` the LoRA adapters are merged into
-    the base weights (`prepare_for_decoding`); a 4-bit base (QLoRA) cannot take them, so its decoder runs the model
-    as it is, uncompiled."""
-    cuda = llm.lm_head.weight.is_cuda
-    if not serving and (eager or not cuda or llm.config.sliding_window is not None):
+    `compile`; with `eager`, on a CPU or for a sliding-window model (which the recorded decoder does not support:
+    a ValueError with `compile`), None, `LLM.generate`'s own steps. A server (`serving`) feeds its requests to
+    `GraphDecoder.stream`, so it gets a GraphDecoder everywhere (a sliding-window model: a ValueError), whose steps
+    run unrecorded off the GPU. With `merge` the LoRA adapters are merged into the base weights
+    (`prepare_for_decoding`); a 4-bit base (QLoRA) cannot take them, so its decoder runs the model as it is,
+    uncompiled."""
+    cuda, window = llm.lm_head.weight.is_cuda, llm.config.sliding_window is not None
+    if window and (compile or serving):
+        raise ValueError("the recorded decoder does not support a sliding-window model; "
+                         + ("leave --compile out" if compile else "serve.py cannot serve one"))
+    if not serving and (eager or not cuda or window):
         return None
     nf4 = any(isinstance(m, NF4Linear) for m in llm.modules())
-    return GraphDecoder(llm, record=cuda and not eager, compile=compile and not nf4, prepare=merge and not nf4)
+    return GraphDecoder(llm, record=cuda, compile=compile and not nf4, prepare=merge and not nf4)

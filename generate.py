@@ -752,8 +752,6 @@ def decoding(llm, args) -> dict:
         raise ValueError("--compile replays CUDA graphs: it needs a GPU")
     if args.compile and args.eager:
         raise ValueError("--compile and --eager exclude each other; give one")
-    if args.compile and llm.config.sliding_window is not None:
-        raise ValueError("the recorded decoder does not support a sliding-window model; leave --compile out")
     decoder = choose_decoder(llm, eager=args.eager, compile=args.compile and not args.predict)
     if decoder is None:
         return {"generator": torch.Generator(llm.lm_head.weight.device).manual_seed(args.seed)}
