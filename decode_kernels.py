@@ -42,8 +42,6 @@ def attention_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 @triton.jit
-
-
 def one_row_kernel(x_ptr, w_ptr, b_ptr, norm_ptr, r_ptr, y_ptr, N, K, eps, HAS_BIAS: tl.constexpr,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
@@ -98,30 +96,16 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 @triton.jit
-
-
-def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_cache_ptr, v_cache_ptr,
-                            valid_ptr, slot_ptr, y_ptr, m_ptr, l_ptr, S, CHUNK, eps, SCALE: tl.constexpr,
-                            NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, GP: tl.constexpr,
-                            QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                            PRECISION: tl.constexpr):
-    """Attention of one new token per row, with its RoPE and cache write. Program (b, h, part) takes the
-    NH / NKV query heads of key/value head h in row b: it rotates the new q and k, and attends over the valid
-    slots before the new token in its part of the cache (slots part*CHUNK onwards, CHUNK of them), with an
-    online softmax over blocks of BLOCK_S slots (flash attention's). Part 0 also writes the new k and v to
-    cache slot slot[b] and counts the new token itself. The q/k/v row is qkv (B, (NH + 2 NKV) HD); with one
-    part, the output y (B, NH HD) is laid out as o_proj reads it; with several (flash-decoding, for long
-    caches), y holds each part's unnormalised sum (B NKV SPLITS, GP, HD), m_ptr and l_ptr its running max and
-    sum (B NKV SPLITS, GP), for `decode_attention_combine`. Scores and the softmax are fp32; q, k and v round
-    where the model rounds."""
-    b, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def new_token_qkv(row, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, b, h, eps, NH: tl.constexpr, NKV: tl.constexpr,
+                  HD: tl.constexpr, GP: tl.constexpr, QK_NORM: tl.constexpr):
+    """The new token's q (GP, HD) for the NH / NKV query heads of key/value head h (padded heads zero) and its k
+    and v (HD,), from its q/k/v row `row` ((NH + 2 NKV) HD): each head RMS-normed where the model norms q and k,
+    then q and k rotated by RoPE's cos and sin of row b (HD,)."""
     G: tl.constexpr = NH // NKV
-    slot = tl.minimum(tl.load(slot_ptr + b), S - 1).to(tl.int32)
     d = tl.arange(0, HD)  # (HD,)
     turned = (d + HD // 2) % HD  # rotate_half: the other half (sin comes with its first half negated)
     cos = tl.load(cos_ptr + b * HD + d).to(tl.float32)
     sin = tl.load(sin_ptr + b * HD + d).to(tl.float32)
-    row = qkv_ptr + b * (NH + 2 * NKV) * HD
     g = tl.arange(0, GP)
     heads = h * G + g  # (GP,) the query heads, padded to GP
     real = g < G
@@ -139,6 +123,32 @@ def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k
         k2 = (k2.to(tl.float32) * k_rstd).to(v.dtype) * tl.load(k_norm_ptr + turned)
     q = (q.to(tl.float32) * cos[None, :] + q2.to(tl.float32) * sin[None, :]).to(v.dtype)
     k = (k.to(tl.float32) * cos + k2.to(tl.float32) * sin).to(v.dtype)
+    return q, k, v
+
+
+@triton.jit
+def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_cache_ptr, v_cache_ptr,
+                            valid_ptr, slot_ptr, y_ptr, m_ptr, l_ptr, S, CHUNK, eps, SCALE: tl.constexpr,
+                            NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, GP: tl.constexpr,
+                            QK_NORM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """Attention of one new token per row, with its RoPE and cache write. Program (b, h, part) takes the
+    NH / NKV query heads of key/value head h in row b: it rotates the new q and k, and attends over the valid
+    slots before the new token in its part of the cache (slots part*CHUNK onwards, CHUNK of them), with an
+    online softmax over blocks of BLOCK_S slots (flash attention's). Part 0 also writes the new k and v to
+    cache slot slot[b] and counts the new token itself. The q/k/v row is qkv (B, (NH + 2 NKV) HD); with one
+    part, the output y (B, NH HD) is laid out as o_proj reads it; with several (flash-decoding, for long
+    caches), y holds each part's unnormalised sum (B NKV SPLITS, GP, HD), m_ptr and l_ptr its running max and
+    sum (B NKV SPLITS, GP), for `decode_attention_combine`. Scores and the softmax are fp32; q, k and v round
+    where the model rounds."""
+    b, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.minimum(tl.load(slot_ptr + b), S - 1).to(tl.int32)
+    d = tl.arange(0, HD)  # (HD,)
+    g = tl.arange(0, GP)
+    heads = h * (NH // NKV) + g  # (GP,) the query heads, padded to GP
+    real = g < NH // NKV
+    row = qkv_ptr + b * (NH + 2 * NKV) * HD
+    q, k, v = new_token_qkv(row, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, b, h, eps, NH, NKV, HD, GP, QK_NORM)
     cache = (b * NKV + h).to(tl.int64) * S * HD  # cache (B, NKV, S, HD)
     first = (d * 0 + part) == 0  # (HD,) the new token belongs to part 0
     tl.store(k_cache_ptr + cache + slot * HD + d, k, mask=first)
@@ -177,8 +187,6 @@ def decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k
 
 
 @triton.jit
-
-
 def decode_attention_combine(part_ptr, m_ptr, l_ptr, y_ptr, NH: tl.constexpr, NKV: tl.constexpr,
                              HD: tl.constexpr, GP: tl.constexpr, SPLITS: tl.constexpr):
     """The parts of `decode_attention_kernel` for (row b, key/value head h) made one: each part's sum weighed
