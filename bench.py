@@ -102,7 +102,10 @@ def bench_model(args, device, shape: dict | None = None, aligner_config: Aligner
     cfg.train.offload_activations = getattr(args, "offload", False)
     cfg.train.cuda_graph = args.cuda_graph
     cfg.model.loss_chunk = getattr(args, "loss_chunk", 0) or cfg.model.loss_chunk
-    cfg.train.compile = (args.compile_mode or ("default" if args.cuda_graph else "reduce-overhead")) \
+    # compiled layers record graphs of their own (reduce-overhead) where the config allows it: not inside a recorded
+    # step, nor in DPO's step, which runs each layer twice (config.check_config)
+    own_graphs = not args.cuda_graph and cfg.train.objective == "sft"
+    cfg.train.compile = (args.compile_mode or ("reduce-overhead" if own_graphs else "default")) \
         if args.compile else "none"
     if getattr(args, "towers", False):
         cfg.model.image_tokens, cfg.model.audio_tokens = 81, 50  # as configs/qwen2.5-0.5b-siglip-whisper.toml
@@ -611,7 +614,7 @@ def main() -> None:
     ap.add_argument("--multimodal", action="store_true", help="2 images + 1 audio clip per row (seed-sized aligner)")
     ap.add_argument("--cache", action="store_true", help="with --multimodal: features from the cache, no encoders")
     ap.add_argument("--compile_mode", default="", help="with --compile: the mode (default reduce-overhead, or "
-                    "default with --cuda_graph)")
+                    "default with --cuda_graph or --dpo)")
     ap.add_argument("--cuda_graph", action="store_true", help="the whole step as one CUDA graph (train.cuda_graph)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of three steps")
     ap.add_argument("--memory_trace", action="store_true", help="record the allocator's history over the steps and "
