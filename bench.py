@@ -241,7 +241,7 @@ def row_writer(args, cfg: Config, world: World, folder: Path):
 
     def write(out, opt, elapsed: float, tokens: int) -> None:
         run.step += 1
-        metrics.log(train.train_row(run, out, opt, elapsed, tokens, 0.0, None, 0, 1, world, cfg))
+        metrics.log(train.train_row(run, out, opt, elapsed, 1, tokens, 0.0, None, 0, 1, world, cfg))
     return write, trackers
 
 

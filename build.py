@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 import align
 import lora
 from weights import check_tensors
-from model import LLM, DecoderLayer, llm_skeleton, load_llm
+from model import LLM, DecoderLayer, LLMConfig, llm_skeleton, load_llm
 from tokenizer import Tokenizer, load_tokenizer
 from encoders import Aligner, load_aligner
 from multimodal import MODALITIES, MultimodalLM, Projector, cross_entropy_chunk, document_block_mask, document_mask
@@ -90,7 +90,8 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
     if cfg.train.objective == "dpo":
         projectors.requires_grad_(False)
     if adapters:
-        targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else cfg.lora.targets.split(",")
+        targets = cfg.lora.targets if cfg.lora.targets == "all-linear" else \
+            [t.strip() for t in cfg.lora.targets.split(",")]
         lora.apply_lora(llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, targets)
     else:
         llm.requires_grad_(False)
@@ -103,7 +104,8 @@ def assemble(cfg: Config, llm: LLM, aligner: Aligner, media_ids: dict[str, int],
         for i, layer in enumerate(layers):
             layers[i] = CheckpointedLayer(layer, offload=cfg.train.offload_activations)
     on_gpu = next(aligner.parameters()).is_cuda  # (the LLM may still be on the meta device, to be sharded)
-    model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk, **loss_and_mask(cfg.train, on_gpu))
+    masks = loss_and_mask(cfg.train, on_gpu, llm.config)
+    model = MultimodalLM(llm, aligner, projectors, media_ids, cfg.model.loss_chunk, **masks)
     compile_model(model, cfg.train)
     return model
 
@@ -175,13 +177,13 @@ class HostStash:
         return self.host.to(self.device, non_blocking=True).requires_grad_(self.requires_grad)
 
 
-def loss_and_mask(cfg: TrainConfig, on_gpu: bool) -> dict:
+def loss_and_mask(cfg: TrainConfig, on_gpu: bool, llm: LLMConfig) -> dict:
     """`MultimodalLM`'s loss chunk and its packed rows' mask in training. On a GPU the loss's chunk is compiled, so
     that the softmax and its gradient are a few fused passes over the logits. Where the layers are compiled on a GPU,
     the mask is flex attention's BlockMask, whose hidden blocks compiled flex attention skips; not in the modes that
     record each layer as a CUDA graph, which would record it again at every step (each step's block mask is made of
-    new tensors)."""
-    flex = on_gpu and cfg.compile in ("default", "max-autotune-no-cudagraphs")
+    new tensors), nor for a sliding-window model, whose window is a band on a boolean mask."""
+    flex = on_gpu and cfg.compile in ("default", "max-autotune-no-cudagraphs") and llm.sliding_window is None
     return {"chunk_loss": torch.compile(cross_entropy_chunk, dynamic=True) if on_gpu else cross_entropy_chunk,
             "training_mask": document_block_mask if flex else document_mask}
 

@@ -305,9 +305,11 @@ def restore_trainable(path: Path, state: dict, tensors: dict[str, torch.Tensor],
             p.copy_(shard_of(p, tensors[k].to(p.device)))
 
 
-def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) -> TrainState:
+def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World, seed: int) -> TrainState:
     """Restore trainable tensors, optimizer state, scaler and this rank's RNGs; check that the checkpoint fits this
-    run first. The optimizer's hyperparameters stay this run's (the schedule sets the learning rate)."""
+    run first. The optimizer's hyperparameters stay this run's (the schedule sets the learning rate). A rank the
+    checkpoint holds no RNG state for (it ran on fewer ranks, or rank 0 saved alone after a crash) is seeded from
+    `seed`, its rank and the step, so that dropout still differs across ranks."""
     state, tensors, other, rngs = read_checkpoint(path, "trainable.safetensors", "optimizer.pt", "rng.pt")
     restore_trainable(path, state, tensors, model)
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
@@ -319,8 +321,10 @@ def load_checkpoint(path: Path, model: MultimodalLM, opt, scaler, world: World) 
     for g, h in zip(opt.param_groups, hyper):
         g.update(h)
     scaler.load_state_dict(other["scaler"])
-    if world.rank < len(rngs) and rngs[world.rank] is not None:  # else (a new rank, a rank-0-only save) a fresh seed
+    if world.rank < len(rngs) and rngs[world.rank] is not None:
         set_rng_state(rngs[world.rank])
+    else:
+        torch.manual_seed(seed + world.rank + world.size * (state["step"] + 1))
     return TrainState(state["step"], state["consumed"], state["best"], state["bad_steps"])
 
 
@@ -331,7 +335,7 @@ def resume_or_start(cfg: Config, model: MultimodalLM, opt, scaler, world: World,
     candidates = resume_candidates(cfg)
     for path in candidates:
         try:
-            run = load_checkpoint(path, model, opt, scaler, world)
+            run = load_checkpoint(path, model, opt, scaler, world, cfg.train.seed)
         except CheckpointReadError as e:
             if cfg.train.resume != "auto" or path == candidates[-1]:  # none left to fall back on
                 raise

@@ -153,8 +153,7 @@ CHOICES = {("train", "phase"): ("instruct", "align"), ("train", "objective"): ("
            ("run", "tracker_artifacts"): ("light", "all", "none")}
 
 
-# the experiment trackers run.trackers may name (track.py), each with the package it needs
-TRACKERS = ("mlflow", "tensorboard", "wandb")  # track.TRACKERS, by the name of the package each needs
+TRACKERS = ("mlflow", "tensorboard", "wandb")  # what run.trackers may name: track.py's, each by the package it needs
 
 
 POSITIVE = {("lora", "rank"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "max_steps"),
@@ -272,9 +271,8 @@ def check_fsdp(cfg: Config) -> None:
         return
     if cfg.model.quantize == "nf4":
         raise ValueError("model.quantize = \"nf4\" with train.strategy = \"fsdp\" is refused: FSDP2 shards parameters, "
-                         "and NF4 weights are packed uint8 buffers it does not shard or gather. A 72B-shaped base fits "
-                         "one H200 in NF4: use train.strategy = \"ddp\" (one process per GPU, each with the whole "
-                         "4-bit base)")
+                         "and NF4 weights are packed uint8 buffers it does not shard or gather: use "
+                         "train.strategy = \"ddp\" (one process per GPU, each with the whole 4-bit base)")
     if cfg.train.cuda_graph:
         raise ValueError("train.strategy = \"fsdp\" gathers and frees weights with collectives around each layer, "
                          "which a recorded step cannot hold: set train.cuda_graph = false with it")
@@ -345,7 +343,8 @@ def check_objective(cfg: Config) -> None:
 
 
 def config_from_dict(doc: dict, source: str, cfg: Config | None = None) -> Config:
-    """{section: {key: value}} (a TOML file, or a run's config.json) onto `cfg` (default: the defaults), checked."""
+    """{section: {key: value}} (a TOML file, or a run's config.json) onto `cfg` (default: the defaults), each key's
+    name and type checked (the rules across keys are `check_config`'s)."""
     cfg = cfg or Config()
     for section, values in doc.items():
         if not isinstance(values, dict):

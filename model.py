@@ -323,8 +323,8 @@ class LLM(nn.Module):
     def forward_cached(self, x: torch.Tensor, valid: torch.Tensor, caches: list[KVCache], start: int) -> torch.Tensor:
         """Run new tokens x (B, T, H) at cache slots start..start+T-1 and return the logits of the last (B, V).
 
-        `valid` (B, S) marks the cache slots that hold real tokens (left padding does not); each row's positions
-        count its real tokens only, so a left-padded prompt is seen as it would be on its own."""
+        `valid` (B, S) marks the cache slots that hold real tokens (a shorter prompt's padding does not); each row's
+        positions count its real tokens only, so a padded prompt is seen as it would be on its own."""
         T = x.shape[1]
         S = start + T
         pos = (valid[:, :S].long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
@@ -467,8 +467,8 @@ def load_llm(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = 
     return llm.eval()
 
 
-def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = None,
-             state: dict[str, torch.Tensor] | None = None, max_shard_bytes: int = 5 * 10**9) -> None:
+def save_llm(llm: LLM, folder: str | os.PathLike, state: dict[str, torch.Tensor] | None = None,
+             max_shard_bytes: int = 5 * 10**9) -> None:
     """Write an LLM as a Hugging Face folder: config.json and its weights (`state`, default the LLM's own, under
     Hugging Face's names), in one model.safetensors or in shards of at most `max_shard_bytes` with
     model.safetensors.index.json, as transformers writes them."""
@@ -485,8 +485,7 @@ def save_llm(llm: LLM, folder: str | os.PathLike, extra_config: dict | None = No
            "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
            "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
            "attention_bias": c.o_bias or (c.qkv_bias and family != "qwen2"), "mlp_bias": c.mlp_bias,
-           "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."), "sliding_window": c.sliding_window,
-           **(extra_config or {})}
+           "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."), "sliding_window": c.sliding_window}
     write_json(folder / "config.json", cfg)
     if c.tie_word_embeddings:
         state.pop("lm_head.weight", None)

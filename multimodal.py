@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from encoders import Aligner
 from model import LLM, prebuilt_attention, sample
 
+MODALITIES = ("image", "audio")  # the media a sample can hold, in the order of Batch.modality's columns
+
 if TYPE_CHECKING:  # flex attention imports the compiler stack: loaded where a BlockMask is made
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -26,8 +28,8 @@ if TYPE_CHECKING:  # flex attention imports the compiler stack: loaded where a B
 
 
 class Projector(nn.Module):
-    """Linear-GELU-Linear per token (LLaVA-1.5). `tokens="pool"` pools the N encoder tokens to K (adaptive average);
-    `tokens="pooled"` projects the pooled embedding once and repeats it K times."""
+    """Linear-GELU-Linear per token (LLaVA-1.5). `mode="pool"` pools the N encoder tokens to K (adaptive average);
+    `mode="pooled"` projects the pooled embedding once and repeats it K times."""
 
     def __init__(self, dim: int, hidden: int, out: int, num_tokens: int, mode: str = "pool"):
         super().__init__()
@@ -157,8 +159,6 @@ class Batch:
 
 # ----------------------------------------------------------------------------------------------------------------
 # MultimodalLM: frozen aligner -> projectors -> LLM with LoRA, loss only at labelled positions
-
-MODALITIES = ("image", "audio")
 
 
 def cross_entropy_chunk(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, need_grad: bool):
@@ -307,10 +307,11 @@ class MultimodalLM(nn.Module):
         return (self.training_mask if self.training else document_mask)(batch.doc_ids)
 
     def forward(self, batch: Batch) -> LossOutput:
-        # position t predicts token t+1; labels were shifted by the collator: labels[t] is the target at t.
+        # position t predicts token t+1; labels were shifted when the sample was encoded (data.encode_conversation):
+        # labels[t] is the target at t.
         labels = batch.labels.flatten()  # (B*T,)
         where = batch.label_index  # (M,) flat positions with a label, found by the collator
-        x = self.embed(batch)
+        x = self.embed(batch)  # (B, T, H)
         h = self.llm.hidden_states(x, batch.position_ids, self.attention_mask(batch))  # (B, T, H)
         h = h.flatten(0, 1).index_select(0, where)  # (M, H)
         weight = batch.label_weight  # (M,) 1.0, or 0.0 where Batch.pad_static padded label_index

@@ -241,8 +241,9 @@ def store_for_autocast(frozen: nn.Module, autocast) -> None:
 
 class StepOutput(NamedTuple):
     """A step's results, on the device: nothing in a step waits for the GPU."""
-    stats: torch.Tensor  # (7,): loss sum, then loss and labelled tokens of text-only, image, audio samples
-    n_tokens: torch.Tensor  # (): labelled tokens of the step on all ranks
+    stats: torch.Tensor  # SFT and Phase 1 (7,): loss sum, then loss and count of text-only, image, audio samples;
+    # DPO (dpo.STATS,): `dpo.pair_terms`' sums
+    n_tokens: torch.Tensor  # (): the step's labelled tokens (Phase 1 and DPO: pairs) on all ranks
     grad_norm: torch.Tensor  # (): before clipping
     finite: torch.Tensor  # () bool: the loss and the gradient norm were finite on every rank (else no update)
 
@@ -331,6 +332,72 @@ def make_step(model: MultimodalLM, opt, scaler, params: list[nn.Parameter], auto
 # The loop
 
 
+def fit(cfg: Config, world: World | None = None) -> dict:
+    """Train as the config says (resuming where `train.resume` points) and export the result; returns the last
+    logged row, with "step" and "stopped" (by a signal). `world` defaults to torchrun's processes."""
+    world = world or setup_distributed(cfg)
+    lock = prepare_out_dir(cfg, world)
+    say = print if world.master else (lambda *a, **k: None)
+    stop = StopRequest(say)
+    out_dir = Path(cfg.run.out_dir)
+    trackers = track.Trackers(cfg.run.trackers if world.master else [], out_dir, cfg.run.tracker_project,
+                              cfg.run.tracker_artifacts, say)
+    alerts = track.Alerts(cfg.run.alert_command, cfg.run.alert_spike, cfg.run.alert_stall_s, cfg.run.alert_slow,
+                          out_dir, world.master, say)
+    status, error = "crashed", None
+    try:
+        result = train_loop(cfg, world, stop, trackers, alerts)
+        status = "stopped" if result["stopped"] else "finished"
+        return result
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        alerts.close(status, error)
+        results = [out_dir / ("aligner" if cfg.train.phase == "align" else "export")] if status == "finished" else []
+        trackers.close([p for p in [out_dir / "config.json", *results] if p.exists()], status,
+                       timeout=0 if isinstance(error, KeyboardInterrupt) else track.CLOSE_TIMEOUT)  # Ctrl-C twice
+        stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Trackers, alerts: track.Alerts) -> dict:
+    """`fit` inside its locked run folder, with signals caught, watched by `trackers` and `alerts`."""
+    log = print if world.master else (lambda *a, **k: None)
+    parts = setup(cfg, world, trackers, alerts, log)
+    run = parts.run
+    if objective(cfg) == "dpo" and run.step == 0 and parts.val_ds is not None:  # the figures DPO is to improve on
+        evaluate_and_log(parts, " (the start)")
+    loader = iter(make_loader(parts.train_ds, cfg, world, parts.tokenizer, run.consumed))
+    progress = Progress(cfg, world)
+    if world.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        while run.step < cfg.train.max_steps:
+            set_lr(parts.opt, lr_factor(run.step, cfg.train))
+            micro = progress.next_step(loader)
+            out = parts.step([b.to(world.device) for b in micro])
+            finite = bool(out.finite)
+            parts.opt.zero_grad(set_to_none=True)
+            count_step(parts, finite)
+            if after_step(parts, out, micro, finite, progress, stop):
+                return {**progress.last_row, "stopped": True, "step": run.step}
+    except Exception as e:
+        # weights and optimizer are whole between steps: rank 0 saves them (as every rank's step); not where the
+        # stop saved them already, nor where a step's row could not be logged, so that the resumed run logs it again
+        if run.step > 0 and not isinstance(e, (CheckpointWriteError, MetricsWriteError, NonFiniteStop)):
+            with contextlib.suppress(Exception):
+                parts.save("emergency", collective=False)
+        raise
+    finish(parts)
+    return {**progress.last_row, "stopped": False, "step": run.step}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the loop calls: its parts, made once (`setup`), then the account of each step and what follows it
+
+
 class StopRequest:
     """SIGTERM, SIGUSR1 and Ctrl-C (SIGINT) set a flag; at the end of each step all ranks agree (any rank's flag
     stops all) and save an emergency checkpoint. A second Ctrl-C exits at once. `restore` puts the previous
@@ -386,6 +453,11 @@ DEMO_STOPPED = 3  # demo.py's exit code when a signal stopped its Phase 1 (an em
 
 class Stopped(Exception):
     """A signal stopped the run before its loop began (in the demo's Phase 1), with an emergency checkpoint."""
+
+
+class NonFiniteStop(RuntimeError):
+    """train.max_bad_steps non-finite steps in a row stopped the run, once every rank saved the emergency
+    checkpoint."""
 
 
 def make_demo(folder: str, phase1: bool, device: torch.device) -> None:
@@ -465,16 +537,16 @@ def list_skipped(micro: list[data.Batch], seen: set[tuple], out_dir: Path, world
               f"{bad[0]['file']}:{bad[0]['line']}: {bad[0]['reason']}", flush=True)
 
 
-def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int, waited: float, mfu: float | None,
-              skipped: int, epoch_size: int, world: World, cfg: Config) -> dict:
+def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, steps: int, tokens: int, waited: float,
+              mfu: float | None, skipped: int, epoch_size: int, world: World, cfg: Config) -> dict:
     """The metrics row of the last step (its loss; speed, MFU and the seconds a step waited for the data loader,
-    over the steps since the last row), printed by rank 0."""
+    over the `steps` since the last row, which took `elapsed` seconds), printed by rank 0."""
     kind = objective(cfg)
     unit = UNITS[kind]
     row = {"step": run.step, "epoch": run.consumed / epoch_size, "split": "train", "loss": None,
            "lr": float(opt.param_groups[-1]["lr"]),
            "grad_norm": out.grad_norm.item(), unit: int(out.n_tokens.item()), f"{unit}_per_s": tokens / elapsed,
-           "step_time": elapsed / cfg.run.log_every, "mfu": mfu, "data_wait": waited / cfg.run.log_every,
+           "step_time": elapsed / steps, "mfu": mfu, "data_wait": waited / steps,
            "peak_mem_gib": round(peak_memory_gib(world.device), 3),
            "bad_steps": run.bad_steps, "skipped_samples": skipped}
     row.update(dpo.metrics(out.stats, cfg.train) if kind == "dpo" else
@@ -486,72 +558,6 @@ def train_row(run: TrainState, out: StepOutput, opt, elapsed: float, tokens: int
               f"ETA {data.duration(eta)} | {'mem' if world.device.type == 'cuda' else 'host mem'} "
               f"{row['peak_mem_gib']:.2f} GiB")
     return row
-
-
-def fit(cfg: Config, world: World | None = None) -> dict:
-    """Train as the config says (resuming where `train.resume` points) and export the result; returns the last
-    logged row, with "step" and "stopped" (by a signal). `world` defaults to torchrun's processes."""
-    world = world or setup_distributed(cfg)
-    lock = prepare_out_dir(cfg, world)
-    say = print if world.master else (lambda *a, **k: None)
-    stop = StopRequest(say)
-    out_dir = Path(cfg.run.out_dir)
-    trackers = track.Trackers(cfg.run.trackers if world.master else [], out_dir, cfg.run.tracker_project,
-                              cfg.run.tracker_artifacts, say)
-    alerts = track.Alerts(cfg.run.alert_command, cfg.run.alert_spike, cfg.run.alert_stall_s, cfg.run.alert_slow,
-                          out_dir, world.master, say)
-    status, error = "crashed", None
-    try:
-        result = train_loop(cfg, world, stop, trackers, alerts)
-        status = "stopped" if result["stopped"] else "finished"
-        return result
-    except BaseException as e:
-        error = e
-        raise
-    finally:
-        alerts.close(status, error)
-        results = [out_dir / ("aligner" if cfg.train.phase == "align" else "export")] if status == "finished" else []
-        trackers.close([p for p in [out_dir / "config.json", *results] if p.exists()], status,
-                       timeout=0 if isinstance(error, KeyboardInterrupt) else track.CLOSE_TIMEOUT)  # Ctrl-C twice
-        stop.restore()
-        if lock is not None:
-            lock.release()
-
-
-def train_loop(cfg: Config, world: World, stop: StopRequest, trackers: track.Trackers, alerts: track.Alerts) -> dict:
-    """`fit` inside its locked run folder, with signals caught, watched by `trackers` and `alerts`."""
-    log = print if world.master else (lambda *a, **k: None)
-    parts = setup(cfg, world, trackers, alerts, log)
-    run = parts.run
-    if objective(cfg) == "dpo" and run.step == 0 and parts.val_ds is not None:  # the figures DPO is to improve on
-        evaluate_and_log(parts, " (the start)")
-    loader = iter(make_loader(parts.train_ds, cfg, world, parts.tokenizer, run.consumed))
-    progress = Progress(cfg, world)
-    if world.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        while run.step < cfg.train.max_steps:
-            set_lr(parts.opt, lr_factor(run.step, cfg.train))
-            micro = progress.next_step(loader)
-            out = parts.step([b.to(world.device) for b in micro])
-            finite = bool(out.finite)
-            parts.opt.zero_grad(set_to_none=True)
-            count_step(parts, finite)
-            if after_step(parts, out, micro, finite, progress, stop):
-                return {**progress.last_row, "stopped": True, "step": run.step}
-    except Exception as e:
-        # weights and optimizer are whole between steps; a step whose row could not be logged is not saved, so that
-        # the resumed run logs it again
-        if run.step > 0 and not isinstance(e, (CheckpointWriteError, MetricsWriteError)):
-            with contextlib.suppress(Exception):
-                parts.save("emergency", collective=False)
-        raise
-    finish(parts)
-    return {**progress.last_row, "stopped": False, "step": run.step}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What the loop calls: its parts, made once (`setup`), then the account of each step and what follows it
 
 
 class Parts(NamedTuple):
@@ -609,9 +615,9 @@ def start_metrics(cfg: Config, world: World, step: int, trackers: track.Trackers
 
 
 class Progress:
-    """The loop's account since the last metrics row: the tokens (Phase 1 and DPO: pairs) processed on all ranks,
-    the seconds since the row and those spent waiting for the data loader; and the samples that failed to decode on
-    this rank, and the last row logged (what `fit` returns)."""
+    """The loop's account since the last metrics row: the steps taken, the tokens (Phase 1 and DPO: pairs) this rank
+    processed, the seconds since the row (evaluations left out) and those spent waiting for the data loader; and the
+    samples that failed to decode on this rank, and the last row logged (what `fit` returns)."""
 
     def __init__(self, cfg: Config, world: World):
         self.cfg, self.world = cfg, world
@@ -621,7 +627,7 @@ class Progress:
         self.restart()
 
     def restart(self) -> None:
-        self.since, self.tokens, self.waited = time.perf_counter(), 0, 0.0
+        self.since, self.steps, self.tokens, self.waited = time.perf_counter(), 0, 0, 0.0
 
     def next_step(self, loader) -> list[data.Batch]:
         """The next step's micro-batches: the wait for them timed, their tokens counted, bad samples listed."""
@@ -629,7 +635,8 @@ class Progress:
         micro = [next(loader) for _ in range(self.cfg.train.grad_accum)]
         self.waited += time.perf_counter() - t0
         list_skipped(micro, self.bad_seen, Path(self.cfg.run.out_dir), self.world)
-        self.tokens += sum(len(b.ids) if self.pairs else sum(b.lengths) for b in micro) * self.world.size
+        self.steps += 1
+        self.tokens += sum(len(b.ids) if self.pairs else sum(b.lengths) for b in micro)
         return micro
 
 
@@ -650,7 +657,7 @@ def count_step(parts: Parts, finite: bool) -> None:
                "the gradients overflow")
         parts.alerts.fire("nonfinite", f"{why}; the run stops at step {run.step}", run.step)
         parts.save("emergency")
-        raise RuntimeError(f"{why}. Emergency checkpoint in {Path(cfg.run.out_dir) / 'checkpoints' / 'emergency'}; "
+        raise NonFiniteStop(f"{why}. Emergency checkpoint in {Path(cfg.run.out_dir) / 'checkpoints' / 'emergency'}; "
                            "lower the learning rates, use amp = bf16 or fp32, or check the data")
 
 
@@ -665,12 +672,13 @@ def after_step(parts: Parts, out: StepOutput, micro: list, finite: bool, progres
     if finite and (run.step % cfg.run.log_every == 0 or last):
         progress.last_row = log_step(parts, out, micro, progress)
     if finite and parts.val_ds is not None and (last or cfg.train.eval_every and run.step % cfg.train.eval_every == 0):
+        t0 = time.perf_counter()
         row = evaluate_and_log(parts)
         progress.last_row = {**progress.last_row, "val": row}
         if row["loss"] < run.best:
             run.best = row["loss"]
             parts.save("best")
-        progress.since = time.perf_counter()
+        progress.since += time.perf_counter() - t0  # the next row's speed is the training steps'
         parts.alerts.beat(run.step)
     if any_rank(stop.flag, parts.world):
         parts.save("emergency")
@@ -687,11 +695,12 @@ def log_step(parts: Parts, out: StepOutput, micro: list, progress: Progress) -> 
     world = parts.world
     if world.device.type == "cuda":
         torch.cuda.synchronize()
-    skipped = parts.skipped + int(all_sum(torch.tensor(float(len(progress.bad_seen)), device=world.device), world))
+    counts = torch.tensor([len(progress.bad_seen), progress.tokens], device=world.device)
+    bad_seen, tokens = all_sum(counts, world).tolist()  # on all ranks
     elapsed = time.perf_counter() - progress.since
-    mfu = model_flops_utilization(parts.model, micro, progress.tokens / elapsed, parts.peak, world)
-    row = train_row(parts.run, out, parts.opt, elapsed, progress.tokens, progress.waited, mfu, skipped,
-                    len(parts.train_ds), world, parts.cfg)
+    mfu = model_flops_utilization(parts.model, micro, tokens / elapsed, parts.peak, world)
+    row = train_row(parts.run, out, parts.opt, elapsed, progress.steps, tokens, progress.waited, mfu,
+                    parts.skipped + bad_seen, len(parts.train_ds), world, parts.cfg)
     parts.metrics.log(row)
     progress.restart()
     return row

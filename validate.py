@@ -170,7 +170,8 @@ def freezing(s: Setup, model) -> str:
         trainable = [p for p in groups[part] if p.requires_grad]
         if trainable:
             raise CheckFailed(f"{sum(p.numel() for p in trainable):,} parameters of the {part} are trainable",
-                              f"the {part} must be frozen: load it with model.load_aligner / apply_lora")
+                              f"the {part} must be frozen (encoders.load_aligner freezes the aligner, "
+                              "lora.apply_lora the LLM): build the model with build.build_model")
     if s.dpo and any(p.requires_grad for p in groups["projectors"]):
         raise CheckFailed("the projectors are trainable in DPO", "they are the reference model's too: freeze "
                           "them (build.assemble does with train.objective = \"dpo\")")
@@ -348,7 +349,7 @@ def checkpoint(s: Setup, model, batch) -> str:
                           "make run.out_dir a writable folder with free space") from None
     _, fresh = build.build_model(s.cfg, s.device)
     _, opt2 = train_step_of(s, fresh)
-    load_checkpoint(path, fresh, opt2, scaler, World())
+    load_checkpoint(path, fresh, opt2, scaler, World(), s.cfg.train.seed)
     a, b = trainable_state(model), trainable_state(fresh)
     if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
         raise CheckFailed("reloaded tensors differ from the saved ones", "check checkpoint.write_checkpoint")

@@ -39,6 +39,23 @@ from tokenizer import load_tokenizer
 DRIVER = str(ROOT / "tests" / "fault_driver.py")
 
 
+def test_ranks_the_checkpoint_holds_no_rng_state_for_draw_apart(demo_dir, tmp_path):
+    """A checkpoint saved by one rank holds no RNG state for ranks 1 and 2 of a resumed 3-rank run: each is seeded
+    by its rank and the step, so their dropout masks differ from each other's and from a fresh start's."""
+    cfg = demo_config(demo_dir, tmp_path, train={"max_steps": 2})
+    train.fit(cfg)
+    draws = []
+    for rank in (1, 2):
+        _, mm = build.build_model(cfg, torch.device("cpu"))  # seeds alike on every rank (the same initialisation)
+        opt, _ = train.make_optimizer(mm, cfg.train)
+        scaler, _ = train.mixed_precision(cfg.train, torch.device("cpu"))
+        load_checkpoint(tmp_path / "checkpoints" / "step_0000002", mm, opt, scaler, World(rank=rank, size=3),
+                        cfg.train.seed)
+        draws.append(torch.rand(8))
+    torch.manual_seed(cfg.train.seed + 1)  # rank 1's fresh start
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], torch.rand(8))
+
+
 def loads_cleanly(cfg) -> int:
     """Resume as train.py would: the checkpoint it picks loads into a fresh model. Returns its step."""
     path = find_resume(cfg)
@@ -46,7 +63,7 @@ def loads_cleanly(cfg) -> int:
     _, mm = build.build_model(cfg, torch.device("cpu"))
     opt, _ = train.make_optimizer(mm, cfg.train)
     scaler, _ = train.mixed_precision(cfg.train, torch.device("cpu"))
-    return load_checkpoint(path, mm, opt, scaler, World()).step
+    return load_checkpoint(path, mm, opt, scaler, World(), cfg.train.seed).step
 
 
 def test_kill_9_during_saves_never_corrupts_the_last_checkpoint(demo_dir, tmp_path):

@@ -249,10 +249,33 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_dir, tmp_path, monk
             out.loss_sum = out.loss_sum * float("nan")
         return out
     monkeypatch.setattr(multimodal.MultimodalLM, "forward", poisoned)
+    saves = []
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda name, **kw: saves.append(name) or real_save(name, **kw))
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
         train.fit(cfg)
     state = json.loads((tmp_path / "checkpoints" / "emergency" / "state.json").read_text())
     assert state["step"] == 2 and state["bad_steps"] == 3
+    assert saves.count("emergency") == 1  # by every rank, not again by rank 0 alone as after a crash
+
+
+def test_metrics_rows_time_the_steps_they_cover(demo_dir, tmp_path, monkeypatch):
+    """A row's step time and data wait are over the steps since the last row (the last row covers fewer than
+    run.log_every), and an evaluation between two rows is not counted as the steps' time: each step here takes at
+    least 0.3 s, so no row may say less."""
+    real = train.make_step
+
+    def slow_step(*args, **kwargs):
+        step = real(*args, **kwargs)
+        return lambda micro: time.sleep(0.3) or step(micro)
+    monkeypatch.setattr(train, "make_step", slow_step)
+    cfg = demo_config(demo_dir, tmp_path, run={"log_every": 3}, train={"max_steps": 5, "eval_every": 2})
+    train.fit(cfg)
+    logged = rows(tmp_path)
+    assert [r["step"] for r in logged] == [3, 5]
+    for r in logged:
+        assert r["step_time"] >= 0.3, r
+        assert r["tokens_per_s"] * r["step_time"] <= 4 * 128, r  # at most a batch's tokens a step
 
 
 def test_incompatible_checkpoint_is_refused_before_training(demo_dir, tmp_path):
@@ -313,3 +336,22 @@ def test_demo_assets_with_another_llm_shape_train(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(str(path), [])
     assert cfg.run.out_dir
+
+
+def test_lora_targets_may_be_written_with_spaces(demo_dir, tmp_path):
+    """lora.targets = "q_proj, v_proj" (as a person writes a list) puts adapters on q_proj and v_proj."""
+    import lora
+    cfg = demo_config(demo_dir, tmp_path, lora={"targets": "q_proj, v_proj"})
+    _, mm = build.build_model(cfg, torch.device("cpu"))
+    names = {name.rsplit(".", 1)[-1] for name in lora.outer_lora_modules(mm.llm)}
+    assert names == {"q_proj", "v_proj"}
+
+
+def test_a_sliding_window_model_packs_rows_with_the_boolean_mask():
+    """Layers compiled on a GPU take packed rows' mask as flex attention's BlockMask; a sliding window is a band on a
+    boolean mask, so a sliding-window model gets the boolean document mask there."""
+    from model import LLMConfig
+    from multimodal import document_block_mask, document_mask
+    cfg = TrainConfig(compile="default")
+    assert build.loss_and_mask(cfg, True, LLMConfig(sliding_window=4))["training_mask"] is document_mask
+    assert build.loss_and_mask(cfg, True, LLMConfig())["training_mask"] is document_block_mask
