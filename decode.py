@@ -464,7 +464,7 @@ class GraphDecoder:
             raise ValueError("a recorded decoder samples with the default CUDA generator: seed it with "
                              "torch.manual_seed and pass no generator")
         scheduler = Scheduler(batches, max_new_tokens, stop_ids, on_token)
-        room = -(-(max_new_tokens - 1) // self.steps) * self.steps  # the decode steps' slots that a row may take
+        room = self.room(max_new_tokens)
         state, R, S = None, rows, 0
         self.settings = settings
         while True:
@@ -499,6 +499,23 @@ class GraphDecoder:
                     finished += scheduler.end(progress)
             if finished:
                 yield finished
+
+    def room(self, max_new_tokens: int) -> int:
+        """The decode steps' cache slots that a row may take: `max_new_tokens` - 1, rounded up to whole calls."""
+        return -(-(max_new_tokens - 1) // self.steps) * self.steps
+
+    def record_for_serving(self, rows: int, slots: int | None, prompt_tokens: int, max_new_tokens: int, pick,
+                           settings: RowSettings, bucket: int = 64) -> None:
+        """Before a server's first request: the decode calls of greedy rows recorded for every row count that
+        `live_rows` gives, on the cache that `stream` makes for prompts of up to `prompt_tokens` tokens, so that
+        no request waits for a recording (vLLM captures its batch sizes at start-up); a sampling row's calls are
+        recorded at their first use."""
+        if not self.record:
+            return
+        R, S = self.cache_shape(prompt_tokens, self.room(max_new_tokens), bucket, rows, slots)
+        state, self.settings = self.slots(R, S), settings
+        for n in sorted({self.live_rows(R, busy) for busy in range(1, R + 1)}):
+            self.graph(state, pick, n)
 
     def cache_shape(self, longest: int, room: int, bucket: int, rows: int, slots: int | None) -> tuple[int, int]:
         """(R, S): S cache slots a row, room for a prompt of `longest` tokens (its `prompt_width`) and `room` decode
@@ -539,15 +556,19 @@ class GraphDecoder:
     def advance(self, state: Slots, pick, n: int) -> None:
         """The next `steps` tokens of rows 0..n-1, to `state.out`: the recorded steps' replay (recorded at the first
         call of their shape), or the steps run as they are."""
-        R, S = state.caches[0].k.shape[::2]
         if not self.record:
-            self.run(state.head(n) if n < R else state, pick)
+            self.run(state.head(n) if n < len(state.token) else state, pick)
             return
+        self.graph(state, pick, n).replay()
+
+    def graph(self, state: Slots, pick, n: int) -> torch.cuda.CUDAGraph:
+        """The recorded call of rows 0..n-1 of `state` with `pick`, recorded at its first use."""
+        R, S = state.caches[0].k.shape[::2]
         sampled = self.settings is not None and self.settings.sampling  # per-row settings: does any row sample?
         key = (R, S, n, tuple(pick.keywords.items()), sampled)
         if key not in self.graphs:
             self.graphs[key] = self.capture(state.head(n) if n < R else state, pick)
-        self.graphs[key].replay()
+        return self.graphs[key]
 
     def run(self, state: Slots, pick) -> None:
         """The steps as recorded: each row's next tokens from its last, to state.out (R, steps); the slots move on

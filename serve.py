@@ -521,6 +521,11 @@ class Engine:
 
     def loop(self) -> None:
         with torch.no_grad(), generate.half_precision(self.runs[0].model):
+            try:  # requests that come meanwhile wait; should a recording fail, each is recorded at its first call
+                self.decoder.record_for_serving(len(self.rows.run), self.slots, self.prompt_tokens,
+                                                self.limits.max_tokens, self.pick, self.rows)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
             while True:
                 with self.cond:
                     self.cond.wait_for(lambda: self.waiting or self.stopping)

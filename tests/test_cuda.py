@@ -182,6 +182,16 @@ def test_recorded_continuous_batching_gives_the_plain_tokens():
     # one cache; a graph for each row count that ran (rows 0..n-1, n = 1 or 2)
     assert [got[i] for i in range(len(prompts))] == expected
     assert len({k[:2] for k in decoder.graphs}) == 1 and {k[2] for k in decoder.graphs} <= {1, 2}
+    # a server's decoder records every row count's call before its first request, and its requests record none
+    decoder = decode.GraphDecoder(llm, compile=False)
+    with torch.no_grad():
+        decoder.record_for_serving(4, None, 48, 12, functools.partial(model.sample), None)
+        recorded = dict(decoder.graphs)
+        assert {k[2] for k in recorded} == {1, 2, 4}
+        batches = iter([[(i, prompts[i], None) for i in range(len(prompts))]])
+        got = dict(x for finished in decoder.stream(batches, 12, functools.partial(model.sample), stops, rows=4,
+                                                     prompt_tokens=48) for x in finished)
+    assert [got[i] for i in range(len(prompts))] == expected and decoder.graphs == recorded
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
