@@ -17,7 +17,8 @@ GET /health (200; 503 while draining), GET /metrics (Prometheus), GET / (chat.ht
 
 One engine thread owns the model (`Engine`): a request waits until the decoder's next admission, then decodes in
 the running batch with its own sampling, stop strings and token limit (`decode.GraphDecoder.stream` with
-`decode.RowSettings`; on a GPU its steps are recorded CUDA graphs, on a CPU they run eagerly). Media are decoded
+`decode.RowSettings`; on a GPU its steps are recorded CUDA graphs, one for each row count, all recorded before
+the first request; on a CPU they run eagerly). Media are decoded
 in the HTTP layer's threads. Runs given together share one base LLM and aligner: each row applies its own run's
 LoRA (`lora.BatchedLoRALinear`, nothing merged) and projectors; one run alone decodes with its adapters merged.
 What the server does not support (n > 1, tools, logprobs, remote or local image paths, ...) is a 400 with OpenAI's
