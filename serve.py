@@ -378,6 +378,8 @@ def decode_media(ask: Ask, limits: Limits) -> dict[str, list[torch.Tensor]]:
     except ImportError:
         Image = None
     run, raw = ask.run, {m: [] for m in MODALITIES}
+    if not ask.media:  # a text-only request makes no folder
+        return raw
     clip = run.model.aligner.config.clip_seconds
     seconds = min(limits.audio_seconds, run.cfg.data.max_audio_windows * clip)
     with tempfile.TemporaryDirectory(prefix="mmlora-serve-") as tmp:
