@@ -538,6 +538,8 @@ class GraphDecoder:
             # rows side by side (every row of a wave that starts together) as a slice: a plain copy, not a scatter
             contiguous = rows[s:e] == list(range(rows[s], rows[s] + e - s))
             at = slice(rows[s], rows[s] + e - s) if contiguous else torch.tensor(rows[s:e], device=device)
+            for c in state.caches:  # what a row's last request left there (the mask hides it, but a NaN or Inf
+                c.k[at], c.v[at] = 0, 0  # times the mask's zero weight is NaN) is gone
             with prebuilt_attention(), self.rows_of(at):
                 first = pick(self.prefill(x, (lengths - 1).to(device), [Rows(c, at) for c in state.caches]))  # (k,)
             state.token[at, 0] = first

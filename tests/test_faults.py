@@ -530,6 +530,17 @@ def test_float_and_extensible_wavs_decode(tmp_path, kind):
         media.load_audio(tmp_path / "b.wav", 16000)
 
 
+def test_float_audio_far_outside_its_range_is_refused(tmp_path):
+    """A float WAV's samples lie in [-1, 1]; samples of 1e38 (finite, but their squares overflow in the encoder's
+    features) are refused with the file named, as NaN is; a clip a little over full scale is kept."""
+    loud = np.array([1e38, -1e38, 0.5, 0.0], "<f4")
+    (tmp_path / "loud.wav").write_bytes(wav_bytes(loud.tobytes(), 3, 1, 32))
+    with pytest.raises(ValueError, match=r"loud.wav: cannot decode audio .*samples reach 1e\+38, far outside"):
+        media.load_audio(tmp_path / "loud.wav", 16000)
+    (tmp_path / "over.wav").write_bytes(wav_bytes((loud / 1e38 * 1.2).astype("<f4").tobytes(), 3, 1, 32))
+    assert media.load_audio(tmp_path / "over.wav", 16000).abs().max() == pytest.approx(1.2)
+
+
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_a_medium_that_fails_only_when_decoded_obeys_on_error(demo_dir, tmp_path, on_error):
     """Audio of NaN passes the start-up check (its header is fine) and fails when decoded mid-training: "raise"

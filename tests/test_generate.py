@@ -210,6 +210,15 @@ def test_continuous_batching_gives_each_prompt_its_own_answer(hf_models):
         got.update(finished)
     assert [got[i] for i in range(3)] == expected[:3]
     assert calls[0] == 4 and set(calls) <= {1, 2, 4}, calls
+    # whatever a row's last request left in its cache (here NaN everywhere) does not reach the next one's answer
+    for state in decoder.states.values():
+        for c in state.caches:
+            c.k.fill_(float("nan")), c.v.fill_(float("nan"))
+    got = {}
+    for finished in decoder.stream(iter([[(i, prompts[i], None) for i in range(3)]]), 10, functools.partial(sample),
+                                   stops, 16):
+        got.update(finished)
+    assert [got[i] for i in range(3)] == expected[:3]
 
 
 def test_length_batches_keep_their_caps_and_workers_give_the_same_answers(trained_run, demo_dir, tmp_path):
