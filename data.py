@@ -37,7 +37,8 @@ class SampleError(ValueError):
 
     def __init__(self, file, line: int | None, sample_id, reason: str):
         self.file, self.line, self.sample_id, self.reason = str(file), line, sample_id, reason
-        super().__init__(f"{file}:{line if line is not None else '?'}: sample {sample_id!r}: {reason}")
+        sample = f" sample {sample_id!r}:" if sample_id is not None else ""  # (a line that is not JSON has no id)
+        super().__init__(f"{file}:{line if line is not None else '?'}:{sample} {reason}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,11 +25,8 @@ from data import (PLACEHOLDERS, ROLES, ConversationDataset, Example, Item, Sampl
 
 def answer_turns(value, what: str) -> list[dict]:
     """A preference sample's answer (a string, a message, or a list of assistant messages) -> [{"role", "content"}]."""
-    if isinstance(value, str):
-        return [{"role": "assistant", "content": value}]
-    turns = value if isinstance(value, list) else [value]
-    if not turns:
-        raise ValueError(f"'{what}' is empty; an answer is a string or one or more assistant messages")
+    turns = [{"role": "assistant", "content": value}] if isinstance(value, str) else \
+        value if isinstance(value, list) else [value]
     out = []
     for t in turns:
         role = ROLES.get(t.get("role", t.get("from"))) if isinstance(t, dict) else None
@@ -38,6 +35,8 @@ def answer_turns(value, what: str) -> list[dict]:
             raise ValueError(f"'{what}' holds {'a ' + role + ' turn' if role else 'a malformed turn'}; an answer is a "
                              "string or assistant messages ({\"role\": \"assistant\", \"content\": \"...\"})")
         out.append({"role": "assistant", "content": content})
+    if not any(t["content"].strip() for t in out):  # a blank answer: most likely a hole in the data
+        raise ValueError(f"'{what}' is empty; an answer is a string or one or more assistant messages")
     return out
 
 

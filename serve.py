@@ -203,8 +203,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        def printable(s):  # a request's lone surrogate (in a key it names, say) written as its escape
+            return s.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(s, str) else s
+        return {"error": {"message": printable(self.message), "type": self.TYPES.get(self.status,
+                          "invalid_request_error"), "param": printable(self.param), "code": self.code}}
 
 
 @dataclasses.dataclass
@@ -265,7 +267,7 @@ def parse_request(doc, runs: dict[str, Run], limits: Limits) -> Ask:
         if key in UNSUPPORTED and doc[key] is not None:
             raise ApiError(400, f"{UNSUPPORTED[key]} is not supported by this server ({key})", key)
     model = doc.get("model")
-    if model not in runs:
+    if not isinstance(model, str) or model not in runs:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves {sorted(runs)}", "model",
                        "model_not_found")
     if doc.get("n", 1) != 1:
@@ -281,8 +283,8 @@ def parse_request(doc, runs: dict[str, Run], limits: Limits) -> Ask:
         raise ApiError(400, "the server answers in text only", "modalities")
     run = runs[model]
     messages, media = parse_messages(doc.get("messages"))
-    given = doc.get("max_completion_tokens", doc.get("max_tokens"))
     key = "max_completion_tokens" if doc.get("max_completion_tokens") is not None else "max_tokens"
+    given = doc.get(key)  # a null counts as absent
     max_tokens = number({key: given}, key, int, 1, limits.max_tokens, None)
     stop = doc.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
@@ -308,7 +310,7 @@ def parse_messages(messages) -> tuple[list[dict], list[tuple[str, str, bytes]]]:
     out, media = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             role = m.get("role") if isinstance(m, dict) else None
             raise ApiError(400, f"{where}.role must be one of {sorted(ROLES)} (got {role!r}; tools are not "
                            "supported)", f"{where}.role")
@@ -319,30 +321,41 @@ def parse_messages(messages) -> tuple[list[dict], list[tuple[str, str, bytes]]]:
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
             raise ApiError(400, f"{where}.content must be a string or a list of parts", f"{where}.content")
-        text = ""
+        text, attached = "", {kind: 0 for kind in data.PLACEHOLDERS}
         for j, part in enumerate(parts):
             at = f"{where}.content[{j}]" if not isinstance(content, str) else f"{where}.content"
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                if any(p in part["text"] for p in data.PLACEHOLDERS.values()):
-                    raise ApiError(400, f"{at} holds <image> or <audio>, which stand for media here: send media as "
-                                   "image_url or input_audio parts", at)
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"{at}.text must be a string", f"{at}.text")
+                try:
+                    part["text"].encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ApiError(400, f"{at} is not valid Unicode (a lone surrogate)", at) from None
                 text += part["text"]
             elif kind in ("image_url", "input_audio") and m["role"] == "assistant":
                 raise ApiError(400, f"{at}: media belong to user and system messages", f"{at}.type")
             elif kind == "image_url":
                 media.append(("image", f"{at}.image_url", data_url(part.get("image_url"), f"{at}.image_url")))
                 text += data.PLACEHOLDERS["image"] + "\n"
+                attached["image"] += 1
             elif kind == "input_audio":
-                audio = part.get("input_audio") if isinstance(part.get("input_audio"), dict) else {}
+                audio = part.get("input_audio")
+                if not isinstance(audio, dict):
+                    raise ApiError(400, f"{at}.input_audio must be an object {{\"data\": base64 WAV, \"format\": "
+                                   "\"wav\"}", f"{at}.input_audio")
                 if audio.get("format") != "wav":
                     raise ApiError(400, f"{at}.input_audio.format must be \"wav\" (got {audio.get('format')!r})",
                                    f"{at}.input_audio.format")
                 media.append(("audio", f"{at}.input_audio", base64_bytes(audio.get("data"), f"{at}.input_audio.data")))
                 text += data.PLACEHOLDERS["audio"] + "\n"
+                attached["audio"] += 1
             else:
                 raise ApiError(400, f"{at}: a part is {{\"type\": \"text\" | \"image_url\" | \"input_audio\", ...}} "
                                f"(got type {kind!r})", f"{at}.type")
+        if any(text.count(data.PLACEHOLDERS[k]) != n for k, n in attached.items()):  # the text's own, whole or split
+            raise ApiError(400, f"{where}.content holds <image> or <audio>, which stand for media here: send media "
+                           "as image_url or input_audio parts", f"{where}.content")
         out.append({"role": ROLES[m["role"]], "content": text})
     return out, media
 
@@ -370,6 +383,9 @@ def base64_bytes(text, param: str) -> bytes:
         raise ApiError(400, f"{param} is not base64 data", param) from None
 
 
+MAX_ASPECT = 200  # an image's longer side over its shorter, at most
+
+
 def decode_media(ask: Ask, limits: Limits) -> dict[str, list[torch.Tensor]]:
     """The request's media as `generate.decode_medium` gives them, checked against the limits from their headers
     before they are decoded; runs in the HTTP layer's threads, never the engine's."""
@@ -392,10 +408,13 @@ def decode_media(ask: Ask, limits: Limits) -> dict[str, list[torch.Tensor]]:
                         raise ApiError(400, "this server cannot decode images: Pillow is not installed on it "
                                        "(pip install pillow)", param)
                     with Image.open(f) as im:
-                        pixels = im.size[0] * im.size[1]
+                        (w, h), pixels = im.size, im.size[0] * im.size[1]
                     if pixels > limits.image_pixels:
                         raise ApiError(400, f"{param}: the image has {pixels:,} pixels, more than this server takes "
                                        f"({limits.image_pixels:,}, --max_image_pixels)", param)
+                    if max(w, h) > MAX_ASPECT * min(w, h):  # resizing a sliver to a square costs out of proportion
+                        raise ApiError(400, f"{param}: the image is {w} x {h}; sides further apart than "
+                                       f"{MAX_ASPECT}:1 are refused (as Qwen2-VL's processor refuses them)", param)
                 else:
                     info = wav_info(f)
                     length = info.data_bytes / (info.channels * info.bits // 8) / info.rate
@@ -737,6 +756,8 @@ async def read_json_body(request: HttpRequest, limit: int):
         return json.loads(body)
     except ValueError as e:
         raise ApiError(400, f"the body is not JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not JSON this server reads: it nests too deeply") from None
 
 
 def prompt(ask: Ask, engine: Engine, limits: Limits) -> tuple[data.Item, int]:

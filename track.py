@@ -468,7 +468,8 @@ class Alerts:
         self.heartbeat(status)
         step = self.last[0] if self.last else None
         why = f": {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}" if error is not None else ""
-        self.fire("end", f"run {status} at step {step}{why}", step, "error" if status == "crashed" else "info",
+        when = f"at step {step}" if step is not None else "before its first step"
+        self.fire("end", f"run {status} {when}{why}", step, "error" if status == "crashed" else "info",
                   status=status)
         if self.runner is not None:
             self.commands.put(None)

@@ -282,6 +282,7 @@ BAD = {
     "missing chosen": ({"prompt": "<image>\nWhat colour?", "rejected": "red"}, "no 'chosen' answer"),
     "chosen equals rejected": ({"prompt": "<image>\nWhat colour?", "chosen": "red", "rejected": "red"},
                                "'chosen' and 'rejected' are the same answer"),
+    "blank rejected": ({"prompt": "<image>\nWhat colour?", "chosen": "red", "rejected": " "}, "'rejected' is empty"),
     "prompt ends on an assistant turn": (
         {"prompt": [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}],
          "chosen": "red", "rejected": "blue"}, "the prompt ends on an assistant turn"),
@@ -317,8 +318,8 @@ def test_bad_preference_data_is_one_line_naming_file_and_line_or_a_listed_skip(d
             dataset([good, record])
         assert str(e.value).startswith(f"{path}:2: sample 'line2': {reason}") and "\n" not in str(e.value), name
     ds = dataset([good, *(r for r, _ in BAD.values()), good], on_error="skip")
-    assert len(ds) == 2 and [s["line"] for s in ds.skipped] == [2, 3, 4, 5, 6]
-    assert [s["reason"].startswith(reason) for s, (_, reason) in zip(ds.skipped, BAD.values())] == [True] * 5
+    assert len(ds) == 2 and [s["line"] for s in ds.skipped] == list(range(2, 2 + len(BAD)))
+    assert all(s["reason"].startswith(reason) for s, (_, reason) in zip(ds.skipped, BAD.values()))
 
     # validate.py: a bad file fails its data check with the file and line; the demo's pairs pass it and the DPO
     # forward (the policy is its reference at the start)

@@ -285,6 +285,9 @@ def test_every_limit_and_refusal_is_a_json_error_and_the_server_goes_on(server, 
     def image(url):
         return {"type": "image_url", "image_url": {"url": url}}
     big = "data:image/png;base64," + base64.b64encode(png(np.zeros((250, 250, 3), np.uint8))).decode()
+    sliver = "data:image/png;base64," + base64.b64encode(png(np.zeros((1, 300, 3), np.uint8))).decode()
+    from test_faults import wav_bytes
+    loud = base64.b64encode(wav_bytes(np.array([1e38, -1e38] * 800, "<f4").tobytes(), 3, 1, 32)).decode()
     long_clip = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav(2.0)).decode(), "format": "wav"}}
     where = "messages[0].content[0]"
     cases = [  # (body, status, param)
@@ -313,6 +316,19 @@ def test_every_limit_and_refusal_is_a_json_error_and_the_server_goes_on(server, 
         ({"model": "a", "messages": text, "temperature": 3}, 400, "temperature"),
         ({"model": "a", "messages": text, "stop": 5}, 400, "stop"),
         ({"model": "a", "messages": []}, 400, "messages"),
+        # what once gave a 500, or no error at all
+        ({"model": ["a"], "messages": text}, 404, "model"),
+        ({"model": "a", "messages": [{"role": ["user"], "content": "x"}]}, 400, "messages[0].role"),
+        ("[" * 100_000 + "]" * 100_000, 400, None),
+        ('{"model": "a", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, "messages[0].content"),
+        ('{"model": "a", "\\ud800": 1, "messages": [{"role": "user", "content": "hi"}]}', 400, "\\ud800"),
+        ({"model": "a", "messages": user({"type": "text", "text": "<ima"}, {"type": "text", "text": "ge> what?"})},
+         400, "messages[0].content"),
+        ({"model": "a", "messages": user({"type": "text", "text": 5})}, 400, f"{where}.text"),
+        ({"model": "a", "messages": user({"type": "input_audio", "input_audio": "x"})}, 400, f"{where}.input_audio"),
+        ({"model": "a", "messages": user(image(sliver))}, 400, f"{where}.image_url"),
+        ({"model": "a", "messages": user({"type": "input_audio", "input_audio": {"data": loud, "format": "wav"}})},
+         400, f"{where}.input_audio"),
     ]
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     c = client(server)
@@ -332,7 +348,10 @@ def test_every_limit_and_refusal_is_a_json_error_and_the_server_goes_on(server, 
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["type"]
     r = httpx.get(server.url + "/nowhere")
     assert r.status_code == 404 and r.json()["error"]["message"]
-    assert metric(server, 'mmlora_requests_total{status="400"}') >= 21
+    assert metric(server, 'mmlora_requests_total{status="400"}') >= 30
+    r = httpx.post(server.url + "/v1/chat/completions", headers=headers,  # a null max_completion_tokens is absent
+                   json={"model": "a", "messages": text, "max_tokens": 2, "max_completion_tokens": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_the_api_key_and_the_bind_rule(server, runs, capsys):
