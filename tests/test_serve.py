@@ -327,6 +327,8 @@ def test_every_limit_and_refusal_is_a_json_error_and_the_server_goes_on(server, 
         ({"model": "a", "messages": user({"type": "text", "text": 5})}, 400, f"{where}.text"),
         ({"model": "a", "messages": user({"type": "input_audio", "input_audio": "x"})}, 400, f"{where}.input_audio"),
         ({"model": "a", "messages": user(image(sliver))}, 400, f"{where}.image_url"),
+        ({"model": "a", "messages": user(image(big.replace("image/png", "text/plain")))}, 400,
+         f"{where}.image_url.url"),
         ({"model": "a", "messages": user({"type": "input_audio", "input_audio": {"data": loud, "format": "wav"}})},
          400, f"{where}.input_audio"),
     ]
