@@ -506,16 +506,21 @@ class GraphDecoder:
 
     def record_for_serving(self, rows: int, slots: int | None, prompt_tokens: int, max_new_tokens: int, pick,
                            settings: RowSettings, bucket: int = 64) -> None:
-        """Before a server's first request: the decode calls of greedy rows recorded for every row count that
-        `live_rows` gives, on the cache that `stream` makes for prompts of up to `prompt_tokens` tokens, so that
-        no request waits for a recording (vLLM captures its batch sizes at start-up); a sampling row's calls are
-        recorded at their first use."""
+        """Before a server's first request: its decode calls recorded for every row count that `live_rows` gives,
+        on the cache that `stream` makes for prompts of up to `prompt_tokens` tokens, as greedy rows run them and
+        (with `settings`) as rows that sample do, so that no request waits for a recording (vLLM captures its
+        batch sizes at start-up)."""
         if not self.record:
             return
         R, S = self.cache_shape(prompt_tokens, self.room(max_new_tokens), bucket, rows, slots)
         state, self.settings = self.slots(R, S), settings
-        for n in sorted({self.live_rows(R, busy) for busy in range(1, R + 1)}):
-            self.graph(state, pick, n)
+        for samplers in ([set(), {0}] if settings is not None else [None]):
+            if settings is not None:  # the graph of sampling rows: any row placed with a temperature records it
+                settings.samplers = samplers
+            for n in sorted({self.live_rows(R, busy) for busy in range(1, R + 1)}):
+                self.graph(state, pick, n)
+        if settings is not None:
+            settings.samplers = set()
 
     def cache_shape(self, longest: int, room: int, bucket: int, rows: int, slots: int | None) -> tuple[int, int]:
         """(R, S): S cache slots a row, room for a prompt of `longest` tokens (its `prompt_width`) and `room` decode

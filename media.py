@@ -21,8 +21,8 @@ from encoders import AlignerConfig, image_processor
 def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
     """Decode a WAV (PCM 8/16/24/32-bit or float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE header, any channels,
     any rate) or `.npy` waveform (integers scaled by their type's range, floats as they are) to float32 mono in
-    [-1, 1], resampled to `sample_rate`. Returns (num_samples,). Any undecodable file, or one holding NaN or Inf,
-    is a ValueError naming it."""
+    [-1, 1], resampled to `sample_rate`. Returns (num_samples,). Any undecodable file, or one holding NaN or Inf or
+    float samples beyond 2 in magnitude, is a ValueError naming it."""
     path = Path(path)
     try:
         x, rate = read_npy_audio(path, sample_rate) if path.suffix.lower() == ".npy" else read_wav(path)

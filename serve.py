@@ -371,7 +371,7 @@ def data_url(image_url, param: str) -> bytes:
     if not url.startswith("data:") or not comma or not head.endswith(";base64"):
         raise ApiError(400, f"{param}.url must be a base64 data: URL (data:image/png;base64,...); local paths and "
                        "other URLs are refused: the server never reads its own disk for a request", f"{param}.url")
-    mime = head.removeprefix("data:").removesuffix(";base64")
+    mime = head.removeprefix("data:").removesuffix(";base64").lower()
     if mime and not mime.startswith("image/"):  # what the bytes are, Pillow finds out; a declared non-image is refused
         raise ApiError(400, f"{param}.url is a data: URL of type {mime}, not an image", f"{param}.url")
     return base64_bytes(payload, f"{param}.url")

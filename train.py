@@ -678,7 +678,7 @@ def after_step(parts: Parts, out: StepOutput, micro: list, finite: bool, progres
         if row["loss"] < run.best:
             run.best = row["loss"]
             parts.save("best")
-        progress.since += time.perf_counter() - t0  # the next row's speed is the training steps'
+        progress.since += time.perf_counter() - t0  # the next row's speed is the training steps' (no eval or save)
         parts.alerts.beat(run.step)
     if any_rank(stop.flag, parts.world):
         parts.save("emergency")

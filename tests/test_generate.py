@@ -221,6 +221,37 @@ def test_continuous_batching_gives_each_prompt_its_own_answer(hf_models):
     assert [got[i] for i in range(3)] == expected[:3]
 
 
+def test_a_servers_decoder_records_every_row_count_before_its_first_request(hf_models):
+    """`GraphDecoder.record_for_serving` (serve.py, before its first request) records a decode call for each row
+    count and for greedy and sampling rows alike, so that requests of both kinds record none. On the CPU a
+    "recording" here replays the eager steps it was made on: the bookkeeping is what is checked (the recorded
+    path itself: tests/test_cuda.py)."""
+    import types
+
+    from model import load_llm
+    llm = load_llm(hf_models["qwen3"][0])
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (30, 21, 9, 5, 3)]
+    expected = [llm.generate([p], 10)[0] for p in prompts]
+    decoder = decode.GraphDecoder(llm, steps=4, record=False)
+    decoder.record = True
+    decoder.capture = lambda state, pick: types.SimpleNamespace(replay=functools.partial(decoder.run, state, pick))
+    settings = decode.RowSettings(4, "cpu")
+    pick = functools.partial(decode.sample_rows, rows=settings)
+    with torch.no_grad():
+        decoder.record_for_serving(4, None, 48, 10, pick, settings)
+        recorded = dict(decoder.graphs)
+        assert sorted((k[2], k[-1]) for k in recorded) == [(n, s) for n in (1, 2, 4) for s in (False, True)]
+        for i in range(len(prompts)):  # greedy rows, and one that samples among them
+            settings.wanted[i] = (0, 0.7 if i == 2 else 0.0, 1.0, i)
+        got = {}
+        for finished in decoder.stream(iter([[(i, p, None) for i, p in enumerate(prompts)]]), 10, pick, (), 4,
+                                       prompt_tokens=48, settings=settings):
+            got.update(finished)
+    assert decoder.graphs == recorded and len(got[2]) == 10
+    assert [got[i] for i in range(len(prompts)) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+
+
 def test_length_batches_keep_their_caps_and_workers_give_the_same_answers(trained_run, demo_dir, tmp_path):
     """--predict's batches: every sample once, longest first, none over its rows or cache slots; DataLoader workers
     decoding the media give the answers of the main process decoding them, and of one sample at a time."""
