@@ -231,6 +231,8 @@ def test_signal_saves_an_emergency_checkpoint_and_resume_matches(demo_dir, tmp_p
     assert [x["step"] for x in b] == [x["step"] for x in a] == list(range(1, 21))
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and x["tokens"] == y["tokens"]
+        # the tokens a step processed, summed over the ranks: tokens/s times seconds a step
+        assert y["tokens_per_s"] * y["step_time"] == pytest.approx(x["tokens_per_s"] * x["step_time"], rel=1e-6)
     wa, wb = final_weights(straight_run), final_weights(tmp_path / "b")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
