@@ -26,9 +26,9 @@ def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
     path = Path(path)
     try:
         x, rate = read_npy_audio(path, sample_rate) if path.suffix.lower() == ".npy" else read_wav(path)
-        if not np.isfinite(x).all():
+        peak = float(np.abs(x).max(initial=0.0))  # NaN where a sample is NaN
+        if not np.isfinite(peak):
             raise ValueError("it holds NaN or Inf values")
-        peak = float(np.abs(x).max(initial=0.0))
         if peak > 2.0:  # float samples lie in [-1, 1]; far beyond, the encoder's features overflow
             raise ValueError(f"its samples reach {peak:.3g}, far outside [-1, 1]: normalise the clip")
     except Exception as e:

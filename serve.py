@@ -321,7 +321,7 @@ def parse_messages(messages) -> tuple[list[dict], list[tuple[str, str, bytes]]]:
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
             raise ApiError(400, f"{where}.content must be a string or a list of parts", f"{where}.content")
-        text, attached = "", {kind: 0 for kind in data.PLACEHOLDERS}
+        text, first = "", len(media)
         for j, part in enumerate(parts):
             at = f"{where}.content[{j}]" if not isinstance(content, str) else f"{where}.content"
             kind = part.get("type") if isinstance(part, dict) else None
@@ -338,7 +338,6 @@ def parse_messages(messages) -> tuple[list[dict], list[tuple[str, str, bytes]]]:
             elif kind == "image_url":
                 media.append(("image", f"{at}.image_url", data_url(part.get("image_url"), f"{at}.image_url")))
                 text += data.PLACEHOLDERS["image"] + "\n"
-                attached["image"] += 1
             elif kind == "input_audio":
                 audio = part.get("input_audio")
                 if not isinstance(audio, dict):
@@ -349,11 +348,11 @@ def parse_messages(messages) -> tuple[list[dict], list[tuple[str, str, bytes]]]:
                                    f"{at}.input_audio.format")
                 media.append(("audio", f"{at}.input_audio", base64_bytes(audio.get("data"), f"{at}.input_audio.data")))
                 text += data.PLACEHOLDERS["audio"] + "\n"
-                attached["audio"] += 1
             else:
                 raise ApiError(400, f"{at}: a part is {{\"type\": \"text\" | \"image_url\" | \"input_audio\", ...}} "
                                f"(got type {kind!r})", f"{at}.type")
-        if any(text.count(data.PLACEHOLDERS[k]) != n for k, n in attached.items()):  # the text's own, whole or split
+        attached = [kind for kind, _, _ in media[first:]]
+        if any(text.count(p) != attached.count(k) for k, p in data.PLACEHOLDERS.items()):  # the text's own, or split
             raise ApiError(400, f"{where}.content holds <image> or <audio>, which stand for media here: send media "
                            "as image_url or input_audio parts", f"{where}.content")
         out.append({"role": ROLES[m["role"]], "content": text})
@@ -411,8 +410,8 @@ def decode_media(ask: Ask, limits: Limits) -> dict[str, list[torch.Tensor]]:
                         raise ApiError(400, "this server cannot decode images: Pillow is not installed on it "
                                        "(pip install pillow)", param)
                     with Image.open(f) as im:
-                        (w, h), pixels = im.size, im.size[0] * im.size[1]
-                    if pixels > limits.image_pixels:
+                        w, h = im.size
+                    if (pixels := w * h) > limits.image_pixels:
                         raise ApiError(400, f"{param}: the image has {pixels:,} pixels, more than this server takes "
                                        f"({limits.image_pixels:,}, --max_image_pixels)", param)
                     if max(w, h) > MAX_ASPECT * min(w, h):  # resizing a sliver to a square costs out of proportion
